@@ -1,0 +1,92 @@
+"""Shared numerics of the functional core: dtype promotion, autocast guard, normalisation.
+
+Every regulariser and metric in :mod:`lightning_hsu.functional` computes in float32 or better,
+whatever the dtype of the weights (bf16/fp16 under AMP), and with autocast switched off, so a
+penalty evaluated inside ``training_step`` under ``precision="16-mixed"`` has the same value as in
+fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import torch
+from torch import Tensor
+
+#: The official code's normaliser, ``w / sqrt(||w||^2 + 1e-4)``: a zero neuron stays finite.
+DEFAULT_EPS = 1e-4
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def compute_dtype(tensor: Tensor) -> torch.dtype:
+    """Return float64 for float64 input and float32 for everything else (bf16, fp16, fp32)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def full_precision(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with autocast disabled on every device type.
+
+    A penalty evaluated inside a forward hook runs inside Lightning's autocast context; without
+    this guard the Gram product would silently run in bf16/fp16.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with torch.autocast("cpu", enabled=False):
+            if torch.cuda.is_available():
+                with torch.autocast("cuda", enabled=False):
+                    return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def check_neurons(neurons: Tensor, what: str = "neurons") -> Tensor:
+    """Validate a ``[n, d]`` or ``[batch, n, d]`` floating tensor and promote it to float32+."""
+    if not isinstance(neurons, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(neurons).__name__}")
+    if neurons.dim() not in (2, 3):
+        raise ValueError(
+            f"{what} must have shape [n, d] or [batch, n, d] (rows are neurons), got shape {tuple(neurons.shape)}"
+        )
+    if not neurons.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {neurons.dtype}")
+    if neurons.shape[-1] == 0:
+        raise ValueError(f"{what} have dimension d = 0: shape {tuple(neurons.shape)}")
+    if not bool(torch.isfinite(neurons.detach()).all()):
+        raise ValueError(
+            f"{what} contain NaN or inf entries (shape {tuple(neurons.shape)}); "
+            "a hyperspherical penalty of non-finite weights is undefined"
+        )
+    return neurons.to(compute_dtype(neurons))
+
+
+def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
+    r"""Project neurons onto the unit sphere as the official code does.
+
+    :math:`\hat w_i = w_i / \sqrt{\lVert w_i\rVert^2 + \epsilon}` (Liu et al., NeurIPS 2018,
+    ``wy1iu/MHE``): with :math:`\epsilon > 0` a zero neuron maps to the origin instead of NaN, and
+    :math:`\lVert \hat w_i\rVert < 1` by a relative :math:`\epsilon/\lVert w_i\rVert^2`.
+
+    Rows so large that squaring would overflow (max entry above ``finfo.max ** 0.25``) are first
+    divided by their largest absolute entry: a positive factor, so their direction is unchanged,
+    and for such rows :math:`\epsilon` is negligible anyway. Tiny rows need no care: their squares
+    underflow to zero and they map to (near) the origin, as in the official code.
+    """
+    huge = torch.finfo(neurons.dtype).max ** 0.25
+    scale = neurons.detach().abs().amax(dim=-1, keepdim=True)
+    too_large = scale > huge
+    if bool(too_large.any()):
+        neurons = neurons / torch.where(too_large, scale, torch.ones_like(scale))
+    return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps)
+
+
+def as_batched(neurons: Tensor) -> tuple[Tensor, bool]:
+    """Return ``[batch, n, d]`` and whether a batch dimension was added."""
+    if neurons.dim() == 2:
+        return neurons.unsqueeze(0), True
+    return neurons, False

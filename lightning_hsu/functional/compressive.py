@@ -1,0 +1,61 @@
+r"""Compressive MHE (CoMHE): Lin et al., *Regularizing Neural Networks via Minimizing Hyperspherical
+Energy*, CVPR 2020.
+
+Neurons are projected to a low dimension by ``count`` random Gaussian matrices
+:math:`P_k\in\mathbb{R}^{p\times d}`, and the MHE of the projected neurons is averaged:
+
+.. math:: R = \frac{1}{K}\sum_{k=1}^{K} E_s(P_k W).
+
+Angles are roughly preserved by a random projection (Johnson–Lindenstrauss) while the pair sums
+cost :math:`O(n^2 p)` instead of :math:`O(n^2 d)`. Official best on CIFAR-100: p = 40, K = 20.
+All projections are evaluated in one batched pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional.energy import Distance, mean_pair_kernel
+from lightning_hsu.functional.kernels import energy_kernel
+
+
+def gaussian_projections(
+    in_dim: int,
+    *,
+    count: int,
+    dim: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``[count, dim, in_dim]`` matrices with i.i.d. N(0, 1) entries (scale does not matter)."""
+    for name, value in (("count", count), ("dim", dim), ("in_dim", in_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    sample = torch.randn(count, dim, in_dim, generator=generator, dtype=dtype)
+    return sample.to(device) if device is not None else sample
+
+
+@full_precision
+def compressive_energy(
+    neurons: Tensor,
+    projections: Tensor,
+    *,
+    power: float = 2.0,
+    distance: Distance = "euclidean",
+    half_space: bool = False,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``."""
+    x = check_neurons(neurons)
+    if x.dim() != 2:
+        raise ValueError(f"compressive_energy takes neurons of shape [n, d], got {tuple(x.shape)}")
+    if projections.dim() != 3 or projections.shape[-1] != x.shape[1]:
+        raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
+    projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
+    unit = normalize_neurons(projected, eps)
+    kernel = energy_kernel(power, distance)
+    return mean_pair_kernel(unit, kernel, half_space=half_space, chunk_size=chunk_size).mean()

@@ -1,0 +1,32 @@
+r"""Minimum hyperspherical covering (MHC): Liu et al., *Learning with Hyperspherical Uniformity*,
+AISTATS 2021.
+
+A learnable pole :math:`v` measures the smooth distance to its nearest neuron,
+
+.. math:: S(v) = -\frac1\gamma \log\Big(\frac1N\sum_i e^{-\gamma\, d^2(\hat v, \hat w_i)}\Big),
+
+which the pole maximises (it seeks the largest hole) and the neurons minimise (they cover it): a
+relaxation of :math:`\min_W\max_v\min_i d(v, w_i)`. :math:`\gamma = 10` officially.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._common import DEFAULT_EPS, full_precision
+from lightning_hsu.functional.polarization import pole_cosines
+
+
+@full_precision
+def pole_covering_distance(
+    neurons: Tensor, pole: Tensor, *, gamma: float = 10.0, half_space: bool = False, eps: float = DEFAULT_EPS
+) -> Tensor:
+    """Smooth nearest-neuron squared distance :math:`S(v)` of the pole (log-sum-exp form)."""
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps)
+    sq = 2.0 - 2.0 * cos
+    return -(torch.logsumexp(-gamma * sq, dim=0) - math.log(sq.shape[0])) / gamma

@@ -1,0 +1,68 @@
+r"""Minimum hyperspherical energy (MHE): Liu et al., *Learning towards Minimum Hyperspherical
+Energy*, NeurIPS 2018 (arXiv:1805.09298).
+
+.. math:: E_s(\hat W) = \frac{1}{P}\sum_{i<j} f_s(\operatorname{dist}(\hat w_i, \hat w_j)),
+   \qquad P = n(n-1)/2,
+
+with Euclidean :math:`f_s = d^{-s}` (:math:`s>0`, the Riesz s-energy), :math:`f_0 = -\log d^2`,
+or angular :math:`\tilde\theta^{-s}`, :math:`-\log\tilde\theta`. In half-space the :math:`2n`
+vectors :math:`\{\pm\hat w_i\}` are used (:math:`P = n(2n-1)`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import Tensor
+
+from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional.kernels import PairKernel, energy_kernel
+from lightning_hsu.functional.pairwise import pair_count, pairwise_kernel_sum
+
+Distance = Literal["euclidean", "angular"]
+
+
+def mean_pair_kernel(unit: Tensor, kernel: PairKernel, *, half_space: bool, chunk_size: int | None) -> Tensor:
+    """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2."""
+    n = unit.shape[1]
+    if n < 2:
+        return unit.sum((1, 2)) * 0.0
+    total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size)
+    return total / pair_count(n, half_space)
+
+
+@full_precision
+def hyperspherical_energy(
+    neurons: Tensor,
+    *,
+    power: float = 2.0,
+    distance: Distance = "euclidean",
+    half_space: bool = False,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+) -> Tensor:
+    r"""Hyperspherical energy of the neurons (rows) of ``neurons``.
+
+    Args:
+        neurons: ``[n, d]`` or ``[batch, n, d]``; rows are neurons. Any float dtype; computed in
+            float32 (float64 stays float64).
+        power: Riesz exponent :math:`s \ge 0`; 0 is the log energy (official ``'0'``/``'a0'``).
+        distance: ``'euclidean'`` (chordal, official ``'0' '1' '2'``) or ``'angular'``
+            (:math:`\tilde\theta = \theta/\pi + 10^{-4}`, official ``'a0' 'a1' 'a2'``).
+        half_space: regularise :math:`\{\hat w_i\}\cup\{-\hat w_i\}`, computed from the
+            :math:`n\times n` Gram matrix (never by concatenation).
+        eps: normaliser :math:`\hat w = w/\sqrt{\lVert w\rVert^2+\epsilon}` (official 1e-4).
+        chunk_size: rows per block; ``None`` picks dense up to 4096 neurons, then blocks.
+
+    Returns:
+        The mean pair energy (a scalar, or ``[batch]``); 0 for fewer than two neurons.
+
+    Differences from the official code, each to stay finite where it is not: :math:`d^2` is
+    clamped at :math:`10^{-6}` (duplicate neurons) and cosines at :math:`\pm(1-10^{-6})` before
+    ``arccos``. For s = 0 the Euclidean value is :math:`-\log d^2`, twice the log energy, as in
+    the official code.
+    """
+    kernel = energy_kernel(power, distance)
+    batched, added = as_batched(normalize_neurons(check_neurons(neurons), eps))
+    energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size)
+    return energy[0] if added else energy

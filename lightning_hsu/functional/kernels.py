@@ -1,0 +1,114 @@
+r"""Pair kernels :math:`f(c)` of the cosine :math:`c = \hat w_i\cdot\hat w_j` of two unit neurons.
+
+Every pairwise energy of the papers is a sum of one such kernel over pairs of neurons, written
+as a function of the cosine because both distances follow from it:
+:math:`d^2 = 2 - 2c` (chordal) and :math:`\theta = \arccos c` (geodesic). Each kernel returns the
+value and, on request, the derivative :math:`f'(c)`; :func:`~lightning_hsu.functional.pairwise.
+pairwise_kernel_sum` uses the derivative to form the gradient in closed form, block by block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Smallest squared chordal distance a Riesz or log kernel sees. The official code adds 1 on the
+#: diagonal only, so duplicate neurons give inf there; clamping keeps value and gradient finite.
+MIN_SQUARED_DISTANCE = 1e-6
+#: Cosines are clamped to ``[-1 + d, 1 - d]`` before ``arccos``, whose derivative is infinite at
+#: +-1 (the official angular code does not clamp and can produce NaN).
+COSINE_MARGIN = 1e-6
+#: The official angular kernels use ``theta / pi + 1e-4``.
+ANGLE_OFFSET = 1e-4
+
+
+class PairKernel:
+    """A function of the cosine between two unit neurons, with its derivative."""
+
+    def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RieszKernel(PairKernel):
+    r"""Euclidean Riesz kernel :math:`f_s = (d^2)^{-s/2}` for :math:`s > 0`, and
+    :math:`f_0 = -\log d^2` for :math:`s = 0` (the official ``'0'``, twice the log energy).
+
+    :math:`d^2 = \max(2 - 2c, 10^{-6})`.
+    """
+
+    power: float
+
+    def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
+        raw = 2.0 - 2.0 * cos
+        sq = raw.clamp_min(MIN_SQUARED_DISTANCE)
+        if self.power == 0:
+            value = -torch.log(sq)
+            deriv = 2.0 / sq if with_derivative else None
+        else:
+            half = self.power / 2.0
+            value = sq.pow(-half)
+            # d/dc (2 - 2c)^(-s/2) = s (2 - 2c)^(-s/2 - 1)
+            deriv = self.power * value / sq if with_derivative else None
+        if deriv is not None:
+            deriv = torch.where(raw > MIN_SQUARED_DISTANCE, deriv, torch.zeros_like(deriv))
+        return value, deriv
+
+
+@dataclass(frozen=True)
+class AngularKernel(PairKernel):
+    r"""Angular kernel on :math:`\tilde\theta = \arccos(c)/\pi + 10^{-4}` (official ``'a0' 'a1' 'a2'``):
+    :math:`-\log\tilde\theta` for :math:`s = 0`, :math:`\tilde\theta^{-s}` for :math:`s > 0`.
+
+    Unlike the official code, :math:`c` is clamped to :math:`[-1 + 10^{-6}, 1 - 10^{-6}]` first.
+    """
+
+    power: float
+
+    def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
+        inside = (cos > -1.0 + COSINE_MARGIN) & (cos < 1.0 - COSINE_MARGIN)
+        c = cos.clamp(-1.0 + COSINE_MARGIN, 1.0 - COSINE_MARGIN)
+        theta = torch.arccos(c) / math.pi + ANGLE_OFFSET
+        if self.power == 0:
+            value = -torch.log(theta)
+            outer = -1.0 / theta  # d/dtheta of -log(theta)
+        else:
+            value = theta.pow(-self.power)
+            outer = -self.power * value / theta
+        if not with_derivative:
+            return value, None
+        dtheta = -1.0 / (math.pi * torch.sqrt(1.0 - c * c))
+        deriv = torch.where(inside, outer * dtheta, torch.zeros_like(outer))
+        return value, deriv
+
+
+@dataclass(frozen=True)
+class GaussianKernel(PairKernel):
+    r"""Gaussian kernel :math:`\exp(-t\,d^2 - m) = \exp(2t(c - 1) - m)`.
+
+    ``shift`` (:math:`m`) is a constant subtracted in the exponent so that a log-sum-exp of the
+    kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020).
+    """
+
+    t: float
+    shift: float = 0.0
+
+    def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
+        value = torch.exp(2.0 * self.t * (cos - 1.0) - self.shift)
+        return value, (2.0 * self.t * value if with_derivative else None)
+
+
+def energy_kernel(power: float, distance: str) -> PairKernel:
+    """The MHE kernel for a Riesz ``power`` (0 = log) and ``distance`` ('euclidean'/'angular')."""
+    if not isinstance(power, (int, float)) or isinstance(power, bool) or not math.isfinite(power):
+        raise ValueError(f"power must be a finite number >= 0, got {power!r}")
+    if power < 0:
+        raise ValueError(f"power must be >= 0 (0 is the log energy), got {power}")
+    if distance == "euclidean":
+        return RieszKernel(float(power))
+    if distance == "angular":
+        return AngularKernel(float(power))
+    raise ValueError(f"distance must be 'euclidean' or 'angular', got {distance!r}")

@@ -1,0 +1,54 @@
+r"""Hyperspherical polarization: MHP and its relaxation R-MHP (Liu et al., AISTATS 2021).
+
+MHP plays a game with a learnable pole :math:`v`: the energy at the pole
+
+.. math:: E(v) = \frac1N\sum_{i} \big(2 - 2\cos(v, \hat w_i)\big)^{-1}
+
+(Riesz s = 2) is minimised by the pole (it seeks the emptiest place on the sphere) and maximised
+by the neurons (they move into it): :math:`\max_W\min_v E(v)`.
+
+R-MHP replaces the game by the closed form :math:`\lVert\sum_i w_i\rVert_2` on the
+*unnormalised* weights, as the official code does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE
+
+
+def pole_cosines(neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float = DEFAULT_EPS) -> Tensor:
+    r"""Cosines :math:`\hat w_i\cdot\hat v` (and :math:`-\hat w_i\cdot\hat v` in half-space).
+
+    Both neurons and pole are normalised with :math:`\sqrt{\lVert\cdot\rVert^2 + \epsilon}` as in
+    the official ``cal``.
+    """
+    unit = normalize_neurons(check_neurons(neurons), eps)
+    if unit.dim() != 2:
+        raise ValueError(f"pole penalties take neurons of shape [n, d], got {tuple(unit.shape)}")
+    if pole.shape != (unit.shape[1],):
+        raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
+    v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps)[0]
+    cos = unit @ v
+    return torch.cat([cos, -cos]) if half_space else cos
+
+
+@full_precision
+def pole_energy(neurons: Tensor, pole: Tensor, *, half_space: bool = False, eps: float = DEFAULT_EPS) -> Tensor:
+    r"""MHP energy at the pole, :math:`E(v)=\frac1N\sum_i (\max(2-2c_i, 10^{-6}))^{-1}`.
+
+    :math:`N = n` (or :math:`2n` in half-space). The neurons' penalty is :math:`-E(v)`.
+    """
+    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps)
+    return (2.0 - 2.0 * cos).clamp_min(MIN_SQUARED_DISTANCE).reciprocal().mean()
+
+
+@full_precision
+def relaxed_polarization(neurons: Tensor) -> Tensor:
+    r"""R-MHP penalty :math:`\lVert\sum_i w_i\rVert_2` of the unnormalised neurons (no half-space:
+    :math:`w_i` and :math:`-w_i` would cancel)."""
+    x = check_neurons(neurons)
+    return torch.linalg.vector_norm(x.sum(-2), dim=-1)

@@ -1,0 +1,61 @@
+r"""Uniformity of Wang & Isola, *Understanding Contrastive Representation Learning through
+Alignment and Uniformity on the Hypersphere*, ICML 2020.
+
+.. math:: \mathcal{U}_t = \log \frac{1}{P}\sum_{i<j} e^{-t\lVert\hat x_i - \hat x_j\rVert^2},
+
+a Gaussian-kernel energy (lower is more uniform; its optimum in high dimension is about
+:math:`-2t`), computed as a log-sum-exp so it never underflows, whatever ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional.kernels import GaussianKernel
+from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, pairwise_kernel_sum
+
+
+def log_mean_exp_pairs(unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None) -> Tensor:
+    r""":math:`\log \frac1P\sum_{pairs} e^{-t d^2}` for ``[n, d]`` unit vectors; 0 when n < 2.
+
+    The exponent is shifted by its maximum :math:`m = 2t(c_{max}-1)` (a constant: the value does
+    not depend on it, so neither does the gradient) before exponentiation.
+    """
+    n = unit.shape[0]
+    if n < 2:
+        return unit.sum() * 0.0
+    batch = unit.unsqueeze(0)
+    c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
+    shift = float(2.0 * t * (c_max[0] - 1.0))
+    total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)[0]
+    return shift + torch.log(total) - math.log(pair_count(n, half_space))
+
+
+@full_precision
+def uniformity(
+    features: Tensor,
+    *,
+    t: float = 2.0,
+    half_space: bool = False,
+    eps: float = DEFAULT_EPS,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Wang–Isola uniformity of the rows of ``features`` (``[n, d]``), normalised first.
+
+    Args:
+        features: rows are vectors (neurons of a layer, or a batch of embeddings).
+        t: kernel temperature (the paper's default is 2).
+        half_space: use :math:`\\{\\pm x_i\\}`, as for hidden-layer neurons.
+        eps: normaliser as in the official MHE code.
+        chunk_size: rows per block (``None``: automatic).
+    """
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"t must be a finite number > 0, got {t!r}")
+    x = check_neurons(features, "features")
+    if x.dim() != 2:
+        raise ValueError(f"features must have shape [n, d], got {tuple(x.shape)}")
+    return log_mean_exp_pairs(normalize_neurons(x, eps), float(t), half_space=half_space, chunk_size=chunk_size)

@@ -1,0 +1,57 @@
+"""The regularizer interface: a small object that maps a layer's neurons to a penalty.
+
+In the spirit of pytorch-metric-learning's regularizers: each object holds its hyperparameters
+(and, for MHP/MHC/CoMHE, a little state of its own), is called on ``[n, d]`` neurons and returns a
+scalar to *minimise*. One template object can serve many layers: :meth:`Regularizer.spawn` makes
+the per-layer copy that owns that layer's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+
+class Regularizer:
+    """Base class: ``penalty = regularizer(neurons, step=global_step)``."""
+
+    #: Short registry name (``"mhe"``, ``"mhs"``, ...), used in logs and string configs.
+    name: ClassVar[str] = ""
+    #: Whether :meth:`state_dict` carries training state that must be checkpointed.
+    stateful: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.salt = 0
+
+    def __call__(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        return self.penalty(neurons, step=step)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        """The penalty of ``neurons`` (``[n, d]``); ``step`` is the global training step."""
+        raise NotImplementedError
+
+    def spawn(self, key: str) -> Regularizer:
+        """A fresh copy for one layer; ``key`` (the layer name) salts any random state."""
+        clone = copy.deepcopy(self)
+        clone.salt = zlib.crc32(key.encode())
+        return clone
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state (tensors and primitives only, so checkpoints load with weights_only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments, for logging and ``save_hyperparameters``."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "salt"}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        return f"{type(self).__name__}({args})"

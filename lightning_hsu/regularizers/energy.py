@@ -1,0 +1,138 @@
+"""MHE, CoMHE and uniformity as regularizer objects (pairwise-energy family)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional import compressive_energy, gaussian_projections, hyperspherical_energy, uniformity
+from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.regularizers._validate import choice, flag, positive_float, positive_int
+from lightning_hsu.regularizers.base import Regularizer
+
+
+class MHE(Regularizer):
+    """Minimum hyperspherical energy (Liu et al., NeurIPS 2018); see
+    :func:`~lightning_hsu.functional.hyperspherical_energy`.
+
+    Args:
+        power: Riesz exponent s >= 0 (0: log energy).
+        distance: ``"euclidean"`` or ``"angular"``.
+        half_space: use the neurons and their negations (papers: hidden layers).
+        eps: normaliser of the official code.
+        chunk_size: rows per block (``None``: automatic).
+    """
+
+    name = "mhe"
+
+    def __init__(
+        self,
+        power: float = 2.0,
+        distance: Literal["euclidean", "angular"] = "euclidean",
+        half_space: bool = False,
+        eps: float = DEFAULT_EPS,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.power = positive_float("MHE", "power", power, allow_zero=True)
+        self.distance = choice("MHE", "distance", distance, ("euclidean", "angular"))
+        self.half_space = flag("MHE", "half_space", half_space)
+        self.eps = positive_float("MHE", "eps", eps)
+        self.chunk_size = positive_int("MHE", "chunk_size", chunk_size, allow_none=True)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        return hyperspherical_energy(
+            neurons,
+            power=self.power,
+            distance=self.distance,  # type: ignore[arg-type]
+            half_space=self.half_space,
+            eps=self.eps,
+            chunk_size=self.chunk_size,
+        )
+
+
+class Uniformity(Regularizer):
+    """Wang–Isola uniformity of the neurons, :math:`\\log` mean :math:`e^{-t d^2}`; see
+    :func:`~lightning_hsu.functional.uniformity`."""
+
+    name = "uniformity"
+
+    def __init__(
+        self, t: float = 2.0, half_space: bool = False, eps: float = DEFAULT_EPS, chunk_size: int | None = None
+    ) -> None:
+        super().__init__()
+        self.t = positive_float("Uniformity", "t", t)
+        self.half_space = flag("Uniformity", "half_space", half_space)
+        self.eps = positive_float("Uniformity", "eps", eps)
+        self.chunk_size = positive_int("Uniformity", "chunk_size", chunk_size, allow_none=True)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        return uniformity(neurons, t=self.t, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size)
+
+
+class CoMHE(Regularizer):
+    """Compressive MHE (Lin et al., CVPR 2020): MHE of random projections, averaged.
+
+    Args:
+        projection_dim: dimension ``p`` of each projection (official best: 40).
+        projections: number ``K`` of projections (official best: 20).
+        power, distance, half_space, eps: as for :class:`MHE` (official: s = 2).
+        resample: draw fresh projections every training step (official) or keep one draw.
+        seed: base seed; the draw for step ``k`` of layer ``name`` depends only on
+            ``(seed, name, k)``, so all ranks agree and a resumed run draws the same matrices.
+    """
+
+    name = "comhe"
+    stateful = True
+
+    def __init__(
+        self,
+        projection_dim: int = 40,
+        projections: int = 20,
+        power: float = 2.0,
+        distance: Literal["euclidean", "angular"] = "euclidean",
+        half_space: bool = False,
+        resample: bool = True,
+        seed: int = 0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__()
+        self.projection_dim = positive_int("CoMHE", "projection_dim", projection_dim)
+        self.projections = positive_int("CoMHE", "projections", projections)
+        self.power = positive_float("CoMHE", "power", power, allow_zero=True)
+        self.distance = choice("CoMHE", "distance", distance, ("euclidean", "angular"))
+        self.half_space = flag("CoMHE", "half_space", half_space)
+        self.resample = flag("CoMHE", "resample", resample)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"CoMHE: option `seed` must be an integer, got {seed!r}")
+        self.seed = seed
+        self.eps = positive_float("CoMHE", "eps", eps)
+        self._calls = 0
+
+    def projection_matrices(self, in_dim: int, step: int | None, device: torch.device) -> Tensor:
+        """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``)."""
+        draw = 0 if not self.resample else (step if step is not None else self._calls)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.salt * 7_919 + draw) % (2**63))
+        return gaussian_projections(
+            in_dim, count=self.projections, dim=self.projection_dim, generator=generator, device=device
+        )
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        proj = self.projection_matrices(neurons.shape[-1], step, neurons.device)
+        self._calls += 1
+        return compressive_energy(
+            neurons,
+            proj,
+            power=self.power,
+            distance=self.distance,
+            half_space=self.half_space,
+            eps=self.eps,  # type: ignore[arg-type]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._calls = int(state.get("calls", 0))

@@ -1,0 +1,187 @@
+"""MHP and MHC: regularizers that play a game against a learnable pole (Liu et al., AISTATS 2021).
+
+Each layer owns a pole :math:`v\\in\\mathbb{R}^d` (init N(0, 1), seeded) and the pole's own SGD
+optimiser (momentum 0.9, weight decay 5e-4, as the official ``mhp/train.py``). At each training
+step the pole first takes ``inner_steps`` steps against the detached neurons, then the neurons'
+penalty is evaluated against the detached pole. With the same weights and seed every rank
+computes the same pole, so no communication is needed under DDP/FSDP.
+
+The pole and its optimiser state are training state: :meth:`PoleRegularizer.state_dict` returns
+them (tensors and primitives only) for the callback's checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional import pole_covering_distance, pole_energy
+from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.regularizers._validate import flag, positive_float, positive_int
+from lightning_hsu.regularizers.base import Regularizer
+
+
+class PoleRegularizer(Regularizer):
+    """Shared machinery of :class:`MHP` and :class:`MHC`: the pole, its optimiser, its state."""
+
+    stateful = True
+
+    def __init__(
+        self,
+        half_space: bool,
+        inner_steps: int,
+        pole_lr: float,
+        pole_momentum: float,
+        pole_weight_decay: float,
+        seed: int,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.half_space = flag(owner, "half_space", half_space)
+        self.inner_steps = positive_int(owner, "inner_steps", inner_steps)
+        self.pole_lr = positive_float(owner, "pole_lr", pole_lr)
+        self.pole_momentum = positive_float(owner, "pole_momentum", pole_momentum, allow_zero=True)
+        self.pole_weight_decay = positive_float(owner, "pole_weight_decay", pole_weight_decay, allow_zero=True)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{owner}: option `seed` must be an integer, got {seed!r}")
+        self.seed = seed
+        self.eps = positive_float(owner, "eps", eps)
+        self._pole: Tensor | None = None
+        self._optimizer: torch.optim.SGD | None = None
+        self._last_step: int | None = None
+
+    # -- the game ---------------------------------------------------------------------------
+    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        """What the pole minimises."""
+        raise NotImplementedError
+
+    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        """What the neurons minimise, for a fixed pole."""
+        raise NotImplementedError
+
+    @property
+    def pole(self) -> Tensor | None:
+        """The current pole (``None`` before the first call or load)."""
+        return self._pole
+
+    def _new_optimizer(self, pole: Tensor) -> torch.optim.SGD:
+        return torch.optim.SGD(
+            [pole], lr=self.pole_lr, momentum=self.pole_momentum, weight_decay=self.pole_weight_decay
+        )
+
+    def _ensure_pole(self, dim: int, device: torch.device) -> Tensor:
+        if self._pole is None:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.salt) % (2**63))
+            self._pole = torch.randn(dim, generator=generator).to(device).requires_grad_(True)
+            self._optimizer = self._new_optimizer(self._pole)
+        elif self._pole.shape != (dim,):
+            raise ValueError(
+                f"{type(self).__name__}: the pole has dimension {self._pole.shape[0]} but the layer's "
+                f"neurons have dimension {dim} (a checkpoint from another model?)"
+            )
+        elif self._pole.device != device:
+            assert self._optimizer is not None
+            state = self._optimizer.state_dict()
+            self._pole = self._pole.detach().to(device).requires_grad_(True)
+            self._optimizer = self._new_optimizer(self._pole)
+            self._optimizer.load_state_dict(state)
+        return self._pole
+
+    def update_pole(self, neurons: Tensor) -> None:
+        """Take ``inner_steps`` optimiser steps of the pole against the (detached) neurons."""
+        pole = self._ensure_pole(neurons.shape[-1], neurons.device)
+        assert self._optimizer is not None
+        target = neurons.detach()
+        with torch.enable_grad():
+            for _ in range(self.inner_steps):
+                self._optimizer.zero_grad(set_to_none=True)
+                self.pole_objective(target, pole).backward()
+                self._optimizer.step()
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        # The pole moves once per training step (official: before the weights' update), not once
+        # per micro-batch under gradient accumulation nor again when a shared layer recurs.
+        if step is None or step != self._last_step:
+            self.update_pole(neurons)
+            self._last_step = step
+        pole = self._ensure_pole(neurons.shape[-1], neurons.device)
+        return self.neuron_penalty(neurons, pole.detach())
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self._pole is None:
+            return {}
+        assert self._optimizer is not None
+        return {
+            "pole": self._pole.detach().cpu().clone(),
+            "optimizer": self._optimizer.state_dict(),
+            "last_step": -1 if self._last_step is None else self._last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        pole = state["pole"]
+        device = self._pole.device if self._pole is not None else pole.device
+        self._pole = pole.detach().clone().to(device).requires_grad_(True)
+        self._optimizer = self._new_optimizer(self._pole)
+        self._optimizer.load_state_dict(state["optimizer"])
+        last = int(state.get("last_step", -1))
+        self._last_step = None if last < 0 else last
+
+
+class MHP(PoleRegularizer):
+    """Maximum hyperspherical polarization: the pole minimises the Riesz-2 energy at itself,
+    :math:`E(v)`, and the neurons minimise :math:`-E(v)` (see
+    :func:`~lightning_hsu.functional.pole_energy`)."""
+
+    name = "mhp"
+
+    def __init__(
+        self,
+        half_space: bool = False,
+        inner_steps: int = 10,
+        pole_lr: float = 0.1,
+        pole_momentum: float = 0.9,
+        pole_weight_decay: float = 5e-4,
+        seed: int = 0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
+
+    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
+
+    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        return -pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
+
+
+class MHC(PoleRegularizer):
+    """Minimum hyperspherical covering: the pole maximises its smooth distance to the nearest
+    neuron :math:`S(v)`, the neurons minimise it (see
+    :func:`~lightning_hsu.functional.pole_covering_distance`); ``gamma`` = 10 officially."""
+
+    name = "mhc"
+
+    def __init__(
+        self,
+        gamma: float = 10.0,
+        half_space: bool = False,
+        inner_steps: int = 10,
+        pole_lr: float = 0.1,
+        pole_momentum: float = 0.9,
+        pole_weight_decay: float = 5e-4,
+        seed: int = 0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
+        self.gamma = positive_float("MHC", "gamma", gamma)
+
+    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        return -pole_covering_distance(neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps)
+
+    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        return pole_covering_distance(neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps)

@@ -1,0 +1,72 @@
+"""MHS, MGD and R-MHP as regularizer objects (closed-form, stateless)."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_hsu.functional import (
+    gram_determinant_penalty,
+    hyperspherical_separation,
+    relaxed_polarization,
+    soft_hyperspherical_separation,
+)
+from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.regularizers._validate import flag, positive_float, positive_int
+from lightning_hsu.regularizers.base import Regularizer
+
+
+class MHS(Regularizer):
+    """Maximum hyperspherical separation (Tammes; Liu et al., AISTATS 2021).
+
+    ``temperature=None`` is the official hard max-min (ties summed, gradient through the closest
+    pairs only); a positive ``temperature`` gives the smooth soft-min variant.
+    """
+
+    name = "mhs"
+
+    def __init__(
+        self,
+        half_space: bool = False,
+        temperature: float | None = None,
+        eps: float = DEFAULT_EPS,
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.half_space = flag("MHS", "half_space", half_space)
+        self.temperature = None if temperature is None else positive_float("MHS", "temperature", temperature)
+        self.eps = positive_float("MHS", "eps", eps)
+        self.chunk_size = positive_int("MHS", "chunk_size", chunk_size, allow_none=True)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        if self.temperature is None:
+            return hyperspherical_separation(
+                neurons, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size
+            )
+        return soft_hyperspherical_separation(
+            neurons, temperature=self.temperature, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size
+        )
+
+
+class MGD(Regularizer):
+    """Maximum Gram determinant, :math:`-\\log\\det(e^{-d^2} + 10^{-6} I)` (Liu et al., AISTATS 2021)."""
+
+    name = "mgd"
+
+    def __init__(self, half_space: bool = False, jitter: float = 1e-6, eps: float = DEFAULT_EPS) -> None:
+        super().__init__()
+        self.half_space = flag("MGD", "half_space", half_space)
+        self.jitter = positive_float("MGD", "jitter", jitter)
+        self.eps = positive_float("MGD", "eps", eps)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        return gram_determinant_penalty(neurons, half_space=self.half_space, eps=self.eps, jitter=self.jitter)
+
+
+class RMHP(Regularizer):
+    """Relaxed polarization :math:`\\lVert\\sum_i w_i\\rVert_2` on unnormalised weights (Liu et al.,
+    AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
+
+    name = "rmhp"
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+        return relaxed_polarization(neurons)
