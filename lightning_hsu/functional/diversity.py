@@ -1,0 +1,537 @@
+r"""Diversity metrics of a layer's neurons: angles, coherence, energy, spectrum, duplicates.
+
+The numbers worth watching while a network trains with (or without) hyperspherical-uniformity
+regularisation (Liu et al., *Learning towards Minimum Hyperspherical Energy*, NeurIPS 2018;
+Liu et al., *Learning with Hyperspherical Uniformity*, AISTATS 2021; Wang & Isola, ICML 2020).
+For neurons :math:`w_i` (rows of ``[n, d]``) with directions :math:`u_i = w_i/\lVert w_i\rVert`
+and cosines :math:`c_{ij} = u_i\cdot u_j`:
+
+- angle :math:`\theta_{ij} = \arccos c_{ij}` in degrees; in **half-space** the angle between the
+  *lines* spanned by two neurons, :math:`\min(\theta_{ij}, 180^\circ-\theta_{ij}) = \arccos|c_{ij}|`,
+  because a neuron and its negation compute the same feature up to sign;
+- minimum angle :math:`\min_{i<j}\theta_{ij}` (the Tammes objective, what MHS maximises);
+- mean nearest-neighbour angle :math:`\frac1n\sum_i \min_{j\ne i}\theta_{ij}`;
+- mean pairwise angle :math:`\frac{1}{n(n-1)/2}\sum_{i<j}\theta_{ij}`;
+- coherence :math:`\mu = \max_{i\ne j}|c_{ij}|` (the same in both spaces);
+- near-duplicates: the number of neurons whose nearest-neighbour angle is below a threshold;
+- the histogram and quantiles of the :math:`n(n-1)/2` pairwise angles;
+- the spectrum of the Gram matrix :math:`G = UU^\top`: effective rank
+  :math:`\exp(-\sum_k p_k\log p_k)`, :math:`p_k = \lambda_k/\sum_l\lambda_l` (Roy & Vetterli,
+  *The effective rank*, EUSIPCO 2007) and condition number :math:`\lambda_{max}/\lambda_{min}`;
+- the hyperspherical energy and the uniformity, by :func:`~lightning_hsu.functional.hyperspherical_energy`
+  and :func:`~lightning_hsu.functional.uniformity` with the regularisers' conventions.
+
+Angles use the exact directions (a second normalisation after the official
+:math:`w/\sqrt{\lVert w\rVert^2+10^{-4}}`, whose norm below 1 would bias every angle of
+small neurons); a zero neuron has no direction and counts as orthogonal to every other (cosine 0).
+Cosines are clamped to :math:`[-1, 1]` before ``arccos``. Everything runs without gradient in
+float32 or better, and pairs are visited in row blocks (:func:`~lightning_hsu.functional.pairwise.
+block_rows_for`): extra memory :math:`O(\text{block}\cdot n)`, never :math:`O(n^2)` for large ``n``.
+For fewer than two neurons the angle metrics and the coherence are NaN, the count is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._common import check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional.energy import hyperspherical_energy
+from lightning_hsu.functional.pairwise import block_rows_for
+from lightning_hsu.functional.uniformity import uniformity
+
+#: Width in degrees of the fine bins behind :func:`pairwise_angle_quantiles`: a quantile is
+#: exact to it (0.01°) while memory stays :math:`O(180/0.01)` whatever ``n``.
+QUANTILE_RESOLUTION = 0.01
+
+#: The scalar metrics :func:`diversity_summary` can return (quantiles come on top, as ``angle_p<q>``).
+DIVERSITY_METRICS: tuple[str, ...] = (
+    "min_angle",
+    "mean_nn_angle",
+    "mean_angle",
+    "coherence",
+    "duplicates",
+    "energy",
+    "uniformity",
+    "effective_rank",
+    "condition_number",
+)
+
+DiversityMetric = Literal[
+    "min_angle",
+    "mean_nn_angle",
+    "mean_angle",
+    "coherence",
+    "duplicates",
+    "energy",
+    "uniformity",
+    "effective_rank",
+    "condition_number",
+]
+
+_DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def _directions(neurons: Tensor) -> Tensor:
+    """Exact unit directions of the rows of ``[n, d]`` (zero rows stay zero)."""
+    x = check_neurons(neurons)
+    if x.dim() != 2:
+        raise ValueError(f"neurons must have shape [n, d] (rows are neurons), got shape {tuple(x.shape)}")
+    # The official normaliser first (it rescales overflowing rows), then the exact one: its output
+    # has norm in (0, 1], so the second division neither overflows nor underflows.
+    v = normalize_neurons(x)
+    return v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+
+
+def _max_angle(half_space: bool) -> float:
+    return 90.0 if half_space else 180.0
+
+
+def _default_edges(bins: int | Tensor | Sequence[float], half_space: bool, dtype: torch.dtype) -> Tensor:
+    if isinstance(bins, bool):
+        raise TypeError(f"bins must be an int or a sequence of edges in degrees, got {bins!r}")
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        return torch.linspace(0.0, _max_angle(half_space), bins + 1, dtype=dtype)
+    edges = torch.as_tensor(bins, dtype=dtype).flatten()
+    if edges.numel() < 2 or not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError("bin edges must be a strictly increasing sequence of at least 2 angles in degrees")
+    return edges
+
+
+def _check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
+    qs = tuple(float(q) for q in quantiles)
+    for q in qs:
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantiles must lie in [0, 1], got {q}")
+    return qs
+
+
+@dataclass
+class AngleStatistics:
+    """What one blockwise pass over the pairs of neurons collects (angles in degrees).
+
+    ``nearest`` holds each neuron's nearest-neighbour angle; ``histogram`` the counts of the
+    :math:`n(n-1)/2` pairwise angles over ``edges`` (each bin ``[e_k, e_{k+1})``, the last one closed,
+    angles outside the edges not counted, as ``numpy.histogram``); ``angle_sum`` and
+    ``angle_sq_sum`` the sums of the pairwise angles and of their squares; ``fine`` the counts over
+    bins of width :data:`QUANTILE_RESOLUTION` used for quantiles.
+    """
+
+    n: int
+    half_space: bool
+    nearest: Tensor
+    coherence: float
+    pairs: int
+    angle_sum: float
+    angle_sq_sum: float
+    edges: Tensor
+    histogram: Tensor
+    fine: Tensor = field(repr=False)
+    fine_sum: Tensor = field(repr=False)
+
+    @property
+    def min_angle(self) -> float:
+        return float(self.nearest.min()) if self.n >= 2 else math.nan
+
+    @property
+    def max_angle(self) -> float:
+        """Largest pairwise angle, read off the fine histogram (exact to :data:`QUANTILE_RESOLUTION`)."""
+        if self.pairs == 0:
+            return math.nan
+        last = int(self.fine.nonzero()[-1])
+        return min((last + 1) * QUANTILE_RESOLUTION, _max_angle(self.half_space))
+
+    @property
+    def mean_nn_angle(self) -> float:
+        return float(self.nearest.mean()) if self.n >= 2 else math.nan
+
+    @property
+    def mean_angle(self) -> float:
+        return self.angle_sum / self.pairs if self.pairs else math.nan
+
+    def duplicates(self, threshold: float) -> int:
+        """Neurons whose nearest neighbour is closer than ``threshold`` degrees."""
+        return int((self.nearest < threshold).sum()) if self.n >= 2 else 0
+
+    def quantiles(self, quantiles: Sequence[float]) -> list[float]:
+        r"""Quantiles of the pairwise angles with ``numpy``'s default (linear) interpolation.
+
+        The :math:`k`-th smallest angle is taken as the mean of the angles in its fine bin, so each
+        value is within :data:`QUANTILE_RESOLUTION` of the exact quantile, and exact when the bin
+        holds a single distinct angle (a regular configuration).
+        """
+        qs = _check_quantiles(quantiles)
+        if self.pairs == 0:
+            return [math.nan for _ in qs]
+        cum = torch.cumsum(self.fine, 0)
+
+        def order_statistic(k: int) -> float:
+            index = int(torch.searchsorted(cum, torch.tensor(k, dtype=cum.dtype), right=True))
+            return float(self.fine_sum[index] / self.fine[index])
+
+        out = []
+        for q in qs:
+            h = q * (self.pairs - 1)
+            lo = math.floor(h)
+            hi = min(lo + 1, self.pairs - 1)
+            a, b = order_statistic(lo), order_statistic(hi)
+            out.append(a + (h - lo) * (b - a))
+        return out
+
+
+@full_precision
+@torch.no_grad()
+def angle_statistics(
+    neurons: Tensor,
+    *,
+    half_space: bool = False,
+    bins: int | Tensor | Sequence[float] = 18,
+    chunk_size: int | None = None,
+) -> AngleStatistics:
+    """Collect every angle-based metric of ``neurons`` (``[n, d]``) in one blockwise pass.
+
+    Args:
+        neurons: rows are neurons; any float dtype (computed in float32, float64 stays float64).
+        half_space: angles between lines, :math:`\\arccos|c_{ij}|` in :math:`[0^\\circ, 90^\\circ]`.
+        bins: number of equal bins over :math:`[0, 180]` (:math:`[0, 90]` in half-space), or the
+            bin edges in degrees.
+        chunk_size: rows per block (``None``: dense up to 4096 neurons, then blocks).
+    """
+    unit = _directions(neurons)
+    n = unit.shape[0]
+    edges = _default_edges(bins, half_space, unit.dtype)
+    top = _max_angle(half_space)
+    fine_bins = round(top / QUANTILE_RESOLUTION)
+    histogram = torch.zeros(edges.numel() - 1, dtype=torch.int64)
+    fine = torch.zeros(fine_bins, dtype=torch.int64)
+    fine_sum = torch.zeros(fine_bins, dtype=torch.float64)
+    nearest = unit.new_zeros(n)
+    coherence = -math.inf
+    angle_sum = 0.0
+    angle_sq_sum = 0.0
+    rows_per_block = block_rows_for(n, chunk_size)
+    edges_dev = edges.to(unit.device)
+    for start in range(0, n, rows_per_block):
+        stop = min(start + rows_per_block, n)
+        cos = (unit[start:stop] @ unit.T).clamp_(-1.0, 1.0)
+        magnitude = cos.abs()
+        self_pairs = torch.diagonal(magnitude[:, start:stop])
+        self_pairs.fill_(-1.0)  # below every |c|: the self pairs drop out of the maxima
+        coherence = max(coherence, float(magnitude.amax()))
+        if half_space:
+            closeness = magnitude
+        else:
+            torch.diagonal(cos[:, start:stop]).fill_(-2.0)
+            closeness = cos
+        # arccos is decreasing: the nearest neighbour has the largest (|)cosine(|).
+        nearest[start:stop] = torch.rad2deg(torch.arccos(closeness.amax(1).clamp(-1.0, 1.0)))
+        upper = torch.ones_like(cos, dtype=torch.bool).triu_(start + 1)
+        angles = torch.rad2deg(torch.arccos((magnitude if half_space else cos)[upper]))
+        if angles.numel() == 0:
+            continue
+        angle_sum += float(angles.sum(dtype=torch.float64))
+        angle_sq_sum += float((angles.double() ** 2).sum())
+        histogram += _bin_counts(angles, edges_dev).cpu()
+        fine_index = (angles / QUANTILE_RESOLUTION).long().clamp_(0, fine_bins - 1)
+        fine += torch.bincount(fine_index, minlength=fine_bins).cpu()
+        fine_sum += (
+            torch.zeros(fine_bins, dtype=torch.float64, device=angles.device)
+            .index_add_(0, fine_index, angles.double())
+            .cpu()
+        )
+    return AngleStatistics(
+        n=n,
+        half_space=half_space,
+        nearest=nearest.cpu(),
+        coherence=coherence if n >= 2 else math.nan,
+        pairs=n * (n - 1) // 2,
+        angle_sum=angle_sum,
+        angle_sq_sum=angle_sq_sum,
+        edges=edges.cpu(),
+        histogram=histogram,
+        fine=fine,
+        fine_sum=fine_sum,
+    )
+
+
+def _bin_counts(values: Tensor, edges: Tensor) -> Tensor:
+    """``numpy.histogram`` counts: bins ``[e_k, e_{k+1})``, the last closed, outsiders dropped."""
+    bins = edges.numel() - 1
+    index = torch.bucketize(values, edges.to(values.dtype), right=True) - 1
+    index = torch.where(values == edges[-1], torch.full_like(index, bins - 1), index)
+    inside = (index >= 0) & (index < bins)
+    return torch.bincount(index[inside], minlength=bins)
+
+
+def minimum_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
+    r"""Smallest pairwise angle :math:`\min_{i<j}\theta_{ij}` in degrees (the Tammes objective).
+
+    Liu et al., AISTATS 2021 (MHS maximises it). In half-space the angle between lines,
+    :math:`\arccos|c_{ij}|`. NaN for fewer than two neurons.
+    """
+    stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.min_angle, dtype=stats.nearest.dtype)
+
+
+def mean_nearest_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
+    r"""Mean nearest-neighbour angle :math:`\frac1n\sum_i\min_{j\ne i}\theta_{ij}` in degrees."""
+    stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.mean_nn_angle, dtype=stats.nearest.dtype)
+
+
+def mean_pairwise_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
+    r"""Mean pairwise angle :math:`\frac{2}{n(n-1)}\sum_{i<j}\theta_{ij}` in degrees."""
+    stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.mean_angle, dtype=stats.nearest.dtype)
+
+
+def coherence(neurons: Tensor, *, chunk_size: int | None = None) -> Tensor:
+    r"""Mutual coherence :math:`\mu = \max_{i\ne j}|c_{ij}|` (1 for a duplicated or negated neuron).
+
+    Lower is more diverse; :math:`\mu \ge \sqrt{(n-d)/(d(n-1))}` (Welch bound). NaN for n < 2.
+    """
+    stats = angle_statistics(neurons, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.coherence, dtype=stats.nearest.dtype)
+
+
+def near_duplicate_count(
+    neurons: Tensor, *, threshold: float = 1.0, half_space: bool = False, chunk_size: int | None = None
+) -> Tensor:
+    """Number of neurons whose nearest-neighbour angle is below ``threshold`` degrees.
+
+    A pair of duplicates counts 2, a triple 3. In half-space a neuron close to the *negation* of
+    another also counts (it spans almost the same line).
+    """
+    _check_threshold(threshold)
+    stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.duplicates(threshold), dtype=torch.int64)
+
+
+def pairwise_angle_histogram(
+    neurons: Tensor,
+    *,
+    bins: int | Tensor | Sequence[float] = 18,
+    half_space: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Counts of the :math:`n(n-1)/2` pairwise angles (degrees) and the bin edges.
+
+    ``bins`` equal bins over :math:`[0, 180]` (:math:`[0, 90]` in half-space) or explicit edges;
+    binning follows ``numpy.histogram`` (``[e_k, e_{k+1})``, the last bin closed).
+    """
+    stats = angle_statistics(neurons, half_space=half_space, bins=bins, chunk_size=chunk_size)
+    return stats.histogram, stats.edges
+
+
+def pairwise_angle_quantiles(
+    neurons: Tensor,
+    quantiles: Sequence[float] = _DEFAULT_QUANTILES,
+    *,
+    half_space: bool = False,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Quantiles of the pairwise angles (degrees), exact to :data:`QUANTILE_RESOLUTION`.
+
+    Computed from a fine histogram rather than by sorting the :math:`n(n-1)/2` angles, so memory
+    stays bounded for large layers; interpolation as ``numpy.quantile``'s default.
+    """
+    qs = _check_quantiles(quantiles)
+    stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
+    return torch.tensor(stats.quantiles(qs), dtype=stats.nearest.dtype)
+
+
+@full_precision
+@torch.no_grad()
+def gram_spectrum(neurons: Tensor) -> Tensor:
+    r"""The :math:`\min(n, d)` largest eigenvalues of the Gram matrix :math:`G = UU^\top` of the directions.
+
+    The nonzero eigenvalues of :math:`UU^\top` (:math:`n\times n`) and :math:`U^\top U`
+    (:math:`d\times d`) coincide, so the smaller one is decomposed, in float64: memory
+    :math:`O(\min(n,d)^2)`. Descending, clamped at 0.
+    """
+    unit = _directions(neurons).double()
+    n, d = unit.shape
+    gram = unit @ unit.T if n <= d else unit.T @ unit
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+
+
+def _rank_tolerance(neurons: Tensor, spectrum: Tensor) -> float:
+    # numpy.linalg.matrix_rank's rule on singular values, sigma <= sigma_max * max(n, d) * eps, on
+    # the eigenvalues sigma^2, with eps of the dtype the directions were computed in.
+    eps = torch.finfo(torch.float64 if neurons.dtype == torch.float64 else torch.float32).eps
+    return float(spectrum[0]) * (max(neurons.shape[-2:]) * eps) ** 2
+
+
+def effective_rank(neurons: Tensor) -> Tensor:
+    r"""Entropy effective rank of the Gram matrix (Roy & Vetterli, EUSIPCO 2007).
+
+    :math:`\operatorname{erank} = \exp\big(-\sum_k p_k \log p_k\big)`,
+    :math:`p_k = \lambda_k/\sum_l \lambda_l` over the eigenvalues of :math:`G = UU^\top`: between 1
+    (all neurons on one line) and :math:`\min(n, d)` (a tight frame, e.g. orthonormal neurons).
+    A regular simplex of :math:`n` neurons gives :math:`n - 1`.
+    """
+    spectrum = gram_spectrum(neurons)
+    total = spectrum.sum()
+    if float(total) == 0.0:
+        return torch.tensor(math.nan, dtype=torch.float64)
+    p = spectrum / total
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum())
+
+
+def gram_condition_number(neurons: Tensor) -> Tensor:
+    r"""Condition number :math:`\lambda_{max}/\lambda_{min}` of the Gram matrix on its :math:`\min(n,d)` eigenvalues.
+
+    For :math:`n \le d` that is :math:`UU^\top` itself; for :math:`n > d` (where :math:`UU^\top` is
+    singular) it is the frame operator :math:`U^\top U`, 1 for a tight frame such as the
+    cross-polytope. Equal to :math:`(\sigma_{max}/\sigma_{min})^2` of :math:`U`. ``inf`` when the
+    neurons are linearly dependent (e.g. a regular simplex of :math:`n \le d` neurons), judged with
+    the tolerance of ``numpy.linalg.matrix_rank``.
+    """
+    spectrum = gram_spectrum(neurons)
+    lo, hi = float(spectrum[-1]), float(spectrum[0])
+    if hi == 0.0:
+        return torch.tensor(math.nan, dtype=torch.float64)
+    if lo <= _rank_tolerance(neurons, spectrum):
+        return torch.tensor(math.inf, dtype=torch.float64)
+    return torch.tensor(hi / lo, dtype=torch.float64)
+
+
+def _check_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 180:
+        raise ValueError(f"duplicate threshold must be an angle in degrees in [0, 180], got {threshold!r}")
+
+
+def _quantile_key(q: float) -> str:
+    return f"angle_p{100.0 * q:g}".replace(".", "_")
+
+
+@dataclass
+class DiversityProfile:
+    """The result of :func:`diversity_profile`: scalar ``metrics`` plus the angle histogram."""
+
+    metrics: dict[str, float]
+    histogram: Tensor
+    edges: Tensor
+    pairs: int
+    angle_sum: float
+    angle_sq_sum: float
+    min_angle: float
+    max_angle: float
+
+
+def diversity_profile(
+    neurons: Tensor,
+    *,
+    metrics: Sequence[str] | None = None,
+    half_space: bool = False,
+    duplicate_threshold: float = 1.0,
+    quantiles: Sequence[float] = _DEFAULT_QUANTILES,
+    bins: int | Tensor | Sequence[float] = 18,
+    power: float = 2.0,
+    distance: Literal["euclidean", "angular"] = "euclidean",
+    t: float = 2.0,
+    chunk_size: int | None = None,
+) -> DiversityProfile:
+    """:func:`diversity_summary` plus the pairwise-angle histogram, from one pass over the pairs.
+
+    The histogram's ``pairs``, ``angle_sum``, ``angle_sq_sum``, ``min_angle`` and ``max_angle``
+    are what TensorBoard's raw histograms need.
+    """
+    wanted = tuple(DIVERSITY_METRICS if metrics is None else metrics)
+    unknown = [m for m in wanted if m not in DIVERSITY_METRICS]
+    if unknown:
+        raise ValueError(f"unknown diversity metric(s) {unknown}; choose from {list(DIVERSITY_METRICS)}")
+    _check_threshold(duplicate_threshold)
+    qs = _check_quantiles(quantiles)
+    stats = angle_statistics(neurons, half_space=half_space, bins=bins, chunk_size=chunk_size)
+    values: dict[str, float] = {}
+    for name in wanted:
+        if name == "min_angle":
+            values[name] = stats.min_angle
+        elif name == "mean_nn_angle":
+            values[name] = stats.mean_nn_angle
+        elif name == "mean_angle":
+            values[name] = stats.mean_angle
+        elif name == "coherence":
+            values[name] = stats.coherence
+        elif name == "duplicates":
+            values[name] = float(stats.duplicates(duplicate_threshold))
+        elif name == "energy":
+            energy = hyperspherical_energy(
+                neurons.detach(), power=power, distance=distance, half_space=half_space, chunk_size=chunk_size
+            )
+            values[name] = float(energy)
+        elif name == "uniformity":
+            values[name] = float(uniformity(neurons.detach(), t=t, half_space=half_space, chunk_size=chunk_size))
+        elif name == "effective_rank":
+            values[name] = float(effective_rank(neurons.detach()))
+        elif name == "condition_number":
+            values[name] = float(gram_condition_number(neurons.detach()))
+    for q, value in zip(qs, stats.quantiles(qs), strict=True):
+        values[_quantile_key(q)] = value
+    return DiversityProfile(
+        metrics=values,
+        histogram=stats.histogram,
+        edges=stats.edges,
+        pairs=stats.pairs,
+        angle_sum=stats.angle_sum,
+        angle_sq_sum=stats.angle_sq_sum,
+        min_angle=stats.min_angle,
+        max_angle=stats.max_angle,
+    )
+
+
+def diversity_summary(
+    neurons: Tensor,
+    *,
+    metrics: Sequence[str] | None = None,
+    half_space: bool = False,
+    duplicate_threshold: float = 1.0,
+    quantiles: Sequence[float] = _DEFAULT_QUANTILES,
+    power: float = 2.0,
+    distance: Literal["euclidean", "angular"] = "euclidean",
+    t: float = 2.0,
+    chunk_size: int | None = None,
+) -> dict[str, float]:
+    """Every diversity metric of one layer's neurons (``[n, d]``) as plain floats.
+
+    Keys (see the module docstring for the formulas): ``min_angle``, ``mean_nn_angle``,
+    ``mean_angle`` (degrees), ``coherence``, ``duplicates`` (nearest-neighbour angle below
+    ``duplicate_threshold`` degrees), ``energy`` (:func:`~lightning_hsu.functional.hyperspherical_energy`
+    with ``power``/``distance``; lower is more diverse, Liu et al., NeurIPS 2018), ``uniformity``
+    (:func:`~lightning_hsu.functional.uniformity` with ``t``; Wang & Isola, ICML 2020),
+    ``effective_rank`` and ``condition_number`` of the Gram matrix, then one ``angle_p<100q>`` per
+    quantile (``angle_p5``, ``angle_p50``, ``angle_p95`` by default; ``quantiles=()`` for none).
+
+    Args:
+        neurons: ``[n, d]``, rows are neurons (see :func:`~lightning_hsu.functional.neurons_of`).
+        metrics: a subset of :data:`DIVERSITY_METRICS` (``None``: all); the energy, uniformity and
+            spectrum each cost one more pass, so leaving them out saves time.
+        half_space: angles between lines (:math:`\\arccos|c|`), and the half-space energy and
+            uniformity over :math:`\\{\\pm w_i\\}`, as for hidden layers in the papers.
+        duplicate_threshold: angle in degrees under which a nearest neighbour is a duplicate.
+        quantiles: of the pairwise angles, each in [0, 1].
+        power, distance: of the energy, as for the MHE regulariser.
+        t: temperature of the uniformity.
+        chunk_size: rows per block (``None``: automatic).
+    """
+    return diversity_profile(
+        neurons,
+        metrics=metrics,
+        half_space=half_space,
+        duplicate_threshold=duplicate_threshold,
+        quantiles=quantiles,
+        bins=1,
+        power=power,
+        distance=distance,
+        t=t,
+        chunk_size=chunk_size,
+    ).metrics
