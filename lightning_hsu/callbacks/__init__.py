@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning_hsu."""
+
+from lightning_hsu.callbacks.uniformity import HypersphericalUniformity
+
+__all__ = ["HypersphericalUniformity"]

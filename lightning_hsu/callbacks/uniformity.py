@@ -1,0 +1,212 @@
+"""``HypersphericalUniformity``: the Lightning callback that adds hyperspherical penalties of
+chosen layers to the training loss, with no change to the model's code."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_hsu.engine import PenaltyEngine
+from lightning_hsu.lightning_adapter import (
+    attach,
+    attached_engines,
+    detach,
+    log_values,
+    shards_parameters,
+    wrap_training_step,
+)
+from lightning_hsu.regularizers import Regularizer
+from lightning_hsu.rules import Rule, preset_rules
+from lightning_hsu.schedules import Schedule
+
+
+class HypersphericalUniformity(Callback):
+    r"""Add :math:`\sum_{layers}\lambda\,R(W_{layer})` to the training loss.
+
+    The penalty of each selected layer is computed inside that layer's forward pass (where every
+    strategy has the full weight) and tied to its output, then added to the loss that
+    ``training_step`` returns. The gradient the model receives is that of ``loss + Σ λ·R``
+    written by hand, on single device, DDP, FSDP (1 and 2), DeepSpeed, with AMP and gradient
+    accumulation. Validation, test and predict pay nothing.
+
+    Three ways to say what to regularise (combine ``preset`` and ``rules`` if you like):
+
+    * ``HypersphericalUniformity("mhe", coefficient=1.0, options={"half_space": True})`` — one rule;
+    * ``HypersphericalUniformity(preset="mhe")`` — the papers' defaults: hidden layers half-space
+      with one coefficient, the classifier full space with its own (see :data:`~lightning_hsu.rules.PRESETS`);
+    * ``HypersphericalUniformity(rules=[Rule(...), Rule(...)])`` — full control.
+
+    With nothing given, ``preset="mhe"``.
+
+    Args:
+        regularizer: name or :class:`~lightning_hsu.regularizers.Regularizer` of a single rule.
+        coefficient: :math:`\lambda` of the single rule.
+        options: constructor options of a named ``regularizer``.
+        layers: glob patterns of the single rule (default: every Linear/Conv/ConvTranspose).
+        exclude: glob patterns the single rule leaves out.
+        rules: explicit rules.
+        preset: a key of :data:`~lightning_hsu.rules.PRESETS` (``"mhe"``, ``"mhs"``, ``"mhp"``, ...).
+        classifier: the classifier layer for ``target="hidden"/"classifier"`` rules (a module name,
+            ``"auto"`` = the last ``nn.Linear``, or ``None``).
+        schedule: coefficient schedule of the single rule (per-rule schedules go in ``Rule``).
+        every_n_steps: lazy regularisation: apply every k-th global step with k× the coefficient.
+        on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a layer's penalty is NaN/inf.
+        log: log ``hsu/penalty`` (the weighted sum) every step.
+        log_per_layer: also log ``hsu/<layer>/<rule>`` (unweighted values).
+        prog_bar: show ``hsu/penalty`` on the progress bar.
+        enabled: start enabled (toggle at run time with :attr:`enabled`).
+    """
+
+    def __init__(
+        self,
+        regularizer: str | Regularizer | None = None,
+        coefficient: float = 1.0,
+        options: dict[str, Any] | None = None,
+        layers: list[str] | None = None,
+        exclude: list[str] | None = None,
+        rules: Sequence[Rule] | None = None,
+        preset: str | None = None,
+        classifier: str | None = "auto",
+        schedule: Schedule | None = None,
+        every_n_steps: int = 1,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
+        log: bool = True,
+        log_per_layer: bool = True,
+        prog_bar: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        all_rules: list[Rule] = []
+        if preset is not None:
+            all_rules.extend(preset_rules(preset))
+        if regularizer is not None:
+            all_rules.append(
+                Rule(
+                    regularizer,
+                    coefficient,
+                    options=dict(options or {}),
+                    layers=layers,
+                    exclude=list(exclude or []),
+                    schedule=schedule,
+                )
+            )
+        elif options or layers or exclude or schedule is not None:
+            raise ValueError(
+                "`options`, `layers`, `exclude` and `schedule` describe the single rule of `regularizer`, "
+                "which is not given; pass `regularizer=` or put them in `rules`"
+            )
+        all_rules.extend(rules or [])
+        if not all_rules:
+            all_rules = preset_rules("mhe")
+        self.engine = PenaltyEngine(
+            all_rules, classifier=classifier, every_n_steps=every_n_steps, on_nonfinite=on_nonfinite
+        )
+        self.engine.enabled = bool(enabled)
+        self.log = log
+        self.log_per_layer = log_per_layer
+        self.prog_bar = prog_bar
+        self._original_training_step: Any = None
+
+    @property
+    def state_key(self) -> str:
+        labels = ",".join(r.label for r in self.engine.rules)
+        return self._generate_state_key(rules=labels)
+
+    @property
+    def enabled(self) -> bool:
+        """Switch the penalty on or off at run time (e.g. from another callback)."""
+        return self.engine.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.engine.enabled = bool(value)
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self.engine.rules
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization and shards_parameters(trainer.strategy):
+            raise ValueError(
+                f"HypersphericalUniformity: manual optimisation with {type(trainer.strategy).__name__} is not "
+                "supported (weights are sharded outside forward); use automatic optimisation"
+            )
+        if not is_overridden("configure_model", pl_module):
+            # The layers exist already: every rule/layer error is raised here, before any step.
+            self.engine.bind(pl_module)
+            self._check_overlap(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model and the strategy's wrapping: bind to the modules that will run.
+        self.engine.bind(pl_module, check_weights=not shards_parameters(trainer.strategy))
+        self._check_overlap(pl_module)
+        self.engine.install_hooks()
+        attach(pl_module, self.engine)
+        had_instance_attr = "training_step" in vars(pl_module)
+        original = wrap_training_step(pl_module, self.engine, "HypersphericalUniformity")
+        self._original_training_step = (had_instance_attr, original)
+
+    def _check_overlap(self, pl_module: pl.LightningModule) -> None:
+        """Never apply one rule twice: a layer that the module's mixin already regularises with the
+        same regularizer is an error unless the rules are identical (then the callback drops it)."""
+        for other in attached_engines(pl_module):
+            if other is self.engine:
+                continue
+            theirs = {(b.layer_name, b.regularizer.name): b for b in other.bindings}
+            kept = []
+            for b in self.engine.bindings:
+                twin = theirs.get((b.layer_name, b.regularizer.name))
+                if twin is None:
+                    kept.append(b)
+                elif twin.rule.coefficient == b.rule.coefficient and (
+                    twin.regularizer.hparams() == b.regularizer.hparams()
+                ):
+                    warnings.warn(
+                        f"layer {b.layer_name!r} already gets {b.regularizer.name!r} from the module's own rules; "
+                        "the callback does not apply it again",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+                else:
+                    raise ValueError(
+                        f"layer {b.layer_name!r} gets {b.regularizer.name!r} both from the module's rules and from "
+                        "the HypersphericalUniformity callback, with different settings; keep one"
+                    )
+            self.engine.bindings = kept
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self.engine.remove_hooks()
+        detach(pl_module, self.engine)
+        if self._original_training_step is not None:
+            had_instance_attr, original = self._original_training_step
+            if had_instance_attr:
+                object.__setattr__(pl_module, "training_step", original)
+            else:
+                object.__delattr__(pl_module, "training_step")
+            self._original_training_step = None
+
+    # -- per step ---------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.log:
+            log_values(pl_module, self.engine, per_layer=self.log_per_layer, prog_bar=self.prog_bar)
+
+    # -- checkpoint -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = self.engine.state_dict()
+        return {"regularizers": state, "enabled": self.engine.enabled} if state else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state_dict.get("regularizers", {}))
+        if "enabled" in state_dict:
+            self.engine.enabled = bool(state_dict["enabled"])

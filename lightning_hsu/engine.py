@@ -1,0 +1,317 @@
+"""The engine shared by the callback and the mixin: per-layer penalties, computed where the
+weights are materialised and tied to the layer's output. Pure PyTorch (no Lightning import).
+
+Why a forward hook and a tie (see ``shared/LIGHTNING_NOTES.md``): under FSDP and DeepSpeed ZeRO-3
+a layer's full weight exists only inside its forward and again in its backward. The hook computes
+:math:`\\lambda R(W)` inside the forward, and :class:`_Tie` makes the penalty's backward wait for the
+gradient of the layer's output, i.e. until the strategy has gathered the weight again. Since the
+penalty is added to the loss itself, loss scaling (fp16 GradScaler), the division by
+``accumulate_grad_batches`` and DDP's gradient all-reduce treat it exactly like the data loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_hsu.functional.neurons import neurons_of
+from lightning_hsu.rules import Binding, Rule, find_classifier, resolve_rules
+
+OnNonFinite = Literal["raise", "skip"]
+
+
+class NonFinitePenaltyError(FloatingPointError):
+    """A layer's penalty was NaN or inf; raised before it can reach the weights."""
+
+
+class _Tie(torch.autograd.Function):
+    """Identity on ``(output, penalty)`` whose backward needs the output's gradient.
+
+    The output is cloned rather than returned as a view so that an in-place op after the layer
+    (``ReLU(inplace=True)``) stays legal.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: Tensor, penalty: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return output.clone(), penalty.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor, grad_penalty: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return grad_output, grad_penalty
+
+
+def _first_tensor(output: Any) -> tuple[Tensor | None, Any]:
+    """The first tensor of a module output, and a function that puts a replacement back."""
+    if isinstance(output, Tensor):
+        return output, lambda new: new
+    if isinstance(output, (tuple, list)):
+        for i, item in enumerate(output):
+            if isinstance(item, Tensor):
+                return item, lambda new, i=i: type(output)([*output[:i], new, *output[i + 1 :]])
+    return None, None
+
+
+@dataclass
+class StepRecord:
+    """What the engine computed during one training step."""
+
+    step: int
+    pending: list[Tensor] = field(default_factory=list)
+    values: dict[str, float] = field(default_factory=dict)
+    weighted: dict[str, float] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+    consumed: bool = False
+
+
+class PenaltyEngine:
+    """Per-layer hyperspherical penalties for a model, from a list of :class:`~lightning_hsu.rules.Rule`.
+
+    Life cycle: :meth:`bind` (resolve layers, validate), :meth:`install_hooks`, then for each
+    training step :meth:`begin_step` → the model's forward (hooks compute tied penalties) →
+    :meth:`collect` (the sum to add to the loss) → :meth:`end_step`. :meth:`direct_penalty`
+    computes penalties from the current weights instead (manual optimisation).
+
+    Args:
+        rules: the rules.
+        classifier: the classifier layer for ``target="hidden"/"classifier"`` rules: a module
+            name, ``"auto"`` (the last ``nn.Linear``) or ``None``.
+        every_n_steps: apply on every k-th global step only, with the coefficient multiplied by
+            k so that the expected gradient is unchanged (lazy regularisation).
+        on_nonfinite: ``"raise"`` a :class:`NonFinitePenaltyError` naming the layer and step, or
+            ``"skip"`` that layer's penalty for the step (with a warning).
+    """
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        classifier: str | None = "auto",
+        every_n_steps: int = 1,
+        on_nonfinite: OnNonFinite = "raise",
+    ) -> None:
+        if not rules:
+            raise ValueError("at least one rule is needed")
+        for index, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                raise TypeError(f"rule {index} must be a lightning_hsu.Rule, got {type(rule).__name__}")
+            rule.validate(index)
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}")
+        self.rules = list(rules)
+        self.classifier = classifier
+        self.every_n_steps = every_n_steps
+        self.on_nonfinite = on_nonfinite
+        self.enabled = True
+        self.bindings: list[Binding] = []
+        self.classifier_name: str | None = None
+        self._handles: list[Any] = []
+        self._record: StepRecord | None = None
+        self._pending_state: dict[str, Any] = {}
+        #: Penalty values of the last step per binding key, before and after the coefficient.
+        self.last_values: dict[str, float] = {}
+        self.last_weighted: dict[str, float] = {}
+        #: Calls of the manual-optimisation helper (to warn when it is never called).
+        self.manual_calls = 0
+        self.warned_manual = False
+
+    # -- binding ----------------------------------------------------------------------------------
+    def bind(self, root: nn.Module, *, check_weights: bool = True) -> list[Binding]:
+        """Resolve the rules on ``root``; regularizer state loaded earlier is applied here."""
+        self.classifier_name = find_classifier(root, self.classifier)
+        bindings = resolve_rules(root, self.rules, self.classifier_name, check_weights=check_weights)
+        if self.bindings:
+            # Re-binding after the strategy wrapped the model: keep each layer's regularizer state.
+            old = {b.key: b.regularizer for b in self.bindings}
+            for b in bindings:
+                if b.key in old:
+                    b.regularizer = old[b.key]
+        self.bindings = bindings
+        self._apply_pending_state()
+        return bindings
+
+    @property
+    def layer_names(self) -> list[str]:
+        return sorted({b.layer_name for b in self.bindings})
+
+    def coefficient(self, binding: Binding, step: int) -> float:
+        """:math:`\\lambda \\cdot \\text{schedule}(step) \\cdot k` on an active step, else 0."""
+        if not self.enabled or step % self.every_n_steps != 0:
+            return 0.0
+        return binding.rule.coefficient * binding.rule.effective_schedule(step) * self.every_n_steps
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        """Register one forward hook per regularised module (idempotent).
+
+        Hooks are prepended: after FSDP2's ``fully_shard`` its post-forward hook reshards the
+        weight, so ours must run first.
+        """
+        self.remove_hooks()
+        modules: dict[int, tuple[nn.Module, list[Binding]]] = {}
+        for b in self.bindings:
+            modules.setdefault(id(b.module), (b.module, []))[1].append(b)
+        for module, bindings in modules.values():
+            hook = self._make_hook(bindings)
+            self._handles.append(module.register_forward_hook(hook, prepend=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, bindings: list[Binding]) -> Any:
+        engine = self
+
+        @torch.compiler.disable
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            record = engine._record
+            if record is None or not torch.is_grad_enabled():
+                return None
+            todo = [b for b in bindings if id(b) not in record.done]
+            if not todo:
+                return None  # weight sharing: once per step
+            target, put_back = _first_tensor(output)
+            if target is None:
+                raise TypeError(
+                    f"layer {bindings[0].layer_name!r} returned {type(output).__name__}, which holds no tensor "
+                    "to tie the penalty to"
+                )
+            total = None
+            for b in todo:
+                record.done.add(id(b))
+                value = engine._penalty_of(b, module, record.step)
+                if value is None:
+                    continue
+                total = value if total is None else total + value
+            if total is None:
+                return None
+            tied_output, tied_total = _Tie.apply(target, total)
+            record.pending.append(tied_total)
+            return put_back(tied_output)
+
+        return hook
+
+    def _penalty_of(self, binding: Binding, module: nn.Module, step: int) -> Tensor | None:
+        coefficient = self.coefficient(binding, step)
+        if coefficient == 0.0:
+            return None
+        penalty = binding.regularizer(neurons_of(module, name=binding.layer_name), step=step)
+        value = float(penalty.detach())
+        if not math.isfinite(value):
+            message = (
+                f"the {binding.rule.label!r} penalty of layer {binding.layer_name!r} is {value} at global step "
+                f"{step}; the weights were not updated with it"
+            )
+            if self.on_nonfinite == "raise":
+                raise NonFinitePenaltyError(message + " (set on_nonfinite='skip' to skip such steps)")
+            warnings.warn(message + "; skipped (on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
+            return None
+        assert self._record is not None
+        self._record.values[binding.key] = value
+        self._record.weighted[binding.key] = coefficient * value
+        return coefficient * penalty
+
+    # -- steps ------------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Start a training step: hooks compute penalties until :meth:`end_step`."""
+        self._record = StepRecord(step)
+
+    @property
+    def in_step(self) -> bool:
+        return self._record is not None
+
+    def collect(self) -> Tensor | None:
+        """Sum of the tied penalties computed so far in this step (``None`` if there are none).
+
+        Each penalty is returned once: a second call returns only what was computed since.
+        """
+        record = self._record
+        if record is None:
+            return None
+        total: Tensor | None = None
+        for tied in record.pending:
+            total = tied if total is None else total + tied
+        record.pending = []
+        record.consumed = True
+        return total
+
+    @staticmethod
+    def _owns(module: nn.Module, wanted: set[int]) -> bool:
+        return any(id(p) in wanted for p in module.parameters())
+
+    def end_step(self) -> dict[str, float]:
+        """Close the step; return the per-binding penalty values (before coefficients)."""
+        record, self._record = self._record, None
+        if record is None:
+            return {}
+        self.last_values = dict(record.values)
+        self.last_weighted = dict(record.weighted)
+        return self.last_values
+
+    def direct_penalty(self, step: int, params: Iterable[Tensor] | None = None) -> Tensor | None:
+        """:math:`\\sum \\lambda R(W)` from the layers' current weights (no hooks, no tie).
+
+        For manual optimisation on strategies that keep whole weights on every rank (single
+        device, DDP). ``params`` restricts the sum to layers owning one of them (e.g. the
+        parameters of the optimizer about to step).
+        """
+        wanted = None if params is None else {id(p) for p in params}
+        total: Tensor | None = None
+        own_record = self._record is None
+        if own_record:
+            self._record = StepRecord(step)
+        assert self._record is not None
+        try:
+            for b in self.bindings:
+                if wanted is not None and not self._owns(b.module, wanted):
+                    continue
+                value = self._penalty_of(b, b.module, step)
+                if value is not None:
+                    total = value if total is None else total + value
+            values, weighted = dict(self._record.values), dict(self._record.weighted)
+        finally:
+            if own_record:
+                self._record = None
+        self.last_values.update(values)
+        self.last_weighted.update(weighted)
+        return total
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Regularizer state per binding key (poles, projection counters); tensors and primitives."""
+        state = {b.key: b.regularizer.state_dict() for b in self.bindings if b.regularizer.stateful}
+        state = {k: v for k, v in state.items() if v}
+        # State loaded but not yet bound (resume before the model is built) is kept, not lost.
+        for key, value in self._pending_state.items():
+            state.setdefault(key, value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending_state = dict(state)
+        if self.bindings:
+            self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        if not self._pending_state:
+            return
+        keys = {b.key: b for b in self.bindings}
+        unknown = sorted(set(self._pending_state) - set(keys))
+        if unknown:
+            warnings.warn(
+                f"hyperspherical regularizer state for {unknown} does not match any regularised layer of this "
+                "model; it is ignored",
+                UserWarning,
+                stacklevel=2,
+            )
+        for key, value in self._pending_state.items():
+            if key in keys:
+                keys[key].regularizer.load_state_dict(value)
+        self._pending_state = {}

@@ -1,0 +1,163 @@
+"""The thin Lightning layer over :class:`~lightning_hsu.engine.PenaltyEngine`, shared by the
+callback and the mixin: installing the engine on a LightningModule, wrapping ``training_step``
+so the penalty joins the loss, the manual-optimisation helper, and logging."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_hsu.engine import PenaltyEngine
+
+#: Attribute of a LightningModule holding the engines attached to it (callback and/or mixin).
+ENGINES_ATTR = "_hsu_engines"
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether the strategy keeps only shards of the weights outside forward (FSDP, ZeRO-3)."""
+    name = type(strategy).__name__
+    if "FSDP" in name or "ModelParallel" in name:
+        return True
+    if "DeepSpeed" in name:
+        return int(getattr(strategy, "config", {}).get("zero_optimization", {}).get("stage", 0)) >= 3
+    return any("FSDP" in cls.__name__ for cls in type(strategy).__mro__)
+
+
+def attached_engines(pl_module: torch.nn.Module) -> list[PenaltyEngine]:
+    return list(getattr(pl_module, ENGINES_ATTR, []))
+
+
+def attach(pl_module: torch.nn.Module, engine: PenaltyEngine) -> None:
+    engines = attached_engines(pl_module)
+    if engine not in engines:
+        engines.append(engine)
+    object.__setattr__(pl_module, ENGINES_ATTR, engines)
+
+
+def detach(pl_module: torch.nn.Module, engine: PenaltyEngine) -> None:
+    engines = [e for e in attached_engines(pl_module) if e is not engine]
+    object.__setattr__(pl_module, ENGINES_ATTR, engines)
+
+
+def add_penalty_to_output(output: Any, penalty: Tensor | None, where: str) -> Any:
+    """``training_step``'s output with ``penalty`` added to its loss (Tensor or ``{"loss": ...}``)."""
+    if penalty is None or output is None:
+        return output
+    if isinstance(output, Tensor):
+        return output + penalty.to(output.dtype)
+    if isinstance(output, dict) and isinstance(output.get("loss"), Tensor):
+        return {**output, "loss": output["loss"] + penalty.to(output["loss"].dtype)}
+    raise TypeError(
+        f"{where}: training_step returned {type(output).__name__}; the hyperspherical penalty can only be added to "
+        "a Tensor loss or a dict with a 'loss' tensor"
+    )
+
+
+def run_training_step(
+    engine: PenaltyEngine, pl_module: pl.LightningModule, step_fn: Any, args: Any, kwargs: Any, where: str
+) -> Any:
+    """Call ``step_fn`` with the engine's hooks live and add the collected penalty to its loss."""
+    trainer = pl_module._trainer
+    if engine.in_step or trainer is None:
+        return step_fn(*args, **kwargs)
+    if not pl_module.automatic_optimization:
+        calls = engine.manual_calls
+        output = step_fn(*args, **kwargs)
+        if engine.enabled and engine.manual_calls == calls and not engine.warned_manual:
+            engine.warned_manual = True
+            warnings.warn(
+                f"{where}: the module uses manual optimisation and this training step did not take the "
+                "hyperspherical penalty; add `self.hyperspherical_penalty(optimizer)` (mixin) or "
+                "`lightning_hsu.hyperspherical_penalty(self, optimizer)` to the loss you pass to manual_backward",
+                UserWarning,
+                stacklevel=3,
+            )
+        return output
+    engine.begin_step(trainer.global_step)
+    try:
+        output = step_fn(*args, **kwargs)
+        return add_penalty_to_output(output, engine.collect(), where)
+    finally:
+        engine.end_step()
+
+
+def wrap_training_step(pl_module: pl.LightningModule, engine: PenaltyEngine, where: str) -> Any:
+    """Replace ``pl_module.training_step`` on the instance by a penalty-adding wrapper; returns
+    the original (to restore). Lightning looks ``training_step`` up with ``getattr``, so the
+    instance attribute wins, also inside the DDP/FSDP wrapper's forward."""
+    original = pl_module.training_step
+
+    @functools.wraps(original)
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        return run_training_step(engine, pl_module, original, args, kwargs, where)
+
+    object.__setattr__(pl_module, "training_step", training_step)
+    return original
+
+
+def manual_penalty(
+    pl_module: pl.LightningModule, optimizer: Any = None, *, engines: list[PenaltyEngine] | None = None
+) -> Tensor:
+    """The penalty to add to a loss by hand (manual optimisation, custom loss weighting).
+
+    In automatic optimisation it returns the tied penalties the forward pass has computed so far
+    in this step (they are then not added again). In manual optimisation it computes
+    :math:`\\sum\\lambda R(W)` from the current weights, restricted to the layers whose
+    parameters ``optimizer`` (a LightningOptimizer or torch optimizer) steps.
+    """
+    engines = attached_engines(pl_module) if engines is None else engines
+    if not engines:
+        raise RuntimeError(
+            "no hyperspherical regularisation is attached to this module: add the HypersphericalUniformity "
+            "callback to the Trainer, or declare rules with HypersphericalUniformityMixin.configure_hyperspherical"
+        )
+    trainer = pl_module._trainer
+    step = trainer.global_step if trainer is not None else 0
+    params = None
+    if optimizer is not None:
+        opt = getattr(optimizer, "optimizer", optimizer)
+        params = [p for group in opt.param_groups for p in group["params"]]
+    total: Tensor | None = None
+    for engine in engines:
+        if engine.in_step:
+            if params is not None:
+                warnings.warn(
+                    "`optimizer` is ignored in automatic optimisation (one optimizer steps all parameters)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            value = engine.collect()
+        else:
+            if trainer is not None and shards_parameters(trainer.strategy):
+                raise RuntimeError(
+                    f"manual optimisation with {type(trainer.strategy).__name__}: weights are sharded outside "
+                    "forward, so the penalty cannot be computed from them; use automatic optimisation"
+                )
+            value = engine.direct_penalty(step, params)
+            engine.manual_calls += 1
+        if value is not None:
+            total = value if total is None else total + value
+    if total is None:
+        device = next(pl_module.parameters()).device
+        return torch.zeros((), device=device)
+    return total
+
+
+def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_layer: bool, prog_bar: bool) -> None:
+    """Log the last step's penalties: ``hsu/penalty`` (weighted sum) and ``hsu/<layer>/<rule>``.
+
+    Values are computed from the weights, identical on every rank, so no sync is needed.
+    """
+    values = engine.last_values
+    if not values:
+        return
+    weighted = sum(engine.last_weighted.values())
+    pl_module.log("hsu/penalty", weighted, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
+    if per_layer:
+        for key, value in values.items():
+            pl_module.log(f"hsu/{key}", value, on_step=True, on_epoch=False, batch_size=1)

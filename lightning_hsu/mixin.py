@@ -1,0 +1,135 @@
+"""``HypersphericalUniformityMixin``: hyperspherical penalties declared inside a LightningModule.
+
+For users who want the penalty in their own ``training_step`` (manual optimisation, GANs,
+custom loss weighting). It shares :class:`~lightning_hsu.engine.PenaltyEngine` with the callback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_hsu.engine import OnNonFinite, PenaltyEngine
+from lightning_hsu.lightning_adapter import attach, manual_penalty, run_training_step, shards_parameters
+from lightning_hsu.rules import Rule, preset_rules
+
+_ENGINE_ATTR = "_hsu_mixin_engine"
+
+
+def _as_rule(rule: Rule | dict[str, Any], index: int) -> Rule:
+    if isinstance(rule, Rule):
+        return rule
+    if isinstance(rule, dict):
+        try:
+            return Rule(**rule)
+        except TypeError as err:
+            raise ValueError(f"rule {index}: {err}") from None
+    raise TypeError(f"rule {index} must be a Rule or a dict of Rule fields, got {type(rule).__name__}")
+
+
+class HypersphericalUniformityMixin:
+    """Mix into a LightningModule (before ``LightningModule`` in the bases)::
+
+        class Net(HypersphericalUniformityMixin, pl.LightningModule):
+            def __init__(self, hsu_rules=({"regularizer": "mhe", "coefficient": 1.0},)):
+                super().__init__()
+                self.save_hyperparameters()
+                ...
+                self.configure_hyperspherical(rules=hsu_rules)
+
+            def training_step(self, batch, batch_idx):
+                loss = ...
+                return loss + self.hyperspherical_penalty()   # or leave it out: added for you
+
+    Rules given as plain dicts keep ``save_hyperparameters`` checkpoints loadable with
+    ``weights_only=True``. In automatic optimisation, penalties not taken with
+    :meth:`hyperspherical_penalty` are added to the returned loss; in manual optimisation call
+    :meth:`hyperspherical_penalty` (optionally per optimizer) and add it to what you backpropagate.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("training_step")
+        if step is None or getattr(step, "_hsu_wrapped", False):
+            return
+
+        @functools.wraps(step)
+        def training_step(self: Any, *args: Any, **kw: Any) -> Any:
+            engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+            if engine is None:
+                return step(self, *args, **kw)
+            self._hsu_prepare()
+            # Re-entry (a subclass calling super().training_step) is a no-op in run_training_step.
+            return run_training_step(engine, self, functools.partial(step, self), args, kw, type(self).__name__)
+
+        training_step._hsu_wrapped = True  # type: ignore[attr-defined]
+        cls.training_step = training_step  # type: ignore[attr-defined]
+
+    def configure_hyperspherical(
+        self,
+        rules: Sequence[Rule | dict[str, Any]] | None = None,
+        *,
+        preset: str | None = None,
+        classifier: str | None = "auto",
+        every_n_steps: int = 1,
+        on_nonfinite: OnNonFinite = "raise",
+    ) -> None:
+        """Declare the module's rules (validated now; layers are bound when training starts)."""
+        all_rules = preset_rules(preset) if preset is not None else []
+        all_rules += [_as_rule(r, i) for i, r in enumerate(rules or [])]
+        engine = PenaltyEngine(all_rules, classifier=classifier, every_n_steps=every_n_steps, on_nonfinite=on_nonfinite)
+        object.__setattr__(self, _ENGINE_ATTR, engine)
+        object.__setattr__(self, "_hsu_ready", False)
+
+    @property
+    def hyperspherical_engine(self) -> PenaltyEngine | None:
+        return getattr(self, _ENGINE_ATTR, None)
+
+    def _hsu_prepare(self) -> None:
+        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+        if engine is None or getattr(self, "_hsu_ready", False):
+            return
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        trainer = module._trainer
+        sharded = trainer is not None and shards_parameters(trainer.strategy)
+        if sharded and not module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__}: manual optimisation with {type(trainer.strategy).__name__} is not supported "
+                "(weights are sharded outside forward); use automatic optimisation"
+            )
+        engine.bind(module, check_weights=not sharded)
+        engine.install_hooks()
+        attach(module, engine)
+        object.__setattr__(self, "_hsu_ready", True)
+
+    def on_fit_start(self) -> None:
+        # Hooks go in before the sanity check, so a compiled forward sees them from the start.
+        self._hsu_prepare()
+        super().on_fit_start()  # type: ignore[misc]
+
+    def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:
+        """The penalty to add to the loss; see :func:`lightning_hsu.hyperspherical_penalty`."""
+        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+        if engine is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.hyperspherical_penalty(): call self.configure_hyperspherical(...) first"
+            )
+        self._hsu_prepare()
+        return manual_penalty(self, optimizer, engines=[engine])  # type: ignore[arg-type]
+
+
+def hyperspherical_penalty(pl_module: pl.LightningModule, optimizer: Any = None) -> Tensor:
+    """The penalty of every engine attached to ``pl_module`` (callback and/or mixin).
+
+    Automatic optimisation: the penalties computed so far in this step (not added again later).
+    Manual optimisation: :math:`\\sum\\lambda R(W)` of the current weights of the layers that
+    ``optimizer`` steps (all layers if ``None``). Add it to the loss you backpropagate.
+    """
+    prepare = getattr(pl_module, "_hsu_prepare", None)
+    if prepare is not None:
+        prepare()
+    return manual_penalty(pl_module, optimizer)
