@@ -51,8 +51,9 @@ class Rule:
             or a :class:`~lightning_hsu.regularizers.Regularizer` instance.
         coefficient: :math:`\\lambda` (finite, >= 0).
         options: constructor options when ``regularizer`` is a name, e.g. ``{"half_space": True}``.
-        layers: glob patterns (``fnmatch``) or exact names of modules; ``None`` = all modules of
-            ``layer_types``. Every pattern must match at least one layer.
+        layers: exact module names, or glob patterns (``fnmatch``) that select the matching modules
+            having a 2+-D ``weight``; ``None`` = all modules of ``layer_types``. Every pattern must
+            match at least one module.
         regex: a regular expression the qualified module name must match (``re.search``).
         layer_types: module class names (any class in the module's MRO counts); ``None`` =
             :data:`DEFAULT_LAYER_TYPES` (Linear, Conv*, ConvTranspose*).
@@ -179,6 +180,11 @@ def _some(modules: dict[str, nn.Module], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
+def _has_neurons(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and (weight.dim() >= 2 or type(module).__name__ in DEFAULT_LAYER_TYPES)
+
+
 def _has_trainable_weight(module: nn.Module) -> bool:
     if any(p.requires_grad for p in module.parameters(recurse=False)):
         return True
@@ -204,8 +210,12 @@ def select_layers(
         if not hits:
             raise ValueError(f"{where}: no layer matches `layers` pattern {pattern!r}; modules: {_some(modules)}")
     for name, module in modules.items():
-        if explicit and not any(fnmatch.fnmatchcase(name, p) for p in rule.layers or []):
-            continue
+        if explicit:
+            exact = name in (rule.layers or [])
+            if not exact and not any(fnmatch.fnmatchcase(name, p) for p in rule.layers or []):
+                continue
+            if not exact and not _has_neurons(module):
+                continue  # a wildcard passes over activations, norms and containers
         if not explicit and not _is_type(module, types):
             continue
         if explicit and rule.layer_types is not None and not _is_type(module, types):

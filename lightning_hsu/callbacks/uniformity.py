@@ -144,6 +144,11 @@ class HypersphericalUniformity(Callback):
             self._check_overlap(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Callbacks' on_fit_start runs before the module's: let a mixin bind its rules first so
+        # that overlaps between the two are seen.
+        prepare = getattr(pl_module, "_hsu_prepare", None)
+        if prepare is not None:
+            prepare()
         # After configure_model and the strategy's wrapping: bind to the modules that will run.
         self.engine.bind(pl_module, check_weights=not shards_parameters(trainer.strategy))
         self._check_overlap(pl_module)
