@@ -172,9 +172,9 @@ def test_logs_total_and_per_layer_penalties_to_the_logger(tmp_path):
     assert {"hsu/penalty", "hsu/conv/mhe_hidden", "hsu/hidden/mhe_hidden", "hsu/fc/mhe_classifier"} <= keys
     last = [r for r in rows if r["hsu/penalty"]][-1]
     per_layer = {k: float(last[k]) for k in keys if k.startswith("hsu/") and k != "hsu/penalty"}
-    weighted = per_layer["hsu/conv/mhe_hidden"] + per_layer["hsu/hidden/mhe_hidden"] + 10 * per_layer[
-        "hsu/fc/mhe_classifier"
-    ]
+    weighted = (
+        per_layer["hsu/conv/mhe_hidden"] + per_layer["hsu/hidden/mhe_hidden"] + 10 * per_layer["hsu/fc/mhe_classifier"]
+    )
     assert float(last["hsu/penalty"]) == pytest.approx(weighted, rel=1e-5)
 
 

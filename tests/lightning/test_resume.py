@@ -10,7 +10,10 @@ from models import TinyNet, assert_same_weights, trainer_kwargs, weights
 from lightning_hsu import HypersphericalUniformity, Rule
 
 RULES = {
-    "mhp": lambda: [Rule("mhp", 1.0, options={"half_space": True}, target="hidden"), Rule("mhp", 10.0, target="classifier")],
+    "mhp": lambda: [
+        Rule("mhp", 1.0, options={"half_space": True}, target="hidden"),
+        Rule("mhp", 10.0, target="classifier"),
+    ],
     "mhc": lambda: [Rule("mhc", 0.1, target="all")],
     "comhe": lambda: [Rule("comhe", 1.0, options={"projection_dim": 3, "projections": 4, "half_space": True})],
 }
@@ -34,9 +37,7 @@ def test_resumed_run_ends_with_the_weights_of_the_uninterrupted_run(tmp_path, ki
 
     resumed_cb = _callback(kind)
     resumed = TinyNet()
-    resumed_trainer = pl.Trainer(
-        callbacks=[resumed_cb], **trainer_kwargs(tmp_path / "b", max_steps=-1, max_epochs=2)
-    )
+    resumed_trainer = pl.Trainer(callbacks=[resumed_cb], **trainer_kwargs(tmp_path / "b", max_steps=-1, max_epochs=2))
     resumed_trainer.fit(resumed, ckpt_path=ckpt)
 
     assert_same_weights(weights(resumed), weights(full), atol=1e-6)
