@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import lightning.pytorch as pl
@@ -163,11 +164,10 @@ def test_dict_output_of_training_step_gets_the_penalty(tmp_path):
 # -- logging ---------------------------------------------------------------------------------------
 def test_logs_total_and_per_layer_penalties_to_the_logger(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
-    model, trainer = fit(tmp_path, HypersphericalUniformity(preset="mhe"), logger=logger, log_every_n_steps=1)
+    fit(tmp_path, HypersphericalUniformity(preset="mhe"), logger=logger, log_every_n_steps=1)
     logger.finalize("success")
-    import csv
-
-    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     keys = set(rows[0])
     assert {"hsu/penalty", "hsu/conv/mhe_hidden", "hsu/hidden/mhe_hidden", "hsu/fc/mhe_classifier"} <= keys
     last = [r for r in rows if r["hsu/penalty"]][-1]
