@@ -377,7 +377,10 @@ def effective_rank(neurons: Tensor) -> Tensor:
     (all neurons on one line) and :math:`\min(n, d)` (a tight frame, e.g. orthonormal neurons).
     A regular simplex of :math:`n` neurons gives :math:`n - 1`.
     """
-    spectrum = gram_spectrum(neurons)
+    return _effective_rank_of(gram_spectrum(neurons))
+
+
+def _effective_rank_of(spectrum: Tensor) -> Tensor:
     total = spectrum.sum()
     if float(total) == 0.0:
         return torch.tensor(math.nan, dtype=torch.float64)
@@ -395,7 +398,10 @@ def gram_condition_number(neurons: Tensor) -> Tensor:
     neurons are linearly dependent (e.g. a regular simplex of :math:`n \le d` neurons), judged with
     the tolerance of ``numpy.linalg.matrix_rank``.
     """
-    spectrum = gram_spectrum(neurons)
+    return _condition_number_of(gram_spectrum(neurons), neurons)
+
+
+def _condition_number_of(spectrum: Tensor, neurons: Tensor) -> Tensor:
     lo, hi = float(spectrum[-1]), float(spectrum[0])
     if hi == 0.0:
         return torch.tensor(math.nan, dtype=torch.float64)
@@ -453,6 +459,7 @@ def diversity_profile(
     qs = _check_quantiles(quantiles)
     stats = angle_statistics(neurons, half_space=half_space, bins=bins, chunk_size=chunk_size)
     values: dict[str, float] = {}
+    spectrum = gram_spectrum(neurons.detach()) if {"effective_rank", "condition_number"} & set(wanted) else None
     for name in wanted:
         if name == "min_angle":
             values[name] = stats.min_angle
@@ -472,9 +479,9 @@ def diversity_profile(
         elif name == "uniformity":
             values[name] = float(uniformity(neurons.detach(), t=t, half_space=half_space, chunk_size=chunk_size))
         elif name == "effective_rank":
-            values[name] = float(effective_rank(neurons.detach()))
+            values[name] = float(_effective_rank_of(spectrum))
         elif name == "condition_number":
-            values[name] = float(gram_condition_number(neurons.detach()))
+            values[name] = float(_condition_number_of(spectrum, neurons))
     for q, value in zip(qs, stats.quantiles(qs), strict=True):
         values[_quantile_key(q)] = value
     return DiversityProfile(
