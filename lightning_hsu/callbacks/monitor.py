@@ -1,0 +1,417 @@
+"""``NeuronDiversityMonitor``: log how diverse each layer's neurons are while a model trains.
+
+In the spirit of Lightning's ``LearningRateMonitor``: it writes to every attached logger directly
+(``logger.log_metrics``), not through ``self.log``, so it can run at epoch end and never mixes its
+numbers into the user's logged metrics. It works with or without the
+:class:`~lightning_hsu.callbacks.uniformity.HypersphericalUniformity` regulariser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_hsu.functional.diversity import DIVERSITY_METRICS, DiversityMetric, DiversityProfile, diversity_profile
+from lightning_hsu.functional.neurons import neurons_of, transpose_conv_neurons
+
+#: Class-name globs selected by default: ``Linear``, every ``Conv*`` (incl. ``ConvTranspose*``).
+DEFAULT_LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv*")
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+_QUANTILES = (0.05, 0.5, 0.95)
+
+
+def _clean(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_checkpoint_wrapped_module")
+
+
+def _fsdp1_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
+
+
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        from torch.distributed._tensor import DTensor
+    return DTensor
+
+
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _fsdp1_owner(root: nn.Module, path: str, root_wrapper: nn.Module | None, fsdp1: type) -> nn.Module | None:
+    """The FSDP1 unit whose flat parameter holds the weight at ``path``: the nearest wrapping unit,
+    else the wrapper of the whole LightningModule (``trainer.strategy.model``)."""
+    parts = path.split(".") if path else []
+    for depth in range(len(parts), -1, -1):
+        candidate = root.get_submodule(".".join(parts[:depth]))
+        if isinstance(candidate, fsdp1):
+            return candidate
+    return root_wrapper if isinstance(root_wrapper, fsdp1) else None
+
+
+def _units(
+    root: nn.Module, layers: Sequence[tuple[str, str]], root_wrapper: nn.Module | None
+) -> list[tuple[nn.Module | None, list[tuple[str, str]]]]:
+    """Group ``(name, path)`` layers by their FSDP1 unit (``None``: not FSDP1-sharded), in first-seen order."""
+    fsdp1 = _fsdp1_class()
+    groups: dict[int, tuple[nn.Module | None, list[tuple[str, str]]]] = {}
+    for name, path in layers:
+        owner = _fsdp1_owner(root, path, root_wrapper, fsdp1) if fsdp1 is not None else None
+        groups.setdefault(id(owner), (owner, []))[1].append((name, path))
+    return list(groups.values())
+
+
+@contextlib.contextmanager
+def _summoned(owner: nn.Module | None) -> Iterator[None]:
+    """Full parameters of one FSDP1 unit, read-only (``writeback=False``), not of its children."""
+    if owner is None:
+        yield
+        return
+    fsdp1 = _fsdp1_class()
+    assert fsdp1 is not None
+    with fsdp1.summon_full_params(owner, writeback=False, recurse=False):
+        yield
+
+
+class NeuronDiversityMonitor(Callback):
+    r"""Log per-layer neuron-diversity metrics to every logger, every N steps and/or at epoch end.
+
+    For each selected layer the neurons (:func:`~lightning_hsu.functional.neurons_of`) are scored
+    by :func:`~lightning_hsu.functional.diversity.diversity_profile`: minimum, mean
+    nearest-neighbour and mean pairwise angle (degrees), coherence :math:`\max_{i\ne j}|c_{ij}|`,
+    near-duplicates, hyperspherical energy (Liu et al., NeurIPS 2018), uniformity (Wang & Isola,
+    ICML 2020), effective rank and condition number of the Gram matrix. What each logger gets:
+
+    - every logger: the scalars ``hsu/<layer>/<metric>`` via ``log_metrics(..., step=global_step)``;
+    - loggers whose ``experiment`` has ``add_histogram_raw`` (TensorBoard): the histogram of the
+      pairwise angles as ``hsu/<layer>/angles``;
+    - loggers with figures (TensorBoard ``add_figure``, W&B ``log_image``): one figure of all layers'
+      angle distributions as ``hsu/angle_distributions``;
+    - loggers with neither (CSV): the angle quantiles ``hsu/<layer>/angle_p5``, ``angle_p50``,
+      ``angle_p95`` in place of the histogram (``log_quantiles=True`` sends them everywhere).
+
+    Distributed: weights sharded by FSDP1 are gathered one FSDP unit at a time with
+    ``summon_full_params(unit, writeback=False, recurse=False)``, FSDP2 ``DTensor`` weights with
+    ``full_tensor()``; both on every rank (they are collectives). Metrics are computed and written
+    on global rank 0 only. DeepSpeed ZeRO-3 partitioned weights are not gathered (not supported).
+
+    Args:
+        layers: glob patterns on module names (as in ``named_modules()``, wrapper segments such as
+            ``_fsdp_wrapped_module`` removed); ``None`` selects every layer of ``layer_types``.
+            Each pattern must match a layer.
+        exclude: glob patterns of module names to leave out; each must match a layer.
+        layer_types: module classes, or globs on class names matched against the class and its
+            bases (default ``("Linear", "Conv*")``: ``Linear``, ``Conv1-3d``, ``ConvTranspose1-3d``
+            and their subclasses). Only modules with a 2+-D tensor ``weight`` are considered.
+        every_n_steps: log when ``global_step`` is a multiple of it (``None``: not during the epoch).
+        log_at_epoch_end: also log at the end of every training epoch.
+        metrics: a subset of :data:`~lightning_hsu.functional.diversity.DIVERSITY_METRICS`
+            (``None``: all). The energy, uniformity and spectrum each cost one more pass.
+        half_space: angles between lines, :math:`\min(\theta, 180^\circ - \theta)`, and half-space
+            energy/uniformity, as for hidden layers in the papers.
+        histogram_bins: bins of the angle histograms over :math:`[0, 180]` (:math:`[0, 90]`).
+        duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
+        log_histograms: send histograms to loggers that support them.
+        log_figures: send the distribution figure to loggers that support figures (rendering
+            costs a fraction of a second per event).
+        log_quantiles: ``None`` (default): quantiles only to loggers without histograms;
+            ``True``: to every logger; ``False``: never.
+        chunk_size: rows per block of the pairwise pass (``None``: automatic).
+        prefix: first component of every key.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        layer_types: Sequence[str | type[nn.Module]] = DEFAULT_LAYER_TYPES,
+        every_n_steps: int | None = None,
+        log_at_epoch_end: bool = True,
+        metrics: Sequence[DiversityMetric] | None = None,
+        half_space: bool = False,
+        histogram_bins: int = 36,
+        duplicate_threshold: float = 1.0,
+        log_histograms: bool = True,
+        log_figures: bool = True,
+        log_quantiles: bool | None = None,
+        chunk_size: int | None = None,
+        prefix: str = "hsu",
+    ) -> None:
+        super().__init__()
+        self.layers = None if layers is None else list(layers)
+        self.exclude = list(exclude or [])
+        self.layer_types = tuple(layer_types)
+        self.every_n_steps = every_n_steps
+        self.log_at_epoch_end = log_at_epoch_end
+        self.metrics = None if metrics is None else list(metrics)
+        self.half_space = half_space
+        self.histogram_bins = histogram_bins
+        self.duplicate_threshold = duplicate_threshold
+        self.log_histograms = log_histograms
+        self.log_figures = log_figures
+        self.log_quantiles = log_quantiles
+        self.chunk_size = chunk_size
+        self.prefix = prefix
+        self._check_options()
+        self._selected: list[tuple[str, str]] = []  # (clean name, path in the wrapped module)
+        self._last_step: int | None = None
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _check_options(self) -> None:
+        def fail(option: str, message: str) -> None:
+            raise ValueError(f"NeuronDiversityMonitor: `{option}` {message}")
+
+        if self.every_n_steps is not None and (
+            isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1
+        ):
+            fail("every_n_steps", f"must be a positive integer or None, got {self.every_n_steps!r}")
+        if self.every_n_steps is None and not self.log_at_epoch_end:
+            fail("every_n_steps", "is None and `log_at_epoch_end` is False: the monitor would never log")
+        if self.metrics is not None:
+            unknown = [m for m in self.metrics if m not in DIVERSITY_METRICS]
+            if unknown:
+                fail("metrics", f"has unknown name(s) {unknown}; choose from {list(DIVERSITY_METRICS)}")
+        if isinstance(self.histogram_bins, bool) or not isinstance(self.histogram_bins, int) or self.histogram_bins < 1:
+            fail("histogram_bins", f"must be a positive integer, got {self.histogram_bins!r}")
+        threshold = self.duplicate_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 180:
+            fail("duplicate_threshold", f"must be an angle in degrees in [0, 180], got {threshold!r}")
+        if not self.layer_types:
+            fail("layer_types", "is empty: no layer could be selected")
+        for t in self.layer_types:
+            if not (isinstance(t, str) or (isinstance(t, type) and issubclass(t, nn.Module))):
+                fail("layer_types", f"entries must be nn.Module classes or class-name globs, got {t!r}")
+        for option, patterns in (("layers", self.layers or []), ("exclude", self.exclude)):
+            for p in patterns:
+                if not isinstance(p, str) or not p:
+                    fail(option, f"entries must be non-empty glob strings, got {p!r}")
+        if not isinstance(self.prefix, str) or not self.prefix:
+            fail("prefix", f"must be a non-empty string, got {self.prefix!r}")
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
+        ):
+            fail("chunk_size", f"must be a positive integer or None, got {self.chunk_size!r}")
+
+    def _type_matches(self, module: nn.Module) -> bool:
+        for t in self.layer_types:
+            if isinstance(t, type):
+                if isinstance(module, t):
+                    return True
+            elif any(fnmatch.fnmatchcase(cls.__name__, t) for cls in type(module).__mro__):
+                return True
+        return False
+
+    def _candidates(self, root: nn.Module, root_wrapper: nn.Module | None) -> dict[str, str]:
+        """Clean name → path of every module of a selected type with a 2+-D tensor weight.
+
+        Under FSDP1 a weight is a flat shard outside forward, so its shape is read inside its unit's
+        ``summon_full_params`` (a collective: every rank runs this in the same order).
+        """
+        typed: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for path, module in root.named_modules():
+            if _is_wrapper(module) or not self._type_matches(module):
+                continue
+            name = _clean(path)
+            if name not in seen:
+                seen.add(name)
+                typed.append((name, path))
+        out: dict[str, str] = {}
+        for owner, members in _units(root, typed, root_wrapper):
+            with _summoned(owner):
+                for name, path in members:
+                    weight = getattr(root.get_submodule(path), "weight", None)
+                    if isinstance(weight, Tensor) and weight.dim() >= 2:
+                        out[name] = path
+        return out
+
+    def _resolve(self, root: nn.Module, root_wrapper: nn.Module | None = None) -> list[tuple[str, str]]:
+        candidates = self._candidates(root, root_wrapper)
+        names = list(candidates)
+        for option, patterns in (("layers", self.layers or []), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not fnmatch.filter(names, pattern):
+                    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+                    raise ValueError(
+                        f"NeuronDiversityMonitor: `{option}` pattern {pattern!r} matches no layer of the selected "
+                        f"types {list(map(str, self.layer_types))}; layers are: {shown or '(none)'}"
+                    )
+        selected = [
+            (name, path)
+            for name, path in candidates.items()
+            if (self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers))
+            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        ]
+        if not selected:
+            raise ValueError(
+                "NeuronDiversityMonitor: no layer selected (check `layers`, `exclude` and `layer_types`); "
+                f"candidates were: {', '.join(names) or '(none)'}"
+            )
+        return selected
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise ValueError(
+                "NeuronDiversityMonitor: the Trainer has no logger (`logger=False`); attach one, e.g. CSVLogger"
+            )
+        self._check_options()
+        # Layers built in `configure_model` do not exist yet: they are resolved in `on_fit_start`.
+        if not is_overridden("configure_model", pl_module):
+            self._selected = self._resolve(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the strategy wrapped the model (FSDP1 inserts wrapper modules): paths change.
+        self._selected = self._resolve(pl_module, trainer.strategy.model)
+        self._last_step = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is not None and step % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_at_epoch_end:
+            self._log(trainer, pl_module)
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # epoch end right after a step event: same weights, same step
+            return
+        self._last_step = step
+        profiles: dict[str, DiversityProfile] = {}
+        for name, neurons in self._gathered_neurons(trainer, pl_module):
+            if not trainer.is_global_zero:
+                continue
+            if not bool(torch.isfinite(neurons).all()):
+                rank_zero_warn(f"NeuronDiversityMonitor: layer '{name}' has non-finite weights; its metrics are NaN")
+                profiles[name] = self._nan_profile()
+                continue
+            profiles[name] = diversity_profile(
+                neurons,
+                metrics=self.metrics,
+                half_space=self.half_space,
+                duplicate_threshold=self.duplicate_threshold,
+                quantiles=_QUANTILES,
+                bins=self.histogram_bins,
+                chunk_size=self.chunk_size,
+            )
+        if trainer.is_global_zero and profiles:
+            for logger in trainer.loggers:
+                self._write(logger, profiles, step)
+
+    def _nan_profile(self) -> DiversityProfile:
+        names = list(DIVERSITY_METRICS if self.metrics is None else self.metrics)
+        names += [f"angle_p{100 * q:g}" for q in _QUANTILES]
+        top = 90.0 if self.half_space else 180.0
+        return DiversityProfile(
+            metrics={n: math.nan for n in names},
+            histogram=torch.zeros(self.histogram_bins, dtype=torch.int64),
+            edges=torch.linspace(0.0, top, self.histogram_bins + 1),
+            pairs=0,
+            angle_sum=0.0,
+            angle_sq_sum=0.0,
+            min_angle=math.nan,
+            max_angle=math.nan,
+        )
+
+    def _gathered_neurons(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[tuple[str, Tensor]]:
+        """Yield ``(name, neurons)`` of every selected layer, running any gather on every rank.
+
+        Every rank walks the same layers in the same order, so the collectives match. Ranks other
+        than 0 receive gathered neurons too (and ignore them); where the weight is whole on every
+        rank (single device, DDP) they receive nothing.
+        """
+        dtensor = _dtensor_class()
+        for owner, members in _units(pl_module, self._selected, trainer.strategy.model):
+            # The consumer works on the neurons while the unit is summoned: no copy is needed.
+            with _summoned(owner):
+                for name, path in members:
+                    module = pl_module.get_submodule(path)
+                    weight = getattr(module, "weight", None)
+                    if dtensor is not None and isinstance(weight, dtensor):
+                        full = weight.detach().full_tensor()
+                        if isinstance(module, _CONV_TRANSPOSE):
+                            yield name, transpose_conv_neurons(full, module.groups)
+                        else:
+                            yield name, neurons_of(full, name=name)
+                    elif owner is not None or trainer.is_global_zero:
+                        yield name, neurons_of(module, name=name).detach()
+
+    def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int) -> None:
+        experiment = getattr(logger, "experiment", None)
+        add_histogram_raw = getattr(experiment, "add_histogram_raw", None) if self.log_histograms else None
+        takes_histograms = callable(getattr(experiment, "add_histogram_raw", None))
+        with_quantiles = self.log_quantiles if self.log_quantiles is not None else not takes_histograms
+        scalars: dict[str, float] = {}
+        for name, profile in profiles.items():
+            for key, value in profile.metrics.items():
+                if key.startswith("angle_p") and not with_quantiles:
+                    continue
+                scalars[f"{self.prefix}/{name}/{key}"] = value
+        logger.log_metrics(scalars, step=step)
+        if callable(add_histogram_raw):
+            for name, profile in profiles.items():
+                if profile.pairs == 0:
+                    continue
+                add_histogram_raw(
+                    tag=f"{self.prefix}/{name}/angles",
+                    min=profile.min_angle,
+                    max=profile.max_angle,
+                    num=profile.pairs,
+                    sum=profile.angle_sum,
+                    sum_squares=profile.angle_sq_sum,
+                    bucket_limits=profile.edges[1:].tolist(),
+                    bucket_counts=profile.histogram.tolist(),
+                    global_step=step,
+                )
+        if self.log_figures:
+            self._write_figure(logger, experiment, profiles, step)
+
+    def _write_figure(self, logger: Logger, experiment: Any, profiles: dict[str, DiversityProfile], step: int) -> None:
+        add_figure = getattr(experiment, "add_figure", None)
+        log_image = getattr(logger, "log_image", None)
+        if not callable(add_figure) and not callable(log_image):
+            return
+        from lightning_hsu.report import figure_to_rgb, plot_angle_distributions
+
+        space = "half-space" if self.half_space else "full space"
+        fig = plot_angle_distributions(
+            {name: {"": (p.histogram, p.edges)} for name, p in profiles.items()},
+            title=f"Pairwise angles ({space}), step {step}",
+        )
+        tag = f"{self.prefix}/angle_distributions"
+        if callable(add_figure):
+            add_figure(tag, fig, global_step=step, close=False)
+        else:
+            log_image(key=tag, images=[figure_to_rgb(fig)], step=step)
