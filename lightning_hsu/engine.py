@@ -11,7 +11,6 @@ penalty is added to the loss itself, loss scaling (fp16 GradScaler), the divisio
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,13 @@ from lightning_hsu.functional.neurons import neurons_of
 from lightning_hsu.rules import Binding, Rule, find_classifier, resolve_rules
 
 OnNonFinite = Literal["raise", "skip"]
+
+
+def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    if not values:
+        return {}
+    flat = torch.stack([v.reshape(()).float().cpu() for v in values.values()]).tolist()
+    return dict(zip(values, flat, strict=True))
 
 
 class NonFinitePenaltyError(FloatingPointError):
@@ -63,8 +69,9 @@ class StepRecord:
 
     step: int
     pending: list[Tensor] = field(default_factory=list)
-    values: dict[str, float] = field(default_factory=dict)
-    weighted: dict[str, float] = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
+    weighted: dict[str, Tensor] = field(default_factory=dict)
+    checked: int = 0
     done: set[int] = field(default_factory=set)
     consumed: bool = False
 
@@ -115,9 +122,10 @@ class PenaltyEngine:
         self._handles: list[Any] = []
         self._record: StepRecord | None = None
         self._pending_state: dict[str, Any] = {}
-        #: Penalty values of the last step per binding key, before and after the coefficient.
-        self.last_values: dict[str, float] = {}
-        self.last_weighted: dict[str, float] = {}
+        # Penalty values of the last step per binding key, before and after the coefficient, kept
+        # as detached tensors: converting each to a float would synchronise the GPU once per layer.
+        self._last_values: dict[str, Tensor] = {}
+        self._last_weighted: dict[str, Tensor] = {}
         #: Calls of the manual-optimisation helper (to warn when it is never called).
         self.manual_calls = 0
         self.warned_manual = False
@@ -204,20 +212,45 @@ class PenaltyEngine:
         if coefficient == 0.0:
             return None
         penalty = binding.regularizer(neurons_of(module, name=binding.layer_name), step=step)
-        value = float(penalty.detach())
-        if not math.isfinite(value):
-            message = (
-                f"the {binding.rule.label!r} penalty of layer {binding.layer_name!r} is {value} at global step "
-                f"{step}; the weights were not updated with it"
+        value = penalty.detach()
+        if self.on_nonfinite == "skip" and not bool(torch.isfinite(value)):
+            warnings.warn(
+                self._nonfinite_message(binding, value, step) + "; skipped (on_nonfinite='skip')",
+                RuntimeWarning,
+                stacklevel=2,
             )
-            if self.on_nonfinite == "raise":
-                raise NonFinitePenaltyError(message + " (set on_nonfinite='skip' to skip such steps)")
-            warnings.warn(message + "; skipped (on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
             return None
         assert self._record is not None
         self._record.values[binding.key] = value
         self._record.weighted[binding.key] = coefficient * value
         return coefficient * penalty
+
+    @staticmethod
+    def _nonfinite_message(binding: Binding, value: Tensor, step: int) -> str:
+        return (
+            f"the {binding.rule.label!r} penalty of layer {binding.layer_name!r} is {float(value)} at global step "
+            f"{step}; the weights were not updated with it"
+        )
+
+    def _check_finite(self, record: StepRecord) -> None:
+        """Raise :class:`NonFinitePenaltyError` naming the first non-finite layer penalty.
+
+        One check (one device synchronisation) for all the penalties computed since the last one,
+        before any of them reaches a backward pass.
+        """
+        keys = list(record.values)[record.checked :]
+        record.checked += len(keys)
+        if not keys or self.on_nonfinite != "raise":
+            return
+        values = torch.stack([record.values[k].reshape(()).float() for k in keys])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = keys[int((~torch.isfinite(values)).nonzero()[0])]
+        binding = next(b for b in self.bindings if b.key == bad)
+        raise NonFinitePenaltyError(
+            self._nonfinite_message(binding, record.values[bad], record.step)
+            + " (set on_nonfinite='skip' to skip such steps)"
+        )
 
     # -- steps ------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -236,6 +269,7 @@ class PenaltyEngine:
         record = self._record
         if record is None:
             return None
+        self._check_finite(record)
         total: Tensor | None = None
         for tied in record.pending:
             total = tied if total is None else total + tied
@@ -247,14 +281,28 @@ class PenaltyEngine:
     def _owns(module: nn.Module, wanted: set[int]) -> bool:
         return any(id(p) in wanted for p in module.parameters())
 
-    def end_step(self) -> dict[str, float]:
-        """Close the step; return the per-binding penalty values (before coefficients)."""
+    def end_step(self) -> None:
+        """Close the step; its values become :attr:`last_values`."""
         record, self._record = self._record, None
-        if record is None:
-            return {}
-        self.last_values = dict(record.values)
-        self.last_weighted = dict(record.weighted)
-        return self.last_values
+        if record is not None:
+            self._last_values = dict(record.values)
+            self._last_weighted = dict(record.weighted)
+
+    @property
+    def last_values(self) -> dict[str, float]:
+        """Penalty of each binding (``<layer>/<rule>``) in the last step, before its coefficient."""
+        return _to_floats(self._last_values)
+
+    @property
+    def last_weighted(self) -> dict[str, float]:
+        r""":math:`\lambda_{eff} R` of each binding in the last step (what the loss received)."""
+        return _to_floats(self._last_weighted)
+
+    def last_tensors(self) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The last step's values as detached tensors, and their weighted sum (no synchronisation)."""
+        weighted = list(self._last_weighted.values())
+        total = torch.stack([w.reshape(()).float() for w in weighted]).sum() if weighted else None
+        return dict(self._last_values), total
 
     def direct_penalty(self, step: int, params: Iterable[Tensor] | None = None) -> Tensor | None:
         """:math:`\\sum \\lambda R(W)` from the layers' current weights (no hooks, no tie).
@@ -276,12 +324,13 @@ class PenaltyEngine:
                 value = self._penalty_of(b, b.module, step)
                 if value is not None:
                     total = value if total is None else total + value
+            self._check_finite(self._record)
             values, weighted = dict(self._record.values), dict(self._record.weighted)
         finally:
             if own_record:
                 self._record = None
-        self.last_values.update(values)
-        self.last_weighted.update(weighted)
+        self._last_values.update(values)
+        self._last_weighted.update(weighted)
         return total
 
     # -- state ------------------------------------------------------------------------------------

@@ -153,11 +153,10 @@ def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_laye
 
     Values are computed from the weights, identical on every rank, so no sync is needed.
     """
-    values = engine.last_values
-    if not values:
+    values, total = engine.last_tensors()
+    if total is None:
         return
-    weighted = sum(engine.last_weighted.values())
-    pl_module.log("hsu/penalty", weighted, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
+    pl_module.log("hsu/penalty", total, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
     if per_layer:
         for key, value in values.items():
-            pl_module.log(f"hsu/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+            pl_module.log(f"hsu/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)
