@@ -70,9 +70,11 @@ class FeatureSampleMetric(Metric):
 
     def _stored(self) -> Tensor:
         d = int(self.dim)
-        if d == 0 or not self.rows:
+        # A list between updates; one tensor (the "cat" of every rank's rows) after a DDP sync.
+        rows = self.rows
+        if d == 0 or (isinstance(rows, list) and not rows):
             return torch.empty(0, max(d, 1), device=self.dim.device)
-        return dim_zero_cat(self.rows).to(torch.float32).reshape(-1, d)
+        return dim_zero_cat(rows).to(torch.float32).reshape(-1, d)
 
     def sample(self) -> Tensor:
         """The kept rows ``[N, d]`` (``N <= max_samples``), in the canonical (key) order."""
