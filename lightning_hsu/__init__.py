@@ -35,3 +35,7 @@ __all__ = [
 ]
 
 # -- exports added by other modules below (metrics, monitor) --
+from lightning_hsu.callbacks.monitor import NeuronDiversityMonitor
+from lightning_hsu.metrics import FeatureEnergy, FeatureMinimumAngle, FeatureUniformity
+
+__all__ += ["FeatureEnergy", "FeatureMinimumAngle", "FeatureUniformity", "NeuronDiversityMonitor"]

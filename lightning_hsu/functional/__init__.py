@@ -32,3 +32,33 @@ __all__ = [
     "soft_hyperspherical_separation",
     "uniformity",
 ]
+
+from lightning_hsu.functional.diversity import (
+    DIVERSITY_METRICS,
+    coherence,
+    diversity_profile,
+    diversity_summary,
+    effective_rank,
+    gram_condition_number,
+    mean_nearest_angle,
+    mean_pairwise_angle,
+    minimum_angle,
+    near_duplicate_count,
+    pairwise_angle_histogram,
+    pairwise_angle_quantiles,
+)
+
+__all__ += [
+    "DIVERSITY_METRICS",
+    "coherence",
+    "diversity_profile",
+    "diversity_summary",
+    "effective_rank",
+    "gram_condition_number",
+    "mean_nearest_angle",
+    "mean_pairwise_angle",
+    "minimum_angle",
+    "near_duplicate_count",
+    "pairwise_angle_histogram",
+    "pairwise_angle_quantiles",
+]
