@@ -1,0 +1,252 @@
+"""Degenerate inputs and reduced precision.
+
+Zero-norm, duplicate and antipodal neurons, n = 0, 1, 2, in fp32, bf16 and fp16: every
+regulariser gives a finite value and a finite gradient; fewer than two neurons give 0 for the
+pairwise penalties; ``arccos`` at +-1 gives no NaN. bf16/fp16 weights are promoted to float32
+(same value as the fp32 copy of the same weights), and ``torch.autocast`` does not reach the core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import lightning_hsu.functional as F
+from lightning_hsu.regularizers import MGD, MHC, MHE, MHP, MHS, RMHP, CoMHE, Uniformity
+
+D = 4
+POLE = torch.tensor([0.3, -1.2, 0.5, 0.8])
+PROJ = torch.randn(3, 3, D, generator=torch.Generator().manual_seed(0))
+
+Penalty = Callable[[torch.Tensor], torch.Tensor]
+PAIRWISE: dict[str, Penalty] = {}
+for _half in (False, True):
+    _sp = "half" if _half else "full"
+    for _p, _dist in ((0.0, "euclidean"), (1.0, "euclidean"), (2.0, "euclidean"), (1.5, "euclidean"),
+                      (0.0, "angular"), (1.0, "angular"), (2.0, "angular")):  # fmt: skip
+        PAIRWISE[f"mhe-{_dist}-{_p}-{_sp}"] = lambda w, p=_p, d=_dist, h=_half: F.hyperspherical_energy(
+            w, power=p, distance=d, half_space=h
+        )
+    PAIRWISE[f"mhs-hard-{_sp}"] = lambda w, h=_half: F.hyperspherical_separation(w, half_space=h)
+    PAIRWISE[f"mhs-soft-{_sp}"] = lambda w, h=_half: F.soft_hyperspherical_separation(w, temperature=0.1, half_space=h)
+    PAIRWISE[f"mgd-{_sp}"] = lambda w, h=_half: F.gram_determinant_penalty(w, half_space=h)
+    PAIRWISE[f"uniformity-{_sp}"] = lambda w, h=_half: F.uniformity(w, t=2.0, half_space=h)
+    PAIRWISE[f"comhe-{_sp}"] = lambda w, h=_half: F.compressive_energy(w, PROJ, half_space=h)
+
+OTHERS: dict[str, Penalty] = {
+    "rmhp": F.relaxed_polarization,
+    "mhp-full": lambda w: F.pole_energy(w, POLE),
+    "mhp-half": lambda w: F.pole_energy(w, POLE, half_space=True),
+    "mhc-full": lambda w: F.pole_covering_distance(w, POLE),
+    "mhc-half": lambda w: F.pole_covering_distance(w, POLE, half_space=True),
+}
+ALL: dict[str, Penalty] = {**PAIRWISE, **OTHERS}
+
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+
+
+def _base(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _zero_neuron() -> torch.Tensor:
+    w = _base(5)
+    w[2] = 0.0
+    return w
+
+
+def _two_zero_neurons() -> torch.Tensor:
+    w = _base(5)
+    w[1] = 0.0
+    w[3] = 0.0
+    return w
+
+
+def _duplicates() -> torch.Tensor:
+    w = _base(5)
+    w[1] = w[0]
+    return w
+
+
+def _antipodal() -> torch.Tensor:
+    w = _base(5)
+    w[1] = -w[0]
+    return w
+
+
+def _large_duplicates_and_antipodes() -> torch.Tensor:
+    # norm ~ 300: cosines within 1e-6 of +-1 even with the eps = 1e-4 normaliser
+    w = _base(6, seed=1)
+    w = 300.0 * w / w.norm(dim=1, keepdim=True)
+    w[1] = w[0]
+    w[2] = -w[0]
+    return w
+
+
+def _all_identical() -> torch.Tensor:
+    return _base(1).repeat(4, 1)
+
+
+INPUTS: dict[str, Callable[[], torch.Tensor]] = {
+    "zero-neuron": _zero_neuron,
+    "two-zero-neurons": _two_zero_neurons,
+    "duplicates": _duplicates,
+    "antipodal": _antipodal,
+    "large-norm-duplicates-antipodes": _large_duplicates_and_antipodes,
+    "all-identical": _all_identical,
+    "n=1": lambda: _base(1),
+    "n=2": lambda: _base(2),
+    "n=2-duplicate": lambda: _base(1).repeat(2, 1),
+    "n=2-antipodal": lambda: torch.cat([_base(1), -_base(1)]),
+}
+
+
+def value_and_grad(fn: Penalty, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = w.detach().clone().requires_grad_(True)
+    value = fn(x)
+    (grad,) = torch.autograd.grad(value, x)
+    return value, grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(INPUTS))
+def test_degenerate_input_gives_finite_value_and_finite_gradient_for_every_penalty(
+    case: str, dtype: torch.dtype
+) -> None:
+    w = INPUTS[case]().to(dtype)
+    failures = []
+    for name, fn in sorted(ALL.items()):
+        value, grad = value_and_grad(fn, w)
+        if value.dtype != torch.float32 or value.dim() != 0 or not torch.isfinite(value):
+            failures.append(f"{name}: value {value!r} (want a finite float32 scalar)")
+        if grad.dtype != dtype or grad.shape != w.shape:
+            failures.append(f"{name}: gradient {grad.dtype} {tuple(grad.shape)}")
+        bad = ~torch.isfinite(grad)
+        if bad.any():
+            # The only admissible non-finite entries: an fp16 weight whose exact gradient exceeds
+            # fp16's range (65504), e.g. the angular a2 energy of two duplicate neurons, whose
+            # radial gradient (through the eps normaliser) is ~9e4: the cast to fp16 overflows.
+            exact = value_and_grad(fn, w.float())[1]
+            admissible = dtype == torch.float16 and bool(torch.isfinite(exact).all())
+            if not (admissible and bool((exact[bad].abs() > 65504).all())):
+                failures.append(f"{name}: non-finite gradient {grad}")
+    assert not failures, f"{case} in {dtype}:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_neurons_give_zero_with_zero_gradient_for_every_pairwise_penalty(
+    n: int, dtype: torch.dtype
+) -> None:
+    w = _base(n).to(dtype) if n else torch.zeros(0, D, dtype=dtype)
+    for name, fn in sorted(PAIRWISE.items()):
+        value, grad = value_and_grad(fn, w)
+        assert float(value.detach()) == 0.0, name
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+
+
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("half_space", [False, True])
+def test_angular_energy_at_cosine_exactly_plus_minus_one_has_no_nan(power: float, half_space: bool) -> None:
+    # Unit-norm neurons with eps = 0 give cosines of exactly 1 and -1 (arccos' derivative is
+    # infinite there; the library clamps first).
+    e = torch.eye(3, dtype=torch.float64)
+    w = torch.stack([e[0], e[0], -e[0], e[1], e[2]])
+    x = w.clone().requires_grad_(True)
+    value = F.hyperspherical_energy(x, power=power, distance="angular", half_space=half_space, eps=0.0)
+    (grad,) = torch.autograd.grad(value, x)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+def test_duplicate_neurons_give_large_but_finite_energy() -> None:
+    w = _duplicates().double()
+    distinct = F.hyperspherical_energy(_base(5).double(), power=2.0)
+    dup = F.hyperspherical_energy(w, power=2.0)
+    assert torch.isfinite(dup) and dup > 100.0 * distinct
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_low_precision_weights_are_promoted_to_float32(name: str, dtype: torch.dtype, rtol: float) -> None:
+    w = _base(9, seed=3) * 2.0
+    fn = ALL[name]
+    low = w.to(dtype)
+    promoted = fn(low)
+    assert promoted.dtype == torch.float32
+    # exactly the fp32 computation on the same (rounded) weights ...
+    torch.testing.assert_close(promoted, fn(low.float()), rtol=1e-6, atol=1e-6)
+    # ... hence within the input rounding of the fp32 value of the unrounded weights
+    torch.testing.assert_close(promoted, fn(w), rtol=rtol, atol=rtol)
+
+
+def test_fp16_gradient_overflow_of_duplicate_pair_is_the_exact_gradient_out_of_fp16_range() -> None:
+    # Documents the one exception admitted above: the fp32 gradient is finite and simply too
+    # large for fp16; nothing is NaN and the value itself is finite.
+    w = _base(1).repeat(2, 1).half()
+    fn = PAIRWISE["mhe-angular-2.0-full"]
+    value, grad16 = value_and_grad(fn, w)
+    _, grad32 = value_and_grad(fn, w.float())
+    assert torch.isfinite(value) and torch.isfinite(grad32).all()
+    assert float(grad32.abs().max()) > torch.finfo(torch.float16).max
+    finite = torch.isfinite(grad16)
+    assert not torch.isnan(grad16).any()
+    torch.testing.assert_close(grad16[finite].float(), grad32[finite], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_autocast_bf16_forward_gives_fp32_value_and_gradient(name: str) -> None:
+    # As under Lightning's mixed precision: forward inside autocast, backward outside it.
+    fn = ALL[name]
+    w = _base(9, seed=4)
+    ref_value, ref_grad = value_and_grad(fn, w)
+    x = w.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = fn(x)
+    (grad,) = torch.autograd.grad(value, x)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_autocast_does_not_reach_the_chunked_core_even_in_backward() -> None:
+    # The pairwise core forms its gradient in the forward pass, so even a backward run inside
+    # the autocast context (not what Lightning does) is exact.
+    w = torch.randn(40, 8, generator=torch.Generator().manual_seed(5))
+    fn = lambda x: F.hyperspherical_energy(x, power=2.0, half_space=True, chunk_size=7)  # noqa: E731
+    ref_value, ref_grad = value_and_grad(fn, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value, grad = value_and_grad(fn, w)
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+OBJECTS: dict[str, Callable[[], object]] = {
+    "MHE": lambda: MHE(power=0.0, distance="angular", half_space=True),
+    "MHS-hard": lambda: MHS(half_space=True),
+    "MHS-soft": lambda: MHS(temperature=0.1),
+    "MGD": lambda: MGD(half_space=True),
+    "RMHP": RMHP,
+    "Uniformity": Uniformity,
+    "CoMHE": lambda: CoMHE(projection_dim=3, projections=2),
+    "MHP": lambda: MHP(half_space=True, inner_steps=2),
+    "MHC": lambda: MHC(half_space=True, inner_steps=2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["zero-neuron", "duplicates", "antipodal", "n=1", "n=2"])
+@pytest.mark.parametrize("name", sorted(OBJECTS))
+def test_regularizer_objects_on_degenerate_input_stay_finite(name: str, case: str, dtype: torch.dtype) -> None:
+    reg = OBJECTS[name]()
+    w = INPUTS[case]().to(dtype)
+    value, grad = value_and_grad(lambda x: reg(x, step=0), w)  # type: ignore[operator]
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    pole = getattr(reg, "pole", None)
+    if pole is not None:  # the pole's inner optimisation on degenerate neurons stays finite too
+        assert torch.isfinite(pole).all()
