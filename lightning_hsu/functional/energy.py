@@ -22,12 +22,22 @@ from lightning_hsu.functional.pairwise import pair_count, pairwise_kernel_sum
 Distance = Literal["euclidean", "angular"]
 
 
-def mean_pair_kernel(unit: Tensor, kernel: PairKernel, *, half_space: bool, chunk_size: int | None) -> Tensor:
-    """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2."""
+def mean_pair_kernel(
+    unit: Tensor,
+    kernel: PairKernel,
+    *,
+    half_space: bool,
+    chunk_size: int | None,
+    shard: tuple[int, int] | None = None,
+) -> Tensor:
+    """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2.
+
+    With ``shard`` it is this rank's share (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+    """
     n = unit.shape[1]
     if n < 2:
         return unit.sum((1, 2)) * 0.0
-    total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size)
+    total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
     return total / pair_count(n, half_space)
 
 
@@ -40,6 +50,7 @@ def hyperspherical_energy(
     half_space: bool = False,
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
     r"""Hyperspherical energy of the neurons (rows) of ``neurons``.
 
@@ -53,6 +64,9 @@ def hyperspherical_energy(
             :math:`n\times n` Gram matrix (never by concatenation).
         eps: normaliser :math:`\hat w = w/\sqrt{\lVert w\rVert^2+\epsilon}` (official 1e-4).
         chunk_size: rows per block; ``None`` picks dense up to 4096 neurons, then blocks.
+        shard: ``(rank, world_size)``: this rank's share of the pairs; the shares' values and
+            gradients sum to the full ones. Under DDP/FSDP (which average gradients) multiply by
+            ``world_size`` (:func:`~lightning_hsu.functional.pairwise.sharded_scale`).
 
     Returns:
         The mean pair energy (a scalar, or ``[batch]``); 0 for fewer than two neurons.
@@ -64,5 +78,5 @@ def hyperspherical_energy(
     """
     kernel = energy_kernel(power, distance)
     batched, added = as_batched(normalize_neurons(check_neurons(neurons), eps))
-    energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size)
+    energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
     return energy[0] if added else energy

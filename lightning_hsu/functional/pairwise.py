@@ -10,14 +10,34 @@ The **half-space** sum (Liu et al., NeurIPS 2018) runs over the :math:`2n` vecto
 :math:`(-i,-j)` have cosine :math:`c_{ij}`, the pairs :math:`(i,-j)` and :math:`(j,-i)` have
 :math:`-c_{ij}`, and :math:`(i,-i)` has :math:`-\lVert\hat w_i\rVert^2`, hence
 
-.. math:: S_{half} = \sum_{i\ne j}\big[f(c_{ij}) + f(-c_{ij})\big] + \sum_i f(-\lVert\hat w_i\rVert^2)
+.. math:: S_{half} = 2\sum_{i<j}\big[f(c_{ij}) + f(-c_{ij})\big] + \sum_i f(-\lVert\hat w_i\rVert^2)
 
 over :math:`n(2n-1)` pairs, all from the :math:`n\times n` Gram matrix.
 
-Rows are processed in blocks of ``block_rows``: the extra memory is :math:`O(\text{block}\cdot n)`
-and never :math:`O(n^2)` once ``n`` is above the dense threshold. The forward pass also forms the
-gradient (one more matrix product per block), so the backward pass is a scaling: two products of
-the size of :math:`\hat W\hat W^\top` in all, the matrix-multiply lower bound.
+Two schedules visit the pairs; both form the gradient in the forward pass (the backward pass is
+a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never :math:`O(n^2)`
+above the dense threshold:
+
+- **Upper strips** (the default). Row block :math:`I` is paired with the columns
+  :math:`j \ge \min I` only, the strict lower triangle of its leading tile masked out, so every
+  unordered pair is visited once. The Gram product and the kernel evaluations are halved
+  (:math:`n^2 d` multiply-adds instead of :math:`2 n^2 d`); the gradient needs two products per
+  strip, :math:`F_{IJ}\hat W_J` for the rows and :math:`F_{IJ}^\top\hat W_I` for the columns, in
+  all as many multiply-adds as the dense :math:`F\hat W`. A layer with many neurons is cut into
+  strips of about :data:`STRIP_ELEMENTS` entries (:func:`symmetric_block_rows`): the kernel's
+  elementwise passes then run from cache, and the symmetry halves them.
+- **Full rows** (used with ``shard``). Row block :math:`I` meets all :math:`n` columns, so the
+  rows' gradient is complete after their own block: the sum over the rows of a shard is the
+  partial value, and the gradient it returns is the full gradient restricted to those rows.
+
+**Sharding across ranks.** With ``shard=(rank, world_size)`` a rank handles the rows
+:func:`shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
+returns the partial sum :math:`S_r` with the gradient :math:`\partial S/\partial\hat W` on its own
+rows and zero elsewhere, so :math:`\sum_r S_r = S` and :math:`\sum_r \nabla_r = \nabla S`
+exactly. Data-parallel strategies (DDP, FSDP) *average* gradients over ranks: multiply each
+rank's shard by :func:`sharded_scale` (``world_size``) before adding it to the loss, and the
+average of the scaled shards is the full gradient. The scaled value is then :math:`W S_r`, not
+:math:`S`: log an all-reduced sum of the unscaled shards if the value is wanted.
 """
 
 from __future__ import annotations
@@ -31,6 +51,14 @@ from lightning_hsu.functional.kernels import PairKernel
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
 DENSE_BLOCK_ELEMENTS = 4096 * 4096
+#: Gram entries per strip in the automatic choice of the upper-strip schedule (1 MiB of float32):
+#: small enough for the kernel's elementwise passes to run from cache, which is what limits a
+#: layer with small ``d``; a layer whose strip would be larger is cut into strips. Measured in
+#: ``benchmarks/bench_kernels.py``: 2048 x 64 runs ~5x faster in strips of 128 rows than dense,
+#: while 512 x 4608 (matrix-multiply bound) stays dense.
+STRIP_ELEMENTS = 2**18
+#: Strips are never thinner than this: thinner products lose matrix-multiply speed.
+MIN_STRIP_ROWS = 128
 
 
 def block_rows_for(n: int, chunk_size: int | None) -> int:
@@ -42,9 +70,53 @@ def block_rows_for(n: int, chunk_size: int | None) -> int:
     return max(1, min(n, DENSE_BLOCK_ELEMENTS // max(n, 1)))
 
 
+def symmetric_block_rows(n: int, chunk_size: int | None) -> int:
+    """Rows per strip of the upper-strip schedule.
+
+    ``chunk_size`` if given; otherwise about :data:`STRIP_ELEMENTS` Gram entries per strip, at
+    least :data:`MIN_STRIP_ROWS` rows, and never more than :func:`block_rows_for` allows.
+    """
+    rows = block_rows_for(n, chunk_size)
+    if chunk_size is not None:
+        return rows
+    return max(1, min(rows, max(STRIP_ELEMENTS // max(n, 1), MIN_STRIP_ROWS)))
+
+
 def pair_count(n: int, half_space: bool) -> int:
     """Number of unordered pairs: :math:`n(n-1)/2`, or :math:`n(2n-1)` in half-space."""
     return n * (2 * n - 1) if half_space else n * (n - 1) // 2
+
+
+def check_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Validate ``shard = (rank, world_size)`` (``None`` passes through)."""
+    if shard is None:
+        return None
+    ok = isinstance(shard, (tuple, list)) and len(shard) == 2
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+    if not ok or not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+    return int(shard[0]), int(shard[1])
+
+
+def shard_rows(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank`` among ``world_size``: counts differ by at most one.
+
+    In the full-row schedule every row costs the same (one row of the Gram matrix, one row of the
+    gradient product), so equal row counts are equal shares of the pair work.
+    """
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+def sharded_scale(world_size: int) -> float:
+    """Factor for a rank's shard when the strategy averages gradients over ranks (DDP, FSDP).
+
+    ``loss = task_loss + sharded_scale(W) * lam * energy(..., shard=(rank, W))``: the all-reduce
+    divides the sum of the ranks' gradients by ``W``; the shards sum to the full gradient, so
+    ``W`` times each shard averages to it.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    return float(world_size)
 
 
 def _zero_self_pairs(block: Tensor, start: int) -> Tensor:
@@ -53,36 +125,90 @@ def _zero_self_pairs(block: Tensor, start: int) -> Tensor:
     return torch.diagonal(block[:, :, start : start + rows], dim1=1, dim2=2)
 
 
-def _block_sum(
-    unit: Tensor, kernel: PairKernel, half_space: bool, block_rows: int, with_grad: bool
+def _row_block_sum(
+    unit: Tensor, kernel: PairKernel, half_space: bool, block_rows: int, with_grad: bool, row_range: tuple[int, int]
 ) -> tuple[Tensor, Tensor | None]:
-    batch, n, _ = unit.shape
+    """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows."""
+    batch = unit.shape[0]
     total = unit.new_zeros(batch)
     grad = torch.zeros_like(unit) if with_grad else None
     transposed = unit.transpose(1, 2)
-    for start in range(0, n, block_rows):
-        stop = min(start + block_rows, n)
-        cos = torch.bmm(unit[:, start:stop], transposed)  # [batch, rows, n]
+    first, last = row_range
+    for start in range(first, last, block_rows):
+        stop = min(start + block_rows, last)
+        rows = unit[:, start:stop]
+        cos = torch.bmm(rows, transposed)  # [batch, rows, n]
         _zero_self_pairs(cos, start).zero_()  # kernel evaluated at c = 0 there, then dropped
         value, deriv = kernel(cos, with_grad)
         _zero_self_pairs(value, start).zero_()
         if half_space:
             value_neg, deriv_neg = kernel(-cos, with_grad)
             _zero_self_pairs(value_neg, start).zero_()
-            sq_norm = (unit[:, start:stop] * unit[:, start:stop]).sum(-1)
-            anti, anti_deriv = kernel(-sq_norm, with_grad)
+            anti, anti_deriv = kernel(-(rows * rows).sum(-1), with_grad)
+            # each ordered pair (i, j) of the block stands for the pairs (i, j), (-i, -j) [c] and
+            # (i, -j), (j, -i) [-c]: summing over ordered pairs counts each unordered pair twice
             total += value.sum((1, 2)) + value_neg.sum((1, 2)) + anti.sum(1)
             if grad is not None:
                 assert deriv is not None and deriv_neg is not None and anti_deriv is not None
-                coeff = 2.0 * (deriv - deriv_neg)
+                coeff = deriv.sub_(deriv_neg)
                 _zero_self_pairs(coeff, start).zero_()
-                grad[:, start:stop] = torch.bmm(coeff, unit) - (2.0 * anti_deriv.unsqueeze(-1) * unit[:, start:stop])
+                grad[:, start:stop] = 2.0 * (torch.bmm(coeff, unit) - anti_deriv.unsqueeze(-1) * rows)
         else:
             total += 0.5 * value.sum((1, 2))
             if grad is not None:
                 assert deriv is not None
                 _zero_self_pairs(deriv, start).zero_()
                 grad[:, start:stop] = torch.bmm(deriv, unit)
+    return total, grad
+
+
+def _upper_strip_sum(
+    unit: Tensor, kernel: PairKernel, half_space: bool, block_rows: int, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Upper-strip schedule: each unordered pair once, gradient to both of its neurons.
+
+    Strip ``[start, stop)`` meets the columns ``[start, n)``. Its leading square tile (the pairs
+    within the strip) is kept whole, as in the full-row schedule: no triangular masking, which
+    costs a strided pass, only the diagonal is dropped and the tile's sum is halved; the columns
+    past the tile get their gradient from the transposed product.
+    """
+    batch, n, _ = unit.shape
+    total = unit.new_zeros(batch)
+    grad = torch.zeros_like(unit) if with_grad else None
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        width = stop - start
+        rows = unit[:, start:stop]
+        cols = unit[:, start:]
+        cos = torch.bmm(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
+        _zero_self_pairs(cos, 0).zero_()  # kernel evaluated at c = 0 there, then dropped
+        value, deriv = kernel(cos, with_grad)
+        _zero_self_pairs(value, 0).zero_()
+        if half_space:
+            value_neg, deriv_neg = kernel(-cos, with_grad)
+            _zero_self_pairs(value_neg, 0).zero_()
+            anti, anti_deriv = kernel(-(rows * rows).sum(-1), with_grad)
+            # a pair past the tile stands once for (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c];
+            # a pair in the tile is there twice, as (i, j) and (j, i)
+            strip = value.sum((1, 2)) + value_neg.sum((1, 2))
+            tile = value[:, :, :width].sum((1, 2)) + value_neg[:, :, :width].sum((1, 2))
+            total += 2.0 * strip - tile + anti.sum(1)
+            if grad is not None:
+                assert deriv is not None and deriv_neg is not None and anti_deriv is not None
+                coeff = deriv.sub_(deriv_neg)  # d/dc [f(c) + f(-c)]
+                _zero_self_pairs(coeff, 0).zero_()
+                grad[:, start:stop].baddbmm_(coeff, cols, alpha=2.0)
+                grad[:, start:stop].sub_(anti_deriv.unsqueeze(-1) * rows, alpha=2.0)
+                if stop < n:
+                    grad[:, stop:].baddbmm_(coeff[:, :, width:].transpose(1, 2), rows, alpha=2.0)
+        else:
+            total += value.sum((1, 2)) - 0.5 * value[:, :, :width].sum((1, 2))
+            if grad is not None:
+                assert deriv is not None
+                _zero_self_pairs(deriv, 0).zero_()
+                grad[:, start:stop].baddbmm_(deriv, cols)
+                if stop < n:
+                    grad[:, stop:].baddbmm_(deriv[:, :, width:].transpose(1, 2), rows)
     return total, grad
 
 
@@ -94,8 +220,13 @@ class _PairwiseKernelSum(torch.autograd.Function):
         kernel: PairKernel,
         half_space: bool,
         block_rows: int,
+        row_range: tuple[int, int] | None,
     ) -> Tensor:
-        total, grad = _block_sum(unit, kernel, half_space, block_rows, ctx.needs_input_grad[0])  # type: ignore[attr-defined]
+        with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        if row_range is None:
+            total, grad = _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad)
+        else:
+            total, grad = _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range)
         if grad is not None:
             ctx.save_for_backward(grad)
         return total
@@ -104,24 +235,43 @@ class _PairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None, None
+            return None, None, None, None, None
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_total.view(-1, 1, 1), None, None, None
+        return grad * grad_total.view(-1, 1, 1), None, None, None, None
 
 
 def pairwise_kernel_sum(
-    unit: Tensor, kernel: PairKernel, *, half_space: bool = False, chunk_size: int | None = None
+    unit: Tensor,
+    kernel: PairKernel,
+    *,
+    half_space: bool = False,
+    chunk_size: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
     """Sum of ``kernel`` over all pairs of the unit neurons ``unit`` (``[batch, n, d]``).
 
     Returns a ``[batch]`` tensor, differentiable with respect to ``unit``. See the module
-    docstring for the formula; ``chunk_size`` rows are processed at a time (``None``: dense up
-    to 4096 neurons, then blocks holding at most 4096² Gram entries).
+    docstring for the formula and the two schedules.
+
+    Args:
+        unit: ``[batch, n, d]`` unit (or near-unit) neurons.
+        kernel: the pair kernel and its derivative.
+        half_space: sum over the pairs of :math:`\\{\\pm\\hat w_i\\}`.
+        chunk_size: rows per block (``None``: strips of about :data:`STRIP_ELEMENTS` Gram
+            entries, i.e. dense for small layers; the same row counts with ``shard``).
+        shard: ``(rank, world_size)``: compute only this rank's rows (:func:`shard_rows`); the
+            ranks' values and gradients sum exactly to the unsharded ones. Under a strategy that
+            averages gradients multiply the result by :func:`sharded_scale`.
     """
-    rows = block_rows_for(unit.shape[1], chunk_size)
-    return _PairwiseKernelSum.apply(unit, kernel, half_space, rows)
+    n = unit.shape[1]
+    checked = check_shard(shard)
+    if checked is None:
+        return _PairwiseKernelSum.apply(unit, kernel, half_space, symmetric_block_rows(n, chunk_size), None)
+    rank, world_size = checked
+    rows = symmetric_block_rows(n, chunk_size)  # same cache-sized blocks, here of full rows
+    return _PairwiseKernelSum.apply(unit, kernel, half_space, rows, shard_rows(n, rank, world_size))
 
 
 @torch.no_grad()
