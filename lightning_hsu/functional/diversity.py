@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -49,19 +49,6 @@ from lightning_hsu.functional.uniformity import uniformity
 #: exact to it (0.01°) while memory stays :math:`O(180/0.01)` whatever ``n``.
 QUANTILE_RESOLUTION = 0.01
 
-#: The scalar metrics :func:`diversity_summary` can return (quantiles come on top, as ``angle_p<q>``).
-DIVERSITY_METRICS: tuple[str, ...] = (
-    "min_angle",
-    "mean_nn_angle",
-    "mean_angle",
-    "coherence",
-    "duplicates",
-    "energy",
-    "uniformity",
-    "effective_rank",
-    "condition_number",
-)
-
 DiversityMetric = Literal[
     "min_angle",
     "mean_nn_angle",
@@ -73,6 +60,9 @@ DiversityMetric = Literal[
     "effective_rank",
     "condition_number",
 ]
+
+#: The scalar metrics :func:`diversity_summary` can return (quantiles come on top, as ``angle_p<q>``).
+DIVERSITY_METRICS: tuple[str, ...] = get_args(DiversityMetric)
 
 _DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
 
@@ -479,8 +469,10 @@ def diversity_profile(
         elif name == "uniformity":
             values[name] = float(uniformity(neurons.detach(), t=t, half_space=half_space, chunk_size=chunk_size))
         elif name == "effective_rank":
+            assert spectrum is not None
             values[name] = float(_effective_rank_of(spectrum))
         elif name == "condition_number":
+            assert spectrum is not None
             values[name] = float(_condition_number_of(spectrum, neurons))
     for q, value in zip(qs, stats.quantiles(qs), strict=True):
         values[_quantile_key(q)] = value
