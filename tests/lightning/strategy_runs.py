@@ -93,9 +93,13 @@ class FSDP2Net(Net):
         from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in (self.conv, self.hidden, self.fc):
+        for layer in [m for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]:
             fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
+
+
+class SharedFSDP2Net(FSDP2Net, SharedLayerNet):
+    """:class:`SharedLayerNet` under FSDP2: ``mid`` is gathered again for its second call."""
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -182,8 +186,12 @@ def train(
     return {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
 
-def load_rank(out_dir: str | Path, prefix: str, rank: int) -> dict[str, Any]:
-    return torch.load(Path(out_dir) / f"{prefix}-rank{rank}.pt", weights_only=True)
+def load_ranks(out_dir: str | Path, setting: str, kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What both ranks saved for ``setting`` and ``kind``; fails with the setting's error if it raised."""
+    out = Path(out_dir)
+    error = out / f"{setting}.error"
+    assert not error.exists(), error.read_text()
+    return tuple(torch.load(out / f"{setting}-{kind}-rank{r}.pt", weights_only=True) for r in (0, 1))  # type: ignore[return-value]
 
 
 # -- 2-process settings run by the script -------------------------------------------------------
@@ -209,8 +217,11 @@ def _fsdp2() -> dict[str, Any]:
 #: (FSDP2); the test compares with the single-device reference on the same global batch instead.
 SCRIPT_SETTINGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "ddp": (_ddp, ("callback", "reference", "baseline")),
+    "ddp-accumulate": (lambda: {**_ddp(), "accumulate_grad_batches": 2}, ("callback", "reference")),
     "fsdp": (_fsdp, ("callback", "baseline")),
+    "fsdp-shared": (lambda: {**_fsdp(), "model_cls": SharedLayerNet}, ("callback",)),
     "fsdp2": (_fsdp2, ("callback", "baseline")),
+    "fsdp2-shared": (lambda: {**_fsdp2(), "model_cls": SharedFSDP2Net}, ("callback",)),
 }
 
 

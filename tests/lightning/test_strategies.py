@@ -20,7 +20,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 from models import trainer_kwargs
-from strategy_runs import TWO_PROCESSES, HandWrittenMHE, Net, SharedLayerNet, load_rank, train
+from strategy_runs import SCRIPT_SETTINGS, TWO_PROCESSES, HandWrittenMHE, Net, SharedLayerNet, load_ranks, train
 
 from lightning_hsu import HypersphericalUniformity
 from lightning_hsu.regularizers import Regularizer
@@ -49,12 +49,13 @@ def single_device_32(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory) -> Path:
-    """DDP, FSDP1 and FSDP2 with 2 gloo processes, all in one launch of ``strategy_runs.py``
-    (Lightning re-launches the script for rank 1; ``strategy="ddp"`` cannot run inside pytest)."""
+    """Every setting of ``SCRIPT_SETTINGS`` (DDP, FSDP1, FSDP2, ...) with 2 gloo processes, all in
+    one launch of ``strategy_runs.py``: Lightning re-launches the script for rank 1, so
+    ``strategy="ddp"`` cannot run inside pytest, and one launch is cheaper than one per setting."""
     out = tmp_path_factory.mktemp("two_process")
     script = Path(__file__).with_name("strategy_runs.py")
     proc = subprocess.run(
-        [sys.executable, str(script), str(out), "ddp", "fsdp", "fsdp2"],
+        [sys.executable, str(script), str(out), *SCRIPT_SETTINGS],
         capture_output=True,
         text=True,
         timeout=300,
@@ -62,12 +63,6 @@ def two_process_runs(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
-
-
-def _both_ranks(out: Path, prefix: str) -> tuple[dict, dict]:
-    error = out / f"{prefix.split('-')[0]}.error"
-    assert not error.exists(), error.read_text()
-    return load_rank(out, prefix, 0), load_rank(out, prefix, 1)
 
 
 # -- single device --------------------------------------------------------------------------------
@@ -179,22 +174,35 @@ def test_validation_test_and_predict_compute_no_penalty(tmp_path, monkeypatch):
 def test_ddp_spawn_trains_like_hand_written_penalty(tmp_path, single_device_32):
     """Only the callback runs under ddp_spawn (each spawn costs ~15 s); the DDP test below shows
     that the hand-written reference under DDP equals the single-device one."""
-    train("callback", tmp_path, strategy="ddp_spawn", save_as="spawn", **TWO_PROCESSES)
-    rank0, rank1 = _both_ranks(tmp_path, "spawn")
+    train("callback", tmp_path, strategy="ddp_spawn", save_as="spawn-callback", **TWO_PROCESSES)
+    rank0, rank1 = load_ranks(tmp_path, "spawn", "callback")
     assert_same(rank0["weights"], rank1["weights"])
     assert_same(rank0["weights"], single_device_32["reference"])
     assert_differ(rank0["weights"], single_device_32["baseline"])
 
 
 @pytest.mark.distributed
-def test_ddp_callback_trains_like_hand_written_penalty_under_ddp(two_process_runs, single_device_32):
-    callback = _both_ranks(two_process_runs, "ddp-callback")
-    reference = _both_ranks(two_process_runs, "ddp-reference")
-    baseline = _both_ranks(two_process_runs, "ddp-baseline")
+@pytest.mark.parametrize("setting", ["ddp", "ddp-accumulate"])
+def test_ddp_callback_trains_like_hand_written_penalty_under_ddp(setting, two_process_runs, single_device_32):
+    callback = load_ranks(two_process_runs, setting, "callback")
+    reference = load_ranks(two_process_runs, setting, "reference")
     assert_same(callback[0]["weights"], callback[1]["weights"])
     assert_same(callback[0]["weights"], reference[0]["weights"])
-    assert_same(reference[0]["weights"], single_device_32["reference"])
-    assert_differ(callback[0]["weights"], baseline[0]["weights"])
+    if setting == "ddp":
+        assert_same(reference[0]["weights"], single_device_32["reference"])
+        assert_differ(callback[0]["weights"], load_ranks(two_process_runs, setting, "baseline")[0]["weights"])
+    else:
+        assert_differ(callback[0]["weights"], single_device_32["reference"])  # accumulation changed the steps
+
+
+def _assert_sharded_outside_forward(record: dict, setting: str) -> None:
+    full = record["weights"]
+    for name, (kind, local_shape) in record["outside_forward"].items():
+        assert local_shape != tuple(full[name].shape), f"{name} is not sharded outside forward: {kind} {local_shape}"
+        if setting.startswith("fsdp2"):
+            assert kind == "DTensor", name
+        else:
+            assert len(local_shape) == 1, f"{name} is not a flat shard: {local_shape}"
 
 
 @pytest.mark.distributed
@@ -204,16 +212,20 @@ def test_sharded_strategy_trains_like_single_device_hand_written_penalty(setting
     (ModelParallelStrategy + fully_shard). A hand-written penalty in ``training_step`` is not a
     valid reference under them (it sees flat shards or DTensors), so the reference is the
     single-device run on the same global batches; weights are gathered in full on each rank."""
-    callback = _both_ranks(two_process_runs, f"{setting}-callback")
-    baseline = _both_ranks(two_process_runs, f"{setting}-baseline")
-    full = callback[0]["weights"]
-    for name, (kind, local_shape) in callback[0]["outside_forward"].items():
-        assert local_shape != tuple(full[name].shape), f"{name} is not sharded outside forward: {kind} {local_shape}"
-        if setting == "fsdp":
-            assert len(local_shape) == 1, f"{name} is not a flat shard: {local_shape}"
-        else:
-            assert kind == "DTensor", name
+    callback = load_ranks(two_process_runs, setting, "callback")
+    baseline = load_ranks(two_process_runs, setting, "baseline")
+    _assert_sharded_outside_forward(callback[0], setting)
     assert_same(callback[0]["weights"], callback[1]["weights"])
-    assert_same(full, single_device_32["reference"])
+    assert_same(callback[0]["weights"], single_device_32["reference"])
     assert_same(baseline[0]["weights"], single_device_32["baseline"])
-    assert_differ(full, baseline[0]["weights"])
+    assert_differ(callback[0]["weights"], baseline[0]["weights"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("setting", ["fsdp-shared", "fsdp2-shared"])
+def test_layer_called_twice_under_sharding_is_penalised_once_per_step(setting, two_process_runs, tmp_path):
+    """The shared layer is gathered again for its second call; the penalty still counts once."""
+    callback = load_ranks(two_process_runs, setting, "callback")
+    _assert_sharded_outside_forward(callback[0], setting)
+    assert_same(callback[0]["weights"], callback[1]["weights"])
+    assert_same(callback[0]["weights"], train("reference", tmp_path, model_cls=SharedLayerNet, batch_size=32))
