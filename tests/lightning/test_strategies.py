@@ -37,7 +37,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def assert_differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], by: float = 1e-3) -> None:
     gap = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert gap > by, f"the runs differ by only {gap:.2e}: the penalty made no difference"
+    assert gap > by, f"the runs differ by only {gap:.2e}: what should change them (penalty, clipping) had no effect"
 
 
 @pytest.fixture(scope="module")
