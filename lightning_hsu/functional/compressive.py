@@ -55,6 +55,8 @@ def compressive_energy(
         raise ValueError(f"compressive_energy takes neurons of shape [n, d], got {tuple(x.shape)}")
     if projections.dim() != 3 or projections.shape[-1] != x.shape[1]:
         raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
+    if not bool(torch.isfinite(projections.detach()).all()):
+        raise ValueError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
     projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
     unit = normalize_neurons(projected, eps)
     kernel = energy_kernel(power, distance)
