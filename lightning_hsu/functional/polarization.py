@@ -31,6 +31,8 @@ def pole_cosines(neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float 
         raise ValueError(f"pole penalties take neurons of shape [n, d], got {tuple(unit.shape)}")
     if pole.shape != (unit.shape[1],):
         raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
+    if not bool(torch.isfinite(pole.detach()).all()):
+        raise ValueError(f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined")
     v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps)[0]
     cos = unit @ v
     return torch.cat([cos, -cos]) if half_space else cos
@@ -50,5 +52,9 @@ def pole_energy(neurons: Tensor, pole: Tensor, *, half_space: bool = False, eps:
 def relaxed_polarization(neurons: Tensor) -> Tensor:
     r"""R-MHP penalty :math:`\lVert\sum_i w_i\rVert_2` of the unnormalised neurons (no half-space:
     :math:`w_i` and :math:`-w_i` would cancel)."""
-    x = check_neurons(neurons)
-    return torch.linalg.vector_norm(x.sum(-2), dim=-1)
+    total = check_neurons(neurons).sum(-2)
+    # vector_norm squares its input: above sqrt(finfo.max) (1.8e19 in float32) that overflows to
+    # inf although the norm itself is representable. Divide by the (detached) largest entry first.
+    scale = total.detach().abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.squeeze(-1) * torch.linalg.vector_norm(total / scale, dim=-1)
