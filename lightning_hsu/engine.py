@@ -117,6 +117,8 @@ class PenaltyEngine:
         self.every_n_steps = every_n_steps
         self.on_nonfinite = on_nonfinite
         self.enabled = True
+        #: ``(rank, world_size)`` when sum-over-pairs penalties are shared across ranks.
+        self.shard: tuple[int, int] | None = None
         self.bindings: list[Binding] = []
         self.classifier_name: str | None = None
         self._handles: list[Any] = []
@@ -142,8 +144,15 @@ class PenaltyEngine:
                 if b.key in old:
                     b.regularizer = old[b.key]
         self.bindings = bindings
+        for b in bindings:
+            if b.regularizer.supports_sharding:
+                b.regularizer.set_shard(self.shard)
         self._apply_pending_state()
         return bindings
+
+    def is_sharded(self, binding: Binding) -> bool:
+        """Whether this binding computes only this rank's share of its pairs."""
+        return self.shard is not None and binding.regularizer.supports_sharding
 
     @property
     def layer_names(self) -> list[str]:
@@ -223,6 +232,11 @@ class PenaltyEngine:
         assert self._record is not None
         self._record.values[binding.key] = value
         self._record.weighted[binding.key] = coefficient * value
+        if self.is_sharded(binding):
+            # Strategies average gradients over ranks; the shares sum to the full gradient, so
+            # each is scaled by the world size (values are recorded unscaled: they sum to R).
+            assert self.shard is not None
+            return coefficient * self.shard[1] * penalty
         return coefficient * penalty
 
     @staticmethod

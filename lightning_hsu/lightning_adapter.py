@@ -151,11 +151,24 @@ def manual_penalty(
 def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_layer: bool, prog_bar: bool) -> None:
     """Log the last step's penalties: ``hsu/penalty`` (weighted sum) and ``hsu/<layer>/<rule>``.
 
-    Values are computed from the weights, identical on every rank, so no sync is needed.
+    Values computed from whole weights are identical on every rank and need no sync. Penalties
+    shared across ranks (``shard_across_ranks``) are partial sums: they are all-reduced (on every
+    rank) so that the logged value is the full penalty.
     """
-    values, total = engine.last_tensors()
-    if total is None:
+    values, _ = engine.last_tensors()
+    if not values:
         return
+    weighted = dict(engine._last_weighted)
+    trainer = pl_module._trainer
+    if engine.shard is not None and trainer is not None:
+        sharded = [b.key for b in engine.bindings if engine.is_sharded(b) and b.key in values]
+        if sharded:
+            stacked = torch.stack([values[k].reshape(()).float() for k in sharded])
+            stacked_w = torch.stack([weighted[k].reshape(()).float() for k in sharded])
+            summed = trainer.strategy.reduce(torch.stack([stacked, stacked_w]), reduce_op="sum")
+            for i, key in enumerate(sharded):
+                values[key], weighted[key] = summed[0, i], summed[1, i]
+    total = torch.stack([w.reshape(()).float() for w in weighted.values()]).sum()
     pl_module.log("hsu/penalty", total, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
     if per_layer:
         for key, value in values.items():

@@ -60,6 +60,10 @@ class HypersphericalUniformity(Callback):
         log_per_layer: also log ``hsu/<layer>/<rule>`` (unweighted values).
         prog_bar: show ``hsu/penalty`` on the progress bar.
         enabled: start enabled (toggle at run time with :attr:`enabled`).
+        shard_across_ranks: under a data-parallel strategy with W ranks, each rank computes only
+            1/W of the pairs of every sum-over-pairs penalty (MHE, CoMHE), scaled by W so that
+            the averaged gradient is exactly the full one; other regularizers are computed whole.
+            Logged values are all-reduced to the full penalty.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class HypersphericalUniformity(Callback):
         log_per_layer: bool = True,
         prog_bar: bool = False,
         enabled: bool = True,
+        shard_across_ranks: bool = False,
     ) -> None:
         all_rules: list[Rule] = []
         if preset is not None:
@@ -106,6 +111,9 @@ class HypersphericalUniformity(Callback):
             all_rules, classifier=classifier, every_n_steps=every_n_steps, on_nonfinite=on_nonfinite
         )
         self.engine.enabled = bool(enabled)
+        if not isinstance(shard_across_ranks, bool):
+            raise ValueError(f"`shard_across_ranks` must be true or false, got {shard_across_ranks!r}")
+        self.shard_across_ranks = shard_across_ranks
         self.log = log
         self.log_per_layer = log_per_layer
         self.prog_bar = prog_bar
@@ -149,6 +157,8 @@ class HypersphericalUniformity(Callback):
         prepare = getattr(pl_module, "_hsu_prepare", None)
         if prepare is not None:
             prepare()
+        if self.shard_across_ranks and trainer.world_size > 1:
+            self.engine.shard = (trainer.global_rank, trainer.world_size)
         # After configure_model and the strategy's wrapping: bind to the modules that will run.
         self.engine.bind(pl_module, check_weights=not shards_parameters(trainer.strategy))
         self._check_overlap(pl_module)

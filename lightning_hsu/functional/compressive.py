@@ -48,8 +48,13 @@ def compressive_energy(
     half_space: bool = False,
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Tensor:
-    """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``."""
+    """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``.
+
+    ``shard=(rank, world_size)`` computes this rank's share of the pairs of every projection
+    (see :func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+    """
     x = check_neurons(neurons)
     if x.dim() != 2:
         raise ValueError(f"compressive_energy takes neurons of shape [n, d], got {tuple(x.shape)}")
@@ -60,4 +65,4 @@ def compressive_energy(
     projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
     unit = normalize_neurons(projected, eps)
     kernel = energy_kernel(power, distance)
-    return mean_pair_kernel(unit, kernel, half_space=half_space, chunk_size=chunk_size).mean()
+    return mean_pair_kernel(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard).mean()

@@ -22,9 +22,22 @@ class Regularizer:
     name: ClassVar[str] = ""
     #: Whether :meth:`state_dict` carries training state that must be checkpointed.
     stateful: ClassVar[bool] = False
+    #: Whether the penalty is a sum over pairs that ranks can share (see :meth:`set_shard`).
+    supports_sharding: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.salt = 0
+        self._shard: tuple[int, int] | None = None
+
+    def set_shard(self, shard: tuple[int, int] | None) -> None:
+        """Compute only the share ``(rank, world_size)`` of the pairs (``None``: all of them).
+
+        The shares' values and gradients sum to the full ones
+        (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+        """
+        if shard is not None and not self.supports_sharding:
+            raise ValueError(f"{type(self).__name__} cannot be shared across ranks (it is not a sum over pairs)")
+        self._shard = shard
 
     def __call__(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
         return self.penalty(neurons, step=step)

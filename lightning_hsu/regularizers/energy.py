@@ -26,6 +26,7 @@ class MHE(Regularizer):
     """
 
     name = "mhe"
+    supports_sharding = True
 
     def __init__(
         self,
@@ -50,6 +51,7 @@ class MHE(Regularizer):
             half_space=self.half_space,
             eps=self.eps,
             chunk_size=self.chunk_size,
+            shard=self._shard,
         )
 
 
@@ -86,6 +88,7 @@ class CoMHE(Regularizer):
 
     name = "comhe"
     stateful = True
+    supports_sharding = True
 
     def __init__(
         self,
@@ -129,6 +132,7 @@ class CoMHE(Regularizer):
             distance=self.distance,
             half_space=self.half_space,
             eps=self.eps,  # type: ignore[arg-type]
+            shard=self._shard,
         )
 
     def state_dict(self) -> dict[str, Any]:
