@@ -1,0 +1,94 @@
+"""Every example runs to completion at smoke size (``pytest -m examples`` runs only these).
+
+Each example runs as a script in a subprocess, as a user would run it: the examples import their
+shared ``digits`` module from their own folder, and ``examples/ddp.py`` must be a script because
+Lightning's ``"ddp"`` strategy starts rank 1 by re-running it. Runs happen in a temporary working
+directory so that logs never land in the repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+#: Generous: a smoke run takes 5-30 s, but this machine's cores are shared.
+TIMEOUT = 240
+
+pytestmark = pytest.mark.examples
+
+
+def run_example(script: str, *args: str, cwd: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def test_quickstart(tmp_path: Path):
+    out = run_example("quickstart.py", "--smoke", "--root", str(tmp_path / "runs"), cwd=tmp_path)
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"baseline", "MHE preset"} <= set(lines)
+    # The regularised run reports a penalty; the baseline has none. Min angles come from the monitor.
+    mhe_cells = [c.strip() for c in lines["MHE preset"].split("|")[1:-1]]
+    assert float(mhe_cells[2]) > 0
+    assert all(0 < float(c) <= 180 for c in mhe_cells[3:])
+    assert (tmp_path / "runs" / "mhe" / "version_0" / "metrics.csv").exists()
+
+
+def test_mixin_manual(tmp_path: Path):
+    out = run_example("mixin_manual.py", "--smoke", cwd=tmp_path)
+    assert "classifier/mhs" in out and "conv1/mhe" in out
+    assert "rules reloaded from the checkpoint: ['mhe', 'mhs']" in out
+    assert "reloaded weights equal the trained ones: True" in out
+
+
+def test_cli_yaml_turns_the_regulariser_on(tmp_path: Path):
+    root = tmp_path / "cli"
+    run_example(
+        "cli.py",
+        "fit",
+        "--config",
+        str(EXAMPLES / "cli_config.yaml"),
+        "--trainer.max_epochs=1",
+        "--data.limit=128",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root}",
+        cwd=tmp_path,
+    )
+    (metrics,) = root.rglob("metrics.csv")
+    with metrics.open() as f:
+        columns = set(next(csv.reader(f)))
+    # the callback's penalties and the monitor's angles both reached the CSV logger
+    assert {"hsu/penalty", "hsu/conv1/mhe", "hsu/classifier/mhs", "hsu/conv1/min_angle"} <= columns
+    (saved,) = root.rglob("config.yaml")
+    assert "lightning_hsu.HypersphericalUniformity" in saved.read_text()
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes(tmp_path: Path):
+    out = run_example("ddp.py", "--smoke", cwd=tmp_path)
+    assert "DDP, 2 CPU processes" in out
+    assert out.count("weight checksum") == 2
+    assert "replicas agree: True" in out
+
+
+def test_reproduction(tmp_path: Path):
+    out_dir = tmp_path / "docs"
+    run_example("reproduction.py", "--smoke", "--out", str(out_dir), cwd=tmp_path)
+    table = (out_dir / "reproduction_table.md").read_text()
+    assert "| baseline |" in table and "| MHE s=2 half |" in table
+    with (out_dir / "reproduction_runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4  # 2 configurations × 2 seeds
+    assert (out_dir / "reproduction.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
