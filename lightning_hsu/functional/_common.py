@@ -73,15 +73,18 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     :math:`\lVert \hat w_i\rVert < 1` by a relative :math:`\epsilon/\lVert w_i\rVert^2`.
 
     Rows so large that squaring would overflow (max entry above ``finfo.max ** 0.25``) are first
-    divided by their largest absolute entry: a positive factor, so their direction is unchanged,
-    and for such rows :math:`\epsilon` is negligible anyway. Tiny rows need no care: their squares
+    divided by their largest absolute entry :math:`s`, and :math:`\epsilon` by :math:`s^2`: the
+    same :math:`\hat w_i` without overflow (for such rows :math:`\epsilon/s^2` is negligible, not
+    :math:`\epsilon` applied to a row of norm ~1). Tiny rows need no care: their squares
     underflow to zero and they map to (near) the origin, as in the official code.
     """
     huge = torch.finfo(neurons.dtype).max ** 0.25
     scale = neurons.detach().abs().amax(dim=-1, keepdim=True)
     too_large = scale > huge
     if bool(too_large.any()):
-        neurons = neurons / torch.where(too_large, scale, torch.ones_like(scale))
+        divisor = torch.where(too_large, scale, torch.ones_like(scale))
+        neurons = neurons / divisor
+        return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps / (divisor * divisor))
     return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps)
 
 
