@@ -250,3 +250,33 @@ def test_regularizer_objects_on_degenerate_input_stay_finite(name: str, case: st
     pole = getattr(reg, "pole", None)
     if pole is not None:  # the pole's inner optimisation on degenerate neurons stays finite too
         assert torch.isfinite(pole).all()
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_huge_norm_fp32_neurons_do_not_overflow_and_keep_their_directions(scale: float) -> None:
+    # ||w||^2 overflows float32 above ~1.8e19: the normaliser must still see the direction.
+    w = _base(6, seed=6)
+    unit = w / w.norm(dim=1, keepdim=True)
+    failures = []
+    for name, fn in sorted(ALL.items()):
+        if name == "rmhp":
+            continue  # raw weights by definition
+        value, grad = value_and_grad(fn, unit * scale)
+        expected = fn(unit.double() * 1e4).float()  # norms where eps = 1e-4 is negligible
+        if not (torch.isfinite(value) and torch.isfinite(grad).all()):
+            failures.append(f"{name}: non-finite value or gradient")
+        elif not torch.allclose(value, expected, rtol=1e-4, atol=1e-4):
+            failures.append(f"{name}: {float(value.detach())} vs {float(expected)} at moderate norms")
+    assert not failures, "\n".join(failures)
+
+
+def test_normaliser_is_continuous_across_its_overflow_guard() -> None:
+    # Rows with entries above finfo(float32).max ** 0.25 (~1.8e9) are rescaled before squaring;
+    # w / sqrt(||w||^2 + eps) must not change there (eps / ||w||^2 < 1e-22 on both sides).
+    guard = torch.finfo(torch.float32).max ** 0.25
+    w = _base(3, seed=7)
+    unit = w / w.norm(dim=1, keepdim=True)
+    below = F.normalize_neurons(unit / unit.abs().amax(1, keepdim=True) * (guard / 2))
+    above = F.normalize_neurons(unit / unit.abs().amax(1, keepdim=True) * (guard * 2))
+    torch.testing.assert_close(below, unit, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(above, unit, rtol=1e-6, atol=1e-7)

@@ -94,6 +94,16 @@ def test_hard_mhs_equals_official_min_over_upper_triangle(half_space: bool) -> N
     assert_close(MHS(half_space=half_space)(w), official.hard_mhs(w, half_space))
 
 
+def test_hard_mhs_gradient_flows_only_through_the_closest_pair() -> None:
+    w = fixed_weights(n=8, d=4, seed=20).requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.hyperspherical_separation(w), w)
+    sq = 2.0 - 2.0 * official.cosine_matrix(w.detach(), half_space=False)
+    sq.fill_diagonal_(torch.inf)
+    closest = {int(k) for k in divmod(int(torch.argmin(sq)), 8)}
+    for k in range(8):
+        assert (grad[k].abs().sum() > 0) == (k in closest), f"neuron {k}"
+
+
 def test_hard_mhs_half_space_counts_pair_and_its_negated_copy_twice() -> None:
     # In [W; -W] the entries (i, j) and (-i, -j) are the same distance: the official code sums both.
     w = fixed_weights(n=6, d=5, seed=3)
