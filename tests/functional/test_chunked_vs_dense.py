@@ -18,7 +18,7 @@ import torch
 import lightning_hsu.functional as F
 from lightning_hsu.functional import pairwise
 
-N, D = 23, 40  # d > projection dim > n: a Gram block [.., rows, <= n] is recognisable
+N, D = 17, 40  # d > projection dim > n: a Gram block [.., rows, <= n] is recognisable
 PROJ_DIM = 30
 CHUNKS = [1, 7, N - 1, N]
 
