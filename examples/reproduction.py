@@ -209,11 +209,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax_acc.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("Test accuracy: mean ± std (dots: seeds)")
-    for config in names:
+    colors = plt.get_cmap("tab20").colors  # 11 configurations: the default 10-colour cycle would repeat
+    for i, config in enumerate(names):
         mine = [r for r in rows if r["config"] == config]
         marker = "s" if config == "baseline" else "o"
         ax_angle.scatter(
-            [r["hidden_min_angle"] for r in mine], [100 * r["test_acc"] for r in mine], label=config, marker=marker
+            [r["hidden_min_angle"] for r in mine],
+            [100 * r["test_acc"] for r in mine],
+            label=config,
+            marker=marker,
+            color="black" if config == "baseline" else colors[(2 * i) % 20 + (i >= 10)],
         )
     ax_angle.set_xlabel("hidden layers' minimum angle, half-space (°, mean of 3 layers)")
     ax_angle.set_ylabel("test accuracy (%)")
@@ -234,6 +239,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs")
     parser.add_argument("--name", default="reproduction", help="prefix of the files written into --out")
     parser.add_argument("--smoke", action="store_true", help="2 configurations, 2 seeds, 1 epoch, 128 samples")
+    parser.add_argument(
+        "--from-csv", type=Path, help="redraw the table and plot from a runs CSV written earlier (no training)"
+    )
     args = parser.parse_args()
     configs = list(args.configs or CONFIGS)
     unknown = [c for c in configs if c not in CONFIGS]
@@ -246,7 +254,14 @@ def main() -> None:
     jobs = [Job(c, seed, args.epochs, args.scale, limit) for seed in range(args.seeds) for c in configs]
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    if args.workers > 1:
+    if args.from_csv:
+        with args.from_csv.open() as f:
+            rows = [
+                {k: v if k == "config" else int(v) if k == "seed" else float(v) for k, v in r.items()}
+                for r in csv.DictReader(f)
+            ]
+        args.seeds = len({r["seed"] for r in rows})
+    elif args.workers > 1:
         import multiprocessing
 
         # spawn: a fresh interpreter per worker, no forked torch/Lightning state
@@ -263,6 +278,10 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows, args)
+    plot(rows, args.out / f"{args.name}.png")
+    if args.from_csv:  # the timing line and the raw runs stay those of the training
+        print(table)
+        return
     (args.out / f"{args.name}_table.md").write_text(
         table + f"\n{len(rows)} runs in {elapsed / 60:.1f} min wall-clock, {args.workers} parallel worker(s).\n"
     )
@@ -273,7 +292,6 @@ def main() -> None:
     (args.out / f"{args.name}_args.json").write_text(
         json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1)
     )
-    plot(rows, args.out / f"{args.name}.png")
     print("\n" + table)
     print(f"{len(rows)} runs in {elapsed:.0f} s; wrote {args.out}/{args.name}_table.md, _runs.csv, .png")
 
