@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_hsu.functional._common import NonFiniteInputError
 from lightning_hsu.functional.neurons import neurons_of
 from lightning_hsu.rules import Binding, Rule, find_classifier, resolve_rules
 
@@ -220,7 +221,17 @@ class PenaltyEngine:
         coefficient = self.coefficient(binding, step)
         if coefficient == 0.0:
             return None
-        penalty = binding.regularizer(neurons_of(module, name=binding.layer_name), step=step)
+        try:
+            penalty = binding.regularizer(neurons_of(module, name=binding.layer_name), step=step)
+        except NonFiniteInputError as err:
+            message = (
+                f"the weights of layer {binding.layer_name!r} contain NaN or inf at global step {step}, so its "
+                f"{binding.rule.label!r} penalty is undefined"
+            )
+            if self.on_nonfinite == "raise":
+                raise NonFinitePenaltyError(message + " (set on_nonfinite='skip' to skip such steps)") from err
+            warnings.warn(message + "; skipped (on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
+            return None
         value = penalty.detach()
         if self.on_nonfinite == "skip" and not bool(torch.isfinite(value)):
             warnings.warn(

@@ -95,7 +95,7 @@ class HypersphericalUniformity(Callback):
                     coefficient,
                     options=dict(options or {}),
                     layers=layers,
-                    exclude=list(exclude or []),
+                    exclude=exclude if exclude is not None else [],
                     schedule=schedule,
                 )
             )

@@ -4,7 +4,7 @@ Every function takes neurons as the rows of ``[n, d]`` (see :func:`neurons_of`),
 float32 or better with autocast off, and is differentiable.
 """
 
-from lightning_hsu.functional._common import DEFAULT_EPS, normalize_neurons
+from lightning_hsu.functional._common import DEFAULT_EPS, NonFiniteInputError, normalize_neurons
 from lightning_hsu.functional.compressive import compressive_energy, gaussian_projections
 from lightning_hsu.functional.covering import pole_covering_distance
 from lightning_hsu.functional.energy import hyperspherical_energy
@@ -17,6 +17,7 @@ from lightning_hsu.functional.uniformity import uniformity
 
 __all__ = [
     "DEFAULT_EPS",
+    "NonFiniteInputError",
     "compressive_energy",
     "gaussian_projections",
     "gram_determinant_penalty",

@@ -22,6 +22,10 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+class NonFiniteInputError(ValueError):
+    """Neurons (or a pole, or projections) contain NaN or inf: every penalty of them is undefined."""
+
+
 def compute_dtype(tensor: Tensor) -> torch.dtype:
     """Return float64 for float64 input and float32 for everything else (bf16, fp16, fp32)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
@@ -58,7 +62,7 @@ def check_neurons(neurons: Tensor, what: str = "neurons") -> Tensor:
     if neurons.shape[-1] == 0:
         raise ValueError(f"{what} have dimension d = 0: shape {tuple(neurons.shape)}")
     if not bool(torch.isfinite(neurons.detach()).all()):
-        raise ValueError(
+        raise NonFiniteInputError(
             f"{what} contain NaN or inf entries (shape {tuple(neurons.shape)}); "
             "a hyperspherical penalty of non-finite weights is undefined"
         )

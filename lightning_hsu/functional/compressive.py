@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import (
+    DEFAULT_EPS,
+    NonFiniteInputError,
+    check_neurons,
+    full_precision,
+    normalize_neurons,
+)
 from lightning_hsu.functional.energy import Distance, mean_pair_kernel
 from lightning_hsu.functional.kernels import energy_kernel
 
@@ -61,7 +67,7 @@ def compressive_energy(
     if projections.dim() != 3 or projections.shape[-1] != x.shape[1]:
         raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
     if not bool(torch.isfinite(projections.detach()).all()):
-        raise ValueError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
+        raise NonFiniteInputError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
     projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
     unit = normalize_neurons(projected, eps)
     kernel = energy_kernel(power, distance)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import (
+    DEFAULT_EPS,
+    NonFiniteInputError,
+    check_neurons,
+    full_precision,
+    normalize_neurons,
+)
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE
 
 
@@ -32,7 +38,9 @@ def pole_cosines(neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float 
     if pole.shape != (unit.shape[1],):
         raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
     if not bool(torch.isfinite(pole.detach()).all()):
-        raise ValueError(f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined")
+        raise NonFiniteInputError(
+            f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
+        )
     v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps)[0]
     cos = unit @ v
     return torch.cat([cos, -cos]) if half_space else cos

@@ -235,12 +235,6 @@ def test_invalid_configurations_are_refused_before_training_and_valid_ones_train
     assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callbacks/uniformity.py line 98 builds the single rule with `exclude=list(exclude or [])`, which "
-    "turns exclude='conv' into the patterns ['c', 'o', 'n', 'v'] (matching nothing) instead of refusing it as "
-    "Rule.validate does for a Rule",
-)
 def test_a_string_exclude_is_refused_by_the_callback():
     with pytest.raises(ValueError, match="`exclude`"):
         HypersphericalUniformity("mhe", exclude="conv")

@@ -91,12 +91,6 @@ def _nan_hidden_weight(model: torch.nn.Module) -> None:
     model.hidden.weight[0, 0] = float("nan")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.py PenaltyEngine._penalty_of (line ~223) lets check_neurons' ValueError 'neurons contain NaN "
-    "or inf entries (shape (8, 64))' escape: it names neither the layer nor the step, is not a "
-    "NonFinitePenaltyError, and on_nonfinite='skip' cannot skip it",
-)
 def test_nan_weight_is_reported_at_that_step_naming_the_layer(tmp_path):
     trainer = pl.Trainer(
         callbacks=[HypersphericalUniformity(MHE(), layers=["hidden"], log=False), AtStep(2, _nan_hidden_weight)],
