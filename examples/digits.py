@@ -145,6 +145,20 @@ def loaders(batch_size: int = 64, limit: int | None = None, seed: int = 0) -> tu
     )
 
 
+def quiet_lightning() -> None:
+    """Silence Lightning's start-up banners and advice about this tiny set-up (data loader workers,
+    logging intervals, the LeafSpec deprecation), so that an example's own output stays readable.
+    Real errors and the library's own warnings still show."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
+
+
 def quiet_trainer_kwargs() -> dict:
     """Trainer options shared by the examples: CPU, no checkpoints or progress bars cluttering a terminal."""
     return dict(

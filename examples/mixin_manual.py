@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from digits import DigitsCNN, loaders, quiet_trainer_kwargs
+from digits import DigitsCNN, loaders, quiet_lightning, quiet_trainer_kwargs
 from torch import nn
 
 from lightning_hsu import HypersphericalUniformityMixin
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="1 epoch on 128 samples (for tests)")
     args = parser.parse_args()
+    quiet_lightning()
     if args.smoke:
         args.epochs = 1
 

@@ -7,7 +7,7 @@ hidden layers half-space MHE (s = 2) with λ = 1, the classifier full-space MHE 
 ``NeuronDiversityMonitor`` logs every layer's neuron-angle metrics to the CSV logger, and the script
 prints test accuracy, the penalty and the minimum pairwise angle of each layer for both runs.
 
-    python examples/quickstart.py            # ~1 minute on a laptop CPU
+    python examples/quickstart.py            # 1-3 minutes on a 2-core CPU
     python examples/quickstart.py --smoke    # a few seconds: what the tests run
 """
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from digits import DigitsCNN, loaders, quiet_trainer_kwargs
+from digits import DigitsCNN, loaders, quiet_lightning, quiet_trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_hsu import HypersphericalUniformity
@@ -50,6 +50,7 @@ def train(regularised: bool, args: argparse.Namespace, root: Path) -> dict[str, 
     train_loader, test_loader = loaders(batch_size=64, limit=limit, seed=args.seed)
     model = DigitsCNN(max_epochs_hint=args.epochs)
     name = "mhe" if regularised else "baseline"
+    print(f"training {name} for {args.epochs} epoch(s)...", flush=True)
     logger = CSVLogger(root, name=name, version=0)
     callbacks: list[pl.Callback] = []
     if regularised:
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/quickstart"), help="where the CSV logs go")
     parser.add_argument("--smoke", action="store_true", help="1 epoch on 128 samples (for tests)")
     args = parser.parse_args()
+    quiet_lightning()
     if args.smoke:
         args.epochs = 1
 

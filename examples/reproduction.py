@@ -14,7 +14,7 @@ MHE 1/10 (NeurIPS 2018), MHS 0.1/1, MGD 0.01/0.1 (AISTATS 2021), CoMHE 1/10 with
 to 40 dimensions (CVPR 2020). The papers give no coefficient for the uniformity as a weight
 regulariser; it uses MHE's 1/10. ``--scale`` multiplies every coefficient (the only knob tuned).
 
-    python examples/reproduction.py                       # the study in the docs (~15 min on 2 cores)
+    python examples/reproduction.py                       # the study in the docs (~7 min, 2 workers on 2 cores)
     python examples/reproduction.py --scale 0.1 --name reproduction_scale0.1   # the tuned variant in the docs
     python examples/reproduction.py --smoke --out /tmp/r  # two configurations, one seed, seconds
 """
