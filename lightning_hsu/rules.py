@@ -99,12 +99,12 @@ class Rule:
                 raise ValueError(f"{where}: `regex` {self.regex!r} is not a valid regular expression: {err}") from None
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"{where}: `schedule` must be a lightning_hsu.schedules.Schedule, got {self.schedule!r}")
+        if isinstance(self.regularizer, str) and self.regularizer.lower() == "rmhp" and "half_space" in self.options:
+            raise ValueError(f"{where}: R-MHP has no half-space form (a neuron and its negation cancel)")
         try:
             self.build_regularizer()
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        if isinstance(self.regularizer, str) and self.regularizer.lower() == "rmhp" and self.options.get("half_space"):
-            raise ValueError(f"{where}: R-MHP has no half-space form (a neuron and its negation cancel)")
 
     @property
     def label(self) -> str:
