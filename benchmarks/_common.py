@@ -1,0 +1,125 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, markdown tables.
+
+Timing: each method is run once per repeat, the methods interleaved in a rotating order so that a
+slow spell of a shared machine hits them alike; the median over repeats is reported, both in wall
+time and (CPU only) in process CPU time, which is less sensitive to other tenants. Compare ratios
+taken in the same run, never absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, ROOT)
+
+
+@dataclass
+class Timing:
+    wall: float
+    cpu: float
+    peak_bytes: int | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(
+    methods: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, Timing]:
+    """Median wall/CPU seconds per method, interleaved; peak CUDA memory of one call on CUDA."""
+    names = list(methods)
+    walls: dict[str, list[float]] = {k: [] for k in names}
+    cpus: dict[str, list[float]] = {k: [] for k in names}
+    peaks: dict[str, int | None] = dict.fromkeys(names)
+    for name in names:
+        for _ in range(warmup):
+            methods[name]()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            methods[name]()
+            sync(device)
+            peaks[name] = torch.cuda.max_memory_allocated(device) - base
+    for rep in range(repeats):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            methods[name]()
+            sync(device)
+            walls[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+    return {k: Timing(statistics.median(walls[k]), statistics.median(cpus[k]), peaks[k]) for k in names}
+
+
+def machine() -> str:
+    """One line: CPU model and cores (or GPU name), torch version, threads."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads{gpu}, Python {platform.python_version()}"
+    )
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ms(seconds: float) -> float:
+    return 1000.0 * seconds
+
+
+def mib(n_bytes: int | None) -> str:
+    return "–" if n_bytes is None else f"{n_bytes / 2**20:.1f}"
+
+
+def add_common_args(parser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (CPU). 1 is robust on a shared, oversubscribed machine: with 2 threads "
+        "every elementwise op ends in a barrier that waits for a descheduled thread",
+    )
+
+
+def apply_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def device_arg(value: str) -> torch.device:
+    device = torch.device(value)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    return device

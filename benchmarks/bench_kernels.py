@@ -1,0 +1,249 @@
+"""Per-layer forward + backward of the regularisers: ours vs the official formulation vs the
+matrix-multiply lower bound.
+
+- **ours**: the library function, value and gradient (``.backward()`` through the normaliser).
+- **official**: a direct PyTorch port of the official TF code (Liu et al. 2018/2021, Lin et al.
+  2020): half-space by concatenating ``[W; -W]``, the full ``2n x 2n`` matrix, autograd.
+- **lower bound**: the matrix products any exact method needs: the Gram product ``W Wᵀ`` and the
+  gradient product ``G W`` (MHS: the Gram only, its gradient is sparse; MGD: plus its Cholesky
+  factorisations; CoMHE: the projections forward and backward plus ``K`` Gram and gradient products).
+
+Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+from _common import add_common_args, apply_threads, device_arg, machine, mib, ms, table, time_methods
+
+from lightning_hsu.functional import (
+    compressive_energy,
+    gram_determinant_penalty,
+    hyperspherical_energy,
+    hyperspherical_separation,
+)
+
+EPS = 1e-4
+
+
+# ---- official formulations (concatenation, full matrix, autograd) ----------------------------
+def _official_unit(w: torch.Tensor, half_space: bool) -> torch.Tensor:
+    x = torch.cat([w, -w]) if half_space else w
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + EPS)
+
+
+def official_mhe(w: torch.Tensor, half_space: bool, power: float = 2.0) -> torch.Tensor:
+    """``wy1iu/MHE`` ``_add_thomson_constraint``: full matrix, upper triangle, mean."""
+    x = _official_unit(w, half_space)
+    n = x.shape[0]
+    sq = 2.0 - 2.0 * (x @ x.T) + torch.eye(n, device=x.device, dtype=x.dtype)
+    final = sq.pow(-power / 2.0).triu(1)
+    return final.sum() / (n * (n - 1) / 2)
+
+
+def official_mhs(w: torch.Tensor, half_space: bool) -> torch.Tensor:
+    """Hard MHS: minimum of the upper-triangular ``d^2``, ties summed."""
+    x = _official_unit(w, half_space)
+    n = x.shape[0]
+    sq = 2.0 - 2.0 * (x @ x.T)
+    upper = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+    masked = torch.where(upper, sq, torch.full_like(sq, math.inf))
+    smallest = masked.min()
+    return -(masked * (masked == smallest)).nan_to_num(0.0, posinf=0.0).sum()
+
+
+def official_mgd(w: torch.Tensor, half_space: bool) -> torch.Tensor:
+    """MGD: ``-logdet(exp(-d^2) + 1e-6 I)`` of the ``2n x 2n`` kernel (float64, as ours)."""
+    x = _official_unit(w, half_space).double()
+    n = x.shape[0]
+    k = torch.exp(-(2.0 - 2.0 * (x @ x.T))) + 1e-6 * torch.eye(n, device=x.device, dtype=x.dtype)
+    return -torch.logdet(k).float()
+
+
+def official_comhe(w: torch.Tensor, projections: torch.Tensor, half_space: bool) -> torch.Tensor:
+    """``rmlin/CoMHE``: project, then the official MHE of each projection, averaged (a loop)."""
+    return torch.stack([official_mhe(w @ p.T, half_space) for p in projections]).mean()
+
+
+# ---- the benchmark --------------------------------------------------------------------------
+def backward_of(fn, w: torch.Tensor):
+    def run() -> None:
+        w.grad = None
+        fn(w).backward()
+
+    return run
+
+
+def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch.Tensor | None):
+    n, _ = w.shape
+    x = w.detach()
+    g = torch.randn(n, n, device=w.device, dtype=w.dtype)
+    if kind == "mhs":
+        return lambda: x @ x.T
+    if kind == "mgd":
+        spd = (g @ g.T / n + torch.eye(n, device=w.device, dtype=w.dtype)).double()
+
+        def run() -> None:
+            x @ x.T
+            g @ x
+            for _ in range(2 if half_space else 1):
+                torch.linalg.cholesky(spd)
+
+        return run
+    if kind == "comhe":
+        assert projections is not None
+        gp = torch.randn(projections.shape[0], n, n, device=w.device, dtype=w.dtype)
+
+        def run() -> None:
+            p = torch.einsum("kpd,nd->knp", projections, x)
+            torch.bmm(p, p.transpose(1, 2))
+            gp_p = torch.bmm(gp, p)
+            torch.einsum("knp,kpd->nd", gp_p, projections)
+
+        return run
+    return lambda: (x @ x.T, g @ x)
+
+
+def methods_for(kind: str, w: torch.Tensor, half_space: bool, projections: torch.Tensor | None):
+    if kind == "mhe":
+        return {
+            "ours": backward_of(lambda v: hyperspherical_energy(v, half_space=half_space), w),
+            "official": backward_of(lambda v: official_mhe(v, half_space), w),
+        }
+    if kind == "mhs":
+        return {
+            "ours": backward_of(lambda v: hyperspherical_separation(v, half_space=half_space), w),
+            "official": backward_of(lambda v: official_mhs(v, half_space), w),
+        }
+    if kind == "mgd":
+        return {
+            "ours": backward_of(lambda v: gram_determinant_penalty(v, half_space=half_space), w),
+            "official": backward_of(lambda v: official_mgd(v, half_space), w),
+        }
+    assert projections is not None
+    return {
+        "ours": backward_of(lambda v: compressive_energy(v, projections, half_space=half_space), w),
+        "official": backward_of(lambda v: official_comhe(v, projections, half_space), w),
+    }
+
+
+def dim_for(n: int) -> int:
+    """A ResNet conv layer's fan-in (9 x channels) up to 512 neurons, a 512-feature linear above."""
+    return 9 * n if n <= 512 else 512
+
+
+def bench_case(kind: str, n: int, d: int, half_space: bool, device: torch.device, repeats: int) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(n, d, device=device, requires_grad=True)
+    projections = torch.randn(20, 40, d, device=device) if kind == "comhe" else None
+    methods = methods_for(kind, w, half_space, projections)
+    methods["lower bound"] = lower_bound(kind, w, half_space, projections)
+    timings = time_methods(methods, device, repeats)
+    return {
+        "kind": kind,
+        "space": "half" if half_space else "full",
+        "n": n,
+        "d": d,
+        **{f"{k}_wall": t.wall for k, t in timings.items()},
+        **{f"{k}_cpu": t.cpu for k, t in timings.items()},
+        **{f"{k}_peak": t.peak_bytes for k, t in timings.items()},
+    }
+
+
+def rows_of(results: list[dict], device: torch.device) -> tuple[list[str], list[list[object]]]:
+    header = ["regulariser", "space", "n", "d", "ours ms", "official ms", "lower bound ms"]
+    header += ["official / ours", "ours / bound"]
+    if device.type == "cpu":
+        header += ["CPU-time official / ours", "CPU-time ours / bound"]
+    else:
+        header += ["peak MiB ours", "peak MiB official"]
+    rows = []
+    for r in results:
+        row = [r["kind"].upper(), r["space"], r["n"], r["d"], ms(r["ours_wall"]), ms(r["official_wall"])]
+        row += [ms(r["lower bound_wall"]), r["official_wall"] / r["ours_wall"], r["ours_wall"] / r["lower bound_wall"]]
+        if device.type == "cpu":
+            row += [r["official_cpu"] / r["ours_cpu"], r["ours_cpu"] / r["lower bound_cpu"]]
+        else:
+            row += [mib(r["ours_peak"]), mib(r["official_peak"])]
+        rows.append(row)
+    return header, rows
+
+
+def plot(results: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sel = sorted((r for r in results if r["kind"] == "mhe" and r["space"] == "half"), key=lambda r: r["n"])
+    ns = [r["n"] for r in sel]
+    for key, style in (("official", "s--"), ("ours", "o-"), ("lower bound", "^:")):
+        ax.plot(ns, [ms(r[f"{key}_wall"]) for r in sel], style, label=key)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("neurons n (d = 9n up to 512, then 512)")
+    ax.set_ylabel("forward + backward, ms (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--quick", action="store_true", help="n up to 1024, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--max-n", type=int, default=2048, help="4096 adds n = 4096 (about 10 more minutes on a 2-core CPU)"
+    )
+    parser.add_argument("--json", default=None, help="write the raw results here")
+    parser.add_argument("--plot", default=None, help="write a PNG of half-space MHE time vs n here")
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    device = device_arg(args.device)
+    start = time.perf_counter()
+    print(f"Machine: {machine()}\n")
+
+    repeats = args.repeats or (3 if args.quick else 5)
+    head = bench_case("mhe", 512, 4608, True, device, max(repeats, 7))
+    print("### Half-space MHE (s = 2), n = 512, d = 4608, forward + backward\n")
+    header, rows = rows_of([head], device)
+    print(table(header, rows))
+    print(
+        f"\nTargets: official / ours >= 4 (measured {head['official_wall'] / head['ours_wall']:.2f}), "
+        f"ours / lower bound <= 1.5 (measured {head['ours_wall'] / head['lower bound_wall']:.2f}).\n"
+    )
+
+    sizes = [64, 256, 1024] if args.quick else [64, 256, 512, 1024, 2048]
+    if args.max_n >= 4096 and not args.quick:
+        sizes.append(4096)
+    cases = [("mhe", True), ("mhe", False), ("mhs", True), ("mgd", True), ("comhe", True)]
+    results = [head]
+    for kind, half in cases:
+        for n in sizes:
+            if kind == "mhe" and half and n == 512:
+                continue  # measured above
+            reps = repeats if n < 1024 else max(2, repeats - 2)
+            results.append(bench_case(kind, n, 4608 if n == 512 else dim_for(n), half, device, reps))
+    results.sort(key=lambda r: (["mhe", "mhs", "mgd", "comhe"].index(r["kind"]), r["space"] != "half", r["n"]))
+    print("### All regularisers, forward + backward (CoMHE: 20 projections to 40 dims)\n")
+    header, rows = rows_of(results, device)
+    print(table(header, rows))
+    print(f"\nTotal benchmark time {time.perf_counter() - start:.0f} s.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot, f"Half-space MHE (s = 2), {device.type}, {torch.get_num_threads()} thread(s)")
+
+
+if __name__ == "__main__":
+    main()

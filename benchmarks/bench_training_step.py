@@ -1,0 +1,232 @@
+"""Training-step time of a CIFAR ResNet-18 with and without the MHE penalty on every conv/linear layer.
+
+ResNet-18 in its CIFAR shape (3x3 stem, no max-pool, 32x32 input; He et al. 2016), batch 64,
+SGD. The penalty is ``sum_layers lambda * MHE(neurons_of(layer))``: half-space (s = 2) on the 20
+conv layers with lambda = 1, full space on the classifier with lambda = 10 (the official MHE
+settings). Variants:
+
+- **per layer**: one ``hyperspherical_energy`` call per layer;
+- **batched by shape**: layers with the same ``[n, d]`` stacked into one ``[batch, n, d]`` call;
+- **torch.compile**: the per-layer penalty function compiled (compile time reported apart);
+- **Lightning**: a ``Trainer`` with and without the ``HypersphericalUniformity`` callback
+  (``preset="mhe"``), timed from ``on_train_batch_start`` to ``on_train_batch_end``.
+
+Usage: ``python benchmarks/bench_training_step.py [--steps 5] [--threads 1] [--device cuda] [--no-lightning]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from _common import add_common_args, apply_threads, device_arg, machine, ms, sync, table
+from torch import nn
+
+from lightning_hsu.functional import hyperspherical_energy, neurons_of
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1))
+
+
+def penalised_layers(model: nn.Module) -> tuple[list[nn.Module], nn.Module]:
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs, model.fc
+
+
+def penalty_per_layer(model: nn.Module) -> torch.Tensor:
+    convs, fc = penalised_layers(model)
+    total = sum(hyperspherical_energy(neurons_of(c), half_space=True) for c in convs)
+    return total + 10.0 * hyperspherical_energy(neurons_of(fc))
+
+
+def penalty_batched(model: nn.Module) -> torch.Tensor:
+    convs, fc = penalised_layers(model)
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for c in convs:
+        w = neurons_of(c)
+        groups.setdefault(tuple(w.shape), []).append(w)
+    total = sum(hyperspherical_energy(torch.stack(ws), half_space=True).sum() for ws in groups.values())
+    return total + 10.0 * hyperspherical_energy(neurons_of(fc))
+
+
+def make_step(model: nn.Module, penalty, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty(model)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> dict[str, float]:
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for k in names:
+        steps[k]()  # warm-up
+    for rep in range(repeats):
+        for k in names[rep % len(names) :] + names[: rep % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[k]()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def lightning_steps(device: torch.device, steps: int, with_callback: bool) -> float:
+    import lightning.pytorch as pl
+
+    from lightning_hsu import HypersphericalUniformity
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = ResNet18()
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    class Timer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args) -> None:
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *args) -> None:
+            sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(64 * (steps + 1), 3, 32, 32), torch.randint(0, 10, (64 * (steps + 1),))
+    )
+    timer = Timer()
+    callbacks: list[pl.Callback] = [timer]
+    if with_callback:
+        callbacks.append(HypersphericalUniformity(preset="mhe", log_per_layer=False))
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=64))
+    return statistics.median(timer.times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-lightning", action="store_true")
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    device = device_arg(args.device)
+    print(f"Machine: {machine()}\n")
+    torch.manual_seed(0)
+    model = ResNet18().to(device)
+    x = torch.randn(64, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    with torch.no_grad():
+        exact = float(penalty_per_layer(model))
+        batched = float(penalty_batched(model))
+    assert abs(exact - batched) <= 1e-5 * abs(exact), (exact, batched)
+
+    steps = {
+        "no penalty": make_step(model, None, x, y),
+        "penalty, per layer": make_step(model, penalty_per_layer, x, y),
+        "penalty, batched by shape": make_step(model, penalty_batched, x, y),
+    }
+    notes = []
+    if not args.no_compile:
+        try:
+            compiled = torch.compile(penalty_per_layer)
+            t0 = time.perf_counter()
+            make_step(model, compiled, x, y)()
+            notes.append(f"torch.compile: first (compiling) step {time.perf_counter() - t0:.1f} s")
+            steps["penalty, torch.compile"] = make_step(model, compiled, x, y)
+        except Exception as err:  # report, do not fail the benchmark
+            notes.append(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    pen_model = ResNet18().to(device)
+    pen_time = {
+        "penalty alone (forward + backward, per layer)": lambda: penalty_per_layer(pen_model).backward(),
+        "penalty alone (batched by shape)": lambda: penalty_batched(pen_model).backward(),
+    }
+    times = time_steps({**steps, **pen_time}, device, args.steps)
+    base = times["no penalty"]
+    rows = [[k, ms(v), f"{100 * (v / base - 1):+.1f}%"] for k, v in times.items()]
+    if not args.no_lightning:
+        plain = lightning_steps(device, args.steps + 1, False)
+        with_cb = lightning_steps(device, args.steps + 1, True)
+        rows += [
+            ["Lightning Trainer, no callback", ms(plain), "(its own baseline)"],
+            [
+                "Lightning Trainer + HypersphericalUniformity(preset='mhe')",
+                ms(with_cb),
+                f"{100 * (with_cb / plain - 1):+.1f}%",
+            ],
+        ]
+    print(f"### CIFAR ResNet-18 training step, batch 64, {device.type}, median of {args.steps}\n")
+    print(table(["variant", "step ms", "vs no penalty"], rows))
+    for note in notes:
+        print(f"\n{note}")
+    groups = {}
+    for c in penalised_layers(model)[0]:
+        groups.setdefault(tuple(neurons_of(c).shape), 0)
+        groups[tuple(neurons_of(c).shape)] += 1
+    print(f"\nConv layer shapes [n, d] x count: {groups}; penalty value {exact:.4f} (per layer == batched)")
+
+
+if __name__ == "__main__":
+    main()
