@@ -118,6 +118,10 @@ class PenaltyEngine:
         self.every_n_steps = every_n_steps
         self.on_nonfinite = on_nonfinite
         self.enabled = True
+        #: Tie each penalty to its layer's output. Needed only where weights exist whole inside
+        #: forward alone (FSDP, ZeRO-3): elsewhere the penalty joins the loss directly, which
+        #: saves a copy of every regularised layer's output.
+        self.tie_to_output = True
         #: ``(rank, world_size)`` when sum-over-pairs penalties are shared across ranks.
         self.shard: tuple[int, int] | None = None
         self.bindings: list[Binding] = []
@@ -196,12 +200,6 @@ class PenaltyEngine:
             todo = [b for b in bindings if id(b) not in record.done]
             if not todo:
                 return None  # weight sharing: once per step
-            target, put_back = _first_tensor(output)
-            if target is None:
-                raise TypeError(
-                    f"layer {bindings[0].layer_name!r} returned {type(output).__name__}, which holds no tensor "
-                    "to tie the penalty to"
-                )
             total = None
             for b in todo:
                 record.done.add(id(b))
@@ -211,6 +209,15 @@ class PenaltyEngine:
                 total = value if total is None else total + value
             if total is None:
                 return None
+            if not engine.tie_to_output:
+                record.pending.append(total)
+                return None
+            target, put_back = _first_tensor(output)
+            if target is None:
+                raise TypeError(
+                    f"layer {bindings[0].layer_name!r} returned {type(output).__name__}, which holds no tensor "
+                    "to tie the penalty to"
+                )
             tied_output, tied_total = _Tie.apply(target, total)
             record.pending.append(tied_total)
             return put_back(tied_output)

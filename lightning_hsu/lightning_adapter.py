@@ -28,6 +28,20 @@ def shards_parameters(strategy: Any) -> bool:
     return any("FSDP" in cls.__name__ for cls in type(strategy).__mro__)
 
 
+def keeps_whole_weights(strategy: Any) -> bool:
+    """Whether every rank holds every weight whole at all times (single device, DDP, ZeRO-1/2).
+
+    Only for these is the penalty added to the loss untied; any other strategy, a custom one
+    included, gets the tie, which is right everywhere and costs a copy of the layer's output.
+    """
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    if "DeepSpeedStrategy" in names:
+        return not shards_parameters(strategy)
+    if names & {"FSDPStrategy", "ModelParallelStrategy"}:
+        return False
+    return bool(names & {"SingleDeviceStrategy", "DDPStrategy"})
+
+
 def attached_engines(pl_module: torch.nn.Module) -> list[PenaltyEngine]:
     return list(getattr(pl_module, ENGINES_ATTR, []))
 

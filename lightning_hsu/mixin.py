@@ -14,7 +14,13 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_hsu.engine import OnNonFinite, PenaltyEngine
-from lightning_hsu.lightning_adapter import attach, manual_penalty, run_training_step, shards_parameters
+from lightning_hsu.lightning_adapter import (
+    attach,
+    keeps_whole_weights,
+    manual_penalty,
+    run_training_step,
+    shards_parameters,
+)
 from lightning_hsu.rules import Rule, preset_rules
 
 _ENGINE_ATTR = "_hsu_mixin_engine"
@@ -101,6 +107,7 @@ class HypersphericalUniformityMixin:
                 f"{type(self).__name__}: manual optimisation with {type(trainer.strategy).__name__} is not supported "
                 "(weights are sharded outside forward); use automatic optimisation"
             )
+        engine.tie_to_output = trainer is None or not keeps_whole_weights(trainer.strategy)
         engine.bind(module, check_weights=not sharded)
         engine.install_hooks()
         attach(module, engine)

@@ -16,6 +16,7 @@ from lightning_hsu.lightning_adapter import (
     attach,
     attached_engines,
     detach,
+    keeps_whole_weights,
     log_values,
     shards_parameters,
     wrap_training_step,
@@ -160,7 +161,9 @@ class HypersphericalUniformity(Callback):
         if self.shard_across_ranks and trainer.world_size > 1:
             self.engine.shard = (trainer.global_rank, trainer.world_size)
         # After configure_model and the strategy's wrapping: bind to the modules that will run.
-        self.engine.bind(pl_module, check_weights=not shards_parameters(trainer.strategy))
+        sharded = shards_parameters(trainer.strategy)
+        self.engine.tie_to_output = not keeps_whole_weights(trainer.strategy)
+        self.engine.bind(pl_module, check_weights=not sharded)
         self._check_overlap(pl_module)
         self.engine.install_hooks()
         attach(pl_module, self.engine)

@@ -205,7 +205,7 @@ def test_validation_and_prediction_compute_no_penalty(tmp_path):
         ({"regularizer": "mhe", "coefficient": float("nan")}, "`coefficient`"),
         ({"regularizer": "mhe", "options": {"power": -2}}, "`power`"),
         ({"regularizer": "mhe", "options": {"bogus": 1}}, "bogus"),
-        ({"regularizer": "rmhp", "options": {"half_space": True}}, "half_space"),
+        ({"regularizer": "rmhp", "options": {"half_space": True}}, "R-MHP has no half-space form"),
         ({"preset": "nope"}, "unknown preset 'nope'"),
         ({"regularizer": "mhe", "every_n_steps": 0}, "`every_n_steps`"),
         ({"regularizer": "mhe", "on_nonfinite": "ignore"}, "`on_nonfinite`"),
