@@ -57,13 +57,16 @@ def _train(strategy: str, precision: str, kind: str, root: str) -> dict:
         max_steps=4,
     )
     kw.pop("deterministic")
+    # Lightning's distributed sampler shuffles; the single-device reference reads in order.
+    kw["use_distributed_sampler"] = False
     trainer = pl.Trainer(callbacks=callbacks, **kw)
     trainer.fit(model)
     if strategy.startswith("deepspeed_stage_3"):
-        from deepspeed.utils import safe_get_full_fp32_param
+        import deepspeed
 
-        named = {n: safe_get_full_fp32_param(p) for n, p in trainer.strategy.model.module.named_parameters()}
-        state = {n: t.detach().float().cpu() for n, t in named.items()}
+        # ZeRO-3 keeps partitions outside forward: gather the module's parameters to read them.
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
     elif strategy == "fsdp":
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -95,6 +98,9 @@ def _spawn(name: str, kind: str, workdir: Path) -> tuple[dict | None, str]:
         env=env,
         timeout=300,
     )
+    log_dir = os.environ.get("HSU_GPU_LOG_DIR")
+    if log_dir:
+        Path(log_dir, f"{name.split()[0]}-{name.split()[-1].strip('()')}-{kind}.log").write_text(proc.stderr[-20000:])
     if proc.returncode != 0 or not out.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return None, " / ".join(tail)[-300:]
