@@ -100,7 +100,9 @@ class Rule:
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"{where}: `schedule` must be a lightning_hsu.schedules.Schedule, got {self.schedule!r}")
         if isinstance(self.regularizer, str) and self.regularizer.lower() == "rmhp" and "half_space" in self.options:
-            raise ValueError(f"{where}: R-MHP has no half-space form (a neuron and its negation cancel)")
+            raise ValueError(
+                f"{where}: R-MHP has no half-space form, drop option `half_space` (a neuron and its negation cancel)"
+            )
         try:
             self.build_regularizer()
         except ValueError as err:
