@@ -49,8 +49,12 @@ def full_precision(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
-def check_neurons(neurons: Tensor, what: str = "neurons") -> Tensor:
-    """Validate a ``[n, d]`` or ``[batch, n, d]`` floating tensor and promote it to float32+."""
+def check_neurons(neurons: Tensor, what: str = "neurons", *, check_finite: bool = True) -> Tensor:
+    """Validate a ``[n, d]`` or ``[batch, n, d]`` floating tensor and promote it to float32+.
+
+    ``check_finite=False`` skips the NaN/inf check (a device sync) for callers that check later,
+    as :func:`normalized_rows` does from the squared norms it needs anyway.
+    """
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(neurons).__name__}")
     if neurons.dim() not in (2, 3):
@@ -61,12 +65,18 @@ def check_neurons(neurons: Tensor, what: str = "neurons") -> Tensor:
         raise TypeError(f"{what} must be a floating-point tensor, got {neurons.dtype}")
     if neurons.shape[-1] == 0:
         raise ValueError(f"{what} have dimension d = 0: shape {tuple(neurons.shape)}")
+    if check_finite:
+        check_finite_neurons(neurons, what)
+    return neurons.to(compute_dtype(neurons))
+
+
+def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
+    """Raise :class:`NonFiniteInputError` if ``neurons`` hold a NaN or inf (one device sync)."""
     if not bool(torch.isfinite(neurons.detach()).all()):
         raise NonFiniteInputError(
             f"{what} contain NaN or inf entries (shape {tuple(neurons.shape)}); "
             "a hyperspherical penalty of non-finite weights is undefined"
         )
-    return neurons.to(compute_dtype(neurons))
 
 
 def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
@@ -90,6 +100,34 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
         neurons = neurons / divisor
         return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps / (divisor * divisor))
     return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def normalized_rows(neurons: Tensor, eps: float, what: str = "neurons") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    r""":func:`normalize_neurons` without autograd, checking for NaN/inf on the way (one sync).
+
+    Returns ``(unit, r, sq_unit, divisor)``: the unit neurons :math:`\hat w = r\,w/s`, the
+    ``[..., n, 1]`` factors :math:`r = (\lVert w/s\rVert^2 + \epsilon/s^2)^{-1/2}`, the squared
+    norms :math:`\lVert\hat w\rVert^2` (``[..., n]``) and the row divisors :math:`s` (``None``
+    in the common case where no row needs rescaling, i.e. :math:`s = 1`). The same values as
+    :func:`normalize_neurons`: the squared norms decide, in one check, whether any row is
+    non-finite or large enough for the rescaling (its threshold halved for rounding); only then
+    does the exact check and rescaling of :func:`normalize_neurons` run.
+    """
+    sq = torch.linalg.vecdot(neurons, neurons).unsqueeze(-1)
+    huge = torch.finfo(neurons.dtype).max ** 0.25
+    if bool((sq <= 0.5 * huge * huge).all()):  # False for NaN and inf
+        r = torch.rsqrt(sq + eps)
+        divisor = None
+    else:
+        check_finite_neurons(neurons, what)
+        scale = neurons.abs().amax(dim=-1, keepdim=True)
+        divisor = torch.where(scale > huge, scale, torch.ones_like(scale))
+        neurons = neurons / divisor
+        sq = torch.linalg.vecdot(neurons, neurons).unsqueeze(-1)
+        r = torch.rsqrt(sq + eps / (divisor * divisor))
+    unit = neurons * r
+    return unit, r, (sq * r * r).squeeze(-1), divisor
 
 
 def as_batched(neurons: Tensor) -> tuple[Tensor, bool]:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_hsu.functional._common import normalized_rows
 from lightning_hsu.functional.kernels import PairKernel
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
@@ -126,9 +127,18 @@ def _zero_self_pairs(block: Tensor, start: int) -> Tensor:
 
 
 def _row_block_sum(
-    unit: Tensor, kernel: PairKernel, half_space: bool, block_rows: int, with_grad: bool, row_range: tuple[int, int]
+    unit: Tensor,
+    kernel: PairKernel,
+    half_space: bool,
+    block_rows: int,
+    with_grad: bool,
+    row_range: tuple[int, int],
+    sq_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows."""
+    """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
+
+    ``sq_norm``: the squared norms of the rows of ``unit`` if known (half-space self pairs).
+    """
     batch = unit.shape[0]
     total = unit.new_zeros(batch)
     grad = torch.zeros_like(unit) if with_grad else None
@@ -144,7 +154,8 @@ def _row_block_sum(
         if half_space:
             value_neg, deriv_neg = kernel(-cos, with_grad)
             _zero_self_pairs(value_neg, start).zero_()
-            anti, anti_deriv = kernel(-(rows * rows).sum(-1), with_grad)
+            sq = (rows * rows).sum(-1) if sq_norm is None else sq_norm[:, start:stop]
+            anti, anti_deriv = kernel(-sq, with_grad)
             # each ordered pair (i, j) of the block stands for the pairs (i, j), (-i, -j) [c] and
             # (i, -j), (j, -i) [-c]: summing over ordered pairs counts each unordered pair twice
             total += value.sum((1, 2)) + value_neg.sum((1, 2)) + anti.sum(1)
@@ -152,31 +163,41 @@ def _row_block_sum(
                 assert deriv is not None and deriv_neg is not None and anti_deriv is not None
                 coeff = deriv.sub_(deriv_neg)
                 _zero_self_pairs(coeff, start).zero_()
-                grad[:, start:stop] = 2.0 * (torch.bmm(coeff, unit) - anti_deriv.unsqueeze(-1) * rows)
+                out = grad[:, start:stop]
+                out.baddbmm_(coeff, unit, beta=0.0, alpha=2.0)
+                out.addcmul_(anti_deriv.unsqueeze(-1), rows, value=-2.0)
         else:
             total += 0.5 * value.sum((1, 2))
             if grad is not None:
                 assert deriv is not None
                 _zero_self_pairs(deriv, start).zero_()
-                grad[:, start:stop] = torch.bmm(deriv, unit)
+                grad[:, start:stop].baddbmm_(deriv, unit, beta=0.0)
     return total, grad
 
 
 def _upper_strip_sum(
-    unit: Tensor, kernel: PairKernel, half_space: bool, block_rows: int, with_grad: bool
+    unit: Tensor,
+    kernel: PairKernel,
+    half_space: bool,
+    block_rows: int,
+    with_grad: bool,
+    sq_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Upper-strip schedule: each unordered pair once, gradient to both of its neurons.
 
     Strip ``[start, stop)`` meets the columns ``[start, n)``. Its leading square tile (the pairs
     within the strip) is kept whole, as in the full-row schedule: no triangular masking, which
     costs a strided pass, only the diagonal is dropped and the tile's sum is halved; the columns
-    past the tile get their gradient from the transposed product.
+    past the tile get their gradient from the transposed product. The first strip writes every
+    row of the gradient (``beta=0``), so it starts uninitialised. ``sq_norm`` as in
+    :func:`_row_block_sum`.
     """
     batch, n, _ = unit.shape
     total = unit.new_zeros(batch)
-    grad = torch.zeros_like(unit) if with_grad else None
+    grad = torch.empty_like(unit) if with_grad else None
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
+        beta = 0.0 if start == 0 else 1.0
         width = stop - start
         rows = unit[:, start:stop]
         cols = unit[:, start:]
@@ -187,7 +208,8 @@ def _upper_strip_sum(
         if half_space:
             value_neg, deriv_neg = kernel(-cos, with_grad)
             _zero_self_pairs(value_neg, 0).zero_()
-            anti, anti_deriv = kernel(-(rows * rows).sum(-1), with_grad)
+            sq = (rows * rows).sum(-1) if sq_norm is None else sq_norm[:, start:stop]
+            anti, anti_deriv = kernel(-sq, with_grad)
             # a pair past the tile stands once for (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c];
             # a pair in the tile is there twice, as (i, j) and (j, i)
             strip = value.sum((1, 2)) + value_neg.sum((1, 2))
@@ -197,18 +219,18 @@ def _upper_strip_sum(
                 assert deriv is not None and deriv_neg is not None and anti_deriv is not None
                 coeff = deriv.sub_(deriv_neg)  # d/dc [f(c) + f(-c)]
                 _zero_self_pairs(coeff, 0).zero_()
-                grad[:, start:stop].baddbmm_(coeff, cols, alpha=2.0)
-                grad[:, start:stop].sub_(anti_deriv.unsqueeze(-1) * rows, alpha=2.0)
+                grad[:, start:stop].baddbmm_(coeff, cols, beta=beta, alpha=2.0)
+                grad[:, start:stop].addcmul_(anti_deriv.unsqueeze(-1), rows, value=-2.0)
                 if stop < n:
-                    grad[:, stop:].baddbmm_(coeff[:, :, width:].transpose(1, 2), rows, alpha=2.0)
+                    grad[:, stop:].baddbmm_(coeff[:, :, width:].transpose(1, 2), rows, beta=beta, alpha=2.0)
         else:
             total += value.sum((1, 2)) - 0.5 * value[:, :, :width].sum((1, 2))
             if grad is not None:
                 assert deriv is not None
                 _zero_self_pairs(deriv, 0).zero_()
-                grad[:, start:stop].baddbmm_(deriv, cols)
+                grad[:, start:stop].baddbmm_(deriv, cols, beta=beta)
                 if stop < n:
-                    grad[:, stop:].baddbmm_(deriv[:, :, width:].transpose(1, 2), rows)
+                    grad[:, stop:].baddbmm_(deriv[:, :, width:].transpose(1, 2), rows, beta=beta)
     return total, grad
 
 
@@ -242,6 +264,84 @@ class _PairwiseKernelSum(torch.autograd.Function):
         return grad * grad_total.view(-1, 1, 1), None, None, None, None
 
 
+class _NormalizedPairwiseKernelSum(torch.autograd.Function):
+    r""":class:`_PairwiseKernelSum` of the normalised rows of raw neurons, normalising inside.
+
+    With :math:`\hat w = r w`, :math:`r = (\lVert w\rVert^2 + \epsilon)^{-1/2}` and
+    :math:`g = \partial S/\partial\hat w` from the block sums,
+    :math:`\partial\hat w/\partial w = r (I - \hat w\hat w^\top)` (using
+    :math:`\partial r/\partial w = -r^3 w`), hence
+    :math:`\partial S/\partial w = r\,(g - (g\cdot\hat w)\,\hat w)`: three passes over the
+    gradient instead of an autograd graph of the normalisation, and no host sync but the one
+    check of :func:`~lightning_hsu.functional._common.normalized_rows`. Rows rescaled there by
+    :math:`s` (a constant, as in :func:`~lightning_hsu.functional._common.normalize_neurons`)
+    get a further :math:`1/s`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        neurons: Tensor,
+        eps: float,
+        kernel: PairKernel,
+        half_space: bool,
+        block_rows: int,
+        row_range: tuple[int, int] | None,
+    ) -> Tensor:
+        with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        unit, r, sq_norm, divisor = normalized_rows(neurons, eps)
+        if row_range is None:
+            total, grad = _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm)
+        else:
+            total, grad = _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
+        if grad is not None:
+            radial = torch.linalg.vecdot(grad, unit).unsqueeze(-1)  # g . w_hat
+            grad.addcmul_(radial, unit, value=-1.0).mul_(r)
+            if divisor is not None:
+                grad.div_(divisor)
+            ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * grad_total.view(-1, 1, 1), None, None, None, None, None
+
+
+def _schedule(n: int, chunk_size: int | None, shard: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
+    """Rows per block and the row range (``None``: upper strips over all rows)."""
+    checked = check_shard(shard)
+    rows = symmetric_block_rows(n, chunk_size)  # with shard: the same cache-sized blocks, of full rows
+    if checked is None:
+        return rows, None
+    rank, world_size = checked
+    return rows, shard_rows(n, rank, world_size)
+
+
+def normalized_pairwise_kernel_sum(
+    neurons: Tensor,
+    kernel: PairKernel,
+    *,
+    eps: float,
+    half_space: bool = False,
+    chunk_size: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Tensor:
+    """:func:`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
+
+    ``neurons``: ``[batch, n, d]`` raw float32/float64 neurons. The same value and gradient as the
+    composition to float rounding, in fewer passes and with a single host sync (the NaN/inf check:
+    raises :class:`~lightning_hsu.functional._common.NonFiniteInputError`).
+    """
+    block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard)
+    return _NormalizedPairwiseKernelSum.apply(neurons, float(eps), kernel, half_space, block_rows, row_range)
+
+
 def pairwise_kernel_sum(
     unit: Tensor,
     kernel: PairKernel,
@@ -265,13 +365,8 @@ def pairwise_kernel_sum(
             ranks' values and gradients sum exactly to the unsharded ones. Under a strategy that
             averages gradients multiply the result by :func:`sharded_scale`.
     """
-    n = unit.shape[1]
-    checked = check_shard(shard)
-    if checked is None:
-        return _PairwiseKernelSum.apply(unit, kernel, half_space, symmetric_block_rows(n, chunk_size), None)
-    rank, world_size = checked
-    rows = symmetric_block_rows(n, chunk_size)  # same cache-sized blocks, here of full rows
-    return _PairwiseKernelSum.apply(unit, kernel, half_space, rows, shard_rows(n, rank, world_size))
+    block_rows, row_range = _schedule(unit.shape[1], chunk_size, shard)
+    return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range)
 
 
 @torch.no_grad()
