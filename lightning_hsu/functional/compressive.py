@@ -21,7 +21,6 @@ from lightning_hsu.functional._common import (
     NonFiniteInputError,
     check_neurons,
     full_precision,
-    normalize_neurons,
 )
 from lightning_hsu.functional.energy import Distance, mean_pair_kernel
 from lightning_hsu.functional.kernels import energy_kernel
@@ -69,6 +68,7 @@ def compressive_energy(
     if not bool(torch.isfinite(projections.detach()).all()):
         raise NonFiniteInputError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
     projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
-    unit = normalize_neurons(projected, eps)
     kernel = energy_kernel(power, distance)
-    return mean_pair_kernel(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard).mean()
+    # normalised inside the pair sums (normalize_neurons(projected, eps) in fewer passes)
+    energy = mean_pair_kernel(projected, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps)
+    return energy.mean()

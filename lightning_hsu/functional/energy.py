@@ -15,9 +15,17 @@ from typing import Literal
 
 from torch import Tensor
 
-from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import (
+    DEFAULT_EPS,
+    NonFiniteInputError,
+    as_batched,
+    check_finite_neurons,
+    check_neurons,
+    full_precision,
+    normalize_neurons,
+)
 from lightning_hsu.functional.kernels import PairKernel, energy_kernel
-from lightning_hsu.functional.pairwise import pair_count, pairwise_kernel_sum
+from lightning_hsu.functional.pairwise import normalized_pairwise_kernel_sum, pair_count, pairwise_kernel_sum
 
 Distance = Literal["euclidean", "angular"]
 
@@ -29,15 +37,27 @@ def mean_pair_kernel(
     half_space: bool,
     chunk_size: int | None,
     shard: tuple[int, int] | None = None,
+    eps: float | None = None,
 ) -> Tensor:
     """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2.
 
     With ``shard`` it is this rank's share (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+    With ``eps`` the rows of ``unit`` are raw neurons, normalised (and checked for NaN/inf) here
+    as by :func:`~lightning_hsu.functional._common.normalize_neurons` with that ``eps``, in one
+    fused pass (:func:`~lightning_hsu.functional.pairwise.normalized_pairwise_kernel_sum`).
     """
     n = unit.shape[1]
     if n < 2:
+        if eps is not None:
+            check_finite_neurons(unit)
+            unit = normalize_neurons(unit, eps)
         return unit.sum((1, 2)) * 0.0
-    total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
+    if eps is not None:
+        total = normalized_pairwise_kernel_sum(
+            unit, kernel, eps=eps, half_space=half_space, chunk_size=chunk_size, shard=shard
+        )
+    else:
+        total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
     return total / pair_count(n, half_space)
 
 
@@ -77,6 +97,10 @@ def hyperspherical_energy(
     the official code.
     """
     kernel = energy_kernel(power, distance)
-    batched, added = as_batched(normalize_neurons(check_neurons(neurons), eps))
-    energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
+    batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
+    try:
+        energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps)
+    except NonFiniteInputError:
+        check_finite_neurons(neurons)  # raises again, with the caller's shape
+        raise
     return energy[0] if added else energy
