@@ -234,6 +234,14 @@ def _upper_strip_sum(
     return total, grad
 
 
+def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
+    """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``."""
+    if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+        return None
+    (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+    return grad * grad_total.view(-1, 1, 1)
+
+
 class _PairwiseKernelSum(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -258,10 +266,7 @@ class _PairwiseKernelSum(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None, None, None
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_total.view(-1, 1, 1), None, None, None, None
+        return _saved_gradient(ctx, grad_total), None, None, None, None
 
 
 class _NormalizedPairwiseKernelSum(torch.autograd.Function):
@@ -307,10 +312,7 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     ) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None, None, None, None
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_total.view(-1, 1, 1), None, None, None, None, None
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None
 
 
 def _schedule(n: int, chunk_size: int | None, shard: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
