@@ -74,7 +74,6 @@ class StepRecord:
     weighted: dict[str, Tensor] = field(default_factory=dict)
     checked: int = 0
     done: set[int] = field(default_factory=set)
-    consumed: bool = False
 
 
 class PenaltyEngine:
@@ -306,7 +305,6 @@ class PenaltyEngine:
         for tied in record.pending:
             total = tied if total is None else total + tied
         record.pending = []
-        record.consumed = True
         return total
 
     @staticmethod
