@@ -88,5 +88,8 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         results["fsdp2"] = {name: bool(torch.equal(gathered2[name], reference[name])) for name in reference}
         results["fsdp2_up"] = bool(torch.equal(gathered2["up"], up_reference))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # Neither rank may tear down its process group while the other is still using it: that
+        # aborted (SIGABRT) or hung a rank now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -127,6 +127,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         _train(ddp, model, x, y, shard=(rank, world_size))
         torch.save({"grad": grad, "weight": model.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Neither rank may tear down its process group while the other is still using it: that
+        # aborted (SIGABRT) or hung a rank now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
