@@ -5,6 +5,7 @@ Kept apart from the test module so that each spawned process imports only what i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,8 +89,10 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         results["fsdp2"] = {name: bool(torch.equal(gathered2[name], reference[name])) for name in reference}
         results["fsdp2_up"] = bool(torch.equal(gathered2["up"], up_reference))
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        # Neither rank may tear down its process group while the other is still using it: that
-        # aborted (SIGABRT) or hung a rank now and then.
+        # Leave without tearing down gloo: its destructors join worker threads while holding the
+        # GIL, which deadlocked or aborted a rank now and then (seen in clean-clone CI runs).
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    os._exit(0)
