@@ -328,11 +328,10 @@ class PenaltyEngine:
         r""":math:`\lambda_{eff} R` of each binding in the last step (what the loss received)."""
         return _to_floats(self._last_weighted)
 
-    def last_tensors(self) -> tuple[dict[str, Tensor], Tensor | None]:
-        """The last step's values as detached tensors, and their weighted sum (no synchronisation)."""
-        weighted = list(self._last_weighted.values())
-        total = torch.stack([w.reshape(()).float() for w in weighted]).sum() if weighted else None
-        return dict(self._last_values), total
+    def last_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The last step's values, before and after the coefficients, as detached tensors (read
+        without a device synchronisation)."""
+        return dict(self._last_values), dict(self._last_weighted)
 
     def direct_penalty(self, step: int, params: Iterable[Tensor] | None = None) -> Tensor | None:
         """:math:`\\sum \\lambda R(W)` from the layers' current weights (no hooks, no tie).

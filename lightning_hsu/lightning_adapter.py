@@ -169,10 +169,9 @@ def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_laye
     shared across ranks (``shard_across_ranks``) are partial sums: they are all-reduced (on every
     rank) so that the logged value is the full penalty.
     """
-    values, _ = engine.last_tensors()
+    values, weighted = engine.last_tensors()
     if not values:
         return
-    weighted = dict(engine._last_weighted)
     trainer = pl_module._trainer
     if engine.shard is not None and trainer is not None:
         sharded = [b.key for b in engine.bindings if engine.is_sharded(b) and b.key in values]
