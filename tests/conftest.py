@@ -1,0 +1,15 @@
+"""Suite-wide test configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A 2-process gloo run sometimes dies at interpreter exit, after the test's work is done and
+    # saved ("terminate called without an active exception": gloo threads torn down by PyTorch's
+    # destructors, seen in clean-clone CI runs). Only that death, reported by torch.multiprocessing
+    # as ProcessExitedException, is retried; an assertion failure or any other error still fails.
+    for item in items:
+        if item.get_closest_marker("distributed") is not None:
+            item.add_marker(pytest.mark.flaky(reruns=2, only_rerun=["ProcessExitedException"]))
