@@ -234,6 +234,21 @@ def _upper_strip_sum(
     return total, grad
 
 
+def _block_sums(
+    unit: Tensor,
+    kernel: PairKernel,
+    half_space: bool,
+    block_rows: int,
+    with_grad: bool,
+    row_range: tuple[int, int] | None,
+    sq_norm: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Value and gradient by upper strips (``row_range=None``) or by the full rows of a shard."""
+    if row_range is None:
+        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm)
+    return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
+
+
 def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
     """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``."""
     if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
@@ -253,10 +268,7 @@ class _PairwiseKernelSum(torch.autograd.Function):
         row_range: tuple[int, int] | None,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        if row_range is None:
-            total, grad = _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad)
-        else:
-            total, grad = _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range)
+        total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
         if grad is not None:
             ctx.save_for_backward(grad)
         return total
@@ -295,10 +307,7 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         unit, r, sq_norm, divisor = normalized_rows(neurons, eps)
-        if row_range is None:
-            total, grad = _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm)
-        else:
-            total, grad = _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
+        total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
         if grad is not None:
             radial = torch.linalg.vecdot(grad, unit).unsqueeze(-1)  # g . w_hat
             grad.addcmul_(radial, unit, value=-1.0).mul_(r)
