@@ -53,7 +53,7 @@ def check_neurons(neurons: Tensor, what: str = "neurons", *, check_finite: bool 
     """Validate a ``[n, d]`` or ``[batch, n, d]`` floating tensor and promote it to float32+.
 
     ``check_finite=False`` skips the NaN/inf check (a device sync) for callers that check later,
-    as :func:`normalized_rows` does from the squared norms it needs anyway.
+    as :func:`row_normalization` does from the squared norms it needs anyway.
     """
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(neurons).__name__}")
@@ -103,31 +103,33 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 
 
 @torch.no_grad()
-def normalized_rows(neurons: Tensor, eps: float, what: str = "neurons") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    r""":func:`normalize_neurons` without autograd, checking for NaN/inf on the way (one sync).
+def row_normalization(
+    neurons: Tensor, eps: float, what: str = "neurons"
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    r"""The factors of :func:`normalize_neurons`, without autograd and without forming the unit rows.
 
-    Returns ``(unit, r, sq_unit, divisor)``: the unit neurons :math:`\hat w = r\,w/s`, the
-    ``[..., n, 1]`` factors :math:`r = (\lVert w/s\rVert^2 + \epsilon/s^2)^{-1/2}`, the squared
-    norms :math:`\lVert\hat w\rVert^2` (``[..., n]``) and the row divisors :math:`s` (``None``
-    in the common case where no row needs rescaling, i.e. :math:`s = 1`). The same values as
-    :func:`normalize_neurons`: the squared norms decide, in one check, whether any row is
-    non-finite or large enough for the rescaling (its threshold halved for rounding); only then
-    does the exact check and rescaling of :func:`normalize_neurons` run.
+    Returns ``(rows, r, sq_unit, divisor)`` with the unit neurons :math:`\hat w = r\,w/s` equal to
+    ``rows * r``: ``rows`` is ``neurons`` itself in the common case where no row needs rescaling
+    (``divisor`` is then ``None``, :math:`s = 1`), else the rows divided by their divisors
+    :math:`s`; ``r`` the ``[..., n, 1]`` factors :math:`(\lVert w/s\rVert^2 + \epsilon/s^2)^{-1/2}`;
+    ``sq_unit`` the squared norms :math:`\lVert\hat w\rVert^2` (``[..., n]``). The same values as
+    :func:`normalize_neurons`: the squared norms decide, in one check (one host sync), whether any
+    row is non-finite (raises :class:`NonFiniteInputError`) or large enough for the rescaling (its
+    threshold halved for rounding); only then does the exact check and rescaling run. Leaving the
+    product to the caller lets it fold ``r`` into a Gram matrix instead of a pass over ``[n, d]``.
     """
-    sq = torch.linalg.vecdot(neurons, neurons).unsqueeze(-1)
+    # a fused reduction: vecdot would form the [n, d] products first
+    sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
     huge = torch.finfo(neurons.dtype).max ** 0.25
-    if bool((sq <= 0.5 * huge * huge).all()):  # False for NaN and inf
-        r = torch.rsqrt(sq + eps)
-        divisor = None
-    else:
+    divisor = None
+    if not bool((sq <= 0.5 * huge * huge).all()):  # also True for NaN and inf
         check_finite_neurons(neurons, what)
         scale = neurons.abs().amax(dim=-1, keepdim=True)
         divisor = torch.where(scale > huge, scale, torch.ones_like(scale))
         neurons = neurons / divisor
-        sq = torch.linalg.vecdot(neurons, neurons).unsqueeze(-1)
-        r = torch.rsqrt(sq + eps / (divisor * divisor))
-    unit = neurons * r
-    return unit, r, (sq * r * r).squeeze(-1), divisor
+        sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
+    r = torch.rsqrt(sq + eps) if divisor is None else torch.rsqrt(sq + eps / (divisor * divisor))
+    return neurons, r, (sq * r * r).squeeze(-1), divisor
 
 
 def as_batched(neurons: Tensor) -> tuple[Tensor, bool]:

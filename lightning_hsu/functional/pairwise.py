@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_hsu.functional._common import normalized_rows
+from lightning_hsu.functional._common import row_normalization
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into
 from lightning_hsu.functional.kernels import PairKernel
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
@@ -120,10 +121,64 @@ def sharded_scale(world_size: int) -> float:
     return float(world_size)
 
 
-def _zero_self_pairs(block: Tensor, start: int) -> Tensor:
-    """View of the entries (i, i) of a ``[batch, rows, n]`` block whose rows start at ``start``."""
+def _self_pairs(block: Tensor, start: int) -> Tensor:
+    """View of the entries (i, i) of a ``[batch, rows, m]`` block whose rows are columns ``start`` on."""
     rows = block.shape[1]
     return torch.diagonal(block[:, :, start : start + rows], dim1=1, dim2=2)
+
+
+def _kernel_block(
+    cos: Tensor, diag: int, kernel: PairKernel, half_space: bool, sq: Tensor, with_grad: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""Pair terms of a block of cosines and their gradient coefficients.
+
+    ``cos``: ``[batch, rows, m]``, the self pairs of the rows on the diagonal from column ``diag``
+    (zeroed here); ``sq``: ``[batch, rows]`` squared norms of the rows. Returns
+
+    - ``pair``: the term of each ordered pair, :math:`f(c) + f(-c)` in half space and :math:`f(c)`
+      in full space, zero on the self pairs;
+    - ``anti``: ``[batch]`` sum over the rows of :math:`f(-\lVert\hat w_i\rVert^2)` (half space;
+      zero in full space);
+    - ``coeff``: the matrix :math:`C` with :math:`\partial S/\partial\hat w_i = \sum_j C_{ij}\hat w_j`
+      over the block: :math:`2(f'(c) - f'(-c))` and, on the diagonal, the antipodal pair's
+      :math:`-2 f'(-\lVert\hat w_i\rVert^2)` in half space; :math:`f'(c)` and a zero diagonal in
+      full space. Folding the self term into the diagonal saves a pass over the ``[rows, d]``
+      gradient.
+    """
+    _self_pairs(cos, diag).zero_()  # the kernel is evaluated at c = 0 there, then dropped
+    pair, deriv = kernel(cos, with_grad)
+    anti = cos.new_zeros(cos.shape[0])
+    coeff = deriv
+    if half_space:
+        pair_neg, deriv_neg = kernel(-cos, with_grad)
+        pair.add_(pair_neg)
+        anti_value, anti_deriv = kernel(-sq, with_grad)
+        anti = anti_value.sum(1)
+        if deriv is not None:
+            assert deriv_neg is not None and anti_deriv is not None
+            coeff = deriv.sub_(deriv_neg).mul_(2.0)
+            torch.mul(anti_deriv, -2.0, out=_self_pairs(coeff, diag))
+    elif coeff is not None:
+        _self_pairs(coeff, diag).zero_()
+    _self_pairs(pair, diag).zero_()
+    return pair, anti, coeff
+
+
+def _fold_projection(coeff: Tensor, cos: Tensor, diag: int, sq: Tensor, row_scale: Tensor) -> Tensor:
+    r"""Turn complete coefficient rows into those of the gradient with respect to the raw neurons.
+
+    With :math:`\hat w = r w` and :math:`g_i = \sum_j C_{ij}\hat w_j`,
+    :math:`\partial S/\partial w_i = r_i\,(g_i - (g_i\cdot\hat w_i)\,\hat w_i)` and
+    :math:`g_i\cdot\hat w_i = \sum_j C_{ij} c_{ij} =: \rho_i` (:math:`c_{ii} = \lVert\hat w_i\rVert^2`),
+    so the rows :math:`C'_{ij} = r_i\,(C_{ij} - \delta_{ij}\rho_i)` give it in the one product
+    :math:`C'\hat W`: the projection costs passes over the ``[rows, m]`` block, not over the
+    ``[rows, d]`` gradient. Valid only when the block holds every column of its rows (``cos``'s
+    diagonal already zeroed by :func:`_kernel_block`).
+    """
+    self_coeff = _self_pairs(coeff, diag)
+    radial = torch.linalg.vecdot(coeff, cos).addcmul_(self_coeff, sq)
+    self_coeff.sub_(radial)
+    return coeff.mul_(row_scale)
 
 
 def _row_block_sum(
@@ -133,11 +188,12 @@ def _row_block_sum(
     block_rows: int,
     with_grad: bool,
     row_range: tuple[int, int],
-    sq_norm: Tensor | None = None,
+    sq_norm: Tensor,
+    row_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
-    ``sq_norm``: the squared norms of the rows of ``unit`` if known (half-space self pairs).
+    Every block holds whole rows, so with ``row_scale`` the projection is folded into each block.
     """
     batch = unit.shape[0]
     total = unit.new_zeros(batch)
@@ -146,33 +202,46 @@ def _row_block_sum(
     first, last = row_range
     for start in range(first, last, block_rows):
         stop = min(start + block_rows, last)
-        rows = unit[:, start:stop]
-        cos = torch.bmm(rows, transposed)  # [batch, rows, n]
-        _zero_self_pairs(cos, start).zero_()  # kernel evaluated at c = 0 there, then dropped
-        value, deriv = kernel(cos, with_grad)
-        _zero_self_pairs(value, start).zero_()
-        if half_space:
-            value_neg, deriv_neg = kernel(-cos, with_grad)
-            _zero_self_pairs(value_neg, start).zero_()
-            sq = (rows * rows).sum(-1) if sq_norm is None else sq_norm[:, start:stop]
-            anti, anti_deriv = kernel(-sq, with_grad)
-            # each ordered pair (i, j) of the block stands for the pairs (i, j), (-i, -j) [c] and
-            # (i, -j), (j, -i) [-c]: summing over ordered pairs counts each unordered pair twice
-            total += value.sum((1, 2)) + value_neg.sum((1, 2)) + anti.sum(1)
-            if grad is not None:
-                assert deriv is not None and deriv_neg is not None and anti_deriv is not None
-                coeff = deriv.sub_(deriv_neg)
-                _zero_self_pairs(coeff, start).zero_()
-                out = grad[:, start:stop]
-                out.baddbmm_(coeff, unit, beta=0.0, alpha=2.0)
-                out.addcmul_(anti_deriv.unsqueeze(-1), rows, value=-2.0)
-        else:
-            total += 0.5 * value.sum((1, 2))
-            if grad is not None:
-                assert deriv is not None
-                _zero_self_pairs(deriv, start).zero_()
-                grad[:, start:stop].baddbmm_(deriv, unit, beta=0.0)
+        cos = batched_matmul(unit[:, start:stop], transposed)  # [batch, rows, n]
+        sq = sq_norm[:, start:stop]
+        pair, anti, coeff = _kernel_block(cos, start, kernel, half_space, sq, with_grad)
+        # summing over ordered pairs counts each unordered pair twice: exactly the half-space
+        # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
+        total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+        if grad is not None:
+            assert coeff is not None
+            if row_scale is not None:
+                _fold_projection(coeff, cos, start, sq, row_scale[:, start:stop])
+            matmul_into(grad[:, start:stop], coeff, unit)
     return total, grad
+
+
+def _dense_sum(
+    rows: Tensor,
+    kernel: PairKernel,
+    half_space: bool,
+    with_grad: bool,
+    sq_norm: Tensor,
+    row_scale: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    r"""All pairs in one block, for a layer whose whole Gram matrix fits one strip.
+
+    ``rows``: the unit neurons, or with ``row_scale`` = :math:`r` the rows :math:`w` of
+    :math:`\hat w = r w`, never formed: the Gram matrix is :math:`r_i r_j (w_i\cdot w_j)`, the
+    projection is folded into the coefficients (:func:`_fold_projection`) and the columns' factor
+    :math:`r_j` too, so the one product :math:`C'' W` is the gradient with respect to :math:`w`.
+    Every pass but the two products is over the ``[n, n]`` block, none over ``[n, d]``.
+    """
+    cos = gram(rows)
+    if row_scale is not None:
+        cos.mul_(row_scale).mul_(row_scale.transpose(1, 2))
+    pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm, with_grad)
+    total = (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+    if coeff is None:
+        return total, None
+    if row_scale is not None:
+        _fold_projection(coeff, cos, 0, sq_norm, row_scale).mul_(row_scale.transpose(1, 2))
+    return total, batched_matmul(coeff, rows)
 
 
 def _upper_strip_sum(
@@ -181,56 +250,44 @@ def _upper_strip_sum(
     half_space: bool,
     block_rows: int,
     with_grad: bool,
-    sq_norm: Tensor | None = None,
+    sq_norm: Tensor,
+    row_scale: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """Upper-strip schedule: each unordered pair once, gradient to both of its neurons.
 
     Strip ``[start, stop)`` meets the columns ``[start, n)``. Its leading square tile (the pairs
     within the strip) is kept whole, as in the full-row schedule: no triangular masking, which
     costs a strided pass, only the diagonal is dropped and the tile's sum is halved; the columns
-    past the tile get their gradient from the transposed product. The first strip writes every
-    row of the gradient (``beta=0``), so it starts uninitialised. ``sq_norm`` as in
-    :func:`_row_block_sum`.
+    past the tile get their gradient from the transposed product. A row's coefficients are spread
+    over strips, so the projection (``row_scale``) runs on the gradient afterwards.
     """
     batch, n, _ = unit.shape
     total = unit.new_zeros(batch)
     grad = torch.empty_like(unit) if with_grad else None
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
-        beta = 0.0 if start == 0 else 1.0
+        accumulate = start > 0  # the first strip writes every row of the gradient
         width = stop - start
         rows = unit[:, start:stop]
         cols = unit[:, start:]
-        cos = torch.bmm(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
-        _zero_self_pairs(cos, 0).zero_()  # kernel evaluated at c = 0 there, then dropped
-        value, deriv = kernel(cos, with_grad)
-        _zero_self_pairs(value, 0).zero_()
+        cos = batched_matmul(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
+        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm[:, start:stop], with_grad)
+        # a pair past the tile stands once for its unordered pair; a pair in the tile is there
+        # twice, as (i, j) and (j, i): the full-row weights of _row_block_sum, re-weighted
+        pair_total = pair.sum((1, 2))
+        tile_total = pair[:, :, :width].sum((1, 2))
         if half_space:
-            value_neg, deriv_neg = kernel(-cos, with_grad)
-            _zero_self_pairs(value_neg, 0).zero_()
-            sq = (rows * rows).sum(-1) if sq_norm is None else sq_norm[:, start:stop]
-            anti, anti_deriv = kernel(-sq, with_grad)
-            # a pair past the tile stands once for (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c];
-            # a pair in the tile is there twice, as (i, j) and (j, i)
-            strip = value.sum((1, 2)) + value_neg.sum((1, 2))
-            tile = value[:, :, :width].sum((1, 2)) + value_neg[:, :, :width].sum((1, 2))
-            total += 2.0 * strip - tile + anti.sum(1)
-            if grad is not None:
-                assert deriv is not None and deriv_neg is not None and anti_deriv is not None
-                coeff = deriv.sub_(deriv_neg)  # d/dc [f(c) + f(-c)]
-                _zero_self_pairs(coeff, 0).zero_()
-                grad[:, start:stop].baddbmm_(coeff, cols, beta=beta, alpha=2.0)
-                grad[:, start:stop].addcmul_(anti_deriv.unsqueeze(-1), rows, value=-2.0)
-                if stop < n:
-                    grad[:, stop:].baddbmm_(coeff[:, :, width:].transpose(1, 2), rows, beta=beta, alpha=2.0)
+            total += 2.0 * pair_total - tile_total + anti
         else:
-            total += value.sum((1, 2)) - 0.5 * value[:, :, :width].sum((1, 2))
-            if grad is not None:
-                assert deriv is not None
-                _zero_self_pairs(deriv, 0).zero_()
-                grad[:, start:stop].baddbmm_(deriv, cols, beta=beta)
-                if stop < n:
-                    grad[:, stop:].baddbmm_(deriv[:, :, width:].transpose(1, 2), rows, beta=beta)
+            total += pair_total - 0.5 * tile_total
+        if grad is not None:
+            assert coeff is not None
+            matmul_into(grad[:, start:stop], coeff, cols, accumulate=accumulate)
+            if stop < n:
+                matmul_into(grad[:, stop:], coeff[:, :, width:].transpose(1, 2), rows, accumulate=accumulate)
+    if grad is not None and row_scale is not None:
+        radial = torch.linalg.vecdot(grad, unit).unsqueeze(-1)  # g . w_hat
+        grad.addcmul_(radial, unit, value=-1.0).mul_(row_scale)
     return total, grad
 
 
@@ -242,15 +299,32 @@ def _block_sums(
     with_grad: bool,
     row_range: tuple[int, int] | None,
     sq_norm: Tensor | None = None,
+    row_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Value and gradient by upper strips (``row_range=None``) or by the full rows of a shard."""
+    """Value and gradient: in one block, by upper strips (``row_range=None``), or by the full rows of a shard.
+
+    ``unit``: the unit neurons, or with ``row_scale`` the rows :math:`w` of :math:`\\hat w = r w`
+    (``row_scale`` = :math:`r`, ``[batch, n, 1]``); the gradient is then with respect to
+    :math:`w` (:func:`_fold_projection`), else to ``unit``. ``sq_norm``: the squared norms of the
+    unit neurons (computed if ``None``; required with ``row_scale``).
+    """
+    if sq_norm is None:
+        sq_norm = torch.linalg.vector_norm(unit, dim=-1).square_()
+    if row_range is None and block_rows >= unit.shape[1]:
+        return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale)
+    if row_scale is not None:
+        unit = unit * row_scale
     if row_range is None:
-        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm)
-    return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
+        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm, row_scale)
+    return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale)
 
 
 def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
-    """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``."""
+    """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``.
+
+    Out of place, so that a graph kept with ``retain_graph=True`` can be backpropagated again
+    (``gradcheck``, Jacobians).
+    """
     if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
         return None
     (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
@@ -288,11 +362,11 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     :math:`g = \partial S/\partial\hat w` from the block sums,
     :math:`\partial\hat w/\partial w = r (I - \hat w\hat w^\top)` (using
     :math:`\partial r/\partial w = -r^3 w`), hence
-    :math:`\partial S/\partial w = r\,(g - (g\cdot\hat w)\,\hat w)`: three passes over the
-    gradient instead of an autograd graph of the normalisation, and no host sync but the one
-    check of :func:`~lightning_hsu.functional._common.normalized_rows`. Rows rescaled there by
-    :math:`s` (a constant, as in :func:`~lightning_hsu.functional._common.normalize_neurons`)
-    get a further :math:`1/s`.
+    :math:`\partial S/\partial w = r\,(g - (g\cdot\hat w)\,\hat w)`, formed inside the block sums
+    (:func:`_fold_projection`) instead of by an autograd graph of the normalisation, with no host
+    sync but the one check of :func:`~lightning_hsu.functional._common.row_normalization`. Rows
+    rescaled there by :math:`s` (a constant, as in
+    :func:`~lightning_hsu.functional._common.normalize_neurons`) get a further :math:`1/s`.
     """
 
     @staticmethod
@@ -306,11 +380,9 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         row_range: tuple[int, int] | None,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        unit, r, sq_norm, divisor = normalized_rows(neurons, eps)
-        total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm)
+        rows, r, sq_norm, divisor = row_normalization(neurons, eps)
+        total, grad = _block_sums(rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r)
         if grad is not None:
-            radial = torch.linalg.vecdot(grad, unit).unsqueeze(-1)  # g . w_hat
-            grad.addcmul_(radial, unit, value=-1.0).mul_(r)
             if divisor is not None:
                 grad.div_(divisor)
             ctx.save_for_backward(grad)
@@ -395,11 +467,11 @@ def extreme_pair_cosine(unit: Tensor, *, half_space: bool, chunk_size: int | Non
     transposed = unit.transpose(1, 2)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        cos = torch.bmm(unit[:, start:stop], transposed)
-        _zero_self_pairs(cos, start).fill_(fill)
+        cos = batched_matmul(unit[:, start:stop], transposed)
+        _self_pairs(cos, start).fill_(fill)
         best = pick(best, reduce(cos, dim=(1, 2)))
         if half_space:
-            _zero_self_pairs(cos, start).fill_(-fill)
+            _self_pairs(cos, start).fill_(-fill)
             best = pick(best, reduce(-cos, dim=(1, 2)))
             sq_norm = (unit[:, start:stop] * unit[:, start:stop]).sum(-1)
             best = pick(best, reduce(-sq_norm, dim=1))

@@ -1,0 +1,108 @@
+r"""Matrix products of the pair sums, on the fastest exact float32 path of the device.
+
+Why this module exists: on the CPU, ``torch.bmm``/``torch.mm`` in float32 call MKL's ``sgemm``,
+while a network's convolutions and ``Linear`` layers under ``torch.compile`` run through oneDNN.
+On the AMD EPYC (Zen 5) machine of ``docs/performance.md`` MKL reaches about 100 GFLOP/s per core,
+less than half of the float32 peak that oneDNN reaches there (the 512 × 4608 Gram product: 23.6 ms
+against 10.4 ms on one thread), so a penalty made of MKL products costs twice what it should next
+to the network it regularises. oneDNN's float32 matrix product is the one PyTorch's inductor
+emits for ``Linear`` (``torch.ops.mkldnn._linear_pointwise``); it computes in float32 (its error
+against float64 is that of ``torch.mm``, checked in ``tests/functional/test_matmul.py``).
+
+The products here are used only inside the pair-sum Functions, which form their gradient in
+closed form, so they never need autograd. Anything the oneDNN path does not take — another device,
+float64, a tensor that requires a gradient while grad mode is on, a PyTorch without the operator —
+goes to ``torch.bmm``. The environment variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces
+``torch.bmm`` everywhere (values then differ in the last float32 bits only).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+#: Environment variable that turns the oneDNN path off when set to ``0``.
+ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
+#: Rows per strip of :func:`gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
+#: (``benchmarks/bench_kernels.py``, 2 threads): 512 x 4608 in strips of 128 rows takes 0.70 of the
+#: full product, 256 x 2304 0.87, 256 x 1152 and 128 x 1152 gain nothing.
+GRAM_STRIP_ROWS = 128
+#: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
+GRAM_STRIP_MIN_COLUMNS = 2048
+
+
+@functools.cache
+def _onednn_linear() -> object | None:
+    """oneDNN's float32 ``x @ w.T`` if this PyTorch has it and it agrees with ``torch.mm``, else ``None``."""
+    if os.environ.get(ONEDNN_ENV, "1").strip() == "0" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x = torch.arange(12.0).view(3, 4)
+        ok = torch.equal(op(x, x, None, "none", [], ""), x @ x.T)  # small integers: exact on both paths
+    except (AttributeError, RuntimeError):
+        return None
+    return op if ok else None
+
+
+def onednn_matmul_enabled() -> bool:
+    """Whether float32 CPU products go through oneDNN in this process (see the module docstring)."""
+    return _onednn_linear() is not None
+
+
+def _takes_onednn(a: Tensor, b: Tensor) -> bool:
+    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return False
+    return _onednn_linear() is not None
+
+
+def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
+    if not _takes_onednn(a, b):
+        return torch.bmm(a, b)
+    linear = _onednn_linear()
+    weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
+    if a.shape[0] == 1:
+        return linear(a[0], weight[0], None, "none", [], "").unsqueeze(0)  # type: ignore[operator]
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    for i in range(a.shape[0]):
+        out[i] = linear(a[i], weight[i], None, "none", [], "")  # type: ignore[operator]
+    return out
+
+
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
+    """``out = alpha * (a @ b)``, or ``out += alpha * (a @ b)`` with ``accumulate``; returns ``out``.
+
+    ``out`` may be a view (a block of rows of a larger tensor); it is written in place.
+    """
+    if not _takes_onednn(a, b):
+        return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
+    product = batched_matmul(a, b)
+    if accumulate:
+        return out.add_(product, alpha=alpha)
+    return torch.mul(product, alpha, out=out) if alpha != 1.0 else out.copy_(product)
+
+
+def gram(rows: Tensor) -> Tensor:
+    r"""The Gram matrix :math:`X X^\top` of ``[batch, n, d]`` rows, exactly symmetric.
+
+    On the CPU, for rows long enough to be bound by the product, the upper strips
+    :math:`X_I X_{J \ge I}^\top` are computed and mirrored: :math:`n^2 d/2` multiply-adds plus a
+    strip's worth instead of :math:`n^2 d`. Elsewhere (GPU: fewer, larger launches pay more) one
+    product.
+    """
+    batch, n, d = rows.shape
+    if rows.device.type != "cpu" or n < 2 * GRAM_STRIP_ROWS or d < GRAM_STRIP_MIN_COLUMNS:
+        return batched_matmul(rows, rows.transpose(1, 2))
+    out = rows.new_empty(batch, n, n)
+    for start in range(0, n, GRAM_STRIP_ROWS):
+        stop = min(start + GRAM_STRIP_ROWS, n)
+        strip = batched_matmul(rows[:, start:stop], rows[:, start:].transpose(1, 2))
+        out[:, start:stop, start:] = strip
+        out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
+    return out

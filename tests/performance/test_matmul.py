@@ -1,0 +1,106 @@
+"""The products of the pair sums (oneDNN on the CPU, symmetric Gram strips) equal float64 products.
+
+The reference is ``torch.float64`` matrix multiplication of the same operands; the float32 paths
+must agree to float32 rounding (relative 1e-5 of the largest entry), whatever the strides.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_hsu.functional import _matmul, hyperspherical_energy
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, onednn_matmul_enabled
+
+from .reference import concat_energy, value_and_grad
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_float32_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(ours.double(), ref, rtol=0.0, atol=1e-5 * scale)
+
+
+OPERANDS = {
+    "contiguous": lambda a, b: (a, b),
+    "transposed b": lambda a, b: (a, b.transpose(1, 2).contiguous().transpose(1, 2)),
+    "transposed a": lambda a, b: (a.transpose(1, 2).contiguous().transpose(1, 2), b),
+    "column slice of a": lambda a, b: (torch.cat([a, a], dim=2)[:, :, 3 : 3 + a.shape[2]], b),
+}
+
+
+@pytest.mark.parametrize("layout", list(OPERANDS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_batched_matmul_equals_float64_product_for_any_strides(layout: str, batch: int) -> None:
+    a, b = OPERANDS[layout](_randn(batch, 37, 50), _randn(batch, 50, 29, seed=1))
+    _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("alpha", [1.0, -2.0])
+def test_matmul_into_writes_or_accumulates_into_a_row_block(accumulate: bool, alpha: float) -> None:
+    a, b = _randn(2, 11, 40), _randn(2, 40, 64, seed=1)
+    big = _randn(2, 30, 64, seed=2)
+    expected = big.double().clone()
+    block = alpha * (a.double() @ b.double())
+    expected[:, 5:16] = expected[:, 5:16] + block if accumulate else block
+    matmul_into(big[:, 5:16], a, b, alpha=alpha, accumulate=accumulate)
+    _assert_float32_close(big, expected)
+
+
+@pytest.mark.parametrize(("n", "d"), [(300, 2100), (256, 2048), (64, 4096), (300, 100)])
+def test_gram_is_the_exactly_symmetric_float64_gram(n: int, d: int) -> None:
+    """(300, 2100) and (256, 2048) take the strips (three and two of them), the others one product."""
+    x = _randn(2, n, d)
+    ours = gram(x)
+    _assert_float32_close(ours, x.double() @ x.double().transpose(1, 2))
+    assert torch.equal(ours, ours.transpose(1, 2))
+
+
+def test_products_that_need_autograd_or_float64_keep_torch_bmm() -> None:
+    a = _randn(1, 8, 5).requires_grad_()
+    b = _randn(1, 5, 4, seed=1)
+    out = batched_matmul(a, b)
+    assert out.grad_fn is not None  # differentiable: torch.bmm, not the oneDNN operator
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, b.sum(-1).unsqueeze(1).expand(1, 8, 5))
+    assert torch.equal(batched_matmul(a.detach().double(), b.double()), torch.bmm(a.detach().double(), b.double()))
+
+
+@pytest.mark.skipif(not onednn_matmul_enabled(), reason="this PyTorch has no oneDNN float32 matmul")
+def test_float32_cpu_products_take_the_onednn_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, ...]] = []
+    op = _matmul._onednn_linear()
+
+    def counting(x, w, *args):
+        calls.append(tuple(x.shape))
+        return op(x, w, *args)
+
+    monkeypatch.setattr(_matmul, "_onednn_linear", lambda: counting)
+    batched_matmul(_randn(2, 4, 3), _randn(2, 3, 5))
+    assert calls == [(4, 3), (4, 3)]
+
+
+def test_environment_variable_turns_the_onednn_path_off() -> None:
+    code = "from lightning_hsu.functional._matmul import onednn_matmul_enabled; print(onednn_matmul_enabled())"
+    env = {"LIGHTNING_HSU_ONEDNN_MATMUL": "0", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+def test_float32_energy_of_a_conv_sized_layer_matches_the_float64_concatenation(half_space: bool) -> None:
+    """256 x 2304 (a ResNet layer-3 conv): the oneDNN products, the Gram strips and the folded
+    projection together give the official value and gradient to float32 accuracy."""
+    w = _randn(256, 2304)
+    ours, ours_grad = value_and_grad(lambda x: hyperspherical_energy(x, power=2.0, half_space=half_space), w)
+    ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w.double())
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0.0)
+    _assert_float32_close(ours_grad, ref_grad)
