@@ -11,9 +11,10 @@ against float64 is that of ``torch.mm``, checked in ``tests/functional/test_matm
 
 The products here are used only inside the pair-sum Functions, which form their gradient in
 closed form, so they never need autograd. Anything the oneDNN path does not take — another device,
-float64, a tensor that requires a gradient while grad mode is on, a PyTorch without the operator —
-goes to ``torch.bmm``. The environment variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces
-``torch.bmm`` everywhere (values then differ in the last float32 bits only).
+float64, a tensor that requires a gradient while grad mode is on, a product traced by
+``torch.compile``, a PyTorch without the operator — goes to ``torch.bmm``. The environment
+variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces ``torch.bmm`` everywhere (values then differ in
+the last float32 bits only).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _takes_onednn(a: Tensor, b: Tensor) -> bool:
     if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return False
+    if torch.compiler.is_compiling():  # inductor chooses its own kernels for a traced product
         return False
     return _onednn_linear() is not None
 

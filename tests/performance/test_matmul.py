@@ -104,3 +104,13 @@ def test_float32_energy_of_a_conv_sized_layer_matches_the_float64_concatenation(
     ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w.double())
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=0.0)
     _assert_float32_close(ours_grad, ref_grad)
+
+
+def test_torch_compile_of_the_energy_traces_torch_bmm_and_equals_eager() -> None:
+    """Inductor cannot lower the oneDNN operator: a compiled penalty must take torch.bmm."""
+    w = _randn(256, 2304)
+    compiled = torch.compile(lambda x: hyperspherical_energy(x, half_space=True))
+    ours, ours_grad = value_and_grad(compiled, w)
+    eager, eager_grad = value_and_grad(lambda x: hyperspherical_energy(x, half_space=True), w)
+    torch.testing.assert_close(ours, eager, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-5, atol=1e-6 * eager_grad.abs().max().item())
