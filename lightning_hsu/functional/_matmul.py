@@ -33,6 +33,8 @@ ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 GRAM_STRIP_ROWS = 128
 #: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
 GRAM_STRIP_MIN_COLUMNS = 2048
+#: Rows of the output per oneDNN product in :func:`matmul_into` (bounds its temporary).
+MATMUL_INTO_ROWS = 1024
 
 
 @functools.cache
@@ -81,14 +83,24 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
 def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
     """``out = alpha * (a @ b)``, or ``out += alpha * (a @ b)`` with ``accumulate``; returns ``out``.
 
-    ``out`` may be a view (a block of rows of a larger tensor); it is written in place.
+    ``out`` may be a view (a block of rows of a larger tensor); it is written in place. The oneDNN
+    product is not in place: it runs on at most :data:`MATMUL_INTO_ROWS` rows of ``out`` at a
+    time, so its temporary stays that small whatever ``out``'s size (a strip's column product
+    covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b):
         return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
-    product = batched_matmul(a, b)
-    if accumulate:
-        return out.add_(product, alpha=alpha)
-    return torch.mul(product, alpha, out=out) if alpha != 1.0 else out.copy_(product)
+    for start in range(0, out.shape[1], MATMUL_INTO_ROWS):
+        stop = min(start + MATMUL_INTO_ROWS, out.shape[1])
+        product = batched_matmul(a[:, start:stop], b)
+        target = out[:, start:stop]
+        if accumulate:
+            target.add_(product, alpha=alpha)
+        elif alpha != 1.0:
+            torch.mul(product, alpha, out=target)
+        else:
+            target.copy_(product)
+    return out
 
 
 def gram(rows: Tensor) -> Tensor:

@@ -45,7 +45,12 @@ def test_batched_matmul_equals_float64_product_for_any_strides(layout: str, batc
 
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("alpha", [1.0, -2.0])
-def test_matmul_into_writes_or_accumulates_into_a_row_block(accumulate: bool, alpha: float) -> None:
+@pytest.mark.parametrize("rows_per_product", [1024, 4])
+def test_matmul_into_writes_or_accumulates_into_a_row_block(
+    accumulate: bool, alpha: float, rows_per_product: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 4 rows per product the 11 output rows take three products (4 + 4 + 3)."""
+    monkeypatch.setattr(_matmul, "MATMUL_INTO_ROWS", rows_per_product)
     a, b = _randn(2, 11, 40), _randn(2, 40, 64, seed=1)
     big = _randn(2, 30, 64, seed=2)
     expected = big.double().clone()
