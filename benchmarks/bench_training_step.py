@@ -27,6 +27,7 @@ from _common import add_common_args, apply_threads, device_arg, machine, ms, syn
 from torch import nn
 
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
+from lightning_hsu.functional._matmul import batched_matmul, gram
 
 
 class BasicBlock(nn.Module):
@@ -81,6 +82,21 @@ def penalty_batched(model: nn.Module) -> torch.Tensor:
         groups.setdefault(tuple(w.shape), []).append(w)
     total = sum(hyperspherical_energy(torch.stack(ws), half_space=True).sum() for ws in groups.values())
     return total + 10.0 * hyperspherical_energy(neurons_of(fc))
+
+
+def products_alone(model: nn.Module):
+    """The floor of any exact penalty: per layer the Gram product and the gradient product ``C W``,
+    with the library's own products (symmetric strips and oneDNN on the CPU), nothing else."""
+    convs, fc = penalised_layers(model)
+    weights = [neurons_of(m).detach().unsqueeze(0) for m in [*convs, fc]]
+    coefficients = [torch.randn(1, w.shape[1], w.shape[1], device=w.device) for w in weights]
+
+    def run() -> None:
+        for w, c in zip(weights, coefficients, strict=True):
+            gram(w)
+            batched_matmul(c, w)
+
+    return run
 
 
 def make_step(model: nn.Module, penalty, x: torch.Tensor, y: torch.Tensor):
@@ -210,6 +226,7 @@ def main() -> None:
     pen_time = {
         "penalty alone (forward + backward, per layer)": lambda: penalty_per_layer(pen_model).backward(),
         "penalty alone (batched by shape)": lambda: penalty_batched(pen_model).backward(),
+        "its matrix products alone (Gram + gradient product per layer)": products_alone(pen_model),
     }
     times = time_steps({**steps, **pen_time}, device, args.steps)
     base = times["no penalty"]
