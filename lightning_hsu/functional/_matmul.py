@@ -66,12 +66,27 @@ def _takes_onednn(a: Tensor, b: Tensor) -> bool:
     return _onednn_linear() is not None
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if each of its matrices is stored densely, row- or column-major, else a contiguous copy.
+
+    oneDNN runs other layouts (a slice of a column-major matrix, say) with a reference kernel
+    ~100x slower (measured: 165 ms instead of 1 ms for 256 x 40 @ 40 x 768); the copy costs one
+    pass over an operand, the product a pass per row of the other.
+    """
+    rows, cols = t.shape[-2:]
+    row_stride, col_stride = t.stride()[-2:]
+    row_major = col_stride == 1 and (row_stride == cols or rows == 1)
+    column_major = row_stride == 1 and (col_stride == rows or cols == 1)
+    return t if row_major or column_major else t.contiguous()
+
+
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
     if not _takes_onednn(a, b):
         return torch.bmm(a, b)
     linear = _onednn_linear()
-    weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
+    a = _dense(a)
+    weight = _dense(b).transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
         return linear(a[0], weight[0], None, "none", [], "").unsqueeze(0)  # type: ignore[operator]
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])

@@ -67,7 +67,8 @@ def compressive_energy(
         raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
     if not bool(torch.isfinite(projections.detach()).all()):
         raise NonFiniteInputError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
-    projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x)
+    # einsum returns a permuted layout; the pair sums' products want dense rows
+    projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x).contiguous()
     kernel = energy_kernel(power, distance)
     # normalised inside the pair sums (normalize_neurons(projected, eps) in fewer passes)
     energy = mean_pair_kernel(projected, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps)
