@@ -237,16 +237,18 @@ def _dense_sum(
     :math:`\hat w = r w`, never formed: the Gram matrix is :math:`r_i r_j (w_i\cdot w_j)`, the
     projection is folded into the coefficients (:func:`_fold_projection`) and the columns' factor
     :math:`r_j` too, so the one product :math:`C'' W` is the gradient with respect to :math:`w`.
-    Every pass but the two products is over the ``[n, n]`` matrix, none over ``[n, d]``; those
-    passes run on about :data:`KERNEL_BLOCK_ELEMENTS` entries at a time, from cache, and each block's
-    coefficients overwrite its rows of the Gram matrix (a row's cosines are needed by that row
-    only), so :math:`C''` costs no further ``[n, n]`` buffer.
+    Every pass but the two products is over the ``[n, n]`` matrix, none over ``[n, d]``; on the
+    CPU those passes run on about :data:`KERNEL_BLOCK_ELEMENTS` entries at a time, from cache,
+    and each block's coefficients overwrite its rows of the Gram matrix (a row's cosines are
+    needed by that row only), so :math:`C''` costs no further ``[n, n]`` buffer.
     """
     cos = gram(rows)
     n = cos.shape[1]
     total = cos.new_zeros(cos.shape[0])
     col_scale = None if row_scale is None else row_scale.transpose(1, 2)
     block_rows = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(n, 1))
+    if cos.device.type != "cpu":
+        block_rows = n  # a GPU is bound by kernel launches, not by cache: one block
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         block = cos[:, start:stop]
