@@ -60,3 +60,21 @@ def test_duplicate_neurons_stay_finite_in_strips() -> None:
     w[150] = w[3]
     value, grad = value_and_grad(lambda x: hyperspherical_energy(x, half_space=True, chunk_size=16), w)
     assert torch.isfinite(value) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize("block_elements", [1, 37 * 5, 37 * 36])
+def test_one_block_schedule_in_kernel_row_blocks_matches_concatenation(
+    half_space: bool, block_elements: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-block schedule evaluates the kernel on row blocks written over the Gram matrix:
+    blocks of 32 + 5 rows (the minimum), of 5 rows (a 2-row last block), of 36 + 1 rows."""
+    from lightning_hsu.functional import pairwise
+
+    monkeypatch.setattr(pairwise, "KERNEL_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(pairwise, "MIN_KERNEL_BLOCK_ROWS", 5 if block_elements == 37 * 5 else 32)
+    w = _weights(37, 6, seed=4)
+    ours, ours_grad = value_and_grad(lambda x: hyperspherical_energy(x, power=2.0, half_space=half_space), w)
+    ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-8, atol=1e-10)
