@@ -48,6 +48,17 @@ def test_batched_matmul_equals_float64_product_for_any_strides(layout: str, batc
     _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
 
 
+@pytest.mark.parametrize(("m", "k", "n"), [(9, 700, 3), (9, 3, 700), (300, 40, 29)])
+def test_large_weights_go_to_onednn_in_blocks_and_equal_the_float64_product(
+    m: int, k: int, n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight above 256 entries is cut: a long contraction (700) into summed column blocks of
+    85, many weight rows (700) into row blocks of 85, 29 x 40 into summed column blocks of 8."""
+    monkeypatch.setattr(_matmul, "WEIGHT_BLOCK_ELEMENTS", 256)
+    a, b = _randn(1, m, k), _randn(1, k, n, seed=1)
+    _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("alpha", [1.0, -2.0])
 @pytest.mark.parametrize("rows_per_product", [1024, 4])
