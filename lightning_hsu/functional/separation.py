@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._matmul import batched_matmul
 from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
@@ -34,7 +35,7 @@ def _tied_pairs(
     found: list[tuple[Tensor, Tensor, float, float]] = []
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
-        cos = unit[start:stop] @ unit.T
+        cos = batched_matmul(unit[None, start:stop], unit.T[None])[0]
         upper = torch.ones_like(cos, dtype=torch.bool).triu(start + 1)
         signs = (1.0, -1.0) if half_space else (1.0,)
         for sign in signs:
