@@ -7,20 +7,21 @@ less than half of the float32 peak that oneDNN reaches there (the 512 × 4608 Gr
 against 10.4 ms on one thread), so a penalty made of MKL products costs twice what it should next
 to the network it regularises. oneDNN's float32 matrix product is the one PyTorch's inductor
 emits for ``Linear`` (``torch.ops.mkldnn._linear_pointwise``); it computes in float32 (its error
-against float64 is that of ``torch.mm``, checked in ``tests/functional/test_matmul.py``).
+against float64 is that of ``torch.mm``, checked in ``tests/performance/test_matmul.py``).
 
 The products here are used only inside the pair-sum Functions, which form their gradient in
 closed form, so they never need autograd. Anything the oneDNN path does not take — another device,
 float64, a tensor that requires a gradient while grad mode is on, a product traced by
-``torch.compile``, a PyTorch without the operator — goes to ``torch.bmm``. The environment
-variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces ``torch.bmm`` everywhere (values then differ in
-the last float32 bits only).
+``torch.compile``, a PyTorch without the operator, a CPU other than x86-64 (not measured) — goes
+to ``torch.bmm``. The environment variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces ``torch.bmm``
+everywhere (values then differ in the last float32 bits only).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ def _onednn_linear() -> object | None:
     """oneDNN's float32 ``x @ w.T`` if this PyTorch has it and it agrees with ``torch.mm``, else ``None``."""
     if os.environ.get(ONEDNN_ENV, "1").strip() == "0" or not torch.backends.mkldnn.is_available():
         return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None  # measured on x86-64 only; elsewhere oneDNN may wrap another backend
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x = torch.arange(12.0).view(3, 4)
