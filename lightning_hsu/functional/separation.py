@@ -13,29 +13,39 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
-from lightning_hsu.functional._matmul import batched_matmul
+from lightning_hsu.functional._common import (
+    DEFAULT_EPS,
+    as_batched,
+    check_finite_neurons,
+    check_neurons,
+    full_precision,
+    normalize_neurons,
+    row_normalization,
+)
+from lightning_hsu.functional._matmul import batched_matmul, gram
 from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
 
 @torch.no_grad()
 def _tied_pairs(
-    unit: Tensor, threshold: float, *, half_space: bool, chunk_size: int | None
+    unit: Tensor, threshold: float, *, half_space: bool, chunk_size: int | None, gram_matrix: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Index pairs whose cosine is at least ``threshold``: rows, cols, signs and multiplicity.
 
     In half-space, a tie of :math:`c_{ij}` stands twice in the :math:`2n\times 2n` matrix
     (:math:`(i,j)` and :math:`(-i,-j)`), a tie of :math:`-c_{ij}` twice (:math:`(i,-j)`,
     :math:`(j,-i)`) and the antipodal pair :math:`(i,-i)` once: the official code sums all.
+    ``gram_matrix``: the whole ``unit @ unit.T`` when already computed (one block).
     """
     n = unit.shape[0]
-    rows_per_block = block_rows_for(n, chunk_size)
+    rows_per_block = n if gram_matrix is not None else block_rows_for(n, chunk_size)
     found: list[tuple[Tensor, Tensor, float, float]] = []
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
-        cos = batched_matmul(unit[None, start:stop], unit.T[None])[0]
+        cos = gram_matrix if gram_matrix is not None else batched_matmul(unit[None, start:stop], unit.T[None])[0]
         upper = torch.ones_like(cos, dtype=torch.bool).triu(start + 1)
         signs = (1.0, -1.0) if half_space else (1.0,)
         for sign in signs:
@@ -51,6 +61,87 @@ def _tied_pairs(
     signs_t = torch.cat([torch.full_like(f[0], 0, dtype=unit.dtype) + f[2] for f in found])
     mult = torch.cat([torch.full_like(f[0], 0, dtype=unit.dtype) + f[3] for f in found])
     return rows, cols, signs_t, mult
+
+
+def _closest_pairs_sum(
+    unit: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:math:`-\\sum d^2` over the tied closest pairs of unit rows, and its gradient w.r.t. them.
+
+    With :math:`R = -\\sum_t m_t (2 - 2 s_t\\,\\hat w_{i_t}\\cdot\\hat w_{j_t})` (multiplicity
+    :math:`m`, sign :math:`s`), :math:`\\partial R/\\partial\\hat w_{i_t} = 2 m_t s_t \\hat w_{j_t}` and
+    symmetrically: nonzero on the rows of the tied pairs only.
+    """
+    cos_all = None
+    if block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]:
+        # one block: one Gram matrix serves both the search for the maximum and for the ties
+        cos_all = gram(unit.unsqueeze(0))[0]
+        off_diagonal = cos_all.clone().fill_diagonal_(-torch.inf)
+        best = off_diagonal.max()
+        if half_space:
+            best = torch.maximum(best, (-cos_all).fill_diagonal_(-torch.inf).max())
+            best = torch.maximum(best, (-(unit * unit).sum(-1)).max())
+        c_max = float(best)
+    else:
+        c_max = float(
+            extreme_pair_cosine(unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True)[0]
+        )
+    min_sq = 2.0 - 2.0 * c_max
+    threshold = c_max - 0.5 * (tie_rtol * abs(min_sq) + 1e-12)
+    rows, cols, signs, mult = _tied_pairs(
+        unit, threshold, half_space=half_space, chunk_size=chunk_size, gram_matrix=cos_all
+    )
+    cos = signs * (unit[rows] * unit[cols]).sum(-1)
+    value = -(mult * (2.0 - 2.0 * cos)).sum()
+    if not with_grad:
+        return value, None
+    weight = (2.0 * mult * signs).unsqueeze(-1)
+    grad = torch.zeros_like(unit)
+    grad.index_add_(0, rows, weight * unit[cols]).index_add_(0, cols, weight * unit[rows])
+    return value, grad
+
+
+class _HardSeparation(torch.autograd.Function):
+    r"""Hard MHS of raw neurons ``[n, d]``, normalised inside, gradient in closed form.
+
+    The gradient with respect to the unit rows lives on the rows of the tied pairs only, and so
+    does its chain through :math:`\hat w = r w`, :math:`r\,(g - (g\cdot\hat w)\hat w)` (as in
+    :class:`~lightning_hsu.functional.pairwise._NormalizedPairwiseKernelSum`): no autograd graph of
+    the normalisation over all ``[n, d]`` entries.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        neurons: Tensor,
+        eps: float,
+        half_space: bool,
+        chunk_size: int | None,
+        tie_rtol: float,
+    ) -> Tensor:
+        with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        rows, r, _, divisor = row_normalization(neurons, eps)
+        unit = rows * r
+        value, grad = _closest_pairs_sum(
+            unit, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
+        )
+        if grad is not None:
+            touched = grad.abs().amax(-1) > 0
+            g, u = grad[touched], unit[touched]
+            g = (g - torch.linalg.vecdot(g, u).unsqueeze(-1) * u) * r[touched]
+            grad[touched] = g if divisor is None else g / divisor[touched]
+            ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None, None, None
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * grad_value, None, None, None, None
 
 
 @full_precision
@@ -69,21 +160,14 @@ def hyperspherical_separation(
     tetrahedron computed in float32 then ties all 6 pairs, as it should, giving
     :math:`-6\cdot 8/3`). Returns 0 for fewer than two neurons.
     """
-    batched, added = as_batched(normalize_neurons(check_neurons(neurons), eps))
+    batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
     results = []
-    for unit in batched:
-        n = unit.shape[0]
-        if n < 2:
-            results.append(unit.sum() * 0.0)
+    for matrix in batched:
+        if matrix.shape[0] < 2:
+            check_finite_neurons(matrix)
+            results.append(matrix.sum() * 0.0)
             continue
-        c_max = float(
-            extreme_pair_cosine(unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True)[0]
-        )
-        min_sq = 2.0 - 2.0 * c_max
-        threshold = c_max - 0.5 * (tie_rtol * abs(min_sq) + 1e-12)
-        rows, cols, signs, mult = _tied_pairs(unit, threshold, half_space=half_space, chunk_size=chunk_size)
-        cos = signs * (unit[rows] * unit[cols]).sum(-1)
-        results.append(-(mult * (2.0 - 2.0 * cos)).sum())
+        results.append(_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)))
     out = torch.stack(results)
     return out[0] if added else out
 
