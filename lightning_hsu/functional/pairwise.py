@@ -14,10 +14,15 @@ The **half-space** sum (Liu et al., NeurIPS 2018) runs over the :math:`2n` vecto
 
 over :math:`n(2n-1)` pairs, all from the :math:`n\times n` Gram matrix.
 
-Two schedules visit the pairs; both form the gradient in the forward pass (the backward pass is
+Three schedules visit the pairs; all form the gradient in the forward pass (the backward pass is
 a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never :math:`O(n^2)`
 above the dense threshold:
 
+- **One block** (a layer whose Gram matrix fits one strip, up to 512 neurons by default). The
+  whole Gram matrix, from the raw rows with the normalisation factors applied to it; the
+  normalisation's chain rule is folded into the coefficients (:func:`_fold_projection`), so the
+  gradient with respect to the raw weights is one product and nothing but the two products
+  touches ``[n, d]``.
 - **Upper strips** (the default). Row block :math:`I` is paired with the columns
   :math:`j \ge \min I` only, the strict lower triangle of its leading tile masked out, so every
   unordered pair is visited once. The Gram product and the kernel evaluations are halved
