@@ -354,7 +354,7 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
         return None
     (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-    return grad * grad_total.view(-1, 1, 1)
+    return grad * grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
 
 
 class _PairwiseKernelSum(torch.autograd.Function):

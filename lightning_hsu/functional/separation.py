@@ -25,7 +25,7 @@ from lightning_hsu.functional._common import (
     row_normalization,
 )
 from lightning_hsu.functional._matmul import batched_matmul, gram
-from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
+from lightning_hsu.functional.pairwise import _saved_gradient, block_rows_for, extreme_pair_cosine
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
 
@@ -138,10 +138,7 @@ class _HardSeparation(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor
     ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
-        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None, None, None
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_value, None, None, None, None
+        return _saved_gradient(ctx, grad_value), None, None, None, None
 
 
 @full_precision
