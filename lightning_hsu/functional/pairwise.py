@@ -479,13 +479,17 @@ def pairwise_kernel_sum(
 
 
 @torch.no_grad()
-def extreme_pair_cosine(unit: Tensor, *, half_space: bool, chunk_size: int | None, largest: bool) -> Tensor:
+def extreme_pair_cosine(
+    unit: Tensor, *, half_space: bool, chunk_size: int | None, largest: bool, gram_matrix: Tensor | None = None
+) -> Tensor:
     """Largest (or smallest) cosine over all pairs, per batch element, without gradient.
 
     In half-space the candidates are :math:`\\pm c_{ij}` and :math:`-\\lVert\\hat w_i\\rVert^2`.
+    ``gram_matrix``: the whole ``[batch, n, n]`` Gram matrix when the caller has it (one block;
+    left unchanged).
     """
     batch, n, _ = unit.shape
-    rows = block_rows_for(n, chunk_size)
+    rows = n if gram_matrix is not None else block_rows_for(n, chunk_size)
     fill = -torch.inf if largest else torch.inf
     best = unit.new_full((batch,), fill)
     reduce = torch.amax if largest else torch.amin
@@ -493,7 +497,7 @@ def extreme_pair_cosine(unit: Tensor, *, half_space: bool, chunk_size: int | Non
     transposed = unit.transpose(1, 2)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
-        cos = batched_matmul(unit[:, start:stop], transposed)
+        cos = gram_matrix.clone() if gram_matrix is not None else batched_matmul(unit[:, start:stop], transposed)
         _self_pairs(cos, start).fill_(fill)
         best = pick(best, reduce(cos, dim=(1, 2)))
         if half_space:

@@ -72,24 +72,22 @@ def _closest_pairs_sum(
     :math:`m`, sign :math:`s`), :math:`\\partial R/\\partial\\hat w_{i_t} = 2 m_t s_t \\hat w_{j_t}` and
     symmetrically: nonzero on the rows of the tied pairs only.
     """
-    cos_all = None
-    if block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]:
-        # one block: one Gram matrix serves both the search for the maximum and for the ties
-        cos_all = gram(unit.unsqueeze(0))[0]
-        off_diagonal = cos_all.clone().fill_diagonal_(-torch.inf)
-        best = off_diagonal.max()
-        if half_space:
-            best = torch.maximum(best, (-cos_all).fill_diagonal_(-torch.inf).max())
-            best = torch.maximum(best, (-(unit * unit).sum(-1)).max())
-        c_max = float(best)
-    else:
-        c_max = float(
-            extreme_pair_cosine(unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True)[0]
-        )
+    one_block = block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]
+    # one block: one Gram matrix serves both the search for the maximum and for the ties
+    cos_all = gram(unit.unsqueeze(0)) if one_block else None
+    c_max = float(
+        extreme_pair_cosine(
+            unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True, gram_matrix=cos_all
+        )[0]
+    )
     min_sq = 2.0 - 2.0 * c_max
     threshold = c_max - 0.5 * (tie_rtol * abs(min_sq) + 1e-12)
     rows, cols, signs, mult = _tied_pairs(
-        unit, threshold, half_space=half_space, chunk_size=chunk_size, gram_matrix=cos_all
+        unit,
+        threshold,
+        half_space=half_space,
+        chunk_size=chunk_size,
+        gram_matrix=None if cos_all is None else cos_all[0],
     )
     cos = signs * (unit[rows] * unit[cols]).sum(-1)
     value = -(mult * (2.0 - 2.0 * cos)).sum()
