@@ -64,13 +64,17 @@ def _tied_pairs(
 
 
 def _closest_pairs_sum(
-    unit: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
+    unit: Tensor, row_scale: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """:math:`-\\sum d^2` over the tied closest pairs of unit rows, and its gradient w.r.t. them.
+    r""":math:`-\sum d^2` over the tied closest pairs of the unit rows :math:`\hat w = r w`, and its
+    gradient with respect to the rows :math:`w` (``row_scale`` = :math:`r`).
 
-    With :math:`R = -\\sum_t m_t (2 - 2 s_t\\,\\hat w_{i_t}\\cdot\\hat w_{j_t})` (multiplicity
-    :math:`m`, sign :math:`s`), :math:`\\partial R/\\partial\\hat w_{i_t} = 2 m_t s_t \\hat w_{j_t}` and
-    symmetrically: nonzero on the rows of the tied pairs only.
+    With :math:`R = -\sum_t m_t (2 - 2 s_t\,\hat w_{i_t}\cdot\hat w_{j_t})` (multiplicity
+    :math:`m`, sign :math:`s`), :math:`\partial R/\partial\hat w_{i_t} = 2 m_t s_t \hat w_{j_t}` and
+    symmetrically. The chain through the normalisation, :math:`r_i (g - (g\cdot\hat w_i)\hat w_i)`,
+    is linear in :math:`g`, so it is applied to each pair's contribution, with
+    :math:`\hat w_j\cdot\hat w_i` already at hand: the gradient is formed on the rows of the tied
+    pairs only.
     """
     one_block = block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]
     # one block: one Gram matrix serves both the search for the maximum and for the ties
@@ -89,21 +93,24 @@ def _closest_pairs_sum(
         chunk_size=chunk_size,
         gram_matrix=None if cos_all is None else cos_all[0],
     )
-    cos = signs * (unit[rows] * unit[cols]).sum(-1)
-    value = -(mult * (2.0 - 2.0 * cos)).sum()
+    first, second = unit[rows], unit[cols]
+    dot = (first * second).sum(-1)
+    value = -(mult * (2.0 - 2.0 * signs * dot)).sum()
     if not with_grad:
         return value, None
     weight = (2.0 * mult * signs).unsqueeze(-1)
+    dot = dot.unsqueeze(-1)
     grad = torch.zeros_like(unit)
-    grad.index_add_(0, rows, weight * unit[cols]).index_add_(0, cols, weight * unit[rows])
+    grad.index_add_(0, rows, weight * row_scale[rows] * (second - dot * first))
+    grad.index_add_(0, cols, weight * row_scale[cols] * (first - dot * second))
     return value, grad
 
 
 class _HardSeparation(torch.autograd.Function):
     r"""Hard MHS of raw neurons ``[n, d]``, normalised inside, gradient in closed form.
 
-    The gradient with respect to the unit rows lives on the rows of the tied pairs only, and so
-    does its chain through :math:`\hat w = r w`, :math:`r\,(g - (g\cdot\hat w)\hat w)` (as in
+    The gradient lives on the rows of the tied pairs only, and so does its chain through
+    :math:`\hat w = r w` (:func:`_closest_pairs_sum`; the same formula as
     :class:`~lightning_hsu.functional.pairwise._NormalizedPairwiseKernelSum`): no autograd graph of
     the normalisation over all ``[n, d]`` entries.
     """
@@ -119,15 +126,12 @@ class _HardSeparation(torch.autograd.Function):
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         rows, r, _, divisor = row_normalization(neurons, eps)
-        unit = rows * r
         value, grad = _closest_pairs_sum(
-            unit, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
+            rows * r, r, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
         )
         if grad is not None:
-            touched = grad.abs().amax(-1) > 0
-            g, u = grad[touched], unit[touched]
-            g = (g - torch.linalg.vecdot(g, u).unsqueeze(-1) * u) * r[touched]
-            grad[touched] = g if divisor is None else g / divisor[touched]
+            if divisor is not None:
+                grad.div_(divisor)
             ctx.save_for_backward(grad)
         return value
 
