@@ -124,8 +124,8 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     return out
 
 
-def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, accumulate: bool = False) -> Tensor:
-    """``out = alpha * (a @ b)``, or ``out += alpha * (a @ b)`` with ``accumulate``; returns ``out``.
+def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) -> Tensor:
+    """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; returns ``out``.
 
     ``out`` may be a view (a block of rows of a larger tensor); it is written in place. The oneDNN
     product is not in place: it runs on at most :data:`MATMUL_INTO_ROWS` rows of ``out`` at a
@@ -133,17 +133,14 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, alpha: float = 1.0, accumu
     covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b):
-        return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0, alpha=alpha)
+        return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     for start in range(0, out.shape[1], MATMUL_INTO_ROWS):
         stop = min(start + MATMUL_INTO_ROWS, out.shape[1])
         product = batched_matmul(a[:, start:stop], b)
-        target = out[:, start:stop]
         if accumulate:
-            target.add_(product, alpha=alpha)
-        elif alpha != 1.0:
-            torch.mul(product, alpha, out=target)
+            out[:, start:stop].add_(product)
         else:
-            target.copy_(product)
+            out[:, start:stop].copy_(product)
     return out
 
 
