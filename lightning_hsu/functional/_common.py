@@ -104,7 +104,7 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 
 @torch.no_grad()
 def row_normalization(
-    neurons: Tensor, eps: float, what: str = "neurons"
+    neurons: Tensor, eps: float, what: str = "neurons", *, check_finite: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     r"""The factors of :func:`normalize_neurons`, without autograd and without forming the unit rows.
 
@@ -117,10 +117,22 @@ def row_normalization(
     row is non-finite (raises :class:`NonFiniteInputError`) or large enough for the rescaling (its
     threshold halved for rounding); only then does the exact check and rescaling run. Leaving the
     product to the caller lets it fold ``r`` into a Gram matrix instead of a pass over ``[n, d]``.
+
+    ``check_finite=False`` makes no host sync and no decision on the data, so that the caller can
+    be captured in a CUDA graph: every row is divided by its divisor (two more passes over
+    ``[n, d]``), and a NaN or inf row is not reported but makes ``r`` and ``sq_unit`` NaN, hence
+    any penalty of them NaN, for the caller to check once for many layers.
     """
+    huge = torch.finfo(neurons.dtype).max ** 0.25
+    if not check_finite:
+        scale = neurons.abs().amax(dim=-1, keepdim=True)  # NaN for a NaN row, inf for an inf row
+        divisor = torch.where(scale > huge, scale, 1.0)
+        neurons = neurons / divisor  # an inf row becomes NaN (inf / inf)
+        sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
+        r = torch.rsqrt(sq + eps / (divisor * divisor))
+        return neurons, r, (sq * r * r).squeeze(-1), divisor
     # a fused reduction: vecdot would form the [n, d] products first
     sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
-    huge = torch.finfo(neurons.dtype).max ** 0.25
     divisor = None
     if not bool((sq <= 0.5 * huge * huge).all()):  # also True for NaN and inf
         check_finite_neurons(neurons, what)

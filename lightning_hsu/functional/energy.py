@@ -38,23 +38,34 @@ def mean_pair_kernel(
     chunk_size: int | None,
     shard: tuple[int, int] | None = None,
     eps: float | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2.
 
     With ``shard`` it is this rank's share (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
     With ``eps`` the rows of ``unit`` are raw neurons, normalised (and checked for NaN/inf) here
     as by :func:`~lightning_hsu.functional._common.normalize_neurons` with that ``eps``, in one
-    fused pass (:func:`~lightning_hsu.functional.pairwise.normalized_pairwise_kernel_sum`).
+    fused pass (:func:`~lightning_hsu.functional.pairwise.normalized_pairwise_kernel_sum`);
+    ``check_finite=False`` (with ``eps``) skips that check, and its host sync: non-finite neurons
+    then give NaN.
     """
     n = unit.shape[1]
     if n < 2:
-        if eps is not None:
-            check_finite_neurons(unit)
-            unit = normalize_neurons(unit, eps)
-        return unit.sum((1, 2)) * 0.0
+        if eps is None or check_finite:
+            if eps is not None:
+                check_finite_neurons(unit)
+                unit = normalize_neurons(unit, eps)
+            return unit.sum((1, 2)) * 0.0
+        return (unit * 0.0).sum((1, 2))  # NaN exactly where a neuron is NaN or inf, without a sync
     if eps is not None:
         total = normalized_pairwise_kernel_sum(
-            unit, kernel, eps=eps, half_space=half_space, chunk_size=chunk_size, shard=shard
+            unit,
+            kernel,
+            eps=eps,
+            half_space=half_space,
+            chunk_size=chunk_size,
+            shard=shard,
+            check_finite=check_finite,
         )
     else:
         total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
@@ -71,6 +82,7 @@ def hyperspherical_energy(
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     r"""Hyperspherical energy of the neurons (rows) of ``neurons``.
 
@@ -87,6 +99,10 @@ def hyperspherical_energy(
         shard: ``(rank, world_size)``: this rank's share of the pairs; the shares' values and
             gradients sum to the full ones. Under DDP/FSDP (which average gradients) multiply by
             ``world_size`` (:func:`~lightning_hsu.functional.pairwise.sharded_scale`).
+        check_finite: raise :class:`~lightning_hsu.functional.NonFiniteInputError` for NaN/inf
+            neurons (one host sync). ``False``: no host sync and no decision on the data, so the
+            call can be captured in a CUDA graph; NaN/inf neurons then give a NaN energy (and
+            gradient), for the caller to check once for many layers.
 
     Returns:
         The mean pair energy (a scalar, or ``[batch]``); 0 for fewer than two neurons.
@@ -99,7 +115,15 @@ def hyperspherical_energy(
     kernel = energy_kernel(power, distance)
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
     try:
-        energy = mean_pair_kernel(batched, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps)
+        energy = mean_pair_kernel(
+            batched,
+            kernel,
+            half_space=half_space,
+            chunk_size=chunk_size,
+            shard=shard,
+            eps=eps,
+            check_finite=check_finite,
+        )
     except NonFiniteInputError:
         check_finite_neurons(neurons)  # raises again, with the caller's shape
         raise

@@ -404,9 +404,10 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         half_space: bool,
         block_rows: int,
         row_range: tuple[int, int] | None,
+        check_finite: bool,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        rows, r, sq_norm, divisor = row_normalization(neurons, eps)
+        rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
         total, grad = _block_sums(rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r)
         if grad is not None:
             if divisor is not None:
@@ -418,8 +419,8 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
-        return _saved_gradient(ctx, grad_total), None, None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None, None]:  # type: ignore[override]
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None
 
 
 def _schedule(n: int, chunk_size: int | None, shard: tuple[int, int] | None) -> tuple[int, tuple[int, int] | None]:
@@ -440,15 +441,20 @@ def normalized_pairwise_kernel_sum(
     half_space: bool = False,
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """:func:`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
 
     ``neurons``: ``[batch, n, d]`` raw float32/float64 neurons. The same value and gradient as the
     composition to float rounding, in fewer passes and with a single host sync (the NaN/inf check:
-    raises :class:`~lightning_hsu.functional._common.NonFiniteInputError`).
+    raises :class:`~lightning_hsu.functional._common.NonFiniteInputError`). With
+    ``check_finite=False`` there is no host sync at all (CUDA-graph safe) and non-finite neurons
+    give a NaN sum instead (:func:`~lightning_hsu.functional._common.row_normalization`).
     """
     block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard)
-    return _NormalizedPairwiseKernelSum.apply(neurons, float(eps), kernel, half_space, block_rows, row_range)
+    return _NormalizedPairwiseKernelSum.apply(
+        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite)
+    )
 
 
 def pairwise_kernel_sum(

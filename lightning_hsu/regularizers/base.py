@@ -24,6 +24,17 @@ class Regularizer:
     stateful: ClassVar[bool] = False
     #: Whether the penalty is a sum over pairs that ranks can share (see :meth:`set_shard`).
     supports_sharding: ClassVar[bool] = False
+    #: Whether the penalty can be captured in a CUDA graph: called with ``check_finite=False`` it
+    #: makes no host sync and no decision on the weights' values, and it depends on the weights
+    #: alone (not on ``step`` nor on state of its own). NaN/inf weights then give a NaN penalty
+    #: instead of an error, for the caller to check once for all layers.
+    capturable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # An overriding penalty may sync, keep state or lack `check_finite`: it says so itself.
+        if "penalty" in cls.__dict__ and "capturable" not in cls.__dict__:
+            cls.capturable = False
 
     def __init__(self) -> None:
         self.salt = 0
@@ -39,8 +50,12 @@ class Regularizer:
             raise ValueError(f"{type(self).__name__} cannot be shared across ranks (it is not a sum over pairs)")
         self._shard = shard
 
-    def __call__(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
-        return self.penalty(neurons, step=step)
+    def __call__(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        if check_finite:
+            return self.penalty(neurons, step=step)
+        if not self.capturable:
+            raise ValueError(f"{type(self).__name__} always checks its input (it is not capturable)")
+        return self.penalty(neurons, step=step, check_finite=False)  # type: ignore[call-arg]
 
     def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
         """The penalty of ``neurons`` (``[n, d]``); ``step`` is the global training step."""

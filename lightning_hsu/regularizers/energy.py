@@ -27,6 +27,7 @@ class MHE(Regularizer):
 
     name = "mhe"
     supports_sharding = True
+    capturable = True
 
     def __init__(
         self,
@@ -43,7 +44,7 @@ class MHE(Regularizer):
         self.eps = positive_float("MHE", "eps", eps)
         self.chunk_size = positive_int("MHE", "chunk_size", chunk_size, allow_none=True)
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         return hyperspherical_energy(
             neurons,
             power=self.power,
@@ -52,6 +53,7 @@ class MHE(Regularizer):
             eps=self.eps,
             chunk_size=self.chunk_size,
             shard=self._shard,
+            check_finite=check_finite,
         )
 
 

@@ -1,0 +1,95 @@
+"""``check_finite=False``: the same energy with no host sync (CUDA-graph safe), NaN for NaN/inf neurons."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_hsu import MHE
+from lightning_hsu.functional import NonFiniteInputError, hyperspherical_energy
+
+#: ATen ops that copy a device value to the host (``.item()``, ``bool(tensor)``) or whose output
+#: size depends on the data: on a GPU each waits for the queue, and none may run in a CUDA graph.
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item"}
+
+
+class HostSyncCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name in HOST_SYNC_OPS:
+            self.syncs.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _energy_and_grad(w: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    x = w.clone().requires_grad_()
+    value = hyperspherical_energy(x, **kw)
+    value.backward()
+    assert x.grad is not None
+    return value.detach(), x.grad
+
+
+# one block, upper strips, a shard's full rows, a single neuron
+SCHEDULES = [
+    pytest.param(dict(), 40, id="one-block"),
+    pytest.param(dict(chunk_size=16), 40, id="strips"),
+    pytest.param(dict(chunk_size=16, shard=(1, 3)), 40, id="shard"),
+    pytest.param(dict(), 1, id="one-neuron"),
+]
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize(("options", "n"), SCHEDULES)
+def test_unchecked_energy_makes_no_host_sync_and_equals_the_checked_one(options, n: int, half_space: bool) -> None:
+    w = torch.randn(n, 24, generator=torch.Generator().manual_seed(0))
+    with HostSyncCounter() as counter:
+        value, grad = _energy_and_grad(w, half_space=half_space, check_finite=False, **options)
+    assert counter.syncs == []
+    with HostSyncCounter() as counter:
+        ref_value, ref_grad = _energy_and_grad(w, half_space=half_space, **options)
+    assert counter.syncs  # the checked path's check, for contrast
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_unchecked_energy_rescales_huge_rows_like_the_checked_one() -> None:
+    # rows of norm ~1e30: their squares overflow float32 unless divided first
+    w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
+    w[3] *= 1e30
+    ref_value, ref_grad = _energy_and_grad(w, half_space=True)  # the checked path rescales that row too
+    value, grad = _energy_and_grad(w, half_space=True, check_finite=False)
+    assert math.isfinite(float(value)) and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    exact = _energy_and_grad(w.double(), half_space=True)[0]
+    torch.testing.assert_close(value.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(("options", "n"), SCHEDULES)
+def test_unchecked_energy_of_non_finite_neurons_is_nan_instead_of_an_error(options, n: int, bad: float) -> None:
+    w = torch.randn(n, 24, generator=torch.Generator().manual_seed(2))
+    w[0, 5] = bad
+    with pytest.raises(NonFiniteInputError):
+        hyperspherical_energy(w, **options)
+    value = hyperspherical_energy(w, check_finite=False, **options)
+    assert math.isnan(float(value))
+
+
+def test_only_regularizers_that_declare_it_skip_the_check() -> None:
+    class LoggingMHE(MHE):  # overrides penalty: may sync or keep state, so not capturable by inheritance
+        def penalty(self, neurons, *, step=None):  # type: ignore[no-untyped-def]
+            return super().penalty(neurons, step=step)
+
+    assert MHE.capturable and not LoggingMHE.capturable
+    w = torch.randn(6, 4)
+    assert math.isnan(float(MHE()(w.fill_(math.nan), check_finite=False)))
+    with pytest.raises(ValueError, match="LoggingMHE always checks its input"):
+        LoggingMHE()(w, check_finite=False)
