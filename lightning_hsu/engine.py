@@ -11,6 +11,7 @@ penalty is added to the loss itself, loss scaling (fp16 GradScaler), the divisio
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional._common import NonFiniteInputError
-from lightning_hsu.functional.neurons import neurons_of
+from lightning_hsu.functional.neurons import is_parametrized_weight, layer_neurons, neurons_of
 from lightning_hsu.rules import Binding, Rule, find_classifier, resolve_rules
 
 OnNonFinite = Literal["raise", "skip"]
@@ -95,7 +97,19 @@ class PenaltyEngine:
             k so that the expected gradient is unchanged (lazy regularisation).
         on_nonfinite: ``"raise"`` a :class:`NonFinitePenaltyError` naming the layer and step, or
             ``"skip"`` that layer's penalty for the step (with a warning).
+        cuda_graphs: on a GPU, compute the penalties of whole CUDA weights with a
+            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (MHE) by replaying
+            CUDA graphs captured at the first step (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`),
+            instead of launching each layer's kernels from Python. Needs ``on_nonfinite="raise"``;
+            elsewhere (CPU, FSDP/ZeRO-3 shards, parametrized weights, other regularizers) the
+            penalties are computed eagerly either way.
     """
+
+    #: Captured graphs kept at once, keyed by the layers they cover (a model whose forward runs
+    #: different layers from step to step would otherwise capture without end).
+    MAX_GRAPHS = 4
+    #: The device type whose weights are captured (a test sets "cpu" with an eager stand-in).
+    GRAPH_DEVICE = "cuda"
 
     def __init__(
         self,
@@ -104,6 +118,7 @@ class PenaltyEngine:
         classifier: str | None = "auto",
         every_n_steps: int = 1,
         on_nonfinite: OnNonFinite = "raise",
+        cuda_graphs: bool = True,
     ) -> None:
         if not rules:
             raise ValueError("at least one rule is needed")
@@ -115,10 +130,13 @@ class PenaltyEngine:
             raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"`cuda_graphs` must be true or false, got {cuda_graphs!r}")
         self.rules = list(rules)
         self.classifier = classifier
         self.every_n_steps = every_n_steps
         self.on_nonfinite = on_nonfinite
+        self.cuda_graphs = cuda_graphs
         self.enabled = True
         #: Compute each penalty in its layer's forward hook and tie it to the layer's output.
         #: Needed only where weights exist whole inside forward alone (FSDP, ZeRO-3). Elsewhere
@@ -136,6 +154,7 @@ class PenaltyEngine:
         # as detached tensors: converting each to a float would synchronise the GPU once per layer.
         self._last_values: dict[str, Tensor] = {}
         self._last_weighted: dict[str, Tensor] = {}
+        self._graphs: dict[tuple[int, ...], GraphedPenalties] = {}
         #: Calls of the manual-optimisation helper (to warn when it is never called).
         self.manual_calls = 0
         self.warned_manual = False
@@ -188,9 +207,11 @@ class PenaltyEngine:
             self._handles.append(module.register_forward_hook(hook, prepend=True))
 
     def remove_hooks(self) -> None:
+        """Remove the hooks and free any captured CUDA graphs (and their memory)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._graphs.clear()
 
     def _make_hook(self, bindings: list[Binding]) -> Any:
         engine = self
@@ -235,7 +256,11 @@ class PenaltyEngine:
         if coefficient == 0.0:
             return None
         try:
-            penalty = binding.regularizer(neurons_of(module, name=binding.layer_name), step=step)
+            neurons = neurons_of(module, name=binding.layer_name)
+            if self._checked_per_step(binding, neurons):
+                penalty = binding.regularizer(neurons, step=step, check_finite=False)
+            else:
+                penalty = binding.regularizer(neurons, step=step)
         except NonFiniteInputError as err:
             message = (
                 f"the weights of layer {binding.layer_name!r} contain NaN or inf at global step {step}, so its "
@@ -263,12 +288,96 @@ class PenaltyEngine:
             return coefficient * self.shard[1] * penalty
         return coefficient * penalty
 
+    def _checked_per_step(self, binding: Binding, neurons: Tensor) -> bool:
+        """Whether this penalty leaves its NaN/inf check to the step's one check of all values.
+
+        On a GPU each layer's own check is a host sync, which stalls the queue of kernels; a
+        capturable regularizer then gives NaN for non-finite weights, and :meth:`_check_finite`
+        raises for it, naming the layer, before the backward pass.
+        """
+        return self.on_nonfinite == "raise" and binding.regularizer.capturable and neurons.is_cuda
+
     @staticmethod
     def _nonfinite_message(binding: Binding, value: Tensor, step: int) -> str:
+        weight = getattr(binding.module, "weight", None)
+        if isinstance(weight, Tensor) and not bool(torch.isfinite(weight.detach()).all()):
+            return (
+                f"the weights of layer {binding.layer_name!r} contain NaN or inf at global step {step}, so its "
+                f"{binding.rule.label!r} penalty is undefined; the weights were not updated with it"
+            )
         return (
             f"the {binding.rule.label!r} penalty of layer {binding.layer_name!r} is {float(value)} at global step "
             f"{step}; the weights were not updated with it"
         )
+
+    # -- CUDA graphs ------------------------------------------------------------------------------
+    def _graph_capturable(self, binding: Binding, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return (
+            binding.regularizer.capturable
+            and isinstance(weight, Tensor)
+            and weight.device.type == self.GRAPH_DEVICE
+            and weight.is_leaf
+            and weight.requires_grad
+            and not is_parametrized_weight(module)
+        )
+
+    @staticmethod
+    def _capturable_penalty(binding: Binding, module: nn.Module, weight: Tensor) -> Tensor:
+        return binding.regularizer(layer_neurons(module, weight), check_finite=False)
+
+    def _replay_graphs(
+        self, record: StepRecord, deferred: list[tuple[Binding, nn.Module]]
+    ) -> list[tuple[Binding, nn.Module]]:
+        """Compute the penalties of ``deferred`` that a CUDA graph can hold by replaying it (captured
+        at first use, again when a weight moved); return the layers left to compute eagerly."""
+        if not self.cuda_graphs or self.on_nonfinite != "raise":
+            return deferred
+        # a user who captures the whole step already has what this gives: stay eager inside it
+        if self.GRAPH_DEVICE == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing()):
+            return deferred
+        graphed: list[tuple[Binding, nn.Module, float]] = []
+        rest: list[tuple[Binding, nn.Module]] = []
+        for binding, module in deferred:
+            coefficient = self.coefficient(binding, record.step)
+            if coefficient != 0.0 and self._graph_capturable(binding, module):
+                graphed.append((binding, module, coefficient))
+            else:
+                rest.append((binding, module))
+        if not graphed:
+            return deferred
+        key = tuple(id(b) for b, _, _ in graphed)
+        weights = [m.weight for _, m, _ in graphed]
+        graphs = self._graphs.pop(key, None)
+        if graphs is None or not graphs.matches(weights):
+            graphs = None  # free the old capture's memory before making the new one
+            try:
+                graphs = GraphedPenalties(
+                    [functools.partial(self._capturable_penalty, b, m) for b, m, _ in graphed], weights
+                )
+            except RuntimeError as err:
+                self.cuda_graphs = False
+                warnings.warn(
+                    f"capturing the hyperspherical penalties in a CUDA graph failed ({err}); they are computed "
+                    "eagerly from now on (pass cuda_graphs=False to skip the attempt)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return deferred
+        while len(self._graphs) >= self.MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs)))
+        self._graphs[key] = graphs
+        values = graphs()
+        seen = values.detach().clone()  # the next replay overwrites the graph's output
+        plain = [c for _, _, c in graphed]
+        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, _, c in graphed]
+        factors = torch.tensor([plain, scaled], dtype=values.dtype, device=values.device)
+        weighted = seen * factors[0]
+        for i, (binding, _, _) in enumerate(graphed):
+            record.values[binding.key] = seen[i]
+            record.weighted[binding.key] = weighted[i]
+        record.pending.append(torch.dot(values, factors[1]))
+        return rest
 
     def _check_finite(self, record: StepRecord) -> None:
         """Raise :class:`NonFinitePenaltyError` naming the first non-finite layer penalty.
@@ -311,7 +420,7 @@ class PenaltyEngine:
             return None
         deferred, record.deferred = record.deferred, []
         with torch.enable_grad():
-            for binding, module in deferred:
+            for binding, module in self._replay_graphs(record, deferred):
                 value = self._penalty_of(binding, module, record.step)
                 if value is not None:
                     record.pending.append(value)

@@ -83,11 +83,21 @@ class HypersphericalUniformityMixin:
         classifier: str | None = "auto",
         every_n_steps: int = 1,
         on_nonfinite: OnNonFinite = "raise",
+        cuda_graphs: bool = True,
     ) -> None:
-        """Declare the module's rules (validated now; layers are bound when training starts)."""
+        """Declare the module's rules (validated now; layers are bound when training starts).
+
+        The options are those of :class:`~lightning_hsu.callbacks.HypersphericalUniformity`.
+        """
         all_rules = preset_rules(preset) if preset is not None else []
         all_rules += [_as_rule(r, i) for i, r in enumerate(rules or [])]
-        engine = PenaltyEngine(all_rules, classifier=classifier, every_n_steps=every_n_steps, on_nonfinite=on_nonfinite)
+        engine = PenaltyEngine(
+            all_rules,
+            classifier=classifier,
+            every_n_steps=every_n_steps,
+            on_nonfinite=on_nonfinite,
+            cuda_graphs=cuda_graphs,
+        )
         object.__setattr__(self, _ENGINE_ATTR, engine)
         object.__setattr__(self, "_hsu_ready", False)
 

@@ -67,6 +67,14 @@ def neurons_of(source: nn.Module | Tensor, *, name: str | None = None) -> Tensor
     return weight.reshape(weight.shape[0], -1)
 
 
+def layer_neurons(module: nn.Module, weight: Tensor) -> Tensor:
+    """The neurons of ``module`` (as :func:`neurons_of`) computed from ``weight``, a tensor of the
+    shape of its weight: lets a caller differentiate with respect to a tensor it holds."""
+    if isinstance(module, _CONV_TRANSPOSE):
+        return transpose_conv_neurons(weight, module.groups)
+    return weight.reshape(weight.shape[0], -1)
+
+
 def neuron_count(source: nn.Module | Tensor) -> int:
     """Number of neurons ``n`` of a layer or weight without materialising a reshaped copy."""
     if isinstance(source, nn.Module):

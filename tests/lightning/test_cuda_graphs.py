@@ -1,0 +1,234 @@
+"""Penalties replayed as CUDA graphs: the engine's bookkeeping (on the CPU, with the capture replaced
+by an eager stand-in) and the real capture (GPU only)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
+
+import lightning_hsu.engine as engine_module
+from lightning_hsu import MHE, MHS, HypersphericalUniformity, PenaltyEngine, Rule
+from lightning_hsu.cuda_graphs import GraphedPenalties
+from lightning_hsu.engine import NonFinitePenaltyError
+from lightning_hsu.functional import hyperspherical_energy, neurons_of
+from lightning_hsu.rules import preset_rules
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class Captures:
+    """Stands in for ``torch.cuda.make_graphed_callables``: records each capture, runs eagerly."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.weights: list[tuple[torch.Tensor, ...]] = []
+        self.fail = fail
+
+    def __call__(self, fn, sample_args):  # type: ignore[no-untyped-def]
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.weights.append(sample_args)
+        return fn
+
+
+@pytest.fixture
+def captures(monkeypatch: pytest.MonkeyPatch) -> Captures:
+    """The engine captures CPU weights, through a :class:`Captures`."""
+    stand_in = Captures()
+    monkeypatch.setattr(PenaltyEngine, "GRAPH_DEVICE", "cpu")
+
+    def graphed(penalties, weights):  # type: ignore[no-untyped-def]
+        return GraphedPenalties(penalties, weights, make_graphed=stand_in)
+
+    monkeypatch.setattr(engine_module, "GraphedPenalties", graphed)
+    return stand_in
+
+
+def _step(engine: PenaltyEngine, model: TinyNet, step: int) -> torch.Tensor | None:
+    engine.begin_step(step)
+    model(torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(step)))
+    total = engine.collect()
+    engine.end_step()
+    return total
+
+
+def _grad_of(total: torch.Tensor, model: TinyNet) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    total.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _engines(model: TinyNet, **kw) -> tuple[PenaltyEngine, PenaltyEngine]:  # type: ignore[no-untyped-def]
+    pair = []
+    for graphs in (True, False):
+        engine = PenaltyEngine(preset_rules("mhe"), cuda_graphs=graphs, **kw)
+        engine.tie_to_output = False
+        engine.bind(model)
+        engine.install_hooks()
+        pair.append(engine)
+    return pair[0], pair[1]
+
+
+def test_graphed_penalties_give_the_eager_values_gradients_and_logged_values(captures: Captures) -> None:
+    model = TinyNet()
+    graphed, eager = _engines(model, every_n_steps=2)
+    for step in range(5):
+        eager.enabled, graphed.enabled = False, True
+        total = _step(graphed, model, step)
+        if step % 2:  # lazy regularisation: nothing on odd steps
+            assert total is None and _step(eager, model, step) is None
+            continue
+        assert total is not None
+        got = (total.detach().clone(), _grad_of(total, model), graphed.last_values, graphed.last_weighted)
+        eager.enabled, graphed.enabled = True, False
+        total = _step(eager, model, step)
+        assert total is not None
+        want = (total.detach().clone(), _grad_of(total, model), eager.last_values, eager.last_weighted)
+        torch.testing.assert_close(got[0], want[0])
+        assert got[1].keys() == want[1].keys() == {"conv.weight", "hidden.weight", "fc.weight"}
+        for key in got[1]:
+            torch.testing.assert_close(got[1][key], want[1][key])
+        assert got[2].keys() == want[2].keys() and got[3].keys() == want[3].keys()
+        for key in got[2]:
+            assert got[2][key] == pytest.approx(want[2][key], rel=1e-6)
+            assert got[3][key] == pytest.approx(want[3][key], rel=1e-6)
+    # the papers' preset on the three layers, once per active step (every_n_steps=2 skips the odd
+    # steps), all from one capture of the three weights
+    assert len(captures.weights) == 1
+    assert captures.weights[0] == (model.conv.weight, model.hidden.weight, model.fc.weight)
+    assert graphed.last_weighted["fc/mhe_classifier"] == pytest.approx(
+        20.0 * float(hyperspherical_energy(neurons_of(model.fc).detach())), rel=1e-6
+    )
+
+
+def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> None:
+    model = TinyNet()
+    graphed, eager = _engines(model)
+    eager.enabled = False
+    _step(graphed, model, 0)
+    model.hidden.weight.data = model.hidden.weight.data.clone()  # new storage: the old capture reads stale memory
+    _step(graphed, model, 1)
+    assert len(captures.weights) == 2
+    _step(graphed, model, 2)  # in-place updates (an optimizer's) need no new capture
+    with torch.no_grad():
+        model.hidden.weight.mul_(2.0)
+    _step(graphed, model, 3)
+    assert len(captures.weights) == 2
+
+
+def test_only_capturable_regularizers_of_plain_weights_are_captured(captures: Captures) -> None:
+    model = TinyNet()
+    torch.nn.utils.parametrizations.weight_norm(model.conv)
+    rules = [Rule(MHE(half_space=True), layers=["conv", "hidden"]), Rule(MHS(), layers=["fc"])]
+    engine = PenaltyEngine(rules)
+    engine.tie_to_output = False
+    engine.bind(model)
+    engine.install_hooks()
+    total = _step(engine, model, 0)
+    assert total is not None
+    assert captures.weights == [(model.hidden.weight,)]  # MHS is not capturable, the conv is parametrized
+    assert set(engine.last_values) == {"conv/mhe", "hidden/mhe", "fc/mhs"}
+    ref = (
+        hyperspherical_energy(neurons_of(model.conv), half_space=True)
+        + hyperspherical_energy(neurons_of(model.hidden), half_space=True)
+        + MHS()(neurons_of(model.fc))
+    )
+    torch.testing.assert_close(total, ref)
+
+
+@pytest.mark.parametrize("options", [dict(on_nonfinite="skip"), dict(cuda_graphs=False)])
+def test_no_capture_when_skipping_non_finite_penalties_or_switched_off(captures: Captures, options) -> None:
+    engine = PenaltyEngine(preset_rules("mhe"), **options)
+    model = TinyNet()
+    engine.tie_to_output = False
+    engine.bind(model)
+    engine.install_hooks()
+    _step(engine, model, 0)
+    assert captures.weights == []
+
+
+def test_a_failed_capture_warns_and_computes_eagerly_from_then_on(captures: Captures) -> None:
+    captures.fail = True
+    model = TinyNet()
+    graphed, eager = _engines(model)
+    eager.enabled = False
+    with pytest.warns(RuntimeWarning, match="capturing the hyperspherical penalties in a CUDA graph failed"):
+        total = _step(graphed, model, 0)
+    assert graphed.cuda_graphs is False and total is not None
+    torch.testing.assert_close(total, mhe_reference()(model))
+
+
+def test_cuda_graphs_option_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`cuda_graphs` must be true or false"):
+        HypersphericalUniformity(preset="mhe", cuda_graphs="yes")  # type: ignore[arg-type]
+
+
+# -- on a GPU -------------------------------------------------------------------------------------
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(), dict(chunk_size=64), dict(chunk_size=64, shard=(0, 2))])
+def test_unchecked_energy_makes_no_host_sync_on_cuda(options) -> None:
+    w = torch.randn(300, 40, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        hyperspherical_energy(w, half_space=True, check_finite=False, **options).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@pytest.mark.gpu
+def test_graph_replay_follows_in_place_updates_of_the_weights() -> None:
+    torch.manual_seed(0)
+    ws = [torch.randn(n, d, device="cuda", requires_grad=True) for n, d in ((64, 27), (128, 576), (10, 512))]
+    mhe = MHE(half_space=True)
+    graphs = GraphedPenalties([lambda w: mhe(w, check_finite=False)] * 3, ws)
+    for _ in range(3):
+        values = graphs()
+        grads = torch.autograd.grad(values.sum() * 3.0, ws)
+        for w, v, g in zip(ws, values, grads, strict=True):
+            x = w.detach().clone().requires_grad_()
+            ref = hyperspherical_energy(x, half_space=True)
+            torch.testing.assert_close(v, ref.detach())
+            torch.testing.assert_close(g, torch.autograd.grad(ref * 3.0, x)[0])
+        with torch.no_grad():
+            for w in ws:
+                w.add_(torch.randn_like(w), alpha=0.3)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_callback_with_cuda_graphs_trains_like_the_hand_written_penalty(
+    tmp_path, precision: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = TinyNet(penalty=mhe_reference())
+    pl.Trainer(**trainer_kwargs(tmp_path, accelerator="gpu", precision=precision, deterministic=False)).fit(ref)
+    captured: list[tuple[torch.Tensor, ...]] = []
+
+    def counting(penalties, weights):  # type: ignore[no-untyped-def]
+        captured.append(tuple(weights))
+        return GraphedPenalties(penalties, weights)
+
+    monkeypatch.setattr(engine_module, "GraphedPenalties", counting)
+    model = TinyNet()
+    kw = trainer_kwargs(tmp_path, accelerator="gpu", precision=precision, deterministic=False)
+    pl.Trainer(callbacks=[HypersphericalUniformity(preset="mhe")], **kw).fit(model)
+    assert len(captured) == 1 and len(captured[0]) == 3  # one capture of the three layers, replayed 4 times
+    assert_same_weights(weights(model), weights(ref))
+
+
+@cuda
+@pytest.mark.gpu
+def test_nan_weights_under_cuda_graphs_raise_naming_the_layer(tmp_path) -> None:
+    model = TinyNet()
+    with torch.no_grad():
+        model.hidden.weight[0, 0] = math.nan
+    callback = HypersphericalUniformity(preset="mhe")
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, accelerator="gpu", deterministic=False))
+    with pytest.raises(NonFinitePenaltyError, match="weights of layer 'hidden' contain NaN or inf at global step 0"):
+        trainer.fit(model)
