@@ -1,8 +1,10 @@
 """A 100,000 x 512 classifier: exact MHE and gradient in chunks, peak memory, and the sampled estimate.
 
-Each measurement runs in a fresh subprocess and reports its peak resident memory
+On the CPU each measurement runs in a fresh subprocess and reports its peak resident memory
 (``resource.getrusage(...).ru_maxrss``); a baseline subprocess only builds the weight (and its
-gradient buffer), so the difference is what the penalty adds. The dense Gram matrix alone would
+gradient buffer), so the difference is what the penalty adds. On CUDA the peak is the allocator's
+(``torch.cuda.max_memory_allocated`` after a reset), so the measurements run in one process: a
+fresh process per measurement spent its time starting CUDA. The dense Gram matrix alone would
 need ``n^2 * 4`` bytes (40 GB for n = 100,000).
 
 1. Memory vs chunk size: the rows of one shard (``shard=(0, S)``, two blocks of ``chunk`` rows)
@@ -49,7 +51,7 @@ def _peak_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker(args: argparse.Namespace) -> None:
+def measure(args: argparse.Namespace) -> dict[str, float]:
     w = _weight(args.n, args.d, args.device)
     w.grad = torch.zeros_like(w)  # the baseline owns the gradient buffer too
     if args.device == "cuda":
@@ -77,17 +79,24 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     out["seconds"] = time.perf_counter() - t0
     out["peak_mib"] = _peak_mib(args.device)
-    print(json.dumps(out))
+    return out
 
 
 def spawn(args: argparse.Namespace, *extra: str) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "bench_huge.py"), "--n", str(args.n), "--d", str(args.d)]
-    cmd += ["--device", args.device, *extra]
+    options = ["--n", str(args.n), "--d", str(args.d), "--device", args.device, *extra]
+    if args.device == "cuda":
+        sub = build_parser().parse_args(options)
+        if sub.worker == "baseline":
+            sub.worker = "none"
+        result = measure(sub)
+        torch.cuda.empty_cache()
+        return result
+    cmd = [sys.executable, os.path.join(HERE, "bench_huge.py"), *options]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--d", type=int, default=512)
@@ -99,11 +108,15 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=1000)
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.worker:
         if args.worker == "baseline":
             args.worker = "none"
-        worker(args)
+        print(json.dumps(measure(args)))
         return
 
     n, d = args.n, args.d

@@ -9,6 +9,8 @@ matrix-multiply lower bound.
   factorisations; CoMHE: the projections forward and backward plus ``K`` Gram and gradient products).
   On the CPU each product is timed both with ``torch.mm`` (MKL) and with oneDNN's float32 product
   (what the library uses there, ``lightning_hsu.functional._matmul``), and the faster is the bound.
+- on CUDA, for MHE, also **ours without the host sync** (``check_finite=False``, what the callback
+  calls on a GPU) and the same **replayed from a CUDA graph** (what the callback runs).
 
 Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]``.
 """
@@ -16,6 +18,7 @@ Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json ou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -23,6 +26,7 @@ import time
 import torch
 from _common import add_common_args, apply_threads, device_arg, machine, mib, ms, table, time_methods
 
+from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional import (
     compressive_energy,
     gram_determinant_penalty,
@@ -82,6 +86,17 @@ def backward_of(fn, w: torch.Tensor):
     return run
 
 
+def graphed_backward_of(fn, w: torch.Tensor):
+    """``backward_of`` replayed from a CUDA graph (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`)."""
+    graphs = GraphedPenalties([fn], [w])
+
+    def run() -> None:
+        w.grad = None
+        graphs().sum().backward()
+
+    return run
+
+
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return batched_matmul(a.unsqueeze(0), b.unsqueeze(0))[0]
 
@@ -118,10 +133,15 @@ def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch
 
 def methods_for(kind: str, w: torch.Tensor, half_space: bool, projections: torch.Tensor | None):
     if kind == "mhe":
-        return {
+        methods = {
             "ours": backward_of(lambda v: hyperspherical_energy(v, half_space=half_space), w),
             "official": backward_of(lambda v: official_mhe(v, half_space), w),
         }
+        if w.is_cuda:  # what the callback runs on a GPU: no host sync, then the same replayed
+            unchecked = functools.partial(hyperspherical_energy, half_space=half_space, check_finite=False)
+            methods["no sync"] = backward_of(unchecked, w)
+            methods["graph"] = graphed_backward_of(unchecked, w)
+        return methods
     if kind == "mhs":
         return {
             "ours": backward_of(lambda v: hyperspherical_separation(v, half_space=half_space), w),
@@ -174,6 +194,7 @@ def rows_of(results: list[dict], device: torch.device) -> tuple[list[str], list[
         header += ["CPU-time official / ours", "CPU-time ours / bound"]
     else:
         header += ["peak MiB ours", "peak MiB official"]
+        header += ["ours, no host sync ms", "ours, CUDA graph ms", "graph / bound"]
     rows = []
     for r in results:
         row = [r["kind"].upper(), r["space"], r["n"], r["d"], ms(r["ours_wall"]), ms(r["official_wall"])]
@@ -182,6 +203,10 @@ def rows_of(results: list[dict], device: torch.device) -> tuple[list[str], list[
             row += [r["official_cpu"] / r["ours_cpu"], r["ours_cpu"] / r["lower bound_cpu"]]
         else:
             row += [mib(r["ours_peak"]), mib(r["official_peak"])]
+            if "graph_wall" in r:
+                row += [ms(r["no sync_wall"]), ms(r["graph_wall"]), r["graph_wall"] / r["lower bound_wall"]]
+            else:
+                row += ["–", "–", "–"]
         rows.append(row)
     return header, rows
 

@@ -8,9 +8,12 @@ settings). Variants:
 - **per layer**: one ``hyperspherical_energy`` call per layer;
 - **batched by shape**: layers with the same ``[n, d]`` stacked into one ``[batch, n, d]`` call;
 - **torch.compile**: the per-layer penalty function compiled (compile time reported apart);
+- **CUDA graph** (GPU only): the per-layer penalties captured once and replayed
+  (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`, what the callback does on a GPU);
 - **Lightning**: one ``Trainer.fit`` with the ``HypersphericalUniformity`` callback
   (``preset="mhe"``) switched on and off on alternate steps, timed from ``on_train_batch_start``
-  to ``on_train_batch_end``.
+  to ``on_train_batch_end``; on a GPU once with its CUDA graphs and once with
+  ``cuda_graphs=False``.
 
 Usage: ``python benchmarks/bench_training_step.py [--steps 5] [--threads 1] [--device cuda] [--no-lightning]``.
 """
@@ -26,6 +29,8 @@ import torch
 from _common import add_common_args, apply_threads, device_arg, machine, ms, sync, table
 from torch import nn
 
+from lightning_hsu import MHE
+from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
 from lightning_hsu.functional._matmul import batched_matmul, gram
 
@@ -84,6 +89,17 @@ def penalty_batched(model: nn.Module) -> torch.Tensor:
     return total + 10.0 * hyperspherical_energy(neurons_of(fc))
 
 
+def graphed_penalty(model: nn.Module):
+    """``penalty_per_layer`` replayed from CUDA graphs captured here (no host sync inside)."""
+    convs, fc = penalised_layers(model)
+    half, full = MHE(half_space=True), MHE()
+    penalties = [lambda w: half(neurons_of(w), check_finite=False)] * len(convs)
+    penalties.append(lambda w: full(w, check_finite=False))
+    graphs = GraphedPenalties(penalties, [c.weight for c in convs] + [fc.weight])
+    coefficients = torch.tensor([1.0] * len(convs) + [10.0], device=fc.weight.device)
+    return lambda _model: torch.dot(graphs(), coefficients)
+
+
 def products_alone(model: nn.Module):
     """The floor of any exact penalty: per layer the Gram product and the gradient product ``C W``,
     with the library's own products (symmetric strips and oneDNN on the CPU), nothing else."""
@@ -128,7 +144,7 @@ def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def lightning_steps(device: torch.device, steps: int) -> tuple[float, float]:
+def lightning_steps(device: torch.device, steps: int, cuda_graphs: bool = True) -> tuple[float, float]:
     """Median step time of one ``Trainer.fit`` with the callback switched off and on in turn.
 
     The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
@@ -150,7 +166,7 @@ def lightning_steps(device: torch.device, steps: int) -> tuple[float, float]:
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
-    hsu = HypersphericalUniformity(preset="mhe", log_per_layer=False)
+    hsu = HypersphericalUniformity(preset="mhe", log_per_layer=False, cuda_graphs=cuda_graphs)
 
     class Alternate(pl.Callback):
         """Switches the penalty on for even batches and times every step."""
@@ -222,6 +238,12 @@ def main() -> None:
             steps["penalty, torch.compile"] = make_step(model, compiled, x, y)
         except Exception as err:  # report, do not fail the benchmark
             notes.append(f"torch.compile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    if device.type == "cuda":
+        replay = graphed_penalty(model)
+        with torch.no_grad():
+            replayed = float(replay(model))
+        notes.append(f"CUDA graph: penalty {replayed:.4f} (eager {exact:.4f})")
+        steps["penalty, CUDA graph (GraphedPenalties)"] = make_step(model, replay, x, y)
     pen_model = ResNet18().to(device)
     pen_time = {
         "penalty alone (forward + backward, per layer)": lambda: penalty_per_layer(pen_model).backward(),
@@ -232,15 +254,17 @@ def main() -> None:
     base = times["no penalty"]
     rows = [[k, ms(v), f"{100 * (v / base - 1):+.1f}%"] for k, v in times.items()]
     if not args.no_lightning:
-        plain, with_cb = lightning_steps(device, args.steps)
-        rows += [
-            ["Lightning Trainer, callback switched off (enabled=False)", ms(plain), "(its own baseline)"],
-            [
-                "Lightning Trainer + HypersphericalUniformity(preset='mhe')",
-                ms(with_cb),
-                f"{100 * (with_cb / plain - 1):+.1f}%",
-            ],
-        ]
+        for graphs in (True, False) if device.type == "cuda" else (True,):
+            plain, with_cb = lightning_steps(device, args.steps, cuda_graphs=graphs)
+            label = "" if device.type != "cuda" else (", CUDA graphs" if graphs else ", cuda_graphs=False")
+            rows += [
+                [f"Lightning Trainer, callback switched off (enabled=False){label}", ms(plain), "(its own baseline)"],
+                [
+                    f"Lightning Trainer + HypersphericalUniformity(preset='mhe'{label})",
+                    ms(with_cb),
+                    f"{100 * (with_cb / plain - 1):+.1f}%",
+                ],
+            ]
     print(f"### CIFAR ResNet-18 training step, batch 64, {device.type}, median of {args.steps}\n")
     print(table(["variant", "step ms", "vs no penalty"], rows))
     for note in notes:

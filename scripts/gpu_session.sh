@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Everything the project checks on a GPU, in one prepared run (~5 minutes on one H100/H200):
+#   1. the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written);
+#   2. every benchmark (benchmarks/run_all_gpu.sh), the training step first;
+#   3. the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3).
+# Results go to ${OUT:-gpu_out}/ (the lent machine's $OUT comes back): session.log, results_gpu.md,
+# gpu_checks.md, perf_kernels_gpu.png. DeepSpeed wheels in .whl/ are installed first if present
+# (the lent machines cannot reach a package index; see docs/gpu_checks.md).
+# Usage: bash scripts/gpu_session.sh
+set -u
+cd "$(dirname "$0")/.."
+DEST="${OUT:-gpu_out}"
+mkdir -p "$DEST"
+case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD"
+PY="${PYTHON:-python3}"
+{
+  date -u
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+      export PYTHONPATH="/tmp/site:$PWD"
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+  echo "## CUDA tests"
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_cuda_graphs.py 2>&1 | tail -40
+  echo "## benchmarks"
+  PYTHON="$PY" bash benchmarks/run_all_gpu.sh "$DEST/results_gpu.md" "$DEST/perf_kernels_gpu.png" >/dev/null 2>&1
+  grep -v "Warning\|warn\|^  \|^W1\|check(" "$DEST/results_gpu.md"
+  echo "## strategy checks"
+  timeout 200 "$PY" scripts/gpu_checks.py --out "$DEST/gpu_checks.md" 2>&1 | tail -30
+  date -u
+} 2>&1 | tee "$DEST/session.log"
