@@ -19,6 +19,11 @@ What a capture needs, and how it is kept (see the PyTorch notes on CUDA graphs):
 - One forward before each backward: the backward graph reads what the last forward replay
   saved, so a second replay before the first one's backward would give that backward the
   second's gradient. The engine replays once per training step, before that step's backward.
+- No live autograd node of the weights in the capture: inside a training step the network's own
+  graph holds the parameters' gradient accumulators, made on the default stream, and a capture
+  that reaches them is invalidated (seen on an H200 inside ``Trainer.fit``). The capture therefore
+  differentiates with respect to fresh leaves that share the weights' memory; the replay is
+  applied to the weights themselves, whose gradients are accumulated outside the graph.
 """
 
 from __future__ import annotations
@@ -70,9 +75,12 @@ class GraphedPenalties:
             return torch.stack([p(w).reshape(()).to(dtype) for p, w in zip(functions, current, strict=True)])
 
         make = torch.cuda.make_graphed_callables if make_graphed is None else make_graphed
+        # same memory, new leaves (see the module docstring); the replay reads the weights'
+        # memory, so no input is copied as long as they stay where they are
+        aliases = tuple(w.detach().requires_grad_(w.requires_grad) for w in self.weights)
         # the capture refuses autocast's weight cache, and the penalties run in full precision anyway
         with torch.autocast("cuda", enabled=False):
-            self._replay = make(stacked, self.weights)
+            self._replay = make(stacked, aliases)
 
     def matches(self, weights: Sequence[Tensor]) -> bool:
         """Whether the graphs read these very tensors, at the same addresses, shapes and dtypes."""

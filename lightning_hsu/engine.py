@@ -155,6 +155,8 @@ class PenaltyEngine:
         self._last_values: dict[str, Tensor] = {}
         self._last_weighted: dict[str, Tensor] = {}
         self._graphs: dict[tuple[int, ...], GraphedPenalties] = {}
+        #: CUDA-graph captures made so far (one per set of layers, again when a weight moved).
+        self.graph_captures = 0
         #: Calls of the manual-optimisation helper (to warn when it is never called).
         self.manual_calls = 0
         self.warned_manual = False
@@ -364,6 +366,7 @@ class PenaltyEngine:
                     stacklevel=2,
                 )
                 return deferred
+            self.graph_captures += 1
         while len(self._graphs) >= self.MAX_GRAPHS:
             self._graphs.pop(next(iter(self._graphs)))
         self._graphs[key] = graphs

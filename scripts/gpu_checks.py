@@ -40,6 +40,10 @@ CHECKS = {
 }
 
 
+#: Result entry (not a weight) saying how the callback's penalties were computed.
+PENALTIES_KEY = "__penalties__"
+
+
 def _train(strategy: str, precision: str, kind: str, root: str) -> dict:
     import lightning.pytorch as pl
     from models import TinyNet, mhe_reference, trainer_kwargs
@@ -76,7 +80,11 @@ def _train(strategy: str, precision: str, kind: str, root: str) -> dict:
             state = {k: v.detach().float().cpu() for k, v in wrapped.state_dict().items()}
     else:
         state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    return {k.replace("_forward_module.", "").replace("module.", ""): v.tolist() for k, v in state.items()}
+    result = {k.replace("_forward_module.", "").replace("module.", ""): v.tolist() for k, v in state.items()}
+    if kind == "callback":  # how the callback computed its penalties: replayed CUDA graphs or eagerly
+        engine = callbacks[0].engine
+        result[PENALTIES_KEY] = f"graph ({engine.graph_captures} capture)" if engine.graph_captures else "eager"
+    return result
 
 
 def run_one(name: str, kind: str, out: str) -> None:
@@ -129,8 +137,8 @@ def main() -> None:
     lines = [
         f"GPU checks on {device}, torch {torch.__version__}, lightning {lightning.__version__}",
         "",
-        "| check | max abs diff vs hand-written reference | differs from no penalty | result | seconds |",
-        "|---|---|---|---|---|",
+        "| check | max abs diff vs hand-written reference | differs from no penalty | penalties | result | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -145,15 +153,16 @@ def main() -> None:
             seconds = f"{time.time() - start:.0f}"
             ref = refs[ref_precision]
             if ours is None or ref is None:
-                lines.append(f"| {name} | – | – | error: {err.replace('|', '/')} | {seconds} |")
+                lines.append(f"| {name} | – | – | – | error: {err.replace('|', '/')} | {seconds} |")
                 continue
+            how = ours.pop(PENALTIES_KEY, "–")
             diff = max(float((torch.tensor(ours[k]) - torch.tensor(ref[k])).abs().max()) for k in ref)
             moved = base is not None and any(
                 not torch.allclose(torch.tensor(ours[k]), torch.tensor(base[k]), atol=1e-4) for k in base
             )
             ok = diff <= CHECKS[name][3] and moved
             lines.append(
-                f"| {name} | {diff:.2e} | {'yes' if moved else 'NO'} | {'pass' if ok else 'FAIL'} | {seconds} |"
+                f"| {name} | {diff:.2e} | {'yes' if moved else 'NO'} | {how} | {'pass' if ok else 'FAIL'} | {seconds} |"
             )
             print(lines[-1], flush=True)
     table = "\n".join(lines)

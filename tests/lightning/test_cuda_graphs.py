@@ -96,9 +96,13 @@ def test_graphed_penalties_give_the_eager_values_gradients_and_logged_values(cap
             assert got[2][key] == pytest.approx(want[2][key], rel=1e-6)
             assert got[3][key] == pytest.approx(want[3][key], rel=1e-6)
     # the papers' preset on the three layers, once per active step (every_n_steps=2 skips the odd
-    # steps), all from one capture of the three weights
-    assert len(captures.weights) == 1
-    assert captures.weights[0] == (model.conv.weight, model.hidden.weight, model.fc.weight)
+    # steps), all from one capture of the three weights: of fresh leaves in their memory, since
+    # the network's live graph holds the parameters' own gradient accumulators
+    assert len(captures.weights) == 1 and graphed.graph_captures == 1
+    params = (model.conv.weight, model.hidden.weight, model.fc.weight)
+    for leaf, param in zip(captures.weights[0], params, strict=True):
+        assert leaf is not param and leaf.is_leaf and leaf.requires_grad
+        assert leaf.data_ptr() == param.data_ptr() and leaf.shape == param.shape
     assert graphed.last_weighted["fc/mhe_classifier"] == pytest.approx(
         20.0 * float(hyperspherical_energy(neurons_of(model.fc).detach())), rel=1e-6
     )
@@ -129,7 +133,8 @@ def test_only_capturable_regularizers_of_plain_weights_are_captured(captures: Ca
     engine.install_hooks()
     total = _step(engine, model, 0)
     assert total is not None
-    assert captures.weights == [(model.hidden.weight,)]  # MHS is not capturable, the conv is parametrized
+    # MHS is not capturable, the conv is parametrized
+    assert [[w.data_ptr() for w in c] for c in captures.weights] == [[model.hidden.weight.data_ptr()]]
     assert set(engine.last_values) == {"conv/mhe", "hidden/mhe", "fc/mhs"}
     ref = (
         hyperspherical_energy(neurons_of(model.conv), half_space=True)
@@ -203,22 +208,16 @@ def test_graph_replay_follows_in_place_updates_of_the_weights() -> None:
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
-def test_callback_with_cuda_graphs_trains_like_the_hand_written_penalty(
-    tmp_path, precision: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_callback_with_cuda_graphs_trains_like_the_hand_written_penalty(tmp_path, precision: str) -> None:
     ref = TinyNet(penalty=mhe_reference())
     pl.Trainer(**trainer_kwargs(tmp_path, accelerator="gpu", precision=precision, deterministic=False)).fit(ref)
-    captured: list[tuple[torch.Tensor, ...]] = []
-
-    def counting(penalties, weights):  # type: ignore[no-untyped-def]
-        captured.append(tuple(weights))
-        return GraphedPenalties(penalties, weights)
-
-    monkeypatch.setattr(engine_module, "GraphedPenalties", counting)
     model = TinyNet()
+    callback = HypersphericalUniformity(preset="mhe")
     kw = trainer_kwargs(tmp_path, accelerator="gpu", precision=precision, deterministic=False)
-    pl.Trainer(callbacks=[HypersphericalUniformity(preset="mhe")], **kw).fit(model)
-    assert len(captured) == 1 and len(captured[0]) == 3  # one capture of the three layers, replayed 4 times
+    pl.Trainer(callbacks=[callback], **kw).fit(model)
+    # one capture of the three layers inside the first training step, replayed in all four (a
+    # failed capture would have switched cuda_graphs off and trained eagerly, to the same weights)
+    assert callback.engine.cuda_graphs and callback.engine.graph_captures == 1
     assert_same_weights(weights(model), weights(ref))
 
 
