@@ -155,6 +155,14 @@ class PenaltyEngine:
         self._last_values: dict[str, Tensor] = {}
         self._last_weighted: dict[str, Tensor] = {}
         self._graphs: dict[tuple[int, ...], GraphedPenalties] = {}
+        # Per captured set of layers: the coefficients of the last replay and their device copy.
+        self._graph_factors: dict[tuple[int, ...], tuple[tuple[float, ...], Tensor]] = {}
+        #: Check non-finite penalties in :meth:`check_finite_pending` (before the optimizer step)
+        #: rather than when the loss is collected. On a GPU that check is a host sync, and in the
+        #: middle of the step it lets the GPU run dry while the host waits; the adapters set it
+        #: on CUDA. The weights are protected all the same: nothing has updated them yet.
+        self.defer_finite_check = False
+        self._unchecked: list[tuple[int, str, Tensor]] = []
         #: CUDA-graph captures made so far (one per set of layers, again when a weight moved).
         self.graph_captures = 0
         #: Calls of the manual-optimisation helper (to warn when it is never called).
@@ -214,6 +222,7 @@ class PenaltyEngine:
             handle.remove()
         self._handles.clear()
         self._graphs.clear()
+        self._graph_factors.clear()
 
     def _make_hook(self, bindings: list[Binding]) -> Any:
         engine = self
@@ -368,13 +377,13 @@ class PenaltyEngine:
                 return deferred
             self.graph_captures += 1
         while len(self._graphs) >= self.MAX_GRAPHS:
-            self._graphs.pop(next(iter(self._graphs)))
+            evicted = next(iter(self._graphs))
+            del self._graphs[evicted]
+            self._graph_factors.pop(evicted, None)
         self._graphs[key] = graphs
         values = graphs()
         seen = values.detach().clone()  # the next replay overwrites the graph's output
-        plain = [c for _, _, c in graphed]
-        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, _, c in graphed]
-        factors = torch.tensor([plain, scaled], dtype=values.dtype, device=values.device)
+        factors = self._factors(key, graphed, values)
         weighted = seen * factors[0]
         for i, (binding, _, _) in enumerate(graphed):
             record.values[binding.key] = seen[i]
@@ -382,24 +391,62 @@ class PenaltyEngine:
         record.pending.append(torch.dot(values, factors[1]))
         return rest
 
+    def _factors(self, key: tuple[int, ...], graphed: list[tuple[Binding, nn.Module, float]], values: Tensor) -> Tensor:
+        """``[2, L]``: the coefficients, then the same scaled for sharding, on the values' device.
+
+        Kept while they do not change: a blocking copy to the GPU waits for its queue (a host
+        sync); a changed one (a schedule) is copied from pinned memory without blocking.
+        """
+        plain = [c for _, _, c in graphed]
+        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, _, c in graphed]
+        wanted = (*plain, *scaled)
+        cached = self._graph_factors.get(key)
+        if cached is not None and cached[0] == wanted:
+            return cached[1]
+        host = torch.tensor([plain, scaled], dtype=values.dtype)
+        if values.is_cuda:
+            host = host.pin_memory()
+        factors = host.to(values.device, non_blocking=True)
+        self._graph_factors[key] = (wanted, factors)
+        return factors
+
     def _check_finite(self, record: StepRecord) -> None:
         """Raise :class:`NonFinitePenaltyError` naming the first non-finite layer penalty.
 
         One check (one device synchronisation) for all the penalties computed since the last one,
-        before any of them reaches a backward pass.
+        before any of them reaches a backward pass; with :attr:`defer_finite_check` they are
+        queued for :meth:`check_finite_pending` instead.
         """
         keys = list(record.values)[record.checked :]
         record.checked += len(keys)
         if not keys or self.on_nonfinite != "raise":
             return
-        values = torch.stack([record.values[k].reshape(()).float() for k in keys])
+        pending = [(record.step, key, record.values[key]) for key in keys]
+        if self.defer_finite_check:
+            self._unchecked.extend(pending)
+            return
+        self._raise_first_nonfinite(pending)
+
+    def check_finite_pending(self) -> None:
+        """Check the penalties queued by :attr:`defer_finite_check` (one device synchronisation).
+
+        Call it before the optimizer steps (the callback and the mixin do, in
+        ``on_before_optimizer_step``): a non-finite penalty raises
+        :class:`NonFinitePenaltyError` naming its layer and step before any weight is updated.
+        """
+        pending, self._unchecked = self._unchecked, []
+        self._raise_first_nonfinite(pending)
+
+    def _raise_first_nonfinite(self, pending: list[tuple[int, str, Tensor]]) -> None:
+        if not pending:
+            return
+        values = torch.stack([value.reshape(()).float() for _, _, value in pending])
         if bool(torch.isfinite(values).all()):
             return
-        bad = keys[int((~torch.isfinite(values)).nonzero()[0])]
+        step, bad, value = pending[int((~torch.isfinite(values)).nonzero()[0])]
         binding = next(b for b in self.bindings if b.key == bad)
         raise NonFinitePenaltyError(
-            self._nonfinite_message(binding, record.values[bad], record.step)
-            + " (set on_nonfinite='skip' to skip such steps)"
+            self._nonfinite_message(binding, value, step) + " (set on_nonfinite='skip' to skip such steps)"
         )
 
     # -- steps ------------------------------------------------------------------------------------

@@ -118,6 +118,7 @@ class HypersphericalUniformityMixin:
                 "(weights are sharded outside forward); use automatic optimisation"
             )
         engine.tie_to_output = trainer is None or not keeps_whole_weights(trainer.strategy)
+        engine.defer_finite_check = trainer is not None and trainer.strategy.root_device.type == "cuda"
         engine.bind(module, check_weights=not sharded)
         engine.install_hooks()
         attach(module, engine)
@@ -127,6 +128,19 @@ class HypersphericalUniformityMixin:
         # Hooks go in before the sanity check, so a compiled forward sees them from the start.
         self._hsu_prepare()
         super().on_fit_start()  # type: ignore[misc]
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # on a GPU the NaN/inf check of the penalties waits until here, before the weights change
+        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+        if engine is not None:
+            engine.check_finite_pending()
+        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
+
+    def on_train_end(self) -> None:
+        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+        if engine is not None:
+            engine.check_finite_pending()
+        super().on_train_end()  # type: ignore[misc]
 
     def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:
         """The penalty to add to the loss; see :func:`lightning_hsu.hyperspherical_penalty`."""

@@ -173,6 +173,7 @@ class HypersphericalUniformity(Callback):
         # After configure_model and the strategy's wrapping: bind to the modules that will run.
         sharded = shards_parameters(trainer.strategy)
         self.engine.tie_to_output = not keeps_whole_weights(trainer.strategy)
+        self.engine.defer_finite_check = trainer.strategy.root_device.type == "cuda"
         self.engine.bind(pl_module, check_weights=not sharded)
         self._check_overlap(pl_module)
         self.engine.install_hooks()
@@ -223,6 +224,13 @@ class HypersphericalUniformity(Callback):
             self._original_training_step = None
 
     # -- per step ---------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        # on a GPU the NaN/inf check waits until here, the one point before the weights change
+        self.engine.check_finite_pending()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.check_finite_pending()  # a last step that never reached an optimizer step
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -231,3 +231,57 @@ def test_nan_weights_under_cuda_graphs_raise_naming_the_layer(tmp_path) -> None:
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, accelerator="gpu", deterministic=False))
     with pytest.raises(NonFinitePenaltyError, match="weights of layer 'hidden' contain NaN or inf at global step 0"):
         trainer.fit(model)
+
+
+# -- the step's one NaN check, deferred to the optimizer step (as on a GPU) --------------------------
+def test_a_graphed_step_makes_no_host_sync_until_the_deferred_check(captures: Captures) -> None:
+    from tests.functional.test_unchecked import HostSyncCounter
+
+    model = TinyNet()
+    graphed, eager = _engines(model)
+    eager.enabled = False
+    graphed.defer_finite_check = True
+    _step(graphed, model, 0)  # the capture
+    factors = graphed._graph_factors[next(iter(graphed._graph_factors))][1]
+    with HostSyncCounter() as counter:
+        total = _step(graphed, model, 1)
+    assert total is not None and counter.syncs == []
+    assert graphed._graph_factors[next(iter(graphed._graph_factors))][1] is factors  # not copied again
+    with HostSyncCounter() as counter:
+        graphed.check_finite_pending()
+    assert counter.syncs == ["_local_scalar_dense"]  # one for both steps' values
+
+
+def test_deferred_check_raises_naming_the_layer_and_step_of_the_nan(captures: Captures) -> None:
+    model = TinyNet()
+    engine = PenaltyEngine(preset_rules("mhe"))
+    engine.tie_to_output = False
+    engine.defer_finite_check = True
+    engine.bind(model)
+    engine.install_hooks()
+    _step(engine, model, 0)
+    with torch.no_grad():
+        model.fc.weight[1, 1] = math.inf
+    total = _step(engine, model, 1)  # computed, not checked yet
+    assert total is not None and not math.isfinite(float(total))
+    with pytest.raises(NonFinitePenaltyError, match="weights of layer 'fc' contain NaN or inf at global step 1"):
+        engine.check_finite_pending()
+    engine.check_finite_pending()  # reported once
+
+
+def test_with_the_deferred_check_a_nan_penalty_never_reaches_the_weights(tmp_path, captures: Captures) -> None:
+    class DeferredCheck(HypersphericalUniformity):  # the callback's check on a GPU, here on the CPU
+        def on_fit_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+            super().on_fit_start(trainer, pl_module)
+            self.engine.defer_finite_check = True
+
+    model = TinyNet()
+    with torch.no_grad():
+        model.hidden.weight[2, 3] = math.nan
+    before = weights(model)
+    trainer = pl.Trainer(callbacks=[DeferredCheck(preset="mhe")], **trainer_kwargs(tmp_path))
+    with pytest.raises(NonFinitePenaltyError, match="weights of layer 'hidden' contain NaN or inf at global step 0"):
+        trainer.fit(model)
+    after = weights(model)
+    for key in before:  # the optimizer never stepped
+        torch.testing.assert_close(after[key], before[key], equal_nan=True)
