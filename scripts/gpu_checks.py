@@ -28,15 +28,18 @@ sys.path.insert(0, str(ROOT / "tests" / "lightning"))
 sys.path.insert(0, str(ROOT))
 
 CHECKS = {
-    # name: (strategy, precision, reference precision, tolerance)
-    "single-fp32": ("auto", "32-true", "32-true", 1e-5),
-    "single-bf16-mixed": ("auto", "bf16-mixed", "bf16-mixed", 1e-4),
-    "single-fp16-mixed (GradScaler)": ("auto", "16-mixed", "16-mixed", 1e-4),
-    "ddp (1 process, nccl)": ("ddp", "32-true", "32-true", 1e-5),
-    "fsdp1 (1 process)": ("fsdp", "32-true", "32-true", 1e-5),
-    "deepspeed stage 2": ("deepspeed_stage_2", "32-true", "32-true", 1e-5),
-    "deepspeed stage 3": ("deepspeed_stage_3", "32-true", "32-true", 1e-5),
-    "deepspeed stage 2, fp16": ("deepspeed_stage_2", "16-mixed", "16-mixed", 2e-3),
+    # name: (strategy, precision, reference strategy, reference precision, tolerance)
+    "single-fp32": ("auto", "32-true", "auto", "32-true", 1e-5),
+    "single-bf16-mixed": ("auto", "bf16-mixed", "auto", "bf16-mixed", 1e-4),
+    "single-fp16-mixed (GradScaler)": ("auto", "16-mixed", "auto", "16-mixed", 1e-4),
+    "ddp (1 process, nccl)": ("ddp", "32-true", "auto", "32-true", 1e-5),
+    "fsdp1 (1 process)": ("fsdp", "32-true", "auto", "32-true", 1e-5),
+    "deepspeed stage 2": ("deepspeed_stage_2", "32-true", "auto", "32-true", 1e-5),
+    "deepspeed stage 3": ("deepspeed_stage_3", "32-true", "auto", "32-true", 1e-5),
+    # DeepSpeed's fp16 keeps fp16 weights with its own loss scaler (it skips steps that overflow):
+    # torch autocast is no reference for it, the hand-written penalty in the same DeepSpeed run
+    # is (ZeRO-2 keeps whole weights, so the hand-written form sees what the callback sees)
+    "deepspeed stage 2, fp16": ("deepspeed_stage_2", "16-mixed", "deepspeed_stage_2", "16-mixed", 2e-3),
 }
 
 
@@ -88,9 +91,9 @@ def _train(strategy: str, precision: str, kind: str, root: str) -> dict:
 
 
 def run_one(name: str, kind: str, out: str) -> None:
-    strategy, precision, ref_precision, _ = CHECKS[name]
+    strategy, precision, ref_strategy, ref_precision, _ = CHECKS[name]
     if kind == "reference":
-        strategy, precision = "auto", ref_precision
+        strategy, precision = ref_strategy, ref_precision
     with tempfile.TemporaryDirectory() as root:
         weights = _train(strategy, precision, kind, root)
     Path(out).write_text(json.dumps(weights))
@@ -142,16 +145,16 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        refs: dict[str, dict] = {}
+        refs: dict[tuple[str, str], dict | None] = {}
         base, err = _spawn("single-fp32", "baseline", workdir)
         for name in args.only or list(CHECKS):
             start = time.time()
-            ref_precision = CHECKS[name][2]
-            if ref_precision not in refs:
-                refs[ref_precision], _ = _spawn(name, "reference", workdir)
+            reference = CHECKS[name][2:4]
+            if reference not in refs:
+                refs[reference], _ = _spawn(name, "reference", workdir)
             ours, err = _spawn(name, "callback", workdir)
             seconds = f"{time.time() - start:.0f}"
-            ref = refs[ref_precision]
+            ref = refs[reference]
             if ours is None or ref is None:
                 lines.append(f"| {name} | – | – | – | error: {err.replace('|', '/')} | {seconds} |")
                 continue
@@ -160,7 +163,7 @@ def main() -> None:
             moved = base is not None and any(
                 not torch.allclose(torch.tensor(ours[k]), torch.tensor(base[k]), atol=1e-4) for k in base
             )
-            ok = diff <= CHECKS[name][3] and moved
+            ok = diff <= CHECKS[name][4] and moved
             lines.append(
                 f"| {name} | {diff:.2e} | {'yes' if moved else 'NO'} | {how} | {'pass' if ok else 'FAIL'} | {seconds} |"
             )
