@@ -35,6 +35,11 @@ def test_automatic_strips_cut_large_layers_and_keep_small_ones_dense() -> None:
     assert symmetric_block_rows(2048, None) == 128
     assert symmetric_block_rows(100_000, None) == 128
     assert symmetric_block_rows(300, 7) == 7
+    # a GPU is launch-bound: the largest blocks the memory bound allows, strips only past 4096
+    assert symmetric_block_rows(2048, None, "cuda") == 2048
+    assert symmetric_block_rows(4096, None, "cuda") == 4096
+    assert symmetric_block_rows(100_000, None, "cuda") == 4096 * 4096 // 100_000
+    assert symmetric_block_rows(2048, 64, "cuda") == 64
 
 
 @pytest.mark.parametrize("half_space", [False, True])
