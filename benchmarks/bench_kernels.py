@@ -220,8 +220,11 @@ def plot(results: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sel = sorted((r for r in results if r["kind"] == "mhe" and r["space"] == "half"), key=lambda r: r["n"])
     ns = [r["n"] for r in sel]
-    for key, style in (("official", "s--"), ("ours", "o-"), ("lower bound", "^:")):
-        ax.plot(ns, [ms(r[f"{key}_wall"]) for r in sel], style, label=key)
+    series = [("official", "s--", "official"), ("ours", "o-", "ours"), ("lower bound", "^:", "lower bound")]
+    if sel and all("graph_wall" in r for r in sel):  # CUDA: what the callback runs
+        series.append(("graph", "d-", "ours, CUDA graph"))
+    for key, style, label in series:
+        ax.plot(ns, [ms(r[f"{key}_wall"]) for r in sel], style, label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("neurons n (d = 9n up to 512, then 512)")

@@ -4,7 +4,7 @@ Runs each check in its own process (DeepSpeed and process groups keep global sta
 markdown table; with ``--out FILE`` the table is also written there. Needs one CUDA device;
 DeepSpeed rows need the ``deepspeed`` package (they are reported as skipped without it).
 
-    python scripts/gpu_checks.py --out docs/gpu_checks.md
+    python scripts/gpu_checks.py --out gpu_checks_table.md   # then record the table in docs/gpu_checks.md
 
 Every run trains ``TinyNet`` (tests/lightning/models.py) for a few steps with the MHE preset of
 the papers. The reference is the penalty written by hand into ``training_step`` on a single
