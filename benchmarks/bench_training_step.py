@@ -144,7 +144,9 @@ def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def lightning_steps(device: torch.device, steps: int, cuda_graphs: bool = True) -> tuple[float, float]:
+def lightning_steps(
+    device: torch.device, steps: int, cuda_graphs: bool = True, log_per_layer: bool = False
+) -> tuple[float, float]:
     """Median step time of one ``Trainer.fit`` with the callback switched off and on in turn.
 
     The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
@@ -166,7 +168,7 @@ def lightning_steps(device: torch.device, steps: int, cuda_graphs: bool = True) 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
-    hsu = HypersphericalUniformity(preset="mhe", log_per_layer=False, cuda_graphs=cuda_graphs)
+    hsu = HypersphericalUniformity(preset="mhe", log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
 
     class Alternate(pl.Callback):
         """Switches the penalty on for even batches and times every step."""
@@ -254,9 +256,12 @@ def main() -> None:
     base = times["no penalty"]
     rows = [[k, ms(v), f"{100 * (v / base - 1):+.1f}%"] for k, v in times.items()]
     if not args.no_lightning:
-        for graphs in (True, False) if device.type == "cuda" else (True,):
-            plain, with_cb = lightning_steps(device, args.steps, cuda_graphs=graphs)
+        # on a GPU: with graphs, with graphs and the default per-layer logging, without graphs
+        variants = [(True, False), (True, True), (False, False)] if device.type == "cuda" else [(True, False)]
+        for graphs, per_layer in variants:
+            plain, with_cb = lightning_steps(device, args.steps, cuda_graphs=graphs, log_per_layer=per_layer)
             label = "" if device.type != "cuda" else (", CUDA graphs" if graphs else ", cuda_graphs=False")
+            label += ", log_per_layer=True" if per_layer else ""
             rows += [
                 [f"Lightning Trainer, callback switched off (enabled=False){label}", ms(plain), "(its own baseline)"],
                 [

@@ -452,6 +452,10 @@ class PenaltyEngine:
     # -- steps ------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start a training step: hooks note (or compute) penalties until :meth:`end_step`."""
+        if self._unchecked and self._unchecked[0][0] < step:
+            # queued by an earlier global step and never checked (an `on_before_optimizer_step`
+            # override that does not call super): check them now, long computed, before more pile up
+            self.check_finite_pending()
         self._record = StepRecord(step)
 
     @property

@@ -242,14 +242,16 @@ def test_a_graphed_step_makes_no_host_sync_until_the_deferred_check(captures: Ca
     eager.enabled = False
     graphed.defer_finite_check = True
     _step(graphed, model, 0)  # the capture
+    graphed.check_finite_pending()  # the optimizer step
     factors = graphed._graph_factors[next(iter(graphed._graph_factors))][1]
     with HostSyncCounter() as counter:
         total = _step(graphed, model, 1)
+        total = _step(graphed, model, 1)  # a second micro-batch of the same optimizer step
     assert total is not None and counter.syncs == []
     assert graphed._graph_factors[next(iter(graphed._graph_factors))][1] is factors  # not copied again
     with HostSyncCounter() as counter:
         graphed.check_finite_pending()
-    assert counter.syncs == ["_local_scalar_dense"]  # one for both steps' values
+    assert counter.syncs == ["_local_scalar_dense"]  # one for both micro-batches' values
 
 
 def test_deferred_check_raises_naming_the_layer_and_step_of_the_nan(captures: Captures) -> None:
@@ -267,6 +269,21 @@ def test_deferred_check_raises_naming_the_layer_and_step_of_the_nan(captures: Ca
     with pytest.raises(NonFinitePenaltyError, match="weights of layer 'fc' contain NaN or inf at global step 1"):
         engine.check_finite_pending()
     engine.check_finite_pending()  # reported once
+
+
+def test_values_left_unchecked_by_an_earlier_step_are_checked_when_the_next_one_begins(captures: Captures) -> None:
+    model = TinyNet()
+    engine = PenaltyEngine(preset_rules("mhe"))
+    engine.tie_to_output = False
+    engine.defer_finite_check = True
+    engine.bind(model)
+    engine.install_hooks()
+    with torch.no_grad():
+        model.conv.weight[0, 0, 0, 0] = math.nan
+    _step(engine, model, 4)
+    _step(engine, model, 4)  # a second micro-batch of the same optimizer step: still deferred
+    with pytest.raises(NonFinitePenaltyError, match="layer 'conv' contain NaN or inf at global step 4"):
+        engine.begin_step(5)  # nobody called check_finite_pending before the optimizer stepped
 
 
 def test_with_the_deferred_check_a_nan_penalty_never_reaches_the_weights(tmp_path, captures: Captures) -> None:
