@@ -324,10 +324,12 @@ class PenaltyEngine:
     # -- CUDA graphs ------------------------------------------------------------------------------
     def _graph_capturable(self, binding: Binding, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.device.type != self.GRAPH_DEVICE:
+            return False
+        if weight.is_cuda and weight.device.index != torch.cuda.current_device():
+            return False  # a graph runs on one device: layers placed on another stay eager
         return (
             binding.regularizer.capturable
-            and isinstance(weight, Tensor)
-            and weight.device.type == self.GRAPH_DEVICE
             and weight.is_leaf
             and weight.requires_grad
             and not is_parametrized_weight(module)
