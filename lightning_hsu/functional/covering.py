@@ -22,11 +22,20 @@ from lightning_hsu.functional.polarization import pole_cosines
 
 @full_precision
 def pole_covering_distance(
-    neurons: Tensor, pole: Tensor, *, gamma: float = 10.0, half_space: bool = False, eps: float = DEFAULT_EPS
+    neurons: Tensor,
+    pole: Tensor,
+    *,
+    gamma: float = 10.0,
+    half_space: bool = False,
+    eps: float = DEFAULT_EPS,
+    normalized: bool = False,
 ) -> Tensor:
-    """Smooth nearest-neuron squared distance :math:`S(v)` of the pole (log-sum-exp form)."""
+    """Smooth nearest-neuron squared distance :math:`S(v)` of the pole (log-sum-exp form).
+
+    ``normalized``: see :func:`~lightning_hsu.functional.polarization.pole_cosines`.
+    """
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps)
+    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     sq = 2.0 - 2.0 * cos
     return -(torch.logsumexp(-gamma * sq, dim=0) - math.log(sq.shape[0])) / gamma

@@ -26,33 +26,41 @@ from lightning_hsu.functional._common import (
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE
 
 
-def pole_cosines(neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float = DEFAULT_EPS) -> Tensor:
+def pole_cosines(
+    neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float = DEFAULT_EPS, normalized: bool = False
+) -> Tensor:
     r"""Cosines :math:`\hat w_i\cdot\hat v` (and :math:`-\hat w_i\cdot\hat v` in half-space).
 
     Both neurons and pole are normalised with :math:`\sqrt{\lVert\cdot\rVert^2 + \epsilon}` as in
-    the official ``cal``.
+    the official ``cal``. ``normalized=True``: ``neurons`` are already
+    ``normalize_neurons(check_neurons(neurons), eps)``, and neither they nor the pole are checked
+    for NaN/inf: for the pole's inner steps against the same neurons, which then make no host
+    sync (a NaN still shows in the result).
     """
-    unit = normalize_neurons(check_neurons(neurons), eps)
+    unit = neurons if normalized else normalize_neurons(check_neurons(neurons), eps)
     if unit.dim() != 2:
         raise ValueError(f"pole penalties take neurons of shape [n, d], got {tuple(unit.shape)}")
     if pole.shape != (unit.shape[1],):
         raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
-    if not bool(torch.isfinite(pole.detach()).all()):
+    if not normalized and not bool(torch.isfinite(pole.detach()).all()):
         raise NonFiniteInputError(
             f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
         )
-    v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps)[0]
+    v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps, decide_on_host=False)[0]
     cos = unit @ v
     return torch.cat([cos, -cos]) if half_space else cos
 
 
 @full_precision
-def pole_energy(neurons: Tensor, pole: Tensor, *, half_space: bool = False, eps: float = DEFAULT_EPS) -> Tensor:
+def pole_energy(
+    neurons: Tensor, pole: Tensor, *, half_space: bool = False, eps: float = DEFAULT_EPS, normalized: bool = False
+) -> Tensor:
     r"""MHP energy at the pole, :math:`E(v)=\frac1N\sum_i (\max(2-2c_i, 10^{-6}))^{-1}`.
 
     :math:`N = n` (or :math:`2n` in half-space). The neurons' penalty is :math:`-E(v)`.
+    ``normalized``: see :func:`pole_cosines`.
     """
-    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps)
+    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     return (2.0 - 2.0 * cos).clamp_min(MIN_SQUARED_DISTANCE).reciprocal().mean()
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional import pole_covering_distance, pole_energy
-from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons
 from lightning_hsu.regularizers._validate import flag, positive_float, positive_int
 from lightning_hsu.regularizers.base import Regularizer
 
@@ -54,8 +54,8 @@ class PoleRegularizer(Regularizer):
         self._last_step: int | None = None
 
     # -- the game ---------------------------------------------------------------------------
-    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
-        """What the pole minimises."""
+    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
+        """What the pole minimises (``normalized``: the neurons are normalised and checked already)."""
         raise NotImplementedError
 
     def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
@@ -94,11 +94,13 @@ class PoleRegularizer(Regularizer):
         """Take ``inner_steps`` optimiser steps of the pole against the (detached) neurons."""
         pole = self._ensure_pole(neurons.shape[-1], neurons.device)
         assert self._optimizer is not None
-        target = neurons.detach()
+        # the neurons stay fixed during the pole's steps: normalised and checked once, so the
+        # steps make no host sync (on a GPU each stalled the queue: 4 per step)
+        target = normalize_neurons(check_neurons(neurons.detach()), self.eps)
         with torch.enable_grad():
             for _ in range(self.inner_steps):
                 self._optimizer.zero_grad(set_to_none=True)
-                self.pole_objective(target, pole).backward()
+                self.pole_objective(target, pole, normalized=True).backward()
                 self._optimizer.step()
 
     def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
@@ -152,8 +154,8 @@ class MHP(PoleRegularizer):
     ) -> None:
         super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
 
-    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
-        return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
+    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
+        return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps, normalized=normalized)
 
     def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
         return -pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
@@ -180,8 +182,10 @@ class MHC(PoleRegularizer):
         super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
         self.gamma = positive_float("MHC", "gamma", gamma)
 
-    def pole_objective(self, neurons: Tensor, pole: Tensor) -> Tensor:
-        return -pole_covering_distance(neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps)
+    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
+        return -pole_covering_distance(
+            neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps, normalized=normalized
+        )
 
     def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
         return pole_covering_distance(neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps)

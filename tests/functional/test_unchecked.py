@@ -93,3 +93,18 @@ def test_only_regularizers_that_declare_it_skip_the_check() -> None:
     assert math.isnan(float(MHE()(w.fill_(math.nan), check_finite=False)))
     with pytest.raises(ValueError, match="LoggingMHE always checks its input"):
         LoggingMHE()(w, check_finite=False)
+
+
+@pytest.mark.parametrize("name", ["MHP", "MHC"])
+def test_the_poles_inner_steps_make_no_host_sync(name: str) -> None:
+    import lightning_hsu
+
+    def syncs(inner_steps: int) -> int:
+        regularizer = getattr(lightning_hsu, name)(inner_steps=inner_steps).spawn("layer")
+        w = torch.randn(16, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        with HostSyncCounter() as counter:
+            regularizer(w, step=0).backward()
+        return len(counter.syncs)
+
+    # the neurons are checked and normalised once per training step, however many pole steps
+    assert syncs(1) == syncs(10) <= 5
