@@ -35,11 +35,17 @@ def gaussian_projections(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``[count, dim, in_dim]`` matrices with i.i.d. N(0, 1) entries (scale does not matter)."""
+    """``[count, dim, in_dim]`` matrices with i.i.d. N(0, 1) entries (scale does not matter).
+
+    Drawn on the generator's device (the CPU without one), then moved to ``device``: a CUDA
+    generator draws them on the GPU, where they are used, instead of the host drawing and
+    copying ``count * dim * in_dim`` numbers.
+    """
     for name, value in (("count", count), ("dim", dim), ("in_dim", in_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    sample = torch.randn(count, dim, in_dim, generator=generator, dtype=dtype)
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    sample = torch.randn(count, dim, in_dim, generator=generator, dtype=dtype, device=draw_on)
     return sample.to(device) if device is not None else sample
 
 

@@ -117,9 +117,16 @@ class CoMHE(Regularizer):
         self._calls = 0
 
     def projection_matrices(self, in_dim: int, step: int | None, device: torch.device) -> Tensor:
-        """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``)."""
+        """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``).
+
+        Drawn on ``device`` by a generator seeded from ``(seed, layer, step)``: on a GPU the host
+        neither draws nor copies ~``K p d`` numbers per layer and step. The same seed therefore
+        gives other (identically distributed) matrices on a GPU than on the CPU; every rank, and a
+        resumed run, on the same kind of device draws the same.
+        """
         draw = 0 if not self.resample else (step if step is not None else self._calls)
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.salt * 7_919 + draw) % (2**63))
+        seed = (self.seed * 1_000_003 + self.salt * 7_919 + draw) % (2**63)
+        generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
         return gaussian_projections(
             in_dim, count=self.projections, dim=self.projection_dim, generator=generator, device=device
         )

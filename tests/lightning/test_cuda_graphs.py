@@ -302,3 +302,15 @@ def test_with_the_deferred_check_a_nan_penalty_never_reaches_the_weights(tmp_pat
     after = weights(model)
     for key in before:  # the optimizer never stepped
         torch.testing.assert_close(after[key], before[key], equal_nan=True)
+
+
+@cuda
+@pytest.mark.gpu
+def test_comhe_draws_its_projections_on_the_gpu_the_same_for_the_same_step() -> None:
+    from lightning_hsu import CoMHE
+
+    a, b = CoMHE().spawn("layer"), CoMHE().spawn("layer")
+    first = a.projection_matrices(64, 7, torch.device("cuda"))
+    assert first.is_cuda and first.shape == (20, 40, 64)
+    torch.testing.assert_close(first, b.projection_matrices(64, 7, torch.device("cuda")), rtol=0, atol=0)
+    assert not torch.equal(first, a.projection_matrices(64, 8, torch.device("cuda")))
