@@ -94,11 +94,12 @@ class GaussianKernel(PairKernel):
     r"""Gaussian kernel :math:`\exp(-t\,d^2 - m) = \exp(2t(c - 1) - m)`.
 
     ``shift`` (:math:`m`) is a constant subtracted in the exponent so that a log-sum-exp of the
-    kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020).
+    kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020). A 0-d
+    tensor shift stays on the device (no host sync).
     """
 
     t: float
-    shift: float = 0.0
+    shift: float | Tensor = 0.0
 
     def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
         value = torch.exp(2.0 * self.t * (cos - 1.0) - self.shift)

@@ -19,18 +19,22 @@ from lightning_hsu.functional.kernels import GaussianKernel
 from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, pairwise_kernel_sum
 
 
-def log_mean_exp_pairs(unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None) -> Tensor:
+def log_mean_exp_pairs(
+    unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, shift_on_host: bool = True
+) -> Tensor:
     r""":math:`\log \frac1P\sum_{pairs} e^{-t d^2}` for ``[n, d]`` unit vectors; 0 when n < 2.
 
     The exponent is shifted by its maximum :math:`m = 2t(c_{max}-1)` (a constant: the value does
-    not depend on it, so neither does the gradient) before exponentiation.
+    not depend on it, so neither does the gradient) before exponentiation. ``shift_on_host=False``
+    keeps :math:`m` a device tensor: no host sync (CUDA-graph safe), the same value.
     """
     n = unit.shape[0]
     if n < 2:
         return unit.sum() * 0.0
     batch = unit.unsqueeze(0)
     c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
-    shift = float(2.0 * t * (c_max[0] - 1.0))
+    shift_tensor = 2.0 * t * (c_max[0] - 1.0)
+    shift: float | Tensor = float(shift_tensor) if shift_on_host else shift_tensor
     total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)[0]
     return shift + torch.log(total) - math.log(pair_count(n, half_space))
 
@@ -43,6 +47,7 @@ def uniformity(
     half_space: bool = False,
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Wang–Isola uniformity of the rows of ``features`` (``[n, d]``), normalised first.
 
@@ -52,10 +57,13 @@ def uniformity(
         half_space: use :math:`\\{\\pm x_i\\}`, as for hidden-layer neurons.
         eps: normaliser as in the official MHE code.
         chunk_size: rows per block (``None``: automatic).
+        check_finite: raise :class:`~lightning_hsu.functional.NonFiniteInputError` for NaN/inf
+            rows. ``False``: no host sync at all (CUDA-graph safe); NaN/inf rows give NaN.
     """
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"t must be a finite number > 0, got {t!r}")
-    x = check_neurons(features, "features")
+    x = check_neurons(features, "features", check_finite=check_finite)
     if x.dim() != 2:
         raise ValueError(f"features must have shape [n, d], got {tuple(x.shape)}")
-    return log_mean_exp_pairs(normalize_neurons(x, eps), float(t), half_space=half_space, chunk_size=chunk_size)
+    unit = normalize_neurons(x, eps, decide_on_host=check_finite)
+    return log_mean_exp_pairs(unit, float(t), half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite)

@@ -62,6 +62,7 @@ class Uniformity(Regularizer):
     :func:`~lightning_hsu.functional.uniformity`."""
 
     name = "uniformity"
+    capturable = True
 
     def __init__(
         self, t: float = 2.0, half_space: bool = False, eps: float = DEFAULT_EPS, chunk_size: int | None = None
@@ -72,8 +73,15 @@ class Uniformity(Regularizer):
         self.eps = positive_float("Uniformity", "eps", eps)
         self.chunk_size = positive_int("Uniformity", "chunk_size", chunk_size, allow_none=True)
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
-        return uniformity(neurons, t=self.t, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size)
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        return uniformity(
+            neurons,
+            t=self.t,
+            half_space=self.half_space,
+            eps=self.eps,
+            chunk_size=self.chunk_size,
+            check_finite=check_finite,
+        )
 
 
 class CoMHE(Regularizer):

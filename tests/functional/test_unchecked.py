@@ -108,3 +108,28 @@ def test_the_poles_inner_steps_make_no_host_sync(name: str) -> None:
 
     # the neurons are checked and normalised once per training step, however many pole steps
     assert syncs(1) == syncs(10) <= 5
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_unchecked_uniformity_makes_no_host_sync_and_equals_the_checked_one(half_space: bool, chunk_size) -> None:
+    from lightning_hsu.functional import uniformity
+
+    w = torch.randn(30, 12, generator=torch.Generator().manual_seed(4))
+
+    def value_and_grad(**kw):  # type: ignore[no-untyped-def]
+        x = w.clone().requires_grad_()
+        value = uniformity(x, t=2.0, half_space=half_space, chunk_size=chunk_size, **kw)
+        value.backward()
+        return value.detach(), x.grad
+
+    with HostSyncCounter() as counter:
+        value, grad = value_and_grad(check_finite=False)
+    assert counter.syncs == []
+    ref_value, ref_grad = value_and_grad()
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    w[3, 3] = math.inf
+    assert math.isnan(float(uniformity(w, check_finite=False)))
+    with pytest.raises(NonFiniteInputError):
+        uniformity(w)
