@@ -61,15 +61,17 @@ def _grad_of(total: torch.Tensor, model: TinyNet) -> dict[str, torch.Tensor]:
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
+def _untied_engine(model: TinyNet, rules=None, **kw) -> PenaltyEngine:  # type: ignore[no-untyped-def]
+    """An engine on ``model`` as the callback sets it up with whole weights (penalties at collect)."""
+    engine = PenaltyEngine(rules if rules is not None else preset_rules("mhe"), **kw)
+    engine.tie_to_output = False
+    engine.bind(model)
+    engine.install_hooks()
+    return engine
+
+
 def _engines(model: TinyNet, **kw) -> tuple[PenaltyEngine, PenaltyEngine]:  # type: ignore[no-untyped-def]
-    pair = []
-    for graphs in (True, False):
-        engine = PenaltyEngine(preset_rules("mhe"), cuda_graphs=graphs, **kw)
-        engine.tie_to_output = False
-        engine.bind(model)
-        engine.install_hooks()
-        pair.append(engine)
-    return pair[0], pair[1]
+    return _untied_engine(model, cuda_graphs=True, **kw), _untied_engine(model, cuda_graphs=False, **kw)
 
 
 def test_graphed_penalties_give_the_eager_values_gradients_and_logged_values(captures: Captures) -> None:
@@ -127,10 +129,7 @@ def test_only_capturable_regularizers_of_plain_weights_are_captured(captures: Ca
     model = TinyNet()
     torch.nn.utils.parametrizations.weight_norm(model.conv)
     rules = [Rule(MHE(half_space=True), layers=["conv", "hidden"]), Rule(MHS(), layers=["fc"])]
-    engine = PenaltyEngine(rules)
-    engine.tie_to_output = False
-    engine.bind(model)
-    engine.install_hooks()
+    engine = _untied_engine(model, rules)
     total = _step(engine, model, 0)
     assert total is not None
     # MHS is not capturable, the conv is parametrized
@@ -146,11 +145,8 @@ def test_only_capturable_regularizers_of_plain_weights_are_captured(captures: Ca
 
 @pytest.mark.parametrize("options", [dict(on_nonfinite="skip"), dict(cuda_graphs=False)])
 def test_no_capture_when_skipping_non_finite_penalties_or_switched_off(captures: Captures, options) -> None:
-    engine = PenaltyEngine(preset_rules("mhe"), **options)
     model = TinyNet()
-    engine.tie_to_output = False
-    engine.bind(model)
-    engine.install_hooks()
+    engine = _untied_engine(model, **options)
     _step(engine, model, 0)
     assert captures.weights == []
 
@@ -256,11 +252,8 @@ def test_a_graphed_step_makes_no_host_sync_until_the_deferred_check(captures: Ca
 
 def test_deferred_check_raises_naming_the_layer_and_step_of_the_nan(captures: Captures) -> None:
     model = TinyNet()
-    engine = PenaltyEngine(preset_rules("mhe"))
-    engine.tie_to_output = False
+    engine = _untied_engine(model)
     engine.defer_finite_check = True
-    engine.bind(model)
-    engine.install_hooks()
     _step(engine, model, 0)
     with torch.no_grad():
         model.fc.weight[1, 1] = math.inf
@@ -273,11 +266,8 @@ def test_deferred_check_raises_naming_the_layer_and_step_of_the_nan(captures: Ca
 
 def test_values_left_unchecked_by_an_earlier_step_are_checked_when_the_next_one_begins(captures: Captures) -> None:
     model = TinyNet()
-    engine = PenaltyEngine(preset_rules("mhe"))
-    engine.tie_to_output = False
+    engine = _untied_engine(model)
     engine.defer_finite_check = True
-    engine.bind(model)
-    engine.install_hooks()
     with torch.no_grad():
         model.conv.weight[0, 0, 0, 0] = math.nan
     _step(engine, model, 4)
