@@ -110,6 +110,24 @@ def test_graphed_penalties_give_the_eager_values_gradients_and_logged_values(cap
     )
 
 
+def test_coefficients_that_change_every_step_reach_the_graphed_penalties(captures: Captures) -> None:
+    from lightning_hsu.schedules import LinearWarmup
+
+    model = TinyNet()
+    rules = [
+        Rule(MHE(half_space=True), 2.0, layers=["conv", "hidden"], schedule=LinearWarmup(4, start_factor=0.25)),
+        Rule(MHE(), 10.0, layers=["fc"]),
+    ]
+    engine = _untied_engine(model, rules)
+    for step in range(6):
+        total = _step(engine, model, step)
+        assert total is not None
+        ramp = 2.0 * min(1.0, 0.25 + 0.75 * step / 4)
+        hidden = sum(hyperspherical_energy(neurons_of(m), half_space=True) for m in (model.conv, model.hidden))
+        torch.testing.assert_close(total, ramp * hidden + 10.0 * hyperspherical_energy(neurons_of(model.fc)))
+    assert engine.graph_captures == 1  # the coefficients are an input of the replay, not of the capture
+
+
 def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> None:
     model = TinyNet()
     graphed, eager = _engines(model)
