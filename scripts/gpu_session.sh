@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Everything the project checks on a GPU, in one prepared run (~5 minutes on one H100/H200):
-#   1. the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written);
-#   2. every benchmark (benchmarks/run_all_gpu.sh), the training step first;
-#   3. the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3).
+# Everything the project checks on a GPU, as prepared runs for a lent machine:
+#   bench   the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written),
+#           then every benchmark (benchmarks/run_all_gpu.sh), the training step first: ~4 minutes;
+#   checks  the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3,
+#           two processes per check): ~5 minutes;
+#   all     both (the default): more than one 10-minute call of the device tool allows when
+#           DeepSpeed is slow to import, so on a lent machine run `bench` and `checks` apart.
 # Results go to ${OUT:-gpu_out}/ (the lent machine's $OUT comes back): session.log, results_gpu.md,
 # gpu_checks.md, perf_kernels_gpu.png. DeepSpeed wheels in .whl/ are installed first if present
 # (the lent machines cannot reach a package index; see docs/gpu_checks.md).
-# Usage: bash scripts/gpu_session.sh
+# Usage: bash scripts/gpu_session.sh [bench|checks|all]
 set -u
 cd "$(dirname "$0")/.."
+PART="${1:-all}"
+case "$PART" in bench | checks | all) ;; *) echo "usage: $0 [bench|checks|all]" >&2; exit 2 ;; esac
 DEST="${OUT:-gpu_out}"
 mkdir -p "$DEST"
 case "$DEST" in /*) ;; *) DEST="$PWD/$DEST" ;; esac
@@ -22,12 +27,16 @@ PY="${PYTHON:-python3}"
   fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
-  echo "## CUDA tests"
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_cuda_graphs.py 2>&1 | tail -40
-  echo "## benchmarks"
-  PYTHON="$PY" bash benchmarks/run_all_gpu.sh "$DEST/results_gpu.md" "$DEST/perf_kernels_gpu.png" >/dev/null 2>&1
-  grep -v "Warning\|warn\|^  \|^W1\|check(" "$DEST/results_gpu.md"
-  echo "## strategy checks"
-  timeout 200 "$PY" scripts/gpu_checks.py --out "$DEST/gpu_checks.md" 2>&1 | tail -30
+  if [ "$PART" != checks ]; then
+    echo "## CUDA tests"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/lightning/test_cuda_graphs.py 2>&1 | tail -40
+    echo "## benchmarks"
+    PYTHON="$PY" bash benchmarks/run_all_gpu.sh "$DEST/results_gpu.md" "$DEST/perf_kernels_gpu.png" >/dev/null 2>&1
+    grep -v "Warning\|warn\|^  \|^W1\|check(" "$DEST/results_gpu.md"
+  fi
+  if [ "$PART" != bench ]; then
+    echo "## strategy checks"
+    timeout 330 "$PY" scripts/gpu_checks.py --out "$DEST/gpu_checks.md" 2>&1 | tail -30
+  fi
   date -u
 } 2>&1 | tee "$DEST/session.log"
