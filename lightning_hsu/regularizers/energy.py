@@ -127,14 +127,16 @@ class CoMHE(Regularizer):
     def projection_matrices(self, in_dim: int, step: int | None, device: torch.device) -> Tensor:
         """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``).
 
-        Drawn on ``device`` by a generator seeded from ``(seed, layer, step)``: on a GPU the host
-        neither draws nor copies ~``K p d`` numbers per layer and step. The same seed therefore
-        gives other (identically distributed) matrices on a GPU than on the CPU; every rank, and a
-        resumed run, on the same kind of device draws the same.
+        Drawn by a generator seeded from ``(seed, layer, step)``, on a CUDA device when the layer is
+        there: the host neither draws nor copies ~``K p d`` numbers per layer and step. The same
+        seed therefore gives other (identically distributed) matrices on a GPU than on the CPU;
+        every rank, and a resumed run, on the same kind of device draws the same.
         """
         draw = 0 if not self.resample else (step if step is not None else self._calls)
         seed = (self.seed * 1_000_003 + self.salt * 7_919 + draw) % (2**63)
-        generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+        device = torch.device(device)
+        # other accelerators keep the host's draw, copied over (not every backend has generators)
+        generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
         return gaussian_projections(
             in_dim, count=self.projections, dim=self.projection_dim, generator=generator, device=device
         )
