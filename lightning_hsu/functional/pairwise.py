@@ -350,6 +350,19 @@ def _block_sums(
     return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale)
 
 
+def _save_gradient(
+    ctx: torch.autograd.function.FunctionCtx, grad: Tensor | None, divisor: Tensor | None = None
+) -> None:
+    """Keep the gradient formed in forward for :func:`_saved_gradient`; rows rescaled by the
+    normaliser's divisors :math:`s` (:func:`~lightning_hsu.functional._common.row_normalization`)
+    get their further :math:`1/s` here."""
+    if grad is None:
+        return
+    if divisor is not None:
+        grad.div_(divisor)
+    ctx.save_for_backward(grad)
+
+
 def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
     """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``.
 
@@ -374,8 +387,7 @@ class _PairwiseKernelSum(torch.autograd.Function):
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
-        if grad is not None:
-            ctx.save_for_backward(grad)
+        _save_gradient(ctx, grad)
         return total
 
     @staticmethod
@@ -414,10 +426,7 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
         total, grad = _block_sums(rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r)
-        if grad is not None:
-            if divisor is not None:
-                grad.div_(divisor)
-            ctx.save_for_backward(grad)
+        _save_gradient(ctx, grad, divisor)
         return total
 
     @staticmethod

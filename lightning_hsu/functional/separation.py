@@ -25,7 +25,7 @@ from lightning_hsu.functional._common import (
     row_normalization,
 )
 from lightning_hsu.functional._matmul import batched_matmul, gram
-from lightning_hsu.functional.pairwise import _saved_gradient, block_rows_for, extreme_pair_cosine
+from lightning_hsu.functional.pairwise import _save_gradient, _saved_gradient, block_rows_for, extreme_pair_cosine
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
 
@@ -129,10 +129,7 @@ class _HardSeparation(torch.autograd.Function):
         value, grad = _closest_pairs_sum(
             rows * r, r, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
         )
-        if grad is not None:
-            if divisor is not None:
-                grad.div_(divisor)
-            ctx.save_for_backward(grad)
+        _save_gradient(ctx, grad, divisor)
         return value
 
     @staticmethod
