@@ -98,7 +98,7 @@ class PenaltyEngine:
         on_nonfinite: ``"raise"`` a :class:`NonFinitePenaltyError` naming the layer and step, or
             ``"skip"`` that layer's penalty for the step (with a warning).
         cuda_graphs: on a GPU, compute the penalties of whole CUDA weights with a
-            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (MHE, uniformity) by replaying
+            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (MHE, CoMHE, uniformity) by replaying
             CUDA graphs captured at the first step (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`),
             instead of launching each layer's kernels from Python. Needs ``on_nonfinite="raise"``;
             elsewhere (CPU, FSDP/ZeRO-3 shards, parametrized weights, other regularizers) the
@@ -337,7 +337,7 @@ class PenaltyEngine:
 
     @staticmethod
     def _capturable_penalty(binding: Binding, module: nn.Module, weight: Tensor) -> Tensor:
-        return binding.regularizer(layer_neurons(module, weight), check_finite=False)
+        return binding.regularizer.graph_penalty(layer_neurons(module, weight))
 
     def _replay_graphs(
         self, record: StepRecord, deferred: list[tuple[Binding, nn.Module]]
@@ -361,6 +361,9 @@ class PenaltyEngine:
             return deferred
         key = tuple(id(b) for b, _, _ in graphed)
         weights = [m.weight for _, m, _ in graphed]
+        with torch.no_grad():  # before the capture too: it reads what this writes (CoMHE's projections)
+            for binding, module, _ in graphed:
+                binding.regularizer.refresh_graph_inputs(layer_neurons(module, module.weight), step=record.step)
         graphs = self._graphs.pop(key, None)
         if graphs is None or not graphs.matches(weights):
             graphs = None  # free the old capture's memory before making the new one

@@ -34,17 +34,26 @@ def gaussian_projections(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``[count, dim, in_dim]`` matrices with i.i.d. N(0, 1) entries (scale does not matter).
 
     Drawn on the generator's device (the CPU without one), then moved to ``device``: a CUDA
     generator draws them on the GPU, where they are used, instead of the host drawing and
-    copying ``count * dim * in_dim`` numbers.
+    copying ``count * dim * in_dim`` numbers. With ``out`` (of that shape; its device and dtype
+    replace ``device`` and ``dtype``) the same numbers are written into ``out`` in place and it
+    is returned: a CUDA graph that reads ``out`` sees each new draw.
     """
     for name, value in (("count", count), ("dim", dim), ("in_dim", in_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     draw_on = generator.device if generator is not None else torch.device("cpu")
+    if out is not None:
+        if out.shape != (count, dim, in_dim):
+            raise ValueError(f"out must have shape {(count, dim, in_dim)}, got {tuple(out.shape)}")
+        if out.device == draw_on:
+            return torch.randn(count, dim, in_dim, generator=generator, dtype=out.dtype, device=draw_on, out=out)
+        return out.copy_(torch.randn(count, dim, in_dim, generator=generator, dtype=out.dtype, device=draw_on))
     sample = torch.randn(count, dim, in_dim, generator=generator, dtype=dtype, device=draw_on)
     return sample.to(device) if device is not None else sample
 
@@ -60,22 +69,28 @@ def compressive_energy(
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``.
 
     ``shard=(rank, world_size)`` computes this rank's share of the pairs of every projection
-    (see :func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+    (see :func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`). ``check_finite=False``
+    makes no host sync, as in :func:`~lightning_hsu.functional.hyperspherical_energy`: NaN/inf
+    neurons or projections give NaN instead of raising
+    :class:`~lightning_hsu.functional.NonFiniteInputError`.
     """
-    x = check_neurons(neurons)
+    x = check_neurons(neurons, check_finite=check_finite)
     if x.dim() != 2:
         raise ValueError(f"compressive_energy takes neurons of shape [n, d], got {tuple(x.shape)}")
     if projections.dim() != 3 or projections.shape[-1] != x.shape[1]:
         raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
-    if not bool(torch.isfinite(projections.detach()).all()):
+    if check_finite and not bool(torch.isfinite(projections.detach()).all()):
         raise NonFiniteInputError(f"projections contain NaN or inf entries (shape {tuple(projections.shape)})")
     # einsum returns a permuted layout; the pair sums' products want dense rows
     projected = torch.einsum("kpd,nd->knp", projections.to(x.dtype), x).contiguous()
     kernel = energy_kernel(power, distance)
     # normalised inside the pair sums (normalize_neurons(projected, eps) in fewer passes)
-    energy = mean_pair_kernel(projected, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps)
+    energy = mean_pair_kernel(
+        projected, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps, check_finite=check_finite
+    )
     return energy.mean()

@@ -25,9 +25,10 @@ class Regularizer:
     #: Whether the penalty is a sum over pairs that ranks can share (see :meth:`set_shard`).
     supports_sharding: ClassVar[bool] = False
     #: Whether the penalty can be captured in a CUDA graph: called with ``check_finite=False`` it
-    #: makes no host sync and no decision on the weights' values, and it depends on the weights
-    #: alone (not on ``step`` nor on state of its own). NaN/inf weights then give a NaN penalty
-    #: instead of an error, for the caller to check once for all layers.
+    #: makes no host sync and no decision on the weights' values, and :meth:`graph_penalty`
+    #: depends on the weights and on tensors that :meth:`refresh_graph_inputs` fills in place
+    #: before each replay, nothing else (not on ``step`` nor on other state). NaN/inf weights
+    #: then give a NaN penalty instead of an error, for the caller to check once for all layers.
     capturable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -60,6 +61,17 @@ class Regularizer:
     def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
         """The penalty of ``neurons`` (``[n, d]``); ``step`` is the global training step."""
         raise NotImplementedError
+
+    def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
+        """Before each replay of a captured :meth:`graph_penalty` of ``neurons``: write, in place,
+        what the penalty at ``step`` reads besides the weights (CoMHE: the step's projections).
+        Nothing by default."""
+
+    def graph_penalty(self, neurons: Tensor) -> Tensor:
+        """The penalty as a CUDA graph captures it (:attr:`capturable` regularizers only): no host
+        sync, and no input but ``neurons`` and what :meth:`refresh_graph_inputs` wrote. By default
+        the penalty with ``check_finite=False``."""
+        return self(neurons, check_finite=False)
 
     def spawn(self, key: str) -> Regularizer:
         """A fresh copy for one layer; ``key`` (the layer name) salts any random state."""

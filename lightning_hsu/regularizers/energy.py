@@ -99,6 +99,7 @@ class CoMHE(Regularizer):
     name = "comhe"
     stateful = True
     supports_sharding = True
+    capturable = True
 
     def __init__(
         self,
@@ -123,9 +124,13 @@ class CoMHE(Regularizer):
         self.seed = seed
         self.eps = positive_float("CoMHE", "eps", eps)
         self._calls = 0
+        self._graph_projections: Tensor | None = None
 
-    def projection_matrices(self, in_dim: int, step: int | None, device: torch.device) -> Tensor:
-        """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``).
+    def projection_matrices(
+        self, in_dim: int, step: int | None, device: torch.device, *, out: Tensor | None = None
+    ) -> Tensor:
+        """The ``[K, p, in_dim]`` projections used at ``step`` (a call counter if ``None``), written
+        into ``out`` if given.
 
         Drawn by a generator seeded from ``(seed, layer, step)``, on a CUDA device when the layer is
         there: the host neither draws nor copies ~``K p d`` numbers per layer and step. The same
@@ -138,20 +143,41 @@ class CoMHE(Regularizer):
         # other accelerators keep the host's draw, copied over (not every backend has generators)
         generator = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
         return gaussian_projections(
-            in_dim, count=self.projections, dim=self.projection_dim, generator=generator, device=device
+            in_dim, count=self.projections, dim=self.projection_dim, generator=generator, device=device, out=out
         )
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         proj = self.projection_matrices(neurons.shape[-1], step, neurons.device)
         self._calls += 1
+        return self._energy(neurons, proj, check_finite)
+
+    def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
+        """Draw this step's projections into the buffer that :meth:`graph_penalty` reads (allocated
+        once per layer shape and device), with the numbers :meth:`penalty` would draw."""
+        shape = (self.projections, self.projection_dim, neurons.shape[-1])
+        buffer = self._graph_projections
+        if buffer is None or buffer.shape != shape or buffer.device != neurons.device:
+            buffer = self._graph_projections = torch.empty(shape, device=neurons.device)
+        self.projection_matrices(shape[-1], step, neurons.device, out=buffer)
+        self._calls += 1
+
+    def graph_penalty(self, neurons: Tensor) -> Tensor:
+        if self._graph_projections is None:
+            raise RuntimeError(
+                "CoMHE.graph_penalty reads the projections that refresh_graph_inputs draws; call it first"
+            )
+        return self._energy(neurons, self._graph_projections, False)
+
+    def _energy(self, neurons: Tensor, projections: Tensor, check_finite: bool) -> Tensor:
         return compressive_energy(
             neurons,
-            proj,
+            projections,
             power=self.power,
-            distance=self.distance,
+            distance=self.distance,  # type: ignore[arg-type]
             half_space=self.half_space,
-            eps=self.eps,  # type: ignore[arg-type]
+            eps=self.eps,
             shard=self._shard,
+            check_finite=check_finite,
         )
 
     def state_dict(self) -> dict[str, Any]:

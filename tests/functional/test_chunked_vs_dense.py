@@ -163,3 +163,15 @@ def test_float32_chunked_equals_dense_on_a_few_hundred_neurons() -> None:
         value, grad = value_and_grad(fn(64), w)
         torch.testing.assert_close(value, dense_value, rtol=1e-5, atol=0)
         torch.testing.assert_close(grad, dense_grad, rtol=1e-4, atol=1e-9)
+
+
+def test_gaussian_projections_written_into_a_buffer_are_the_same_draw() -> None:
+    from lightning_hsu.functional import gaussian_projections
+
+    fresh = gaussian_projections(7, count=3, dim=2, generator=torch.Generator().manual_seed(9))
+    buffer = torch.zeros(3, 2, 7)
+    got = gaussian_projections(7, count=3, dim=2, generator=torch.Generator().manual_seed(9), out=buffer)
+    assert got is buffer
+    torch.testing.assert_close(buffer, fresh, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 2, 7\)"):
+        gaussian_projections(7, count=3, dim=2, out=torch.zeros(3, 7, 2))

@@ -133,3 +133,35 @@ def test_unchecked_uniformity_makes_no_host_sync_and_equals_the_checked_one(half
     assert math.isnan(float(uniformity(w, check_finite=False)))
     with pytest.raises(NonFiniteInputError):
         uniformity(w)
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+def test_comhe_graph_penalty_reads_the_refreshed_projections_with_no_host_sync(half_space: bool) -> None:
+    from lightning_hsu import CoMHE
+
+    w = torch.randn(20, 30, generator=torch.Generator().manual_seed(5))
+    comhe = CoMHE(projection_dim=4, projections=3, half_space=half_space).spawn("layer")
+    for step in (0, 1, 7):
+        x = w.clone().requires_grad_()
+        with HostSyncCounter() as counter:
+            comhe.refresh_graph_inputs(x.detach(), step=step)
+            value = comhe.graph_penalty(x)
+            value.backward()
+        assert counter.syncs == []
+        # the checked eager penalty of the same step: the same draw, the same value and gradient
+        y = w.clone().requires_grad_()
+        ref = comhe(y, step=step)
+        ref.backward()
+        torch.testing.assert_close(value, ref)
+        torch.testing.assert_close(x.grad, y.grad)
+    w[2, 2] = math.nan
+    assert math.isnan(float(comhe(w, step=0, check_finite=False)))
+    with pytest.raises(NonFiniteInputError):
+        comhe(w, step=0)
+
+
+def test_comhe_graph_penalty_before_any_refresh_is_an_error() -> None:
+    from lightning_hsu import CoMHE
+
+    with pytest.raises(RuntimeError, match="call it first"):
+        CoMHE().graph_penalty(torch.randn(5, 6))

@@ -11,7 +11,7 @@ import torch
 from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
 
 import lightning_hsu.engine as engine_module
-from lightning_hsu import MHE, MHS, HypersphericalUniformity, PenaltyEngine, Rule
+from lightning_hsu import MHE, MHS, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.engine import NonFinitePenaltyError
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
@@ -128,6 +128,34 @@ def test_coefficients_that_change_every_step_reach_the_graphed_penalties(capture
     assert engine.graph_captures == 1  # the coefficients are an input of the replay, not of the capture
 
 
+def test_comhe_projections_drawn_for_each_step_reach_the_graphed_penalties(captures: Captures) -> None:
+    model = TinyNet()
+    rules = [
+        Rule(CoMHE(projection_dim=3, projections=4, half_space=True), 2.0, layers=["conv", "hidden"]),
+        Rule(CoMHE(projection_dim=2, projections=2), 10.0, layers=["fc"]),
+    ]
+    graphed, eager = _engines(model, rules=rules)
+    totals = []
+    for step in range(4):
+        eager.enabled, graphed.enabled = False, True
+        total = _step(graphed, model, step)
+        assert total is not None
+        got = (total.detach().clone(), _grad_of(total, model))
+        eager.enabled, graphed.enabled = True, False
+        total = _step(eager, model, step)
+        assert total is not None
+        torch.testing.assert_close(got[0], total.detach())
+        want = _grad_of(total, model)
+        assert got[1].keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[1][key], want[key])
+        totals.append(float(got[0]))
+    # the weights never changed: the steps differ by their projections alone, drawn anew into
+    # the buffer that the one capture reads
+    assert len(set(totals)) == 4
+    assert len(captures.weights) == 1 and graphed.graph_captures == 1
+
+
 def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> None:
     model = TinyNet()
     graphed, eager = _engines(model)
@@ -197,6 +225,27 @@ def test_unchecked_energy_makes_no_host_sync_on_cuda(options) -> None:
         hyperspherical_energy(w, half_space=True, check_finite=False, **options).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@pytest.mark.gpu
+def test_graphed_comhe_replays_each_steps_projections_on_cuda() -> None:
+    torch.manual_seed(0)
+    ws = [torch.randn(n, d, device="cuda", requires_grad=True) for n, d in ((64, 27), (128, 576))]
+    comhes = [CoMHE(half_space=True).spawn(f"layer{i}") for i in range(2)]
+    for comhe, w in zip(comhes, ws, strict=True):
+        comhe.refresh_graph_inputs(w.detach(), step=0)
+    graphs = GraphedPenalties([c.graph_penalty for c in comhes], ws)
+    for step in range(3):
+        for comhe, w in zip(comhes, ws, strict=True):
+            comhe.refresh_graph_inputs(w.detach(), step=step)
+        values = graphs()
+        grads = torch.autograd.grad(values.sum(), ws)
+        for comhe, w, v, g in zip(comhes, ws, values, grads, strict=True):
+            x = w.detach().clone().requires_grad_()
+            ref = comhe(x, step=step)
+            torch.testing.assert_close(v, ref.detach())
+            torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
 
 
 @cuda
