@@ -6,11 +6,12 @@ matrix-multiply lower bound.
   2020): half-space by concatenating ``[W; -W]``, the full ``2n x 2n`` matrix, autograd.
 - **lower bound**: the matrix products any exact method needs: the Gram product ``W Wᵀ`` and the
   gradient product ``G W`` (MHS: the Gram only, its gradient is sparse; MGD: plus its Cholesky
-  factorisations; CoMHE: the projections forward and backward plus ``K`` Gram and gradient products).
+  factorisations and their inverses, which any exact gradient of a log-determinant needs; CoMHE:
+  the projections forward and backward plus ``K`` Gram and gradient products).
   On the CPU each product is timed both with ``torch.mm`` (MKL) and with oneDNN's float32 product
   (what the library uses there, ``lightning_hsu.functional._matmul``), and the faster is the bound.
-- on CUDA, for MHE, also **ours without the host sync** (``check_finite=False``, what the callback
-  calls on a GPU) and the same **replayed from a CUDA graph** (what the callback runs).
+- on CUDA, for MHE and CoMHE, also **ours without the host sync** (``check_finite=False``, what
+  the callback calls on a GPU) and the same **replayed from a CUDA graph** (what the callback runs).
 
 Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]``.
 """
@@ -97,6 +98,9 @@ def graphed_backward_of(fn, w: torch.Tensor):
     return run
 
 
+KINDS = ("mhe", "mhs", "mgd", "comhe")
+
+
 def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return batched_matmul(a.unsqueeze(0), b.unsqueeze(0))[0]
 
@@ -114,7 +118,7 @@ def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch
             mm(x, x.T)
             mm(g, x)
             for _ in range(2 if half_space else 1):
-                torch.linalg.cholesky(spd)
+                torch.cholesky_inverse(torch.linalg.cholesky(spd))
 
         return run
     if kind == "comhe":
@@ -153,10 +157,17 @@ def methods_for(kind: str, w: torch.Tensor, half_space: bool, projections: torch
             "official": backward_of(lambda v: official_mgd(v, half_space), w),
         }
     assert projections is not None
-    return {
+    methods = {
         "ours": backward_of(lambda v: compressive_energy(v, projections, half_space=half_space), w),
         "official": backward_of(lambda v: official_comhe(v, projections, half_space), w),
     }
+    if w.is_cuda:  # the graph reads fixed projections here; the callback redraws them in place each step
+        unchecked = functools.partial(
+            compressive_energy, projections=projections, half_space=half_space, check_finite=False
+        )
+        methods["no sync"] = backward_of(unchecked, w)
+        methods["graph"] = graphed_backward_of(unchecked, w)
+    return methods
 
 
 def dim_for(n: int) -> int:
@@ -244,6 +255,9 @@ def main() -> None:
     parser.add_argument(
         "--max-n", type=int, default=2048, help="4096 adds n = 4096 (about 10 more minutes on a 2-core CPU)"
     )
+    parser.add_argument(
+        "--kinds", default="mhe,mhs,mgd,comhe", help="comma-separated subset of the regularisers to time"
+    )
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--plot", default=None, help="write a PNG of half-space MHE time vs n here")
     args = parser.parse_args()
@@ -253,27 +267,33 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
 
     repeats = args.repeats or (3 if args.quick else 5)
-    head = bench_case("mhe", 512, 4608, True, device, max(repeats, 7))
-    print("### Half-space MHE (s = 2), n = 512, d = 4608, forward + backward\n")
-    header, rows = rows_of([head], device)
-    print(table(header, rows))
-    print(
-        f"\nTargets: official / ours >= 4 (measured {head['official_wall'] / head['ours_wall']:.2f}), "
-        f"ours / lower bound <= 1.5 (measured {head['ours_wall'] / head['lower bound_wall']:.2f}).\n"
-    )
+    kinds = [k.strip() for k in args.kinds.split(",")]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        parser.error(f"--kinds: unknown {unknown}; choose from {list(KINDS)}")
+    results = []
+    if "mhe" in kinds:
+        head = bench_case("mhe", 512, 4608, True, device, max(repeats, 7))
+        print("### Half-space MHE (s = 2), n = 512, d = 4608, forward + backward\n")
+        header, rows = rows_of([head], device)
+        print(table(header, rows))
+        print(
+            f"\nTargets: official / ours >= 4 (measured {head['official_wall'] / head['ours_wall']:.2f}), "
+            f"ours / lower bound <= 1.5 (measured {head['ours_wall'] / head['lower bound_wall']:.2f}).\n"
+        )
+        results.append(head)
 
     sizes = [64, 256, 1024] if args.quick else [64, 256, 512, 1024, 2048]
     if args.max_n >= 4096 and not args.quick:
         sizes.append(4096)
     cases = [("mhe", True), ("mhe", False), ("mhs", True), ("mgd", True), ("comhe", True)]
-    results = [head]
-    for kind, half in cases:
+    for kind, half in (case for case in cases if case[0] in kinds):
         for n in sizes:
             if kind == "mhe" and half and n == 512:
                 continue  # measured above
             reps = repeats if n < 1024 else max(2, repeats - 2)
             results.append(bench_case(kind, n, 4608 if n == 512 else dim_for(n), half, device, reps))
-    results.sort(key=lambda r: (["mhe", "mhs", "mgd", "comhe"].index(r["kind"]), r["space"] != "half", r["n"]))
+    results.sort(key=lambda r: (KINDS.index(r["kind"]), r["space"] != "half", r["n"]))
     print("### All regularisers, forward + backward (CoMHE: 20 projections to 40 dims)\n")
     header, rows = rows_of(results, device)
     print(table(header, rows))
