@@ -98,7 +98,7 @@ class PenaltyEngine:
         on_nonfinite: ``"raise"`` a :class:`NonFinitePenaltyError` naming the layer and step, or
             ``"skip"`` that layer's penalty for the step (with a warning).
         cuda_graphs: on a GPU, compute the penalties of whole CUDA weights with a
-            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (MHE, CoMHE, uniformity) by replaying
+            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (all but MGD, MHP, MHC) by replaying
             CUDA graphs captured at the first step (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`),
             instead of launching each layer's kernels from Python. Needs ``on_nonfinite="raise"``;
             elsewhere (CPU, FSDP/ZeRO-3 shards, parametrized weights, other regularizers) the

@@ -67,7 +67,7 @@ class HypersphericalUniformity(Callback):
             1/W of the pairs of every sum-over-pairs penalty (MHE, CoMHE), scaled by W so that
             the averaged gradient is exactly the full one; other regularizers are computed whole.
             Logged values are all-reduced to the full penalty.
-        cuda_graphs: on a GPU, replay the MHE, CoMHE and uniformity penalties of all layers as CUDA graphs captured at
+        cuda_graphs: on a GPU, replay the penalties of all layers (all but MGD, MHP, MHC) as CUDA graphs captured at
             the first training step (two launches per step instead of dozens per layer; see
             :class:`~lightning_hsu.cuda_graphs.GraphedPenalties`). Used only with whole weights
             (single device, DDP, ZeRO-1/2) and ``on_nonfinite="raise"``; ``False`` computes every

@@ -106,6 +106,25 @@ class GaussianKernel(PairKernel):
         return value, (2.0 * self.t * value if with_derivative else None)
 
 
+@dataclass(frozen=True)
+class ClosestPairsKernel(PairKernel):
+    r"""Hard MHS as a pair kernel: :math:`f(c) = -d^2 = 2c - 2` for the pairs whose cosine reaches
+    ``threshold`` (the closest pairs and their ties), 0 for the others.
+
+    Its pair sum is :math:`-\sum_{\text{closest pairs}} d^2`, with the official multiplicities in
+    half space. The threshold is a 0-d tensor that stays on the device: the sum then needs no
+    host decision (CUDA-graph safe), at the price of a dense gradient product that the sparse
+    closed form of :func:`~lightning_hsu.functional.hyperspherical_separation` avoids.
+    """
+
+    threshold: Tensor
+
+    def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
+        closest = (cos >= self.threshold).to(cos.dtype)
+        value = torch.rsub(cos, 1.0).mul_(-2.0).mul_(closest)  # 2c - 2 on the closest pairs
+        return value, (closest.mul(2.0) if with_derivative else None)
+
+
 def energy_kernel(power: float, distance: str) -> PairKernel:
     """The MHE kernel for a Riesz ``power`` (0 = log) and ``distance`` ('euclidean'/'angular')."""
     if not isinstance(power, (int, float)) or isinstance(power, bool) or not math.isfinite(power):

@@ -65,10 +65,11 @@ def pole_energy(
 
 
 @full_precision
-def relaxed_polarization(neurons: Tensor) -> Tensor:
+def relaxed_polarization(neurons: Tensor, *, check_finite: bool = True) -> Tensor:
     r"""R-MHP penalty :math:`\lVert\sum_i w_i\rVert_2` of the unnormalised neurons (no half-space:
-    :math:`w_i` and :math:`-w_i` would cancel)."""
-    total = check_neurons(neurons).sum(-2)
+    :math:`w_i` and :math:`-w_i` would cancel). ``check_finite=False``: no host sync (CUDA-graph
+    safe), NaN for NaN/inf neurons instead of raising."""
+    total = check_neurons(neurons, check_finite=check_finite).sum(-2)
     # vector_norm squares its input: above sqrt(finfo.max) (1.8e19 in float32) that overflows to
     # inf although the norm itself is representable. Divide by the (detached) largest entry first.
     scale = total.detach().abs().amax(dim=-1, keepdim=True)

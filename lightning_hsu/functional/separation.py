@@ -25,7 +25,14 @@ from lightning_hsu.functional._common import (
     row_normalization,
 )
 from lightning_hsu.functional._matmul import batched_matmul, gram
-from lightning_hsu.functional.pairwise import _save_gradient, _saved_gradient, block_rows_for, extreme_pair_cosine
+from lightning_hsu.functional.kernels import ClosestPairsKernel
+from lightning_hsu.functional.pairwise import (
+    _save_gradient,
+    _saved_gradient,
+    block_rows_for,
+    extreme_pair_cosine,
+    normalized_pairwise_kernel_sum,
+)
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
 
@@ -148,6 +155,7 @@ def hyperspherical_separation(
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
     tie_rtol: float = 1e-5,
+    check_finite: bool = True,
 ) -> Tensor:
     r"""Hard MHS penalty :math:`-\sum_{\text{closest pairs}} d^2_{ij}` (to be minimised).
 
@@ -155,17 +163,41 @@ def hyperspherical_separation(
     (the official code uses exact float equality, which rounding makes arbitrary: a regular
     tetrahedron computed in float32 then ties all 6 pairs, as it should, giving
     :math:`-6\cdot 8/3`). Returns 0 for fewer than two neurons.
+
+    ``check_finite=False`` makes no host sync (CUDA-graph safe; NaN/inf neurons give NaN): the
+    tie threshold stays on the device and the closest pairs are summed as a pair kernel
+    (:class:`~lightning_hsu.functional.kernels.ClosestPairsKernel`), the same value and gradient
+    at the cost of a second Gram product and a dense gradient product.
     """
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
     results = []
     for matrix in batched:
         if matrix.shape[0] < 2:
-            check_finite_neurons(matrix)
-            results.append(matrix.sum() * 0.0)
-            continue
-        results.append(_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)))
+            if check_finite:
+                check_finite_neurons(matrix)
+            results.append((matrix * 0.0).sum())  # NaN exactly for a NaN or inf neuron
+        elif check_finite:
+            results.append(_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)))
+        else:
+            results.append(_closest_pairs_sum_on_device(matrix, eps, half_space, chunk_size, tie_rtol))
     out = torch.stack(results)
     return out[0] if added else out
+
+
+def _closest_pairs_sum_on_device(
+    neurons: Tensor, eps: float, half_space: bool, chunk_size: int | None, tie_rtol: float
+) -> Tensor:
+    """Hard MHS of raw ``[n, d]`` neurons without host decisions (see :func:`hyperspherical_separation`)."""
+    with torch.no_grad():
+        rows, r, _, _ = row_normalization(neurons, eps, check_finite=False)
+        batch = (rows * r).unsqueeze(0)
+        c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)[0]
+        # the tolerance of _closest_pairs_sum, as a device tensor
+        threshold = c_max - 0.5 * (tie_rtol * (2.0 - 2.0 * c_max).abs() + 1e-12)
+    kernel = ClosestPairsKernel(threshold)
+    return normalized_pairwise_kernel_sum(
+        neurons.unsqueeze(0), kernel, eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=False
+    )[0]
 
 
 @full_precision
@@ -176,18 +208,24 @@ def soft_hyperspherical_separation(
     half_space: bool = False,
     eps: float = DEFAULT_EPS,
     chunk_size: int | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     r"""Smooth MHS penalty :math:`\tau\log\frac1P\sum_{i<j}e^{-d^2_{ij}/\tau}` (to be minimised).
 
     It is :math:`-\operatorname{softmin}_\tau d^2` and lies between :math:`-\min d^2 - \tau\log P`
     and :math:`-\min d^2`; every pair gets gradient, weighted by its closeness.
+    ``check_finite=False``: no host sync, NaN for NaN/inf neurons (as :func:`~lightning_hsu.functional.uniformity`).
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    batched, added = as_batched(normalize_neurons(check_neurons(neurons), eps))
+    x = check_neurons(neurons, check_finite=check_finite)
+    batched, added = as_batched(normalize_neurons(x, eps, decide_on_host=check_finite))
     out = torch.stack(
         [
-            temperature * log_mean_exp_pairs(unit, 1.0 / temperature, half_space=half_space, chunk_size=chunk_size)
+            temperature
+            * log_mean_exp_pairs(
+                unit, 1.0 / temperature, half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite
+            )
             for unit in batched
         ]
     )

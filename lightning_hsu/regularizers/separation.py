@@ -23,6 +23,7 @@ class MHS(Regularizer):
     """
 
     name = "mhs"
+    capturable = True
 
     def __init__(
         self,
@@ -37,14 +38,11 @@ class MHS(Regularizer):
         self.eps = positive_float("MHS", "eps", eps)
         self.chunk_size = positive_int("MHS", "chunk_size", chunk_size, allow_none=True)
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        options = dict(half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size, check_finite=check_finite)
         if self.temperature is None:
-            return hyperspherical_separation(
-                neurons, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size
-            )
-        return soft_hyperspherical_separation(
-            neurons, temperature=self.temperature, half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size
-        )
+            return hyperspherical_separation(neurons, **options)  # type: ignore[arg-type]
+        return soft_hyperspherical_separation(neurons, temperature=self.temperature, **options)  # type: ignore[arg-type]
 
 
 class MGD(Regularizer):
@@ -67,6 +65,7 @@ class RMHP(Regularizer):
     AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
 
     name = "rmhp"
+    capturable = True
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
-        return relaxed_polarization(neurons)
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        return relaxed_polarization(neurons, check_finite=check_finite)

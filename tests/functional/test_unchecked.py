@@ -165,3 +165,60 @@ def test_comhe_graph_penalty_before_any_refresh_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match="call it first"):
         CoMHE().graph_penalty(torch.randn(5, 6))
+
+
+def _value_and_grad(fn, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    x = w.clone().requires_grad_()
+    value = fn(x)
+    value.backward()
+    assert x.grad is not None
+    return value.detach(), x.grad
+
+
+#: A regular tetrahedron (rows of equal norm, so that the normaliser's eps keeps the ties).
+TETRAHEDRON = torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize(
+    ("w", "options"),
+    [
+        pytest.param(torch.randn(30, 6, generator=torch.Generator().manual_seed(6)), dict(), id="one-block"),
+        pytest.param(torch.randn(30, 6, generator=torch.Generator().manual_seed(6)), dict(chunk_size=7), id="strips"),
+        pytest.param(TETRAHEDRON, dict(), id="tetrahedron-6-ties"),
+        pytest.param(torch.randn(1, 6, generator=torch.Generator().manual_seed(6)), dict(), id="one-neuron"),
+    ],
+)
+@pytest.mark.parametrize("temperature", [None, 0.1])
+def test_unchecked_mhs_makes_no_host_sync_and_equals_the_checked_one(w, options, half_space: bool, temperature) -> None:
+    from lightning_hsu import MHS
+
+    mhs = MHS(half_space=half_space, temperature=temperature, **options)
+    with HostSyncCounter() as counter:
+        value, grad = _value_and_grad(lambda x: mhs(x, check_finite=False), w)
+    assert counter.syncs == []
+    ref_value, ref_grad = _value_and_grad(mhs, w)
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    if temperature is None and w is TETRAHEDRON:
+        # all 6 pairs tie at d^2 = 8/3; in half space the 12 pairs (i, -j) tie at 4/3, each twice
+        assert float(value) == pytest.approx(-6 * 8 / 3 if not half_space else -12 * 4 / 3, rel=1e-3)
+    bad = w.clone()
+    bad[0, 0] = math.inf
+    assert math.isnan(float(mhs(bad, check_finite=False)))
+    with pytest.raises(NonFiniteInputError):
+        mhs(bad)
+
+
+def test_unchecked_relaxed_polarization_makes_no_host_sync() -> None:
+    from lightning_hsu import RMHP
+
+    w = torch.randn(9, 5, generator=torch.Generator().manual_seed(7))
+    with HostSyncCounter() as counter:
+        value, grad = _value_and_grad(lambda x: RMHP()(x, check_finite=False), w)
+    assert counter.syncs == []
+    ref_value, ref_grad = _value_and_grad(RMHP(), w)
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(grad, ref_grad)
+    w[2, 2] = math.nan
+    assert math.isnan(float(RMHP()(w, check_finite=False)))

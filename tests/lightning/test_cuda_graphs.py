@@ -11,7 +11,7 @@ import torch
 from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
 
 import lightning_hsu.engine as engine_module
-from lightning_hsu import MHE, MHS, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule
+from lightning_hsu import MGD, MHE, MHS, RMHP, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.engine import NonFinitePenaltyError
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
@@ -156,6 +156,32 @@ def test_comhe_projections_drawn_for_each_step_reach_the_graphed_penalties(captu
     assert len(captures.weights) == 1 and graphed.graph_captures == 1
 
 
+@pytest.mark.parametrize(
+    "regularizer",
+    [MHS(half_space=True), MHS(temperature=0.1), RMHP()],
+    ids=["hard-mhs", "soft-mhs", "rmhp"],
+)
+def test_separation_and_polarization_are_graphed_with_the_eager_values(captures: Captures, regularizer) -> None:
+    model = TinyNet()
+    rules = [Rule(regularizer, 3.0, layers=["conv", "hidden", "fc"])]
+    graphed, eager = _engines(model, rules=rules)
+    for step in range(2):
+        eager.enabled, graphed.enabled = False, True
+        total = _step(graphed, model, step)
+        assert total is not None
+        got = (total.detach().clone(), _grad_of(total, model))
+        eager.enabled, graphed.enabled = True, False
+        total = _step(eager, model, step)
+        assert total is not None
+        torch.testing.assert_close(got[0], total.detach())
+        for key, grad in _grad_of(total, model).items():
+            torch.testing.assert_close(got[1][key], grad)
+        with torch.no_grad():  # an optimizer's in-place step: the same capture reads the new values
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+    assert len(captures.weights) == 1 and len(captures.weights[0]) == 3
+
+
 def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> None:
     model = TinyNet()
     graphed, eager = _engines(model)
@@ -174,17 +200,18 @@ def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> N
 def test_only_capturable_regularizers_of_plain_weights_are_captured(captures: Captures) -> None:
     model = TinyNet()
     torch.nn.utils.parametrizations.weight_norm(model.conv)
-    rules = [Rule(MHE(half_space=True), layers=["conv", "hidden"]), Rule(MHS(), layers=["fc"])]
+    rules = [Rule(MHE(half_space=True), layers=["conv", "hidden"]), Rule(MGD(), layers=["fc"])]
     engine = _untied_engine(model, rules)
     total = _step(engine, model, 0)
     assert total is not None
-    # MHS is not capturable, the conv is parametrized
+    # MGD is not capturable (its Cholesky factorisation checks positive definiteness on the host),
+    # the conv is parametrized
     assert [[w.data_ptr() for w in c] for c in captures.weights] == [[model.hidden.weight.data_ptr()]]
-    assert set(engine.last_values) == {"conv/mhe", "hidden/mhe", "fc/mhs"}
+    assert set(engine.last_values) == {"conv/mhe", "hidden/mhe", "fc/mgd"}
     ref = (
         hyperspherical_energy(neurons_of(model.conv), half_space=True)
         + hyperspherical_energy(neurons_of(model.hidden), half_space=True)
-        + MHS()(neurons_of(model.fc))
+        + MGD()(neurons_of(model.fc))
     )
     torch.testing.assert_close(total, ref)
 
@@ -246,6 +273,24 @@ def test_graphed_comhe_replays_each_steps_projections_on_cuda() -> None:
             ref = comhe(x, step=step)
             torch.testing.assert_close(v, ref.detach())
             torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "regularizer",
+    [MHS(half_space=True), MHS(temperature=0.1), RMHP(), CoMHE(half_space=True)],
+    ids=["hard-mhs", "soft-mhs", "rmhp", "comhe"],
+)
+def test_capturable_regularizers_make_no_host_sync_on_cuda(regularizer) -> None:
+    w = torch.randn(300, 40, device="cuda", requires_grad=True)
+    regularizer.refresh_graph_inputs(w.detach(), step=0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        regularizer.graph_penalty(w).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @cuda
