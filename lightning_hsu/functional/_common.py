@@ -71,8 +71,17 @@ def check_neurons(neurons: Tensor, what: str = "neurons", *, check_finite: bool 
 
 
 def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
-    """Raise :class:`NonFiniteInputError` if ``neurons`` hold a NaN or inf (one device sync)."""
-    if not bool(torch.isfinite(neurons.detach()).all()):
+    """Raise :class:`NonFiniteInputError` if ``neurons`` hold a NaN or inf (one device sync).
+
+    A finite sum proves every entry finite (a NaN or inf entry makes any sum NaN or inf) in one
+    reduction, against several elementwise passes and a mask for ``isfinite(x).all()``; only a
+    sum that is not finite (a bad entry, or finite entries whose sum overflows) is checked entry
+    by entry.
+    """
+    detached = neurons.detach()
+    if bool(torch.isfinite(detached.sum())):
+        return
+    if not bool(torch.isfinite(detached).all()):
         raise NonFiniteInputError(
             f"{what} contain NaN or inf entries (shape {tuple(neurons.shape)}); "
             "a hyperspherical penalty of non-finite weights is undefined"

@@ -94,6 +94,14 @@ def test_gradcheck_comhe_with_fixed_projections(half_space: bool) -> None:
     assert gradcheck(fn, (weights(n=6, d=5, seed=7),))
 
 
+@pytest.mark.parametrize("half_space", SPACES)
+def test_gradcheck_comhe_with_learned_projections(half_space: bool) -> None:
+    # the angle-preserving and adversarial CoMHE variants differentiate through the projections
+    proj = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    fn = lambda w, p: F.compressive_energy(w, p, power=2.0, half_space=half_space)  # noqa: E731
+    assert gradcheck(fn, (weights(n=6, d=5, seed=8), proj.requires_grad_(True)))
+
+
 @pytest.mark.parametrize("t", [0.5, 2.0, 20.0])
 @pytest.mark.parametrize("half_space", SPACES)
 def test_gradcheck_uniformity_log_sum_exp(t: float, half_space: bool) -> None:

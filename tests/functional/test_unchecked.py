@@ -222,3 +222,19 @@ def test_unchecked_relaxed_polarization_makes_no_host_sync() -> None:
     torch.testing.assert_close(grad, ref_grad)
     w[2, 2] = math.nan
     assert math.isnan(float(RMHP()(w, check_finite=False)))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_finite_check_finds_one_bad_entry_and_accepts_finite_entries_whose_sum_overflows(bad: float) -> None:
+    from lightning_hsu.functional._common import check_finite_neurons
+
+    big = torch.full((4, 3), 3e38)  # finite, but their float32 sum is inf
+    check_finite_neurons(big)
+    for position in [(0, 0), (3, 2)]:
+        w = torch.randn(4, 3)
+        w[position] = bad
+        with pytest.raises(NonFiniteInputError, match="contain NaN or inf"):
+            check_finite_neurons(w)
+    mixed = torch.tensor([[math.inf, -math.inf], [1.0, 2.0]])  # an inf - inf sum is NaN: still caught
+    with pytest.raises(NonFiniteInputError):
+        check_finite_neurons(mixed)

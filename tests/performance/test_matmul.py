@@ -134,3 +134,22 @@ def test_torch_compile_of_the_energy_traces_torch_bmm_and_equals_eager() -> None
     eager, eager_grad = value_and_grad(lambda x: hyperspherical_energy(x, half_space=True), w)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-5, atol=1e-6 * eager_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+def test_float32_comhe_projections_and_gradient_equal_float64(half_space: bool) -> None:
+    from lightning_hsu.functional import compressive_energy
+
+    w = _randn(96, 300, seed=5)
+    proj = _randn(20, 40, 300, seed=6)
+
+    def value_and_gradient(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        x = w.to(dtype).detach().requires_grad_(True)
+        value = compressive_energy(x, proj.to(dtype), half_space=half_space)
+        value.backward()
+        return value.detach(), x.grad
+
+    value, grad = value_and_gradient(torch.float32)
+    ref_value, ref_grad = value_and_gradient(torch.float64)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
+    _assert_float32_close(grad, ref_grad)
