@@ -11,11 +11,16 @@ settings). Variants:
 - **CUDA graph** (GPU only): the per-layer penalties captured once and replayed
   (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`, what the callback does on a GPU);
 - **Lightning**: one ``Trainer.fit`` with the ``HypersphericalUniformity`` callback
-  (``preset="mhe"``) switched on and off on alternate steps, timed from ``on_train_batch_start``
-  to ``on_train_batch_end``; on a GPU once with its CUDA graphs and once with
-  ``cuda_graphs=False``.
+  (``preset="mhe"``, or each of ``--presets``) switched on and off on alternate steps, timed from
+  ``on_train_batch_start`` to ``on_train_batch_end``; on a GPU once with its CUDA graphs and once
+  with ``cuda_graphs=False``.
 
-Usage: ``python benchmarks/bench_training_step.py [--steps 5] [--threads 1] [--device cuda] [--no-lightning]``.
+Two estimates of the growth: the ratio of the median step times, and the median of the
+*paired* ratios (each step against the no-penalty step of the same round, adjacent in time) with
+a 95% bootstrap interval, which a slow spell of a shared machine disturbs less.
+
+Usage: ``python benchmarks/bench_training_step.py [--steps 5] [--threads 1] [--device cuda] [--no-lightning]
+[--presets mhe,comhe]``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import time
 import warnings
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, ms, sync, table
+from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, sync, table
 from torch import nn
 
 from lightning_hsu import MHE
@@ -129,7 +134,8 @@ def make_step(model: nn.Module, penalty, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> dict[str, float]:
+def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one step of each per round, in a rotating order."""
     names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in names}
     for k in names:
@@ -141,13 +147,22 @@ def time_steps(steps: dict[str, object], device: torch.device, repeats: int) -> 
             steps[k]()
             sync(device)
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def growth(times: list[float], base: list[float]) -> list[str]:
+    """The table's columns: median step, growth of the medians, paired growth [95% interval]."""
+    median, low, high = paired_ratio(times, base)
+    paired = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+    of_medians = statistics.median(times) / statistics.median(base)
+    return [ms(statistics.median(times)), f"{100 * (of_medians - 1):+.1f}%", paired]
 
 
 def lightning_steps(
-    device: torch.device, steps: int, cuda_graphs: bool = True, log_per_layer: bool = False
-) -> tuple[float, float]:
-    """Median step time of one ``Trainer.fit`` with the callback switched off and on in turn.
+    device: torch.device, steps: int, cuda_graphs: bool = True, log_per_layer: bool = False, preset: str = "mhe"
+) -> tuple[list[float], list[float]]:
+    """Step times of one ``Trainer.fit`` with the callback switched off and on in turn (pairs of
+    adjacent steps).
 
     The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
     medians come from the same process, memory state and minute of a shared machine.
@@ -168,7 +183,7 @@ def lightning_steps(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
-    hsu = HypersphericalUniformity(preset="mhe", log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
+    hsu = HypersphericalUniformity(preset=preset, log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
 
     class Alternate(pl.Callback):
         """Switches the penalty on for even batches and times every step."""
@@ -183,7 +198,7 @@ def lightning_steps(
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(device)
-            if batch_idx >= 2:  # the first step of each kind warms up
+            if batch_idx >= 2:  # the first step of each kind warms up; then (on, off) pairs
                 self.times[hsu.enabled].append(time.perf_counter() - self.t0)
 
     torch.manual_seed(0)
@@ -203,7 +218,7 @@ def lightning_steps(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=64))
-    return statistics.median(timer.times[False]), statistics.median(timer.times[True])
+    return timer.times[False], timer.times[True]
 
 
 def main() -> None:
@@ -212,6 +227,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-lightning", action="store_true")
+    parser.add_argument(
+        "--presets", default="mhe", help="comma-separated presets of the Lightning rows (mhe, comhe, mhs, ...)"
+    )
     args = parser.parse_args()
     apply_threads(args.threads)
     device = device_arg(args.device)
@@ -254,24 +272,25 @@ def main() -> None:
     }
     times = time_steps({**steps, **pen_time}, device, args.steps)
     base = times["no penalty"]
-    rows = [[k, ms(v), f"{100 * (v / base - 1):+.1f}%"] for k, v in times.items()]
+    rows = [[k, *growth(v, base)] for k, v in times.items()]
     if not args.no_lightning:
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
         # on a GPU: with graphs, with graphs and the default per-layer logging, without graphs
         variants = [(True, False), (True, True), (False, False)] if device.type == "cuda" else [(True, False)]
-        for graphs, per_layer in variants:
-            plain, with_cb = lightning_steps(device, args.steps, cuda_graphs=graphs, log_per_layer=per_layer)
-            label = "" if device.type != "cuda" else (", CUDA graphs" if graphs else ", cuda_graphs=False")
-            label += ", log_per_layer=True" if per_layer else ""
-            rows += [
-                [f"Lightning Trainer, callback switched off (enabled=False){label}", ms(plain), "(its own baseline)"],
-                [
-                    f"Lightning Trainer + HypersphericalUniformity(preset='mhe'{label})",
-                    ms(with_cb),
-                    f"{100 * (with_cb / plain - 1):+.1f}%",
-                ],
-            ]
+        for preset in presets:
+            for graphs, per_layer in variants:
+                if per_layer and preset != presets[0]:
+                    continue  # the logging's cost does not depend on the regulariser
+                plain, with_cb = lightning_steps(
+                    device, args.steps, cuda_graphs=graphs, log_per_layer=per_layer, preset=preset
+                )
+                label = "" if device.type != "cuda" else (", CUDA graphs" if graphs else ", cuda_graphs=False")
+                label += ", log_per_layer=True" if per_layer else ""
+                off = f"Lightning Trainer, callback switched off (enabled=False){label}"
+                on = f"Lightning Trainer + HypersphericalUniformity(preset={preset!r}{label})"
+                rows += [[off, ms(statistics.median(plain)), "(its own baseline)", ""], [on, *growth(with_cb, plain)]]
     print(f"### CIFAR ResNet-18 training step, batch 64, {device.type}, median of {args.steps}\n")
-    print(table(["variant", "step ms", "vs no penalty"], rows))
+    print(table(["variant", "step ms", "vs no penalty", "paired, median [95% interval]"], rows))
     for note in notes:
         print(f"\n{note}")
     groups = {}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the project checks on a GPU, as prepared runs for a lent machine:
 #   bench   the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written),
-#           then every benchmark (benchmarks/run_all_gpu.sh), the training step first: ~4 minutes;
+#           then every benchmark (benchmarks/run_all_gpu.sh), the training step first: ~5 minutes;
 #   checks  the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3,
 #           two processes per check): ~5 minutes;
 #   all     both (the default): more than one 10-minute call of the device tool allows when
