@@ -74,6 +74,23 @@ def _engines(model: TinyNet, **kw) -> tuple[PenaltyEngine, PenaltyEngine]:  # ty
     return _untied_engine(model, cuda_graphs=True, **kw), _untied_engine(model, cuda_graphs=False, **kw)
 
 
+def _assert_graphed_step_equals_eager(graphed: PenaltyEngine, eager: PenaltyEngine, model: TinyNet, step: int) -> float:
+    """One step with each engine alone: the same total and gradients; returns the total."""
+    eager.enabled, graphed.enabled = False, True
+    total = _step(graphed, model, step)
+    assert total is not None
+    got = (total.detach().clone(), _grad_of(total, model))
+    eager.enabled, graphed.enabled = True, False
+    total = _step(eager, model, step)
+    assert total is not None
+    torch.testing.assert_close(got[0], total.detach())
+    want = _grad_of(total, model)
+    assert got[1].keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[1][key], want[key])
+    return float(got[0])
+
+
 def test_graphed_penalties_give_the_eager_values_gradients_and_logged_values(captures: Captures) -> None:
     model = TinyNet()
     graphed, eager = _engines(model, every_n_steps=2)
@@ -135,21 +152,7 @@ def test_comhe_projections_drawn_for_each_step_reach_the_graphed_penalties(captu
         Rule(CoMHE(projection_dim=2, projections=2), 10.0, layers=["fc"]),
     ]
     graphed, eager = _engines(model, rules=rules)
-    totals = []
-    for step in range(4):
-        eager.enabled, graphed.enabled = False, True
-        total = _step(graphed, model, step)
-        assert total is not None
-        got = (total.detach().clone(), _grad_of(total, model))
-        eager.enabled, graphed.enabled = True, False
-        total = _step(eager, model, step)
-        assert total is not None
-        torch.testing.assert_close(got[0], total.detach())
-        want = _grad_of(total, model)
-        assert got[1].keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[1][key], want[key])
-        totals.append(float(got[0]))
+    totals = [_assert_graphed_step_equals_eager(graphed, eager, model, step) for step in range(4)]
     # the weights never changed: the steps differ by their projections alone, drawn anew into
     # the buffer that the one capture reads
     assert len(set(totals)) == 4
@@ -166,16 +169,7 @@ def test_separation_and_polarization_are_graphed_with_the_eager_values(captures:
     rules = [Rule(regularizer, 3.0, layers=["conv", "hidden", "fc"])]
     graphed, eager = _engines(model, rules=rules)
     for step in range(2):
-        eager.enabled, graphed.enabled = False, True
-        total = _step(graphed, model, step)
-        assert total is not None
-        got = (total.detach().clone(), _grad_of(total, model))
-        eager.enabled, graphed.enabled = True, False
-        total = _step(eager, model, step)
-        assert total is not None
-        torch.testing.assert_close(got[0], total.detach())
-        for key, grad in _grad_of(total, model).items():
-            torch.testing.assert_close(got[1][key], grad)
+        _assert_graphed_step_equals_eager(graphed, eager, model, step)
         with torch.no_grad():  # an optimizer's in-place step: the same capture reads the new values
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.1)
