@@ -343,6 +343,27 @@ def _block_sums(
         sq_norm = torch.linalg.vector_norm(unit, dim=-1).square_()
     if row_range is None and block_rows >= unit.shape[1]:
         return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale)
+    if unit.shape[0] > 1 and unit.device.type == "cpu":
+        # strips are sized for the cache per batch element; a batch of them (CoMHE's K
+        # projections) would be K times that: one element at a time (2-2.6x faster for
+        # 20 x [1024 or 2048, 40] on this CPU)
+        parts = [
+            _block_sums(
+                unit[i : i + 1],
+                kernel,
+                half_space,
+                block_rows,
+                with_grad,
+                row_range,
+                sq_norm[i : i + 1],
+                None if row_scale is None else row_scale[i : i + 1],
+            )
+            for i in range(unit.shape[0])
+        ]
+        totals = torch.cat([total for total, _ in parts])
+        if not with_grad:
+            return totals, None
+        return totals, torch.cat([grad for _, grad in parts])  # type: ignore[misc]
     if row_scale is not None:
         unit = unit * row_scale
     if row_range is None:
