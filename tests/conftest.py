@@ -10,6 +10,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # saved ("terminate called without an active exception": gloo threads torn down by PyTorch's
     # destructors, seen in clean-clone CI runs). Only that death, reported by torch.multiprocessing
     # as ProcessExitedException, is retried; an assertion failure or any other error still fails.
+    # One clean-clone run saw it three times in a row for one ddp_spawn test (it then passed 16
+    # times in a row, under load too), hence four reruns.
     for item in items:
         if item.get_closest_marker("distributed") is not None:
-            item.add_marker(pytest.mark.flaky(reruns=2, only_rerun=["ProcessExitedException"]))
+            item.add_marker(pytest.mark.flaky(reruns=4, only_rerun=["ProcessExitedException"]))
