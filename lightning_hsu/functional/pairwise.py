@@ -48,6 +48,8 @@ average of the scaled shards is the full gradient. The scaled value is then :mat
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -198,6 +200,14 @@ def _fold_projection(coeff: Tensor, cos: Tensor, diag: int, sq: Tensor, row_scal
     return coeff.mul_(row_scale)
 
 
+class GradientProduct(NamedTuple):
+    """A gradient left as the product ``coefficients @ rows`` (``[batch, n, n]`` by ``[batch, n, d]``),
+    formed in backward: see :func:`_save_gradient`."""
+
+    coefficients: Tensor
+    rows: Tensor
+
+
 def _row_block_sum(
     unit: Tensor,
     kernel: PairKernel,
@@ -240,7 +250,7 @@ def _dense_sum(
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | GradientProduct | None]:
     r"""All pairs from one Gram matrix, for a layer whose whole Gram matrix fits one strip.
 
     ``rows``: the unit neurons, or with ``row_scale`` = :math:`r` the rows :math:`w` of
@@ -272,7 +282,11 @@ def _dense_sum(
         if row_scale is not None:
             _fold_projection(coeff, block, start, sq, row_scale[:, start:stop]).mul_(col_scale)
         block.copy_(coeff)
-    return total, (batched_matmul(cos, rows) if with_grad else None)
+    if not with_grad:
+        return total, None
+    if n <= rows.shape[2]:  # the [n, n] coefficients are no larger than the [n, d] gradient
+        return total, GradientProduct(cos, rows)
+    return total, batched_matmul(cos, rows)
 
 
 def _upper_strip_sum(
@@ -331,7 +345,7 @@ def _block_sums(
     row_range: tuple[int, int] | None,
     sq_norm: Tensor | None = None,
     row_scale: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor | GradientProduct | None]:
     """Value and gradient: in one block, by upper strips (``row_range=None``), or by the full rows of a shard.
 
     ``unit``: the unit neurons, or with ``row_scale`` the rows :math:`w` of :math:`\\hat w = r w`
@@ -372,28 +386,46 @@ def _block_sums(
 
 
 def _save_gradient(
-    ctx: torch.autograd.function.FunctionCtx, grad: Tensor | None, divisor: Tensor | None = None
+    ctx: torch.autograd.function.FunctionCtx,
+    grad: Tensor | GradientProduct | None,
+    divisor: Tensor | None = None,
 ) -> None:
-    """Keep the gradient formed in forward for :func:`_saved_gradient`; rows rescaled by the
-    normaliser's divisors :math:`s` (:func:`~lightning_hsu.functional._common.row_normalization`)
-    get their further :math:`1/s` here."""
+    """Keep the gradient for :func:`_saved_gradient`: formed in forward, or as the factors of its
+    product; rows rescaled by the normaliser's divisors :math:`s`
+    (:func:`~lightning_hsu.functional._common.row_normalization`) get their further :math:`1/s`.
+
+    A :class:`GradientProduct` is multiplied out in backward, with ``grad_total`` folded into its
+    ``n x n`` coefficients: the ``[n, d]`` gradient is then written once, by the product, instead
+    of being formed in forward, kept, read and scaled into a second ``[n, d]`` tensor.
+    """
     if grad is None:
+        return
+    ctx.divisor = divisor  # type: ignore[attr-defined]
+    if isinstance(grad, GradientProduct):
+        ctx.save_for_backward(grad.coefficients, grad.rows)
         return
     if divisor is not None:
         grad.div_(divisor)
+        ctx.divisor = None  # type: ignore[attr-defined]
     ctx.save_for_backward(grad)
 
 
 def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
-    """Backward of the pair-sum Functions: the gradient formed in forward, times ``grad_total``.
+    """Backward of the pair-sum Functions: the gradient kept by :func:`_save_gradient`, times ``grad_total``.
 
     Out of place, so that a graph kept with ``retain_graph=True`` can be backpropagated again
     (``gradcheck``, Jacobians).
     """
     if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
         return None
-    (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-    return grad * grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
+    scale = grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
+    saved = ctx.saved_tensors  # type: ignore[attr-defined]
+    if len(saved) == 1:
+        return saved[0] * scale
+    coefficients, rows = saved
+    grad = batched_matmul(coefficients * scale.to(coefficients.dtype), rows)
+    divisor = ctx.divisor  # type: ignore[attr-defined]
+    return grad if divisor is None else grad.div_(divisor)
 
 
 class _PairwiseKernelSum(torch.autograd.Function):

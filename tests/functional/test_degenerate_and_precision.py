@@ -280,3 +280,22 @@ def test_normaliser_is_continuous_across_its_overflow_guard() -> None:
     above = F.normalize_neurons(unit / unit.abs().amax(1, keepdim=True) * (guard * 2))
     torch.testing.assert_close(below, unit, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(above, unit, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("half_space", [False, True])
+def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(half_space: bool) -> None:
+    # The penalty depends on directions only, so for w_i = s_i u_i (unit u_i) its gradient is
+    # the unit rows' tangential gradient divided by s_i (norms >= 50: eps = 1e-4 is negligible).
+    # Rows of 1e30 go through the normaliser's overflow guard (its divisor), the others do not.
+    # n <= d: the layer's gradient is one product, formed in backward.
+    g = torch.Generator().manual_seed(21)
+    u = torch.nn.functional.normalize(torch.randn(6, 10, generator=g, dtype=torch.float64), dim=1)
+    scale = torch.tensor([100.0, 1e30, 300.0, 1e30, 50.0, 200.0], dtype=torch.float64).unsqueeze(1)
+    w = (u * scale).float().requires_grad_(True)
+    F.hyperspherical_energy(w, half_space=half_space).backward()
+    x = u.clone().requires_grad_(True)
+    F.hyperspherical_energy(x, half_space=half_space, eps=1e-300).backward()
+    tangential = x.grad - (x.grad * u).sum(1, keepdim=True) * u
+    expected = tangential / scale
+    assert w.grad is not None
+    torch.testing.assert_close(w.grad.double() * scale, expected * scale, rtol=2e-4, atol=2e-5)

@@ -133,7 +133,8 @@ def test_torch_compile_of_the_energy_traces_torch_bmm_and_equals_eager() -> None
     ours, ours_grad = value_and_grad(compiled, w)
     eager, eager_grad = value_and_grad(lambda x: hyperspherical_energy(x, half_space=True), w)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=0.0)
-    torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-5, atol=1e-6 * eager_grad.abs().max().item())
+    # two float32 product orders (MKL traced, oneDNN eager): entries agree to ~sqrt(n) roundings of the largest
+    torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-5, atol=1e-5 * eager_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("half_space", [False, True])
