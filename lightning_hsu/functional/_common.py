@@ -79,7 +79,7 @@ def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
     by entry.
     """
     detached = neurons.detach()
-    if bool(torch.isfinite(detached.sum())):
+    if bool(torch.isfinite(detached.sum(dtype=compute_dtype(detached)))):  # fp16 sums overflow at 65504
         return
     if not bool(torch.isfinite(detached).all()):
         raise NonFiniteInputError(
