@@ -240,10 +240,15 @@ def test_cuda_graphs_option_must_be_a_bool() -> None:
 @pytest.mark.parametrize("options", [dict(), dict(chunk_size=64), dict(chunk_size=64, shard=(0, 2))])
 def test_unchecked_energy_makes_no_host_sync_on_cuda(options) -> None:
     w = torch.randn(300, 40, device="cuda", requires_grad=True)
+    _backward_raising_on_host_sync(lambda: hyperspherical_energy(w, half_space=True, check_finite=False, **options))
+
+
+def _backward_raising_on_host_sync(penalty) -> None:  # type: ignore[no-untyped-def]
+    """Forward and backward of ``penalty()`` with CUDA's sync debug mode set to raise."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        hyperspherical_energy(w, half_space=True, check_finite=False, **options).backward()
+        penalty().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -279,12 +284,7 @@ def test_graphed_comhe_replays_each_steps_projections_on_cuda() -> None:
 def test_capturable_regularizers_make_no_host_sync_on_cuda(regularizer) -> None:
     w = torch.randn(300, 40, device="cuda", requires_grad=True)
     regularizer.refresh_graph_inputs(w.detach(), step=0)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        regularizer.graph_penalty(w).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(w))
 
 
 @cuda
