@@ -400,13 +400,11 @@ def _save_gradient(
     """
     if grad is None:
         return
-    ctx.divisor = divisor  # type: ignore[attr-defined]
     if isinstance(grad, GradientProduct):
-        ctx.save_for_backward(grad.coefficients, grad.rows)
+        ctx.save_for_backward(grad.coefficients, grad.rows, divisor)
         return
     if divisor is not None:
         grad.div_(divisor)
-        ctx.divisor = None  # type: ignore[attr-defined]
     ctx.save_for_backward(grad)
 
 
@@ -422,9 +420,8 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
     if len(saved) == 1:
         return saved[0] * scale
-    coefficients, rows = saved
-    grad = batched_matmul(coefficients * scale.to(coefficients.dtype), rows)
-    divisor = ctx.divisor  # type: ignore[attr-defined]
+    coefficients, rows, divisor = saved
+    grad = batched_matmul(coefficients * scale, rows)
     return grad if divisor is None else grad.div_(divisor)
 
 
