@@ -39,3 +39,11 @@ def pole_covering_distance(
     cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     sq = 2.0 - 2.0 * cos
     return -(torch.logsumexp(-gamma * sq, dim=0) - math.log(sq.shape[0])) / gamma
+
+
+def pole_covering_slope(cos: Tensor, gamma: float) -> Tensor:
+    r""":math:`\partial S/\partial c_i = -2\,\mathrm{softmax}_i(-\gamma d^2)` of the smooth distance
+    :math:`S` at the ``[N]`` cosines of :func:`~lightning_hsu.functional.polarization.pole_cosines`
+    (:math:`d^2_i = 2 - 2c_i`): the nearest neurons pull hardest. For the pole's steps in closed
+    form."""
+    return torch.softmax(-gamma * (2.0 - 2.0 * cos), dim=0).mul_(-2.0)

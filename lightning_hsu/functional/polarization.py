@@ -23,7 +23,10 @@ from lightning_hsu.functional._common import (
     full_precision,
     normalize_neurons,
 )
-from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE
+from lightning_hsu.functional.kernels import RieszKernel
+
+#: The pole energy's kernel: :math:`(\max(2-2c, 10^{-6}))^{-1}` (Riesz s = 2, as MHE's).
+_POLE_KERNEL = RieszKernel(2.0)
 
 
 def pole_cosines(
@@ -61,7 +64,17 @@ def pole_energy(
     ``normalized``: see :func:`pole_cosines`.
     """
     cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
-    return (2.0 - 2.0 * cos).clamp_min(MIN_SQUARED_DISTANCE).reciprocal().mean()
+    value, _ = _POLE_KERNEL(cos, False)
+    return value.mean()
+
+
+def pole_energy_slope(cos: Tensor) -> Tensor:
+    r""":math:`\partial E/\partial c_i` of the pole energy :math:`E = \frac1N\sum_i k(c_i)` at the
+    ``[N]`` cosines of :func:`pole_cosines`: :math:`k'(c_i)/N = 2 (2-2c_i)^{-2}/N`, 0 where the
+    distance is clamped. For the pole's steps in closed form (no autograd graph per step)."""
+    _, slope = _POLE_KERNEL(cos, True)
+    assert slope is not None
+    return slope / cos.shape[0]
 
 
 @full_precision

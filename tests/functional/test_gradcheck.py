@@ -144,3 +144,28 @@ def test_gradcheck_pole_regularizer_penalty_within_one_step_keeps_pole_fixed(cls
     before = reg.pole.detach().clone()
     assert gradcheck(lambda x: reg(x, step=0), (w,))  # ... and not again within step 0
     torch.testing.assert_close(reg.pole.detach(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [MHP, MHC])
+@pytest.mark.parametrize("half_space", SPACES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pole_steps_in_closed_form_follow_autograd_of_the_pole_objective(cls, half_space: bool, dtype) -> None:
+    """The pole's inner steps form their gradient in closed form; the reference differentiates
+    ``pole_objective`` with autograd and steps an identical SGD (momentum, weight decay)."""
+    w = weights(n=12, d=5, seed=12).detach().to(dtype)
+    ours, ref = cls(half_space=half_space).spawn("layer"), cls(half_space=half_space).spawn("layer")
+    start = ours._ensure_pole(5, w.device).detach().clone()
+    target = F.normalize_neurons(w, ours.eps)
+    objective = []
+    for _ in range(2):  # two training steps of 10 inner steps: the momentum carries over
+        objective.append(float(ours.pole_objective(target, ours.pole.detach(), normalized=True)))
+        ours.update_pole(w)
+        pole = ref._ensure_pole(5, w.device)
+        for _ in range(ref.inner_steps):
+            ref._optimizer.zero_grad(set_to_none=True)
+            ref.pole_objective(target, pole, normalized=True).backward()
+            ref._optimizer.step()
+        torch.testing.assert_close(ours.pole, ref.pole, rtol=1e-5, atol=1e-6)
+    objective.append(float(ours.pole_objective(target, ours.pole.detach(), normalized=True)))
+    assert not torch.equal(ours.pole.detach(), start)
+    assert objective[-1] < objective[0]  # the pole descends its objective
