@@ -60,10 +60,12 @@ class PoleRegularizer(Regularizer):
         """What the pole minimises (``normalized``: the neurons are normalised and checked already)."""
         raise NotImplementedError
 
-    def pole_slope(self, cos: Tensor) -> Tensor:
+    def pole_slope(self, cos: Tensor) -> Tensor | None:
         """:math:`\\partial/\\partial c_i` of :meth:`pole_objective` at the pole's ``[N]`` cosines (the
-        ``[c, -c]`` of :func:`~lightning_hsu.functional.polarization.pole_cosines` in half space)."""
-        raise NotImplementedError
+        ``[c, -c]`` of :func:`~lightning_hsu.functional.polarization.pole_cosines` in half space),
+        or ``None`` for a game whose objective is not a function of those cosines alone: its pole
+        steps then differentiate :meth:`pole_objective` with autograd."""
+        return None
 
     def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
         """What the neurons minimise, for a fixed pole."""
@@ -112,20 +114,29 @@ class PoleRegularizer(Regularizer):
         # the neurons stay fixed during the pole's steps: normalised and checked once, so the
         # steps make no host sync (on a GPU each stalled the queue: 4 per step)
         target = normalize_neurons(check_neurons(neurons.detach()), self.eps)
-        n = target.shape[0]
-        with torch.no_grad():
-            for _ in range(self.inner_steps):
-                v = pole.detach().to(target.dtype).unsqueeze(0)
-                rows, r, _, divisor = row_normalization(v, self.eps, check_finite=False)
-                unit = (rows * r)[0]
-                cos = target @ unit
-                slope = self.pole_slope(torch.cat([cos, -cos]) if self.half_space else cos)
-                if self.half_space:
-                    slope = slope[:n] - slope[n:]
-                grad = target.T @ slope
-                grad = (grad - grad.dot(unit) * unit) * r[0]
-                pole.grad = (grad / divisor[0]).to(pole.dtype)
-                self._optimizer.step()
+        for _ in range(self.inner_steps):
+            pole.grad = self._pole_gradient(target, pole)
+            self._optimizer.step()
+
+    @torch.no_grad()
+    def _pole_gradient(self, target: Tensor, pole: Tensor) -> Tensor:
+        """The gradient of :meth:`pole_objective` with respect to the raw pole, against the unit ``target``."""
+        v = pole.detach().to(target.dtype).unsqueeze(0)
+        rows, r, _, divisor = row_normalization(v, self.eps, check_finite=False)
+        unit = (rows * r)[0]
+        cos = target @ unit
+        slope = self.pole_slope(torch.cat([cos, -cos]) if self.half_space else cos)
+        if slope is None:  # a game without a closed form: autograd of its objective
+            with torch.enable_grad():
+                leaf = pole.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.pole_objective(target, leaf, normalized=True), leaf)
+            return grad
+        if self.half_space:
+            n = target.shape[0]
+            slope = slope[:n] - slope[n:]
+        grad = target.T @ slope
+        grad = (grad - grad.dot(unit) * unit) * r[0]
+        return (grad / divisor[0]).to(pole.dtype)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
         # The pole moves once per training step (official: before the weights' update), not once

@@ -169,3 +169,16 @@ def test_pole_steps_in_closed_form_follow_autograd_of_the_pole_objective(cls, ha
     objective.append(float(ours.pole_objective(target, ours.pole.detach(), normalized=True)))
     assert not torch.equal(ours.pole.detach(), start)
     assert objective[-1] < objective[0]  # the pole descends its objective
+
+
+def test_a_pole_game_without_a_closed_form_slope_steps_by_autograd() -> None:
+    class AutogradMHP(MHP):  # a user's game: only its objective is defined
+        def pole_slope(self, cos):  # type: ignore[no-untyped-def]
+            return None
+
+    w = weights(n=12, d=5, seed=13).detach()
+    closed, by_autograd = MHP(half_space=True).spawn("layer"), AutogradMHP(half_space=True).spawn("layer")
+    for _ in range(2):
+        closed.update_pole(w)
+        by_autograd.update_pole(w)
+    torch.testing.assert_close(by_autograd.pole, closed.pole, rtol=1e-5, atol=1e-6)
