@@ -47,14 +47,19 @@ class GraphedPenalties:
 
     Args:
         penalties: one function per weight, mapping the weight to a scalar penalty with no host
-            sync (e.g. a capturable regularizer of the layer's neurons, ``check_finite=False``).
+            sync (e.g. a capturable regularizer of the layer's neurons, ``check_finite=False``);
+            with ``counts``, one function per group of consecutive weights.
         weights: the leaf tensors (parameters) the penalties read, on one CUDA device.
+        counts: how many consecutive weights each function takes (default: one each); a function
+            of ``k`` weights returns their ``[k]`` penalties (one batched call for layers of one
+            shape launches the kernels of one layer).
         make_graphed: the capture (default ``torch.cuda.make_graphed_callables``); a test can pass
             an eager stand-in to check the bookkeeping without a GPU.
 
-    Calling the object returns the ``[L]`` penalties of the weights' current values, differentiable
-    with respect to the weights (float64 if any weight is float64, else float32). The returned
-    tensor is a view of the graph's output buffer: clone what must outlive the next call.
+    Calling the object returns the ``[L]`` penalties of the weights' current values (in the order of
+    ``weights``), differentiable with respect to the weights (float64 if any weight is float64,
+    else float32). The returned tensor is a view of the graph's output buffer: clone what must
+    outlive the next call.
     """
 
     def __init__(
@@ -62,17 +67,27 @@ class GraphedPenalties:
         penalties: Sequence[Callable[[Tensor], Tensor]],
         weights: Sequence[Tensor],
         *,
+        counts: Sequence[int] | None = None,
         make_graphed: GraphMaker | None = None,
     ) -> None:
-        if not weights or len(penalties) != len(weights):
-            raise ValueError(f"need one penalty per weight, got {len(penalties)} penalties and {len(weights)} weights")
+        sizes = tuple(counts) if counts is not None else (1,) * len(penalties)
+        if not weights or len(penalties) != len(sizes) or any(k < 1 for k in sizes) or sum(sizes) != len(weights):
+            raise ValueError(
+                f"need one penalty per weight or per group of `counts`, got {len(penalties)} penalties, "
+                f"counts {list(sizes)} and {len(weights)} weights"
+            )
         self.weights = tuple(weights)
         self._layout = _layout(self.weights)
         dtype = torch.float64 if any(w.dtype == torch.float64 for w in weights) else torch.float32
         functions = tuple(penalties)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
 
         def stacked(*current: Tensor) -> Tensor:
-            return torch.stack([p(w).reshape(()).to(dtype) for p, w in zip(functions, current, strict=True)])
+            values = [
+                p(*current[start : start + k]).reshape(k).to(dtype)
+                for p, start, k in zip(functions, starts, sizes, strict=True)
+            ]
+            return torch.cat(values)
 
         make = torch.cuda.make_graphed_callables if make_graphed is None else make_graphed
         # same memory, new leaves (see the module docstring); the replay reads the weights'

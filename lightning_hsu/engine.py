@@ -110,6 +110,10 @@ class PenaltyEngine:
     MAX_GRAPHS = 4
     #: The device type whose weights are captured (a test sets "cpu" with an eager stand-in).
     GRAPH_DEVICE = "cuda"
+    #: Inside the graphs, one batched call per group of layers of one shape whose regularizers are
+    #: :attr:`~lightning_hsu.regularizers.Regularizer.batchable` and alike (a benchmark switches
+    #: it off to compare).
+    BATCH_GRAPHS = True
 
     def __init__(
         self,
@@ -336,8 +340,33 @@ class PenaltyEngine:
         )
 
     @staticmethod
-    def _capturable_penalty(binding: Binding, module: nn.Module, weight: Tensor) -> Tensor:
-        return binding.regularizer.graph_penalty(layer_neurons(module, weight))
+    def _capturable_penalties(members: list[tuple[Binding, nn.Module]], *weights: Tensor) -> Tensor:
+        """The penalties of a group of layers from their weights: one call, batched over the
+        group's layers of one shape (a single layer's is its scalar penalty)."""
+        binding, module = members[0]
+        if len(members) == 1:
+            return binding.regularizer.graph_penalty(layer_neurons(module, weights[0]))
+        neurons = torch.stack([layer_neurons(m, w) for (_, m), w in zip(members, weights, strict=True)])
+        return binding.regularizer.graph_penalty(neurons)
+
+    def _graph_groups(
+        self, graphed: list[tuple[Binding, nn.Module, float]]
+    ) -> list[list[tuple[Binding, nn.Module, float]]]:
+        """``graphed`` in groups that one call computes: layers of one neuron shape and dtype, shared
+        across ranks alike, whose :attr:`~lightning_hsu.regularizers.Regularizer.batchable`
+        regularizers have the same type and hyperparameters; any other layer alone. On a GPU each
+        call is a few dozen small kernels whatever its size, so a group costs about one layer's."""
+        groups: dict[object, list[tuple[Binding, nn.Module, float]]] = {}
+        for entry in graphed:
+            binding, module, _ = entry
+            regularizer = binding.regularizer
+            key: object = id(binding)
+            if self.BATCH_GRAPHS and regularizer.batchable:
+                neurons = layer_neurons(module, module.weight)
+                hparams = repr(sorted(regularizer.hparams().items()))
+                key = (type(regularizer), hparams, self.is_sharded(binding), tuple(neurons.shape), neurons.dtype)
+            groups.setdefault(key, []).append(entry)
+        return list(groups.values())
 
     def _replay_graphs(
         self, record: StepRecord, deferred: list[tuple[Binding, nn.Module]]
@@ -359,6 +388,8 @@ class PenaltyEngine:
                 rest.append((binding, module))
         if not graphed:
             return deferred
+        groups = self._graph_groups(graphed)
+        graphed = [entry for group in groups for entry in group]  # the order of the graphs' values
         key = tuple(id(b) for b, _, _ in graphed)
         weights = [m.weight for _, m, _ in graphed]
         with torch.no_grad():  # before the capture too: it reads what this writes (CoMHE's projections)
@@ -369,7 +400,9 @@ class PenaltyEngine:
             graphs = None  # free the old capture's memory before making the new one
             try:
                 graphs = GraphedPenalties(
-                    [functools.partial(self._capturable_penalty, b, m) for b, m, _ in graphed], weights
+                    [functools.partial(self._capturable_penalties, [(b, m) for b, m, _ in g]) for g in groups],
+                    weights,
+                    counts=[len(g) for g in groups],
                 )
             except RuntimeError as err:
                 self.cuda_graphs = False

@@ -30,12 +30,19 @@ class Regularizer:
     #: before each replay, nothing else (not on ``step`` nor on other state). NaN/inf weights
     #: then give a NaN penalty instead of an error, for the caller to check once for all layers.
     capturable: ClassVar[bool] = False
+    #: Whether :meth:`graph_penalty` also takes ``[batch, n, d]`` neurons and returns the
+    #: ``[batch]`` penalties of the slices, reading nothing per layer: then the layers of one shape
+    #: share one call in a CUDA graph, and the graph launches that many fewer small kernels.
+    batchable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # An overriding penalty may sync, keep state or lack `check_finite`: it says so itself.
         if "penalty" in cls.__dict__ and "capturable" not in cls.__dict__:
             cls.capturable = False
+        overrides = "penalty" in cls.__dict__ or "graph_penalty" in cls.__dict__
+        if overrides and "batchable" not in cls.__dict__:
+            cls.batchable = False
 
     def __init__(self) -> None:
         self.salt = 0

@@ -28,6 +28,7 @@ class MHE(Regularizer):
     name = "mhe"
     supports_sharding = True
     capturable = True
+    batchable = True
 
     def __init__(
         self,

@@ -59,6 +59,17 @@ def test_unchecked_energy_makes_no_host_sync_and_equals_the_checked_one(options,
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("half_space", [False, True])
+def test_batched_unchecked_energy_makes_no_host_sync_and_equals_each_slice(half_space: bool) -> None:
+    # what a CUDA graph runs for layers of one shape (PenaltyEngine.BATCH_GRAPHS)
+    w = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(4))
+    with HostSyncCounter() as counter:
+        values = hyperspherical_energy(w, half_space=half_space, check_finite=False)
+    assert counter.syncs == [] and values.shape == (3,)
+    for value, slice_ in zip(values, w, strict=True):
+        torch.testing.assert_close(value, hyperspherical_energy(slice_, half_space=half_space))
+
+
 def test_unchecked_energy_rescales_huge_rows_like_the_checked_one() -> None:
     # rows of norm ~1e30: their squares overflow float32 unless divided first
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))

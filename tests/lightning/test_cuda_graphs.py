@@ -25,6 +25,7 @@ class Captures:
 
     def __init__(self, fail: bool = False) -> None:
         self.weights: list[tuple[torch.Tensor, ...]] = []
+        self.counts: list[list[int] | None] = []  # the layers per call, of each capture
         self.fail = fail
 
     def __call__(self, fn, sample_args):  # type: ignore[no-untyped-def]
@@ -40,8 +41,9 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> Captures:
     stand_in = Captures()
     monkeypatch.setattr(PenaltyEngine, "GRAPH_DEVICE", "cpu")
 
-    def graphed(penalties, weights):  # type: ignore[no-untyped-def]
-        return GraphedPenalties(penalties, weights, make_graphed=stand_in)
+    def graphed(penalties, weights, counts=None):  # type: ignore[no-untyped-def]
+        stand_in.counts.append(None if counts is None else list(counts))
+        return GraphedPenalties(penalties, weights, counts=counts, make_graphed=stand_in)
 
     monkeypatch.setattr(engine_module, "GraphedPenalties", graphed)
     return stand_in
@@ -176,6 +178,74 @@ def test_separation_and_polarization_are_graphed_with_the_eager_values(captures:
     assert len(captures.weights) == 1 and len(captures.weights[0]) == 3
 
 
+class Stack(torch.nn.Module):
+    """Three hidden layers of one shape, one of another, a classifier: a ResNet stage in small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(12, 12) for _ in range(3))
+        self.wide = torch.nn.Linear(12, 20)
+        self.fc = torch.nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.fc(torch.tanh(self.wide(x)))
+
+
+def _stack_step(engine: PenaltyEngine, model: Stack, step: int) -> torch.Tensor | None:
+    engine.begin_step(step)
+    model(torch.randn(4, 12, generator=torch.Generator().manual_seed(step)))
+    total = engine.collect()
+    engine.end_step()
+    return total
+
+
+def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Captures) -> None:
+    model = Stack()
+    rules = [
+        Rule(MHE(half_space=True), 1.0, layers=["blocks.0", "blocks.1", "wide"]),
+        Rule(MHE(power=1.0, half_space=True), 2.0, layers=["blocks.2"]),  # same shape, other hparams
+        Rule(MHE(), 10.0, layers=["fc"]),
+    ]
+    graphed, eager = _engines(model, rules=rules, classifier=None)
+    eager.enabled = False
+    total = _stack_step(graphed, model, 0)
+    assert total is not None
+    got = _grad_of(total, model), graphed.last_values
+    # blocks.0 and blocks.1 in one call; blocks.2 (another power), wide and fc (other shapes) alone
+    assert captures.counts == [[2, 1, 1, 1]]
+    # the sum written out per layer from the formula's own function, not from the engine
+    model.zero_grad()
+    blocks = [neurons_of(b) for b in model.blocks]
+    ref = (
+        hyperspherical_energy(blocks[0], half_space=True)
+        + hyperspherical_energy(blocks[1], half_space=True)
+        + 2.0 * hyperspherical_energy(blocks[2], power=1.0, half_space=True)
+        + hyperspherical_energy(neurons_of(model.wide), half_space=True)
+        + 10.0 * hyperspherical_energy(neurons_of(model.fc))
+    )
+    torch.testing.assert_close(total.detach(), ref.detach())
+    want = _grad_of(ref, model)
+    assert got[0].keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[0][key], want[key])
+    graphed.enabled, eager.enabled = False, True
+    _stack_step(eager, model, 0)
+    assert got[1].keys() == eager.last_values.keys()
+    for key, value in eager.last_values.items():
+        assert got[1][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_graphed_penalties_check_the_group_sizes() -> None:
+    w = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"counts \[2, 2\] and 3 weights"):
+        GraphedPenalties([MHE().graph_penalty] * 2, w, counts=[2, 2], make_graphed=lambda fn, args: fn)
+    with pytest.raises(ValueError, match="got 2 penalties, counts \\[1, 1\\] and 3 weights"):
+        GraphedPenalties([MHE().graph_penalty] * 2, w, make_graphed=lambda fn, args: fn)
+
+
 def test_a_weight_moved_to_new_memory_is_captured_again(captures: Captures) -> None:
     model = TinyNet()
     graphed, eager = _engines(model)
@@ -285,6 +355,29 @@ def test_capturable_regularizers_make_no_host_sync_on_cuda(regularizer) -> None:
     w = torch.randn(300, 40, device="cuda", requires_grad=True)
     regularizer.refresh_graph_inputs(w.detach(), step=0)
     _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(w))
+
+
+@cuda
+@pytest.mark.gpu
+def test_a_batched_group_replays_the_per_layer_values_and_gradients_on_cuda() -> None:
+    torch.manual_seed(0)
+    ws = [torch.randn(128, 576, device="cuda", requires_grad=True) for _ in range(3)]
+    ws.append(torch.randn(64, 27, device="cuda", requires_grad=True))
+    mhe = MHE(half_space=True)
+    graphs = GraphedPenalties(
+        [lambda *group: mhe.graph_penalty(torch.stack(group)), mhe.graph_penalty], ws, counts=[3, 1]
+    )
+    for _ in range(2):
+        values = graphs()
+        grads = torch.autograd.grad(values.sum() * 3.0, ws)
+        for w, v, g in zip(ws, values, grads, strict=True):
+            x = w.detach().clone().requires_grad_()
+            ref = hyperspherical_energy(x, half_space=True)
+            torch.testing.assert_close(v, ref.detach())
+            torch.testing.assert_close(g, torch.autograd.grad(ref * 3.0, x)[0])
+        with torch.no_grad():
+            for w in ws:
+                w.add_(torch.randn_like(w), alpha=0.3)
 
 
 @cuda
