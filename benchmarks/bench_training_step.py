@@ -158,18 +158,10 @@ def growth(times: list[float], base: list[float]) -> list[str]:
     return [ms(statistics.median(times)), f"{100 * (of_medians - 1):+.1f}%", paired]
 
 
-def lightning_steps(
-    device: torch.device, steps: int, cuda_graphs: bool = True, log_per_layer: bool = False, preset: str = "mhe"
-) -> tuple[list[float], list[float]]:
-    """Step times of one ``Trainer.fit`` with the callback switched off and on in turn (pairs of
-    adjacent steps).
-
-    The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
-    medians come from the same process, memory state and minute of a shared machine.
-    """
+def resnet_module(extra_loss=None):
+    """The ResNet-18 as a LightningModule (SGD); ``extra_loss(net)``, when given and not ``None``,
+    is added to the loss (a penalty written by hand in ``training_step``)."""
     import lightning.pytorch as pl
-
-    from lightning_hsu import HypersphericalUniformity
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -178,12 +170,42 @@ def lightning_steps(
 
         def training_step(self, batch, _):
             x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
+            loss = nn.functional.cross_entropy(self.net(x), y)
+            extra = None if extra_loss is None else extra_loss(self.net)
+            return loss if extra is None else loss + extra
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
-    hsu = HypersphericalUniformity(preset=preset, log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
+    return Module()
+
+
+def lightning_steps(
+    device: torch.device,
+    steps: int,
+    cuda_graphs: bool = True,
+    log_per_layer: bool = False,
+    preset: str = "mhe",
+    *,
+    callback: object | None = None,
+    module: object | None = None,
+    watch: object | None = None,
+) -> tuple[list[float], list[float]]:
+    """Step times of one ``Trainer.fit`` with the callback switched off and on in turn (pairs of
+    adjacent steps).
+
+    The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
+    medians come from the same process, memory state and minute of a shared machine.
+    ``callback`` replaces the ``HypersphericalUniformity`` built from the other arguments (any
+    callback with an ``enabled`` flag), ``module`` the plain ResNet-18 module;
+    ``watch(batch_idx, enabled, phase)`` is called at each step's ``"start"`` and ``"end"``
+    (``bench_callback_overhead.py`` profiles single steps with it).
+    """
+    import lightning.pytorch as pl
+
+    from lightning_hsu import HypersphericalUniformity
+
+    hsu = callback or HypersphericalUniformity(preset=preset, log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
 
     class Alternate(pl.Callback):
         """Switches the penalty on for even batches and times every step."""
@@ -194,12 +216,16 @@ def lightning_steps(
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             hsu.enabled = batch_idx % 2 == 0
             sync(device)
+            if watch is not None:
+                watch(batch_idx, hsu.enabled, "start")
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(device)
             if batch_idx >= 2:  # the first step of each kind warms up; then (on, off) pairs
                 self.times[hsu.enabled].append(time.perf_counter() - self.t0)
+            if watch is not None:
+                watch(batch_idx, hsu.enabled, "end")
 
     torch.manual_seed(0)
     batches = 2 * steps + 2
@@ -217,7 +243,7 @@ def lightning_steps(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(Module(), torch.utils.data.DataLoader(data, batch_size=64))
+        trainer.fit(module or resnet_module(), torch.utils.data.DataLoader(data, batch_size=64))
     return timer.times[False], timer.times[True]
 
 
