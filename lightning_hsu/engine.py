@@ -67,6 +67,16 @@ def _first_tensor(output: Any) -> tuple[Tensor | None, Any]:
 
 
 @dataclass
+class _FiniteCheck:
+    """Penalties whose NaN/inf test is under way: ``finite`` (on the host) is filled
+    asynchronously from the device, complete once ``ready`` has completed."""
+
+    entries: list[tuple[int, str, Tensor]]
+    finite: Tensor
+    ready: torch.cuda.Event | None
+
+
+@dataclass
 class StepRecord:
     """What the engine computed during one training step."""
 
@@ -166,7 +176,7 @@ class PenaltyEngine:
         #: middle of the step it lets the GPU run dry while the host waits; the adapters set it
         #: on CUDA. The weights are protected all the same: nothing has updated them yet.
         self.defer_finite_check = False
-        self._unchecked: list[tuple[int, str, Tensor]] = []
+        self._unchecked: list[_FiniteCheck] = []
         #: CUDA-graph captures made so far (one per set of layers, again when a weight moved).
         self.graph_captures = 0
         #: Calls of the manual-optimisation helper (to warn when it is never called).
@@ -461,27 +471,52 @@ class PenaltyEngine:
             return
         pending = [(record.step, key, record.values[key]) for key in keys]
         if self.defer_finite_check:
-            self._unchecked.extend(pending)
+            self._unchecked.append(self._start_finite_check(pending))
             return
-        self._raise_first_nonfinite(pending)
+        self._raise_first_nonfinite(pending, torch.isfinite(self._stacked(pending)))
+
+    @staticmethod
+    def _stacked(entries: list[tuple[int, str, Tensor]]) -> Tensor:
+        return torch.stack([value.reshape(()).float() for _, _, value in entries])
+
+    @staticmethod
+    def _start_finite_check(entries: list[tuple[int, str, Tensor]]) -> _FiniteCheck:
+        """Test the values on their device and copy the answer to pinned host memory without
+        waiting; an event marks when it has arrived. Waiting for that event (in
+        :meth:`check_finite_pending`) waits for the penalties' forward only, not for the
+        backward queued after it, which keeps running while the host goes on."""
+        finite = torch.isfinite(PenaltyEngine._stacked(entries))
+        if not finite.is_cuda:
+            return _FiniteCheck(entries, finite, None)
+        host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _FiniteCheck(entries, host, ready)
 
     def check_finite_pending(self) -> None:
-        """Check the penalties queued by :attr:`defer_finite_check` (one device synchronisation).
+        """Finish the checks queued by :attr:`defer_finite_check`.
 
         Call it before the optimizer steps (the callback and the mixin do, in
         ``on_before_optimizer_step``): a non-finite penalty raises
         :class:`NonFinitePenaltyError` naming its layer and step before any weight is updated.
+        On a GPU it waits until the answers of the step's penalties have reached the host, which
+        they do once the penalties' forward has run (an event, not a synchronisation of the
+        whole queue).
         """
-        pending, self._unchecked = self._unchecked, []
-        self._raise_first_nonfinite(pending)
+        checks, self._unchecked = self._unchecked, []
+        if not checks:
+            return
+        for check in checks:
+            if check.ready is not None:
+                check.ready.synchronize()
+        entries = [entry for check in checks for entry in check.entries]
+        self._raise_first_nonfinite(entries, torch.cat([check.finite for check in checks]))
 
-    def _raise_first_nonfinite(self, pending: list[tuple[int, str, Tensor]]) -> None:
-        if not pending:
+    def _raise_first_nonfinite(self, entries: list[tuple[int, str, Tensor]], finite: Tensor) -> None:
+        if not entries or bool(finite.all()):
             return
-        values = torch.stack([value.reshape(()).float() for _, _, value in pending])
-        if bool(torch.isfinite(values).all()):
-            return
-        step, bad, value = pending[int((~torch.isfinite(values)).nonzero()[0])]
+        step, bad, value = entries[int((~finite).nonzero()[0])]
         binding = next(b for b in self.bindings if b.key == bad)
         raise NonFinitePenaltyError(
             self._nonfinite_message(binding, value, step) + " (set on_nonfinite='skip' to skip such steps)"
@@ -490,7 +525,7 @@ class PenaltyEngine:
     # -- steps ------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start a training step: hooks note (or compute) penalties until :meth:`end_step`."""
-        if self._unchecked and self._unchecked[0][0] < step:
+        if self._unchecked and self._unchecked[0].entries[0][0] < step:
             # queued by an earlier global step and never checked (an `on_before_optimizer_step`
             # override that does not call super): check them now, long computed, before more pile up
             self.check_finite_pending()

@@ -428,6 +428,33 @@ def test_nan_weights_under_cuda_graphs_raise_naming_the_layer(tmp_path) -> None:
         trainer.fit(model)
 
 
+@cuda
+@pytest.mark.gpu
+def test_the_deferred_check_on_cuda_waits_for_the_penalties_not_for_the_work_queued_after_them() -> None:
+    model = TinyNet().cuda()
+    engine = _untied_engine(model)
+    engine.defer_finite_check = True
+    x = torch.randn(4, 1, 6, 6, device="cuda")
+    for step in range(3):  # the capture, then replays; at step 2 a NaN weight
+        if step == 2:
+            with torch.no_grad():
+                model.hidden.weight[0, 0] = math.nan
+        engine.begin_step(step)
+        model(x)
+        total = engine.collect()
+        engine.end_step()
+        assert total is not None
+        total.backward()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU work queued after the step (a long backward)
+        if step < 2:
+            engine.check_finite_pending()
+            assert not torch.cuda.current_stream().query()  # it returned with that work still queued
+        else:
+            with pytest.raises(NonFinitePenaltyError, match="layer 'hidden' contain NaN or inf at global step 2"):
+                engine.check_finite_pending()
+        torch.cuda.synchronize()
+
+
 # -- the step's one NaN check, deferred to the optimizer step (as on a GPU) --------------------------
 def test_a_graphed_step_makes_no_host_sync_until_the_deferred_check(captures: Captures) -> None:
     from tests.functional.test_unchecked import HostSyncCounter
