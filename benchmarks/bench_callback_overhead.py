@@ -1,19 +1,19 @@
 """Where the callback's step time goes, beyond the penalties themselves (an ablation).
 
 On a GPU the CIFAR ResNet-18 step with the penalties replayed from CUDA graphs grew by +4.9% when
-written by hand in a plain loop but by +23% through the callback (``docs/performance.md``). Each
-row below is one ``Trainer.fit`` of the ResNet-18 of ``bench_training_step.py`` with the penalty
-switched on and off on alternate steps, the growth paired per round:
+written by hand in a plain loop but by +23% through the callback (``docs/performance.md``). Rows,
+on the ResNet-18 of ``bench_training_step.py``:
 
 - **hand-written**: ``training_step`` adds the same graphed penalties itself
-  (``bench_training_step.graphed_penalty``): what Lightning alone adds to the plain loop's number;
-- **callback**: ``HypersphericalUniformity(preset)``, as a user adds it;
-- **callback, one graph call per layer**: the layers of one shape not batched into one call
-  inside the CUDA graphs (``PenaltyEngine.BATCH_GRAPHS``);
-- **callback, log=False**: without its logging of ``hsu/penalty``;
-- **callback, log=False, no NaN check**: also without the check that non-finite penalties raise
-  before the optimizer step (one host synchronisation on a GPU). An ablation only: a user cannot
-  switch that check off.
+  (``bench_training_step.graphed_penalty``), switched on and off on alternate steps of its own
+  ``Trainer.fit``: what Lightning alone adds to the plain loop's number;
+- then one ``Trainer.fit`` with ``HypersphericalUniformity(preset)`` whose settings take turns,
+  one step each (:data:`MODES`), each paired with the callback-off step of its round:
+  **callback** as a user adds it; **one graph call per layer** (the layers of one shape not
+  batched into one call inside the CUDA graphs, ``PenaltyEngine.BATCH_GRAPHS``); **log=False**
+  (without its logging of ``hsu/penalty``); **log=False, no NaN check** (also without the check
+  that non-finite penalties raise before the optimizer step; an ablation only, a user cannot
+  switch that check off).
 
 Then one step with the callback on and one with it off are profiled (``torch.profiler``): how many
 times each CUDA runtime call (kernel and graph launches, synchronisations, copies) and each
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import time
 import warnings
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, table
-from bench_training_step import graphed_penalty, growth, lightning_steps, resnet_module
+from _common import add_common_args, apply_threads, device_arg, machine, sync, table
+from bench_training_step import fit, graphed_penalty, growth, lightning_steps, penalty_per_layer, resnet_module
 
 
 class Flag:
@@ -39,12 +40,60 @@ class Flag:
     enabled = True
 
 
-def ablation_rows(device: torch.device, steps: int, preset: str) -> list[list[object]]:
+#: The callback's settings taken in turn, one step each, within one ``Trainer.fit``: between fits
+#: (fresh processes, caches, clocks) the same code measured +20% and +34% on the H200, more than
+#: the effects compared here; within one fit each setting is paired with the "off" step of its round.
+MODES = (
+    "off",
+    "as a user adds it",
+    "one graph call per layer (ablation)",
+    "log=False",
+    "log=False, no NaN check (ablation)",
+)
+
+
+def set_mode(callback, mode: str) -> None:
+    """Switch ``callback`` (a ``HypersphericalUniformity``) to ``mode`` for the next step."""
+    engine = callback.engine
+    callback.enabled = mode != "off"
+    engine.BATCH_GRAPHS = not mode.startswith("one graph call per layer")
+    callback.log = not mode.startswith("log=False")
+    if "no NaN check" in mode:
+        # the ablation: never do this in real training (a NaN penalty would reach the weights)
+        engine.check_finite_pending = engine._unchecked.clear
+    else:
+        vars(engine).pop("check_finite_pending", None)
+
+
+def rotation_rows(device: torch.device, rounds: int, preset: str) -> list[list[object]]:
+    """One fit, the :data:`MODES` in turn; the growth of each against the "off" step of its round."""
     import lightning.pytorch as pl
 
     from lightning_hsu import HypersphericalUniformity
 
-    rows: list[list[object]] = []
+    callback = HypersphericalUniformity(preset=preset)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    warm_up = 2  # rounds: the captures (one per grouping) happen in the first
+
+    class Rotate(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            set_mode(callback, MODES[batch_idx % len(MODES)])
+            sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            sync(device)
+            if batch_idx >= warm_up * len(MODES):
+                times[MODES[batch_idx % len(MODES)]].append(time.perf_counter() - self.t0)
+
+    fit(device, (rounds + warm_up) * len(MODES), [Rotate(), callback], resnet_module())
+    return [[f"callback (preset={preset!r}), {mode}", *growth(times[mode], times["off"])] for mode in MODES[1:]]
+
+
+def hand_written_rows(device: torch.device, steps: int) -> list[list[object]]:
+    """The same graphed MHE penalties written by hand in ``training_step`` (its own fit)."""
+    import lightning.pytorch as pl
+
     flag = type("HandWritten", (Flag, pl.Callback), {})()
     replay = {}
 
@@ -55,27 +104,11 @@ def ablation_rows(device: torch.device, steps: int, preset: str) -> list[list[ob
             replay["graphs"] = graphed_penalty(net) if device.type == "cuda" else None
         graphs = replay["graphs"]
         if graphs is None:  # the CPU has no graphs: the same MHE penalty, eagerly
-            from bench_training_step import penalty_per_layer
-
             return penalty_per_layer(net)
         return graphs(net)
 
-    unbatched = HypersphericalUniformity(preset=preset)
-    unbatched.engine.BATCH_GRAPHS = False
-    unchecked = HypersphericalUniformity(preset=preset, log=False)
-    unchecked.engine.check_finite_pending = lambda: None  # the ablation: never do in real training
-    unchecked.on_before_optimizer_step = lambda *args: None
-    variants = {
-        "hand-written in training_step (MHE, graphs on a GPU)": dict(callback=flag, module=resnet_module(hand_written)),
-        f"callback, preset={preset!r}": dict(callback=HypersphericalUniformity(preset=preset)),
-        f"callback, preset={preset!r}, one graph call per layer (ablation)": dict(callback=unbatched),
-        f"callback, preset={preset!r}, log=False": dict(callback=HypersphericalUniformity(preset=preset, log=False)),
-        f"callback, preset={preset!r}, log=False, no NaN check (ablation)": dict(callback=unchecked),
-    }
-    for name, kwargs in variants.items():
-        plain, with_penalty = lightning_steps(device, steps, **kwargs)
-        rows.append([name, *growth(with_penalty, plain)])
-    return rows
+    plain, with_penalty = lightning_steps(device, steps, callback=flag, module=resnet_module(hand_written))
+    return [["hand-written in training_step (MHE, graphs on a GPU; its own fit)", *growth(with_penalty, plain)]]
 
 
 def profiled_counts(device: torch.device, preset: str) -> dict[bool, collections.Counter]:
@@ -107,7 +140,7 @@ def profiled_counts(device: torch.device, preset: str) -> dict[bool, collections
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and setting")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (rounds) per setting")
     parser.add_argument("--preset", default="mhe")
     args = parser.parse_args()
     apply_threads(args.threads)
@@ -115,7 +148,7 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = ablation_rows(device, args.steps, args.preset)
+        rows = hand_written_rows(device, args.steps) + rotation_rows(device, args.steps, args.preset)
         counts = profiled_counts(device, args.preset)
     print(f"### CIFAR ResNet-18 step in Lightning, batch 64, {device.type}: growth with the penalty\n")
     print(table(["variant", "step ms", "vs off", "paired, median [95% interval]"], rows))

@@ -227,15 +227,22 @@ def lightning_steps(
             if watch is not None:
                 watch(batch_idx, hsu.enabled, "end")
 
-    torch.manual_seed(0)
-    batches = 2 * steps + 2
-    data = torch.utils.data.TensorDataset(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)))
     timer = Alternate()
+    fit(device, 2 * steps + 2, [timer, hsu], module or resnet_module())
+    return timer.times[False], timer.times[True]
+
+
+def fit(device: torch.device, batches: int, callbacks: list, module) -> None:
+    """One epoch of ``batches`` random CIFAR-shaped batches of 64 (no logger, checkpoint or bar)."""
+    import lightning.pytorch as pl
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)))
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
         max_epochs=1,
-        callbacks=[timer, hsu],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -243,8 +250,7 @@ def lightning_steps(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module or resnet_module(), torch.utils.data.DataLoader(data, batch_size=64))
-    return timer.times[False], timer.times[True]
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=64))
 
 
 def main() -> None:

@@ -400,7 +400,7 @@ class PenaltyEngine:
             return deferred
         groups = self._graph_groups(graphed)
         graphed = [entry for group in groups for entry in group]  # the order of the graphs' values
-        key = tuple(id(b) for b, _, _ in graphed)
+        key = (*(id(b) for b, _, _ in graphed), *(-len(g) for g in groups))  # a grouping is its own capture
         weights = [m.weight for _, m, _ in graphed]
         with torch.no_grad():  # before the capture too: it reads what this writes (CoMHE's projections)
             for binding, module, _ in graphed:
