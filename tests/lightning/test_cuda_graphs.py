@@ -236,6 +236,16 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
     assert got[1].keys() == eager.last_values.keys()
     for key, value in eager.last_values.items():
         assert got[1][key] == pytest.approx(value, rel=1e-6), key
+    # the grouping is kept, and each grouping is a capture of its own (a benchmark alternates them)
+    graphed.enabled, eager.enabled = True, False
+    _stack_step(graphed, model, 1)
+    graphed.BATCH_GRAPHS = False
+    unbatched = _stack_step(graphed, model, 2)
+    graphed.BATCH_GRAPHS = True
+    batched = _stack_step(graphed, model, 3)
+    assert captures.counts == [[2, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert unbatched is not None and batched is not None
+    torch.testing.assert_close(batched, unbatched)
 
 
 def test_graphed_penalties_check_the_group_sizes() -> None:
