@@ -26,10 +26,22 @@ ANGLE_OFFSET = 1e-4
 
 
 class PairKernel:
-    """A function of the cosine between two unit neurons, with its derivative."""
+    """A function of the cosine between two unit neurons, with its derivative.
+
+    Kernels are called on ``[batch, rows, m]`` blocks of cosines and on ``[batch, rows]`` squared
+    norms; a parameter given as a ``[batch]`` tensor applies per batch element (:func:`per_batch`).
+    """
 
     def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
+
+
+def per_batch(parameter: float | Tensor, like: Tensor) -> float | Tensor:
+    """``parameter`` shaped to broadcast against ``like`` (``[batch, ...]``): a ``[batch]`` tensor
+    gets trailing unit dimensions; a number or 0-d tensor is returned as is."""
+    if isinstance(parameter, Tensor) and parameter.dim() == 1:
+        return parameter.reshape(parameter.shape + (1,) * (like.dim() - 1))
+    return parameter
 
 
 @dataclass(frozen=True)
@@ -94,15 +106,15 @@ class GaussianKernel(PairKernel):
     r"""Gaussian kernel :math:`\exp(-t\,d^2 - m) = \exp(2t(c - 1) - m)`.
 
     ``shift`` (:math:`m`) is a constant subtracted in the exponent so that a log-sum-exp of the
-    kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020). A 0-d
-    tensor shift stays on the device (no host sync).
+    kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020). A tensor
+    shift (0-d, or ``[batch]``: one per batch element) stays on the device (no host sync).
     """
 
     t: float
     shift: float | Tensor = 0.0
 
     def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
-        value = torch.exp(2.0 * self.t * (cos - 1.0) - self.shift)
+        value = torch.exp(2.0 * self.t * (cos - 1.0) - per_batch(self.shift, cos))
         return value, (2.0 * self.t * value if with_derivative else None)
 
 
@@ -112,15 +124,16 @@ class ClosestPairsKernel(PairKernel):
     ``threshold`` (the closest pairs and their ties), 0 for the others.
 
     Its pair sum is :math:`-\sum_{\text{closest pairs}} d^2`, with the official multiplicities in
-    half space. The threshold is a 0-d tensor that stays on the device: the sum then needs no
-    host decision (CUDA-graph safe), at the price of a dense gradient product that the sparse
-    closed form of :func:`~lightning_hsu.functional.hyperspherical_separation` avoids.
+    half space. The threshold is a tensor (0-d, or ``[batch]``: one per batch element) that
+    stays on the device: the sum then needs no host decision (CUDA-graph safe), at the price of a
+    dense gradient product that the sparse closed form of
+    :func:`~lightning_hsu.functional.hyperspherical_separation` avoids.
     """
 
     threshold: Tensor
 
     def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
-        closest = (cos >= self.threshold).to(cos.dtype)
+        closest = (cos >= per_batch(self.threshold, cos)).to(cos.dtype)
         value = torch.rsub(cos, 1.0).mul_(-2.0).mul_(closest)  # 2c - 2 on the closest pairs
         return value, (closest.mul(2.0) if with_derivative else None)
 

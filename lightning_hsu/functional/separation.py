@@ -170,34 +170,33 @@ def hyperspherical_separation(
     at the cost of a second Gram product and a dense gradient product.
     """
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
-    results = []
-    for matrix in batched:
-        if matrix.shape[0] < 2:
-            if check_finite:
-                check_finite_neurons(matrix)
-            results.append((matrix * 0.0).sum())  # NaN exactly for a NaN or inf neuron
-        elif check_finite:
-            results.append(_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)))
-        else:
-            results.append(_closest_pairs_sum_on_device(matrix, eps, half_space, chunk_size, tie_rtol))
-    out = torch.stack(results)
+    if batched.shape[1] < 2:
+        if check_finite:
+            check_finite_neurons(batched)
+        out = (batched * 0.0).sum((1, 2))  # NaN exactly for a NaN or inf neuron
+    elif check_finite:
+        out = torch.stack(
+            [_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)) for matrix in batched]
+        )
+    else:  # the whole batch at once: one call's kernels, whatever the batch (CUDA graphs of many layers)
+        out = _closest_pairs_sum_on_device(batched, eps, half_space, chunk_size, tie_rtol)
     return out[0] if added else out
 
 
 def _closest_pairs_sum_on_device(
     neurons: Tensor, eps: float, half_space: bool, chunk_size: int | None, tie_rtol: float
 ) -> Tensor:
-    """Hard MHS of raw ``[n, d]`` neurons without host decisions (see :func:`hyperspherical_separation`)."""
+    """Hard MHS of raw ``[batch, n, d]`` neurons (``[batch]`` values) without host decisions (see
+    :func:`hyperspherical_separation`); each batch element has its own tie threshold."""
     with torch.no_grad():
         rows, r, _, _ = row_normalization(neurons, eps, check_finite=False)
-        batch = (rows * r).unsqueeze(0)
-        c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)[0]
+        c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
         # the tolerance of _closest_pairs_sum, as a device tensor
         threshold = c_max - 0.5 * (tie_rtol * (2.0 - 2.0 * c_max).abs() + 1e-12)
     kernel = ClosestPairsKernel(threshold)
     return normalized_pairwise_kernel_sum(
-        neurons.unsqueeze(0), kernel, eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=False
-    )[0]
+        neurons, kernel, eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=False
+    )
 
 
 @full_precision
@@ -219,14 +218,8 @@ def soft_hyperspherical_separation(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     x = check_neurons(neurons, check_finite=check_finite)
-    batched, added = as_batched(normalize_neurons(x, eps, decide_on_host=check_finite))
-    out = torch.stack(
-        [
-            temperature
-            * log_mean_exp_pairs(
-                unit, 1.0 / temperature, half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite
-            )
-            for unit in batched
-        ]
+    unit = normalize_neurons(x, eps, decide_on_host=check_finite)
+    inverse = 1.0 / temperature
+    return temperature * log_mean_exp_pairs(
+        unit, inverse, half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite
     )
-    return out[0] if added else out

@@ -14,7 +14,13 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import (
+    DEFAULT_EPS,
+    as_batched,
+    check_neurons,
+    full_precision,
+    normalize_neurons,
+)
 from lightning_hsu.functional.kernels import GaussianKernel
 from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, pairwise_kernel_sum
 
@@ -22,21 +28,25 @@ from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, p
 def log_mean_exp_pairs(
     unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, shift_on_host: bool = True
 ) -> Tensor:
-    r""":math:`\log \frac1P\sum_{pairs} e^{-t d^2}` for ``[n, d]`` unit vectors; 0 when n < 2.
+    r""":math:`\log \frac1P\sum_{pairs} e^{-t d^2}` for ``[n, d]`` unit vectors (a scalar), or each
+    of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
 
     The exponent is shifted by its maximum :math:`m = 2t(c_{max}-1)` (a constant: the value does
-    not depend on it, so neither does the gradient) before exponentiation. ``shift_on_host=False``
-    keeps :math:`m` a device tensor: no host sync (CUDA-graph safe), the same value.
+    not depend on it, so neither does the gradient) before exponentiation, one shift per batch
+    element. ``shift_on_host=False`` keeps :math:`m` a device tensor: no host sync (CUDA-graph
+    safe), the same value; so does a batch (its shifts differ per element).
     """
-    n = unit.shape[0]
+    batch, added = as_batched(unit)
+    n = batch.shape[1]
     if n < 2:
-        return unit.sum() * 0.0
-    batch = unit.unsqueeze(0)
-    c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
-    shift_tensor = 2.0 * t * (c_max[0] - 1.0)
-    shift: float | Tensor = float(shift_tensor) if shift_on_host else shift_tensor
-    total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)[0]
-    return shift + torch.log(total) - math.log(pair_count(n, half_space))
+        out = batch.sum((1, 2)) * 0.0
+    else:
+        c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
+        shift_tensor = 2.0 * t * (c_max - 1.0)
+        shift: float | Tensor = float(shift_tensor[0]) if shift_on_host and added else shift_tensor
+        total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)
+        out = shift + torch.log(total) - math.log(pair_count(n, half_space))
+    return out[0] if added else out
 
 
 @full_precision
@@ -49,7 +59,8 @@ def uniformity(
     chunk_size: int | None = None,
     check_finite: bool = True,
 ) -> Tensor:
-    """Wang–Isola uniformity of the rows of ``features`` (``[n, d]``), normalised first.
+    """Wang–Isola uniformity of the rows of ``features`` (``[n, d]``), normalised first; of each
+    matrix of a ``[batch, n, d]`` stack (``[batch]`` values).
 
     Args:
         features: rows are vectors (neurons of a layer, or a batch of embeddings).
@@ -63,7 +74,5 @@ def uniformity(
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"t must be a finite number > 0, got {t!r}")
     x = check_neurons(features, "features", check_finite=check_finite)
-    if x.dim() != 2:
-        raise ValueError(f"features must have shape [n, d], got {tuple(x.shape)}")
     unit = normalize_neurons(x, eps, decide_on_host=check_finite)
     return log_mean_exp_pairs(unit, float(t), half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite)

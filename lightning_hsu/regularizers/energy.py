@@ -64,6 +64,7 @@ class Uniformity(Regularizer):
 
     name = "uniformity"
     capturable = True
+    batchable = True
 
     def __init__(
         self, t: float = 2.0, half_space: bool = False, eps: float = DEFAULT_EPS, chunk_size: int | None = None

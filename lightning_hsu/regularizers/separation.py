@@ -24,6 +24,7 @@ class MHS(Regularizer):
 
     name = "mhs"
     capturable = True
+    batchable = True
 
     def __init__(
         self,
@@ -66,6 +67,7 @@ class RMHP(Regularizer):
 
     name = "rmhp"
     capturable = True
+    batchable = True
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         return relaxed_polarization(neurons, check_finite=check_finite)

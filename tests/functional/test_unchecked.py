@@ -59,17 +59,6 @@ def test_unchecked_energy_makes_no_host_sync_and_equals_the_checked_one(options,
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("half_space", [False, True])
-def test_batched_unchecked_energy_makes_no_host_sync_and_equals_each_slice(half_space: bool) -> None:
-    # what a CUDA graph runs for layers of one shape (PenaltyEngine.BATCH_GRAPHS)
-    w = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(4))
-    with HostSyncCounter() as counter:
-        values = hyperspherical_energy(w, half_space=half_space, check_finite=False)
-    assert counter.syncs == [] and values.shape == (3,)
-    for value, slice_ in zip(values, w, strict=True):
-        torch.testing.assert_close(value, hyperspherical_energy(slice_, half_space=half_space))
-
-
 def test_unchecked_energy_rescales_huge_rows_like_the_checked_one() -> None:
     # rows of norm ~1e30: their squares overflow float32 unless divided first
     w = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
@@ -233,6 +222,45 @@ def test_unchecked_relaxed_polarization_makes_no_host_sync() -> None:
     torch.testing.assert_close(grad, ref_grad)
     w[2, 2] = math.nan
     assert math.isnan(float(RMHP()(w, check_finite=False)))
+
+
+def _batchable_regularizers():  # type: ignore[no-untyped-def]
+    from lightning_hsu import MHS, RMHP, Uniformity
+
+    return [
+        pytest.param(MHE(), id="mhe"),
+        pytest.param(MHE(half_space=True, power=0.0), id="mhe-half-log"),
+        pytest.param(MHS(), id="hard-mhs"),
+        pytest.param(MHS(half_space=True), id="hard-mhs-half"),
+        pytest.param(MHS(half_space=True, temperature=0.1), id="soft-mhs-half"),
+        pytest.param(Uniformity(), id="uniformity"),
+        pytest.param(Uniformity(half_space=True, t=3.0), id="uniformity-half"),
+        pytest.param(RMHP(), id="rmhp"),
+    ]
+
+
+def test_the_batchable_regularizers_are_those_tested_batched() -> None:
+    from lightning_hsu.regularizers.registry import REGULARIZERS
+
+    assert {name for name, cls in REGULARIZERS.items() if cls.batchable} == {"mhe", "mhs", "uniformity", "rmhp"}
+
+
+@pytest.mark.parametrize("regularizer", _batchable_regularizers())
+def test_a_batchable_graph_penalty_gives_each_slice_its_own_penalty_with_no_host_sync(regularizer) -> None:
+    # what a CUDA graph runs for layers of one shape (PenaltyEngine.BATCH_GRAPHS): a tetrahedron
+    # (ties: each slice needs its own tie threshold, shift) beside random neurons at another scale
+    generator = torch.Generator().manual_seed(4)
+    random = torch.randn(2, 4, 3, generator=generator)
+    w = torch.stack([TETRAHEDRON, random[0], 30.0 * random[1]])
+    x = w.clone().requires_grad_()
+    with HostSyncCounter() as counter:
+        values = regularizer.graph_penalty(x)
+        (values * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert counter.syncs == [] and values.shape == (3,)
+    for i, (value, slice_) in enumerate(zip(values, w, strict=True)):
+        ref_value, ref_grad = _value_and_grad(lambda y, k=i + 1: regularizer(y) * k, slice_)  # the checked penalty
+        torch.testing.assert_close(value * (i + 1), ref_value)
+        torch.testing.assert_close(x.grad[i], ref_grad)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -11,7 +11,7 @@ import torch
 from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
 
 import lightning_hsu.engine as engine_module
-from lightning_hsu import MGD, MHE, MHS, RMHP, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule
+from lightning_hsu import MGD, MHE, MHS, RMHP, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule, Uniformity
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.engine import NonFinitePenaltyError
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
@@ -248,6 +248,36 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
     torch.testing.assert_close(batched, unbatched)
 
 
+@pytest.mark.parametrize(
+    "regularizer",
+    [MHS(half_space=True), MHS(temperature=0.1), Uniformity(), RMHP()],
+    ids=["hard-mhs", "soft-mhs", "uniformity", "rmhp"],
+)
+def test_other_batchable_regularizers_share_one_call_with_the_eager_values(captures: Captures, regularizer) -> None:
+    model = Stack()
+    rules = [Rule(regularizer, 3.0, layers=["blocks.*"])]
+    graphed, eager = _engines(model, rules=rules, classifier=None)
+    for step in range(2):
+        eager.enabled, graphed.enabled = False, True
+        total = _stack_step(graphed, model, step)
+        assert total is not None
+        got = total.detach().clone(), _grad_of(total, model), graphed.last_values
+        eager.enabled, graphed.enabled = True, False
+        total = _stack_step(eager, model, step)
+        assert total is not None
+        torch.testing.assert_close(got[0], total.detach())
+        want = _grad_of(total, model)
+        assert got[1].keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[1][key], want[key])
+        for key, value in eager.last_values.items():
+            assert got[2][key] == pytest.approx(value, rel=1e-5), key
+        with torch.no_grad():  # an optimizer's step
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1)
+    assert captures.counts == [[3]]  # the three blocks in one call, captured once
+
+
 def test_graphed_penalties_check_the_group_sizes() -> None:
     w = [torch.randn(4, 3, requires_grad=True) for _ in range(3)]
     with pytest.raises(ValueError, match=r"counts \[2, 2\] and 3 weights"):
@@ -365,6 +395,9 @@ def test_capturable_regularizers_make_no_host_sync_on_cuda(regularizer) -> None:
     w = torch.randn(300, 40, device="cuda", requires_grad=True)
     regularizer.refresh_graph_inputs(w.detach(), step=0)
     _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(w))
+    if regularizer.batchable:  # layers of one shape in one call
+        stacked = torch.randn(3, 300, 40, device="cuda", requires_grad=True)
+        _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(stacked).sum())
 
 
 @cuda
