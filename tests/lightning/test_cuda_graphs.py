@@ -49,9 +49,10 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> Captures:
     return stand_in
 
 
-def _step(engine: PenaltyEngine, model: TinyNet, step: int) -> torch.Tensor | None:
+def _step(engine: PenaltyEngine, model: torch.nn.Module, step: int) -> torch.Tensor | None:
     engine.begin_step(step)
-    model(torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(step)))
+    shape = (4, 12) if isinstance(model, Stack) else (4, 1, 6, 6)
+    model(torch.randn(*shape, generator=torch.Generator().manual_seed(step)))
     total = engine.collect()
     engine.end_step()
     return total
@@ -76,12 +77,15 @@ def _engines(model: TinyNet, **kw) -> tuple[PenaltyEngine, PenaltyEngine]:  # ty
     return _untied_engine(model, cuda_graphs=True, **kw), _untied_engine(model, cuda_graphs=False, **kw)
 
 
-def _assert_graphed_step_equals_eager(graphed: PenaltyEngine, eager: PenaltyEngine, model: TinyNet, step: int) -> float:
-    """One step with each engine alone: the same total and gradients; returns the total."""
+def _assert_graphed_step_equals_eager(
+    graphed: PenaltyEngine, eager: PenaltyEngine, model: torch.nn.Module, step: int
+) -> float:
+    """One step with each engine alone: the same total, gradients and per-layer values; returns
+    the total."""
     eager.enabled, graphed.enabled = False, True
     total = _step(graphed, model, step)
     assert total is not None
-    got = (total.detach().clone(), _grad_of(total, model))
+    got = (total.detach().clone(), _grad_of(total, model), graphed.last_values)
     eager.enabled, graphed.enabled = True, False
     total = _step(eager, model, step)
     assert total is not None
@@ -90,6 +94,9 @@ def _assert_graphed_step_equals_eager(graphed: PenaltyEngine, eager: PenaltyEngi
     assert got[1].keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[1][key], want[key])
+    assert got[2].keys() == eager.last_values.keys()
+    for key, value in eager.last_values.items():
+        assert got[2][key] == pytest.approx(value, rel=1e-5), key
     return float(got[0])
 
 
@@ -194,14 +201,6 @@ class Stack(torch.nn.Module):
         return self.fc(torch.tanh(self.wide(x)))
 
 
-def _stack_step(engine: PenaltyEngine, model: Stack, step: int) -> torch.Tensor | None:
-    engine.begin_step(step)
-    model(torch.randn(4, 12, generator=torch.Generator().manual_seed(step)))
-    total = engine.collect()
-    engine.end_step()
-    return total
-
-
 def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Captures) -> None:
     model = Stack()
     rules = [
@@ -211,7 +210,7 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
     ]
     graphed, eager = _engines(model, rules=rules, classifier=None)
     eager.enabled = False
-    total = _stack_step(graphed, model, 0)
+    total = _step(graphed, model, 0)
     assert total is not None
     got = _grad_of(total, model), graphed.last_values
     # blocks.0 and blocks.1 in one call; blocks.2 (another power), wide and fc (other shapes) alone
@@ -232,17 +231,17 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
     for key in want:
         torch.testing.assert_close(got[0][key], want[key])
     graphed.enabled, eager.enabled = False, True
-    _stack_step(eager, model, 0)
+    _step(eager, model, 0)
     assert got[1].keys() == eager.last_values.keys()
     for key, value in eager.last_values.items():
         assert got[1][key] == pytest.approx(value, rel=1e-6), key
     # the grouping is kept, and each grouping is a capture of its own (a benchmark alternates them)
     graphed.enabled, eager.enabled = True, False
-    _stack_step(graphed, model, 1)
+    _step(graphed, model, 1)
     graphed.BATCH_GRAPHS = False
-    unbatched = _stack_step(graphed, model, 2)
+    unbatched = _step(graphed, model, 2)
     graphed.BATCH_GRAPHS = True
-    batched = _stack_step(graphed, model, 3)
+    batched = _step(graphed, model, 3)
     assert captures.counts == [[2, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert unbatched is not None and batched is not None
     torch.testing.assert_close(batched, unbatched)
@@ -258,20 +257,7 @@ def test_other_batchable_regularizers_share_one_call_with_the_eager_values(captu
     rules = [Rule(regularizer, 3.0, layers=["blocks.*"])]
     graphed, eager = _engines(model, rules=rules, classifier=None)
     for step in range(2):
-        eager.enabled, graphed.enabled = False, True
-        total = _stack_step(graphed, model, step)
-        assert total is not None
-        got = total.detach().clone(), _grad_of(total, model), graphed.last_values
-        eager.enabled, graphed.enabled = True, False
-        total = _stack_step(eager, model, step)
-        assert total is not None
-        torch.testing.assert_close(got[0], total.detach())
-        want = _grad_of(total, model)
-        assert got[1].keys() == want.keys()
-        for key in want:
-            torch.testing.assert_close(got[1][key], want[key])
-        for key, value in eager.last_values.items():
-            assert got[2][key] == pytest.approx(value, rel=1e-5), key
+        _assert_graphed_step_equals_eager(graphed, eager, model, step)
         with torch.no_grad():  # an optimizer's step
             for p in model.parameters():
                 p.add_(torch.randn_like(p), alpha=0.1)
