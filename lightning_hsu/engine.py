@@ -362,7 +362,7 @@ class PenaltyEngine:
         if len(members) == 1:
             return binding.regularizer.graph_penalty(layer_neurons(module, weights[0]))
         neurons = torch.stack([layer_neurons(m, w) for (_, m), w in zip(members, weights, strict=True)])
-        return binding.regularizer.graph_penalty(neurons)
+        return binding.regularizer.graph_penalties(neurons, [b.regularizer for b, _ in members])
 
     def _graph_groups(
         self, graphed: list[tuple[Binding, nn.Module, float]]

@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from lightning_hsu.functional._common import (
     DEFAULT_EPS,
     NonFiniteInputError,
+    as_batched,
     check_finite_neurons,
     check_neurons,
     full_precision,
@@ -62,8 +63,9 @@ def gaussian_projections(
 
 
 class _Projection(torch.autograd.Function):
-    r"""All projections of the neurons at once, :math:`Y_k = W P_k^\top` (``[K, n, p]``), as one
-    product with the ``[K p, d]`` stacked matrices, forward and backward.
+    r"""All projections of the neurons at once, :math:`Y_k = W P_k^\top` (``[batch, K, n, p]`` from
+    ``[batch, n, d]`` neurons and ``[batch, K, p, d]`` matrices), as one product per batch element
+    with the ``[K p, d]`` stacked matrices, forward and backward.
 
     Through the library's products (:func:`~lightning_hsu.functional._matmul.batched_matmul`,
     oneDNN on an x86 CPU) instead of ``einsum``, which autograd ran as MKL batched products:
@@ -73,24 +75,24 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, projections: Tensor) -> Tensor:  # type: ignore[override]
-        count, dim, in_dim = projections.shape
-        stacked = projections.reshape(count * dim, in_dim)
+        batch, count, dim, in_dim = projections.shape
+        stacked = projections.reshape(batch, count * dim, in_dim)
         ctx.save_for_backward(neurons, stacked)
-        flat = batched_matmul(neurons.unsqueeze(0), stacked.t().unsqueeze(0))[0]  # [n, K p]
+        flat = batched_matmul(neurons, stacked.transpose(1, 2))  # [batch, n, K p]
         # the pair sums' products want each projection's rows dense
-        return flat.view(-1, count, dim).transpose(0, 1).contiguous()
+        return flat.view(batch, -1, count, dim).transpose(1, 2).contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
         neurons, stacked = ctx.saved_tensors  # type: ignore[attr-defined]
-        count, n, dim = grad.shape
-        flat = grad.transpose(0, 1).reshape(n, count * dim)  # [n, K p]
+        batch, count, n, dim = grad.shape
+        flat = grad.transpose(1, 2).reshape(batch, n, count * dim)  # [batch, n, K p]
         needs_neurons, needs_projections = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grad_neurons = batched_matmul(flat.unsqueeze(0), stacked.unsqueeze(0))[0] if needs_neurons else None
+        grad_neurons = batched_matmul(flat, stacked) if needs_neurons else None
         grad_projections = None
         if needs_projections:
-            grad_projections = batched_matmul(flat.t().unsqueeze(0), neurons.unsqueeze(0))[0].view(count, dim, -1)
+            grad_projections = batched_matmul(flat.transpose(1, 2), neurons).view(batch, count, dim, -1)
         return grad_neurons, grad_projections
 
 
@@ -107,7 +109,9 @@ def compressive_energy(
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
 ) -> Tensor:
-    """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``.
+    """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``; of
+    each matrix of a ``[batch, n, d]`` stack under its own ``[batch, K, p, d]`` projections
+    (``[batch]`` values: the layers of one shape in one call).
 
     ``shard=(rank, world_size)`` computes this rank's share of the pairs of every projection
     (see :func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`). ``check_finite=False``
@@ -116,10 +120,13 @@ def compressive_energy(
     :class:`~lightning_hsu.functional.NonFiniteInputError`.
     """
     x = check_neurons(neurons, check_finite=check_finite)
-    if x.dim() != 2:
-        raise ValueError(f"compressive_energy takes neurons of shape [n, d], got {tuple(x.shape)}")
-    if projections.dim() != 3 or projections.shape[-1] != x.shape[1]:
-        raise ValueError(f"projections must have shape [count, dim, {x.shape[1]}], got {tuple(projections.shape)}")
+    batch, added = as_batched(x)
+    same_batch = added or projections.shape[:1] == x.shape[:1]
+    if projections.dim() != x.dim() + 1 or projections.shape[-1] != x.shape[-1] or not same_batch:
+        leading = "" if added else f"{x.shape[0]}, "
+        raise ValueError(
+            f"projections must have shape [{leading}count, dim, {x.shape[-1]}], got {tuple(projections.shape)}"
+        )
     if check_finite:
         try:
             check_finite_neurons(projections, "projections")
@@ -127,10 +134,19 @@ def compressive_energy(
             raise NonFiniteInputError(
                 f"projections contain NaN or inf entries (shape {tuple(projections.shape)})"
             ) from None
-    projected = _Projection.apply(x, projections.to(x.dtype))
+    per_batch = projections.unsqueeze(0) if added else projections
+    projected = _Projection.apply(batch, per_batch.to(x.dtype))  # [batch, K, n, p]
+    count = projected.shape[1]
     kernel = energy_kernel(power, distance)
     # normalised inside the pair sums (normalize_neurons(projected, eps) in fewer passes)
     energy = mean_pair_kernel(
-        projected, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, eps=eps, check_finite=check_finite
+        projected.flatten(0, 1),
+        kernel,
+        half_space=half_space,
+        chunk_size=chunk_size,
+        shard=shard,
+        eps=eps,
+        check_finite=check_finite,
     )
-    return energy.mean()
+    out = energy.view(-1, count).mean(1)
+    return out[0] if added else out

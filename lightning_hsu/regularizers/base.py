@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import zlib
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -30,9 +31,9 @@ class Regularizer:
     #: before each replay, nothing else (not on ``step`` nor on other state). NaN/inf weights
     #: then give a NaN penalty instead of an error, for the caller to check once for all layers.
     capturable: ClassVar[bool] = False
-    #: Whether :meth:`graph_penalty` also takes ``[batch, n, d]`` neurons and returns the
-    #: ``[batch]`` penalties of the slices, reading nothing per layer: then the layers of one shape
-    #: share one call in a CUDA graph, and the graph launches that many fewer small kernels.
+    #: Whether :meth:`graph_penalties` gives the ``[batch]`` penalties of a ``[batch, n, d]`` stack
+    #: of layers' neurons in one call: then the layers of one shape share one call in a CUDA graph,
+    #: and the graph launches that many fewer small kernels.
     batchable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -40,7 +41,7 @@ class Regularizer:
         # An overriding penalty may sync, keep state or lack `check_finite`: it says so itself.
         if "penalty" in cls.__dict__ and "capturable" not in cls.__dict__:
             cls.capturable = False
-        overrides = "penalty" in cls.__dict__ or "graph_penalty" in cls.__dict__
+        overrides = any(name in cls.__dict__ for name in ("penalty", "graph_penalty", "graph_penalties"))
         if overrides and "batchable" not in cls.__dict__:
             cls.batchable = False
 
@@ -79,6 +80,16 @@ class Regularizer:
         sync, and no input but ``neurons`` and what :meth:`refresh_graph_inputs` wrote. By default
         the penalty with ``check_finite=False``."""
         return self(neurons, check_finite=False)
+
+    def graph_penalties(self, neurons: Tensor, members: Sequence[Regularizer]) -> Tensor:
+        """The ``[batch]`` :meth:`graph_penalty` of each ``[n, d]`` slice of ``neurons``, slice ``i``
+        with what ``members[i]`` (a regularizer of this type and hyperparameters, this one among
+        them) reads besides the neurons (:attr:`batchable` regularizers only). By default
+        :meth:`graph_penalty` of the whole stack: right for a regularizer that reads nothing per
+        layer and whose penalty takes ``[batch, n, d]``."""
+        if not self.batchable:
+            raise ValueError(f"{type(self).__name__} computes one layer at a time (it is not batchable)")
+        return self.graph_penalty(neurons)
 
     def spawn(self, key: str) -> Regularizer:
         """A fresh copy for one layer; ``key`` (the layer name) salts any random state."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -102,6 +103,7 @@ class CoMHE(Regularizer):
     stateful = True
     supports_sharding = True
     capturable = True
+    batchable = True
 
     def __init__(
         self,
@@ -164,11 +166,19 @@ class CoMHE(Regularizer):
         self._calls += 1
 
     def graph_penalty(self, neurons: Tensor) -> Tensor:
+        return self._energy(neurons, self._graph_buffer(), False)
+
+    def graph_penalties(self, neurons: Tensor, members: Sequence[Regularizer]) -> Tensor:
+        """Each layer's penalty under its own projections (its member's buffer), in one call."""
+        buffers = [member._graph_buffer() for member in members]  # type: ignore[attr-defined]
+        return self._energy(neurons, torch.stack(buffers), False)
+
+    def _graph_buffer(self) -> Tensor:
         if self._graph_projections is None:
             raise RuntimeError(
                 "CoMHE.graph_penalty reads the projections that refresh_graph_inputs draws; call it first"
             )
-        return self._energy(neurons, self._graph_projections, False)
+        return self._graph_projections
 
     def _energy(self, neurons: Tensor, projections: Tensor, check_finite: bool) -> Tensor:
         return compressive_energy(

@@ -225,7 +225,7 @@ def test_unchecked_relaxed_polarization_makes_no_host_sync() -> None:
 
 
 def _batchable_regularizers():  # type: ignore[no-untyped-def]
-    from lightning_hsu import MHS, RMHP, Uniformity
+    from lightning_hsu import MHS, RMHP, CoMHE, Uniformity
 
     return [
         pytest.param(MHE(), id="mhe"),
@@ -236,13 +236,15 @@ def _batchable_regularizers():  # type: ignore[no-untyped-def]
         pytest.param(Uniformity(), id="uniformity"),
         pytest.param(Uniformity(half_space=True, t=3.0), id="uniformity-half"),
         pytest.param(RMHP(), id="rmhp"),
+        pytest.param(CoMHE(projection_dim=2, projections=3, half_space=True), id="comhe-half"),
     ]
 
 
 def test_the_batchable_regularizers_are_those_tested_batched() -> None:
     from lightning_hsu.regularizers.registry import REGULARIZERS
 
-    assert {name for name, cls in REGULARIZERS.items() if cls.batchable} == {"mhe", "mhs", "uniformity", "rmhp"}
+    batchable = {name for name, cls in REGULARIZERS.items() if cls.batchable}
+    assert batchable == {"mhe", "mhs", "uniformity", "rmhp", "comhe"}
 
 
 @pytest.mark.parametrize("regularizer", _batchable_regularizers())
@@ -252,13 +254,17 @@ def test_a_batchable_graph_penalty_gives_each_slice_its_own_penalty_with_no_host
     generator = torch.Generator().manual_seed(4)
     random = torch.randn(2, 4, 3, generator=generator)
     w = torch.stack([TETRAHEDRON, random[0], 30.0 * random[1]])
+    members = [regularizer.spawn(f"layer{i}") for i in range(3)]  # one per layer (CoMHE: its own projections)
+    for member, slice_ in zip(members, w, strict=True):
+        member.refresh_graph_inputs(slice_, step=5)
     x = w.clone().requires_grad_()
     with HostSyncCounter() as counter:
-        values = regularizer.graph_penalty(x)
+        values = members[0].graph_penalties(x, members)
         (values * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert counter.syncs == [] and values.shape == (3,)
     for i, (value, slice_) in enumerate(zip(values, w, strict=True)):
-        ref_value, ref_grad = _value_and_grad(lambda y, k=i + 1: regularizer(y) * k, slice_)  # the checked penalty
+        # the checked penalty of that layer at that step
+        ref_value, ref_grad = _value_and_grad(lambda y, k=i + 1: members[k - 1](y, step=5) * k, slice_)
         torch.testing.assert_close(value * (i + 1), ref_value)
         torch.testing.assert_close(x.grad[i], ref_grad)
 

@@ -249,8 +249,8 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
 
 @pytest.mark.parametrize(
     "regularizer",
-    [MHS(half_space=True), MHS(temperature=0.1), Uniformity(), RMHP()],
-    ids=["hard-mhs", "soft-mhs", "uniformity", "rmhp"],
+    [MHS(half_space=True), MHS(temperature=0.1), Uniformity(), RMHP(), CoMHE(projection_dim=4, projections=3)],
+    ids=["hard-mhs", "soft-mhs", "uniformity", "rmhp", "comhe"],
 )
 def test_other_batchable_regularizers_share_one_call_with_the_eager_values(captures: Captures, regularizer) -> None:
     model = Stack()
@@ -383,7 +383,8 @@ def test_capturable_regularizers_make_no_host_sync_on_cuda(regularizer) -> None:
     _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(w))
     if regularizer.batchable:  # layers of one shape in one call
         stacked = torch.randn(3, 300, 40, device="cuda", requires_grad=True)
-        _backward_raising_on_host_sync(lambda: regularizer.graph_penalty(stacked).sum())
+        members = [regularizer] * 3
+        _backward_raising_on_host_sync(lambda: regularizer.graph_penalties(stacked, members).sum())
 
 
 @cuda
