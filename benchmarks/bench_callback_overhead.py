@@ -19,7 +19,8 @@ Then one step with the callback on and one with it off are profiled (``torch.pro
 times each CUDA runtime call (kernel and graph launches, synchronisations, copies) and each
 operator ran, the rows that differ.
 
-Usage: ``python benchmarks/bench_callback_overhead.py [--device cuda] [--steps 20] [--preset mhe]``.
+Usage: ``python benchmarks/bench_callback_overhead.py [--device cuda] [--steps 20] [--presets mhe,comhe]``
+(one rotating fit per preset; the profiled steps use the first).
 """
 
 from __future__ import annotations
@@ -141,20 +142,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (rounds) per setting")
-    parser.add_argument("--preset", default="mhe")
+    parser.add_argument("--presets", default="mhe", help="comma-separated presets, one rotating fit each")
     args = parser.parse_args()
     apply_threads(args.threads)
     device = device_arg(args.device)
     print(f"Machine: {machine()}\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = hand_written_rows(device, args.steps) + rotation_rows(device, args.steps, args.preset)
-        counts = profiled_counts(device, args.preset)
+        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+        rows = hand_written_rows(device, args.steps)
+        for preset in presets:
+            rows += rotation_rows(device, args.steps, preset)
+        counts = profiled_counts(device, presets[0])
     print(f"### CIFAR ResNet-18 step in Lightning, batch 64, {device.type}: growth with the penalty\n")
     print(table(["variant", "step ms", "vs off", "paired, median [95% interval]"], rows))
     on, off = counts[True], counts[False]
     runtime = sorted(k for k in on.keys() | off.keys() if k.startswith("cuda") and on[k] != off[k])
-    print(f"\n### One step profiled, callback preset={args.preset!r} on and off: CUDA runtime calls that differ\n")
+    print(f"\n### One step profiled, callback preset={presets[0]!r} on and off: CUDA runtime calls that differ\n")
     print(table(["call", "on", "off"], [[k, on[k], off[k]] for k in runtime]) if runtime else "(none: no CUDA)")
     ops = sorted(
         (k for k in on.keys() | off.keys() if not k.startswith("cuda") and on[k] != off[k]),

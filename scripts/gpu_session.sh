@@ -2,11 +2,11 @@
 # Everything the project checks on a GPU, as prepared runs for a lent machine:
 #   bench   the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written),
 #           then every benchmark (benchmarks/run_all_gpu.sh), the training step first: about
-#           2.5 minutes on an H200 (runs 3-5 of docs/performance.md);
+#           3 minutes on an H200 (runs 3-6 of docs/performance.md);
 #   checks  the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3,
 #           two processes per check): 4.5 minutes there;
-#   all     both (the default): about 7.5 minutes by those times, but each part has its own time
-#           limit (bench up to 9.7 minutes, checks 5.5): a slow machine may need two calls.
+#   all     both (the default): about 8 minutes by those times, but each part has its own time
+#           limit (bench up to 10 minutes, checks 5.5): a slow machine may need two calls.
 # Results go to ${OUT:-gpu_out}/ (the lent machine's $OUT comes back): session.log, results_gpu.md,
 # gpu_checks.md, perf_kernels_gpu.png. DeepSpeed wheels in .whl/ are installed first if present
 # (the lent machines cannot reach a package index; see docs/gpu_checks.md).
