@@ -245,6 +245,9 @@ def test_the_batchable_regularizers_are_those_tested_batched() -> None:
 
     batchable = {name for name, cls in REGULARIZERS.items() if cls.batchable}
     assert batchable == {"mhe", "mhs", "uniformity", "rmhp", "comhe"}
+    mgd = REGULARIZERS["mgd"]()
+    with pytest.raises(ValueError, match="MGD computes one layer at a time"):
+        mgd.graph_penalties(torch.randn(2, 4, 3), [mgd, mgd])
 
 
 @pytest.mark.parametrize("regularizer", _batchable_regularizers())
