@@ -26,8 +26,7 @@ from lightning_hsu.functional._common import (
     full_precision,
 )
 from lightning_hsu.functional._matmul import batched_matmul
-from lightning_hsu.functional.energy import Distance, mean_pair_kernel
-from lightning_hsu.functional.kernels import energy_kernel
+from lightning_hsu.functional.energy import Distance, hyperspherical_energy
 
 
 def gaussian_projections(
@@ -137,15 +136,15 @@ def compressive_energy(
     per_batch = projections.unsqueeze(0) if added else projections
     projected = _Projection.apply(batch, per_batch.to(x.dtype))  # [batch, K, n, p]
     count = projected.shape[1]
-    kernel = energy_kernel(power, distance)
-    # normalised inside the pair sums (normalize_neurons(projected, eps) in fewer passes)
-    energy = mean_pair_kernel(
+    # R = mean_k E_s(P_k W): the energy of every projection at once (normalised in its pair sums)
+    energy = hyperspherical_energy(
         projected.flatten(0, 1),
-        kernel,
+        power=power,
+        distance=distance,
         half_space=half_space,
+        eps=eps,
         chunk_size=chunk_size,
         shard=shard,
-        eps=eps,
         check_finite=check_finite,
     )
     out = energy.view(-1, count).mean(1)
