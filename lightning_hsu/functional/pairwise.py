@@ -147,7 +147,13 @@ def _self_pairs(block: Tensor, start: int) -> Tensor:
 
 
 def _kernel_block(
-    cos: Tensor, diag: int, kernel: PairKernel, half_space: bool, sq: Tensor, with_grad: bool
+    cos: Tensor,
+    diag: int,
+    kernel: PairKernel,
+    half_space: bool,
+    sq: Tensor,
+    with_grad: bool,
+    decide_on_host: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""Pair terms of a block of cosines and their gradient coefficients.
 
@@ -163,22 +169,23 @@ def _kernel_block(
       :math:`-2 f'(-\lVert\hat w_i\rVert^2)` in half space; :math:`f'(c)` and a zero diagonal in
       full space. Folding the self term into the diagonal saves a pass over the ``[rows, d]``
       gradient.
+
+    ``decide_on_host``: the kernel may check the data on the host for a faster formula
+    (:meth:`~lightning_hsu.functional.kernels.PairKernel.antipodal_sum`).
     """
     _self_pairs(cos, diag).zero_()  # the kernel is evaluated at c = 0 there, then dropped
-    pair, deriv = kernel(cos, with_grad)
-    anti = cos.new_zeros(cos.shape[0])
-    coeff = deriv
     if half_space:
-        pair_neg, deriv_neg = kernel(-cos, with_grad)
-        pair.add_(pair_neg)
+        pair, coeff = kernel.antipodal_sum(cos, with_grad, derivative_scale=2.0, decide_on_host=decide_on_host)
         anti_value, anti_deriv = kernel(-sq, with_grad)
         anti = anti_value.sum(1)
-        if deriv is not None:
-            assert deriv_neg is not None and anti_deriv is not None
-            coeff = deriv.sub_(deriv_neg).mul_(2.0)
+        if coeff is not None:
+            assert anti_deriv is not None
             torch.mul(anti_deriv, -2.0, out=_self_pairs(coeff, diag))
-    elif coeff is not None:
-        _self_pairs(coeff, diag).zero_()
+    else:
+        pair, coeff = kernel(cos, with_grad)
+        anti = cos.new_zeros(cos.shape[0])
+        if coeff is not None:
+            _self_pairs(coeff, diag).zero_()
     _self_pairs(pair, diag).zero_()
     return pair, anti, coeff
 
@@ -217,6 +224,7 @@ def _row_block_sum(
     row_range: tuple[int, int],
     sq_norm: Tensor,
     row_scale: Tensor | None,
+    decide_on_host: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
@@ -231,7 +239,7 @@ def _row_block_sum(
         stop = min(start + block_rows, last)
         cos = batched_matmul(unit[:, start:stop], transposed)  # [batch, rows, n]
         sq = sq_norm[:, start:stop]
-        pair, anti, coeff = _kernel_block(cos, start, kernel, half_space, sq, with_grad)
+        pair, anti, coeff = _kernel_block(cos, start, kernel, half_space, sq, with_grad, decide_on_host)
         # summing over ordered pairs counts each unordered pair twice: exactly the half-space
         # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
         total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
@@ -250,6 +258,7 @@ def _dense_sum(
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
+    decide_on_host: bool = False,
 ) -> tuple[Tensor, Tensor | GradientProduct | None]:
     r"""All pairs from one Gram matrix, for a layer whose whole Gram matrix fits one strip.
 
@@ -275,7 +284,7 @@ def _dense_sum(
         sq = sq_norm[:, start:stop]
         if row_scale is not None:
             block.mul_(row_scale[:, start:stop]).mul_(col_scale)
-        pair, anti, coeff = _kernel_block(block, start, kernel, half_space, sq, with_grad)
+        pair, anti, coeff = _kernel_block(block, start, kernel, half_space, sq, with_grad, decide_on_host)
         total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
         if coeff is None:
             continue
@@ -297,6 +306,7 @@ def _upper_strip_sum(
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
+    decide_on_host: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Upper-strip schedule: each unordered pair once, gradient to both of its neurons.
 
@@ -316,7 +326,7 @@ def _upper_strip_sum(
         rows = unit[:, start:stop]
         cols = unit[:, start:]
         cos = batched_matmul(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
-        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm[:, start:stop], with_grad)
+        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm[:, start:stop], with_grad, decide_on_host)
         # a pair past the tile stands once for its unordered pair; a pair in the tile is there
         # twice, as (i, j) and (j, i): the full-row weights of _row_block_sum, re-weighted
         pair_total = pair.sum((1, 2))
@@ -345,18 +355,20 @@ def _block_sums(
     row_range: tuple[int, int] | None,
     sq_norm: Tensor | None = None,
     row_scale: Tensor | None = None,
+    decide_on_host: bool = False,
 ) -> tuple[Tensor, Tensor | GradientProduct | None]:
     """Value and gradient: in one block, by upper strips (``row_range=None``), or by the full rows of a shard.
 
     ``unit``: the unit neurons, or with ``row_scale`` the rows :math:`w` of :math:`\\hat w = r w`
     (``row_scale`` = :math:`r`, ``[batch, n, 1]``); the gradient is then with respect to
     :math:`w` (:func:`_fold_projection`), else to ``unit``. ``sq_norm``: the squared norms of the
-    unit neurons (computed if ``None``; required with ``row_scale``).
+    unit neurons (computed if ``None``; required with ``row_scale``). ``decide_on_host``: the
+    kernel may check the data on the host for a faster formula (:func:`_kernel_block`).
     """
     if sq_norm is None:
         sq_norm = torch.linalg.vector_norm(unit, dim=-1).square_()
     if row_range is None and block_rows >= unit.shape[1]:
-        return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale)
+        return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale, decide_on_host)
     if unit.shape[0] > 1 and unit.device.type == "cpu":
         # strips are sized for the cache per batch element; a batch of them (CoMHE's K
         # projections) would be K times that: one element at a time (2-2.6x faster for
@@ -371,6 +383,7 @@ def _block_sums(
                 row_range,
                 sq_norm[i : i + 1],
                 None if row_scale is None else row_scale[i : i + 1],
+                decide_on_host,
             )
             for i in range(unit.shape[0])
         ]
@@ -381,8 +394,10 @@ def _block_sums(
     if row_scale is not None:
         unit = unit * row_scale
     if row_range is None:
-        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm, row_scale)
-    return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale)
+        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm, row_scale, decide_on_host)
+    return _row_block_sum(
+        unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale, decide_on_host
+    )
 
 
 def _save_gradient(
@@ -475,7 +490,10 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
-        total, grad = _block_sums(rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r)
+        # check_finite: the call makes host decisions anyway, so the kernel may too
+        total, grad = _block_sums(
+            rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
+        )
         _save_gradient(ctx, grad, divisor)
         return total
 

@@ -52,7 +52,8 @@ def captures(monkeypatch: pytest.MonkeyPatch) -> Captures:
 def _step(engine: PenaltyEngine, model: torch.nn.Module, step: int) -> torch.Tensor | None:
     engine.begin_step(step)
     shape = (4, 12) if isinstance(model, Stack) else (4, 1, 6, 6)
-    model(torch.randn(*shape, generator=torch.Generator().manual_seed(step)))
+    dtype = next(model.parameters()).dtype
+    model(torch.randn(*shape, generator=torch.Generator().manual_seed(step), dtype=dtype))
     total = engine.collect()
     engine.end_step()
     return total
@@ -155,7 +156,9 @@ def test_coefficients_that_change_every_step_reach_the_graphed_penalties(capture
 
 
 def test_comhe_projections_drawn_for_each_step_reach_the_graphed_penalties(captures: Captures) -> None:
-    model = TinyNet()
+    # float64: eager CoMHE takes the closed-form half-space term, the graph the two kernel terms,
+    # and in float32 near-collinear neurons of a 3-d projection part them by ~1e-4
+    model = TinyNet().double()
     rules = [
         Rule(CoMHE(projection_dim=3, projections=4, half_space=True), 2.0, layers=["conv", "hidden"]),
         Rule(CoMHE(projection_dim=2, projections=2), 10.0, layers=["fc"]),

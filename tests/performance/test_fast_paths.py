@@ -83,3 +83,48 @@ def test_one_block_schedule_in_kernel_row_blocks_matches_concatenation(
     ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-8, atol=1e-10)
+
+
+def _clamped_riesz_pair(cos: torch.Tensor, power: float) -> torch.Tensor:
+    """f(c) + f(-c) from the definition: d^2 = max(2 - 2c, 1e-6), f = d^-s or -log d^2 (s = 0)."""
+    total = cos.new_zeros(cos.shape)
+    for c in (cos, -cos):
+        sq = (2.0 - 2.0 * c).clamp_min(1e-6)
+        total = total + (-torch.log(sq) if power == 0 else sq.pow(-power / 2.0))
+    return total
+
+
+@pytest.mark.parametrize("power", [0.0, 2.0])
+def test_closed_form_half_space_term_equals_the_two_kernel_terms(power: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1/((1-c)(1+c)) and -log(4(1-c)(1+c)) (s = 2, 0) with their derivatives, up to the clamp's edge."""
+    from lightning_hsu.functional.kernels import PairKernel
+
+    cos = torch.cat([torch.linspace(-1 + 1e-5, 1 - 1e-5, 2001, dtype=torch.float64), torch.tensor([0.0, 1e-9])])
+    leaf = cos.clone().requires_grad_()
+    ref = _clamped_riesz_pair(leaf, power)
+    (ref_deriv,) = torch.autograd.grad(ref.sum(), leaf)
+
+    def generic(*args, **kwargs):  # the two-evaluation default must not run on this data
+        raise AssertionError("the closed form was not taken")
+
+    monkeypatch.setattr(PairKernel, "antipodal_sum", generic)
+    value, deriv = RieszKernel(power).antipodal_sum(cos.view(1, 1, -1), True, derivative_scale=3.0, decide_on_host=True)
+    torch.testing.assert_close(value.view(-1), ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(deriv.view(-1), 3.0 * ref_deriv, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("power", [0.0, 2.0])
+@pytest.mark.parametrize("edge", [1.0 - 1e-7, -1.0 + 1e-7, 1.0 + 1e-12])
+def test_half_space_term_at_the_clamp_keeps_the_clamped_values_and_zero_slope(power: float, edge: float) -> None:
+    """A pair at (or past) d^2 = 1e-6 on either side: the clamped side is constant, the other keeps its slope."""
+    cos = torch.tensor([[[0.3, edge, -0.5]]], dtype=torch.float64)
+    value, deriv = RieszKernel(power).antipodal_sum(cos, True, decide_on_host=True)
+    leaf = cos.clone().requires_grad_()
+    ref = _clamped_riesz_pair(leaf, power)
+    (ref_deriv,) = torch.autograd.grad(ref.sum(), leaf)
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(deriv, ref_deriv, rtol=1e-9, atol=0.0)
+    # the clamped term's slope is zero: only the unclamped one is left (d/dc of f(-c))
+    other = 2.0 + 2.0 * abs(edge)
+    slope = -2.0 / other**2 if power == 2.0 else -2.0 / other
+    assert deriv[0, 0, 1].item() == pytest.approx(slope if edge > 0 else -slope, rel=1e-6)
