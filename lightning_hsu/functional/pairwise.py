@@ -69,11 +69,14 @@ DENSE_BLOCK_ELEMENTS = 4096 * 4096
 STRIP_ELEMENTS = 2**18
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
-#: Gram entries whose kernel passes run together in the one-block schedule (128 KiB of float32
-#: per temporary, which stays in a core's cache where a whole 512 x 512 matrix, 1 MiB, did not).
-#: Measured at 2 threads, half-space MHE forward + backward: 512 x 8 in 64-row blocks 2.1 ms, in
-#: 128-row blocks 2.9 ms, in one block 5.3 ms; 256 x 2304 in 128-row blocks 2.1 ms, in one 3.6 ms.
-KERNEL_BLOCK_ELEMENTS = 2**15
+#: Gram entries whose kernel passes run together in the one-block schedule (256 KiB of float32
+#: per temporary: the few a block needs stay in a core's cache, where a whole 512 x 512 matrix,
+#: 1 MiB each, did not). Measured at 2 threads, forward + backward, with the closed-form
+#: half-space term: the penalty of a ResNet-18's 21 layers 54.9 ms in blocks of 2**15 entries,
+#: 52.4 in 2**16, 52.6 in 2**17, 56.4 in one block per layer (medians of 6 alternating rounds);
+#: alone, half-space 512 x 8 took 1.09, 0.74 and 0.59 ms in blocks of 2**15, 2**16 and 2**17.
+#: (Before the closed form, 2**15 was best: 512 x 8 in 64-row blocks 2.1 ms, in one 5.3 ms.)
+KERNEL_BLOCK_ELEMENTS = 2**16
 #: Blocks of the one-block schedule are never thinner than this (per-block fixed costs).
 MIN_KERNEL_BLOCK_ROWS = 32
 
@@ -190,7 +193,9 @@ def _kernel_block(
     return pair, anti, coeff
 
 
-def _fold_projection(coeff: Tensor, cos: Tensor, diag: int, sq: Tensor, row_scale: Tensor) -> Tensor:
+def _fold_projection(
+    coeff: Tensor, cos: Tensor, diag: int, sq: Tensor, row_scale: Tensor, out: Tensor | None = None
+) -> Tensor:
     r"""Turn complete coefficient rows into those of the gradient with respect to the raw neurons.
 
     With :math:`\hat w = r w` and :math:`g_i = \sum_j C_{ij}\hat w_j`,
@@ -199,12 +204,13 @@ def _fold_projection(coeff: Tensor, cos: Tensor, diag: int, sq: Tensor, row_scal
     so the rows :math:`C'_{ij} = r_i\,(C_{ij} - \delta_{ij}\rho_i)` give it in the one product
     :math:`C'\hat W`: the projection costs passes over the ``[rows, m]`` block, not over the
     ``[rows, d]`` gradient. Valid only when the block holds every column of its rows (``cos``'s
-    diagonal already zeroed by :func:`_kernel_block`).
+    diagonal already zeroed by :func:`_kernel_block`). The rows :math:`C'` are written to ``out``
+    if given (which may be ``cos``, no longer needed), else over ``coeff``.
     """
     self_coeff = _self_pairs(coeff, diag)
     radial = torch.linalg.vecdot(coeff, cos).addcmul_(self_coeff, sq)
     self_coeff.sub_(radial)
-    return coeff.mul_(row_scale)
+    return coeff.mul_(row_scale) if out is None else torch.mul(coeff, row_scale, out=out)
 
 
 class GradientProduct(NamedTuple):
@@ -288,9 +294,10 @@ def _dense_sum(
         total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
         if coeff is None:
             continue
-        if row_scale is not None:
-            _fold_projection(coeff, block, start, sq, row_scale[:, start:stop]).mul_(col_scale)
-        block.copy_(coeff)
+        if row_scale is not None:  # written over the block's cosines: no copy
+            _fold_projection(coeff, block, start, sq, row_scale[:, start:stop], out=block).mul_(col_scale)
+        else:
+            block.copy_(coeff)
     if not with_grad:
         return total, None
     if n <= rows.shape[2]:  # the [n, n] coefficients are no larger than the [n, d] gradient
