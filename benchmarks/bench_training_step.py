@@ -190,12 +190,15 @@ def lightning_steps(
     callback: object | None = None,
     module: object | None = None,
     watch: object | None = None,
-) -> tuple[list[float], list[float]]:
-    """Step times of one ``Trainer.fit`` with the callback switched off and on in turn (pairs of
-    adjacent steps).
+    hand_written: bool = False,
+) -> dict[str, list[float]]:
+    """Step times of one ``Trainer.fit`` with the callback switched off and on in turn: ``"off"``
+    and ``"callback"``, in rounds of adjacent steps.
 
     The callback's ``enabled`` flag alternates every step (its hooks stay installed), so both
     medians come from the same process, memory state and minute of a shared machine.
+    ``hand_written``: a third step in each round, ``"hand-written"``, with the callback off and
+    ``training_step`` adding :func:`penalty_per_layer` itself (the ``mhe`` preset's penalty, eagerly).
     ``callback`` replaces the ``HypersphericalUniformity`` built from the other arguments (any
     callback with an ``enabled`` flag), ``module`` the plain ResNet-18 module;
     ``watch(batch_idx, enabled, phase)`` is called at each step's ``"start"`` and ``"end"``
@@ -206,15 +209,20 @@ def lightning_steps(
     from lightning_hsu import HypersphericalUniformity
 
     hsu = callback or HypersphericalUniformity(preset=preset, log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
+    modes = ["callback", "off", "hand-written"] if hand_written else ["callback", "off"]
+    current = {"mode": modes[0]}
+    if hand_written:
+        module = resnet_module(lambda net: penalty_per_layer(net) if current["mode"] == "hand-written" else None)
 
-    class Alternate(pl.Callback):
-        """Switches the penalty on for even batches and times every step."""
+    class Rotate(pl.Callback):
+        """Switches the penalty on for one step of each round and times every step."""
 
         def __init__(self) -> None:
-            self.times: dict[bool, list[float]] = {True: [], False: []}
+            self.times: dict[str, list[float]] = {mode: [] for mode in modes}
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            hsu.enabled = batch_idx % 2 == 0
+            current["mode"] = modes[batch_idx % len(modes)]
+            hsu.enabled = current["mode"] == "callback"
             sync(device)
             if watch is not None:
                 watch(batch_idx, hsu.enabled, "start")
@@ -222,14 +230,14 @@ def lightning_steps(
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(device)
-            if batch_idx >= 2:  # the first step of each kind warms up; then (on, off) pairs
-                self.times[hsu.enabled].append(time.perf_counter() - self.t0)
+            if batch_idx >= len(modes):  # the first round warms up
+                self.times[current["mode"]].append(time.perf_counter() - self.t0)
             if watch is not None:
                 watch(batch_idx, hsu.enabled, "end")
 
-    timer = Alternate()
-    fit(device, 2 * steps + 2, [timer, hsu], module or resnet_module())
-    return timer.times[False], timer.times[True]
+    timer = Rotate()
+    fit(device, len(modes) * (steps + 1), [timer, hsu], module or resnet_module())
+    return timer.times
 
 
 def fit(device: torch.device, batches: int, callbacks: list, module) -> None:
@@ -313,14 +321,22 @@ def main() -> None:
             for graphs, per_layer in variants:
                 if per_layer and preset != presets[0]:
                     continue  # the logging's cost does not depend on the regulariser
-                plain, with_cb = lightning_steps(
-                    device, args.steps, cuda_graphs=graphs, log_per_layer=per_layer, preset=preset
+                # on the CPU, the same penalty written in training_step takes turns in the same fit
+                by_hand = preset == "mhe" and device.type == "cpu"
+                times = lightning_steps(
+                    device, args.steps, cuda_graphs=graphs, log_per_layer=per_layer, preset=preset, hand_written=by_hand
                 )
+                plain = times["off"]
                 label = "" if device.type != "cuda" else (", CUDA graphs" if graphs else ", cuda_graphs=False")
                 label += ", log_per_layer=True" if per_layer else ""
                 off = f"Lightning Trainer, callback switched off (enabled=False){label}"
                 on = f"Lightning Trainer + HypersphericalUniformity(preset={preset!r}{label})"
-                rows += [[off, ms(statistics.median(plain)), "(its own baseline)", ""], [on, *growth(with_cb, plain)]]
+                rows.append([off, ms(statistics.median(plain)), "(its own baseline)", ""])
+                if by_hand:
+                    rows.append(
+                        ["Lightning Trainer, the same penalty in training_step", *growth(times["hand-written"], plain)]
+                    )
+                rows.append([on, *growth(times["callback"], plain)])
     print(f"### CIFAR ResNet-18 training step, batch 64, {device.type}, median of {args.steps}\n")
     print(table(["variant", "step ms", "vs no penalty", "paired, median [95% interval]"], rows))
     for note in notes:
