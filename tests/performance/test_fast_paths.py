@@ -128,3 +128,38 @@ def test_half_space_term_at_the_clamp_keeps_the_clamped_values_and_zero_slope(po
     other = 2.0 + 2.0 * abs(edge)
     slope = -2.0 / other**2 if power == 2.0 else -2.0 / other
     assert deriv[0, 0, 1].item() == pytest.approx(slope if edge > 0 else -slope, rel=1e-6)
+
+
+@pytest.mark.parametrize("power", [0.0, 2.0])
+def test_closed_form_half_space_term_is_as_accurate_in_float32_as_the_two_terms(
+    power: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against float64 from the definition, near c = 0 and c = +-1 (angles down to ~0.3 degree).
+
+    Errors are relative to the size of the two terms (value f(c) and f(-c); slope f'(c) and
+    f'(-c)), whose difference the slope is: near c = 0 it cancels, in float64 too."""
+    gap = torch.logspace(-5, -0.01, 400, dtype=torch.float64)  # 1 - |c|, above the clamp's margin
+    cos32 = torch.cat([1.0 - gap, gap - 1.0, torch.linspace(-0.5, 0.5, 401, dtype=torch.float64)]).float()
+    exact = cos32.double()  # the float32 inputs, evaluated in float64
+    terms, slopes = [], []
+    for sign in (1.0, -1.0):
+        leaf = exact.clone().requires_grad_()
+        sq = (2.0 - 2.0 * sign * leaf).clamp_min(1e-6)  # f(c), then f(-c), from the definition
+        term = -torch.log(sq) if power == 0 else sq.pow(-power / 2.0)
+        (slope,) = torch.autograd.grad(term.sum(), leaf)
+        terms.append(term.detach())
+        slopes.append(slope)
+    ref_value, ref_slope = terms[0] + terms[1], slopes[0] + slopes[1]
+    value_scale, slope_scale = terms[0].abs() + terms[1].abs(), slopes[0].abs() + slopes[1].abs()
+    two_terms = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, decide_on_host=False)
+    from lightning_hsu.functional.kernels import PairKernel
+
+    monkeypatch.setattr(PairKernel, "antipodal_sum", None)  # the closed form must not fall back
+    closed = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, decide_on_host=True)
+
+    def worst(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
+        return float(((got.view(-1).double() - want) / scale).abs().max())
+
+    for i, (want, scale) in enumerate([(ref_value, value_scale), (ref_slope, slope_scale)]):
+        closed_error, terms_error = worst(closed[i], want, scale), worst(two_terms[i], want, scale)
+        assert closed_error <= max(2.0 * terms_error, 1e-6), (i, closed_error, terms_error)
