@@ -175,3 +175,44 @@ def test_gaussian_projections_written_into_a_buffer_are_the_same_draw() -> None:
     torch.testing.assert_close(buffer, fresh, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"out must have shape \(3, 2, 7\)"):
         gaussian_projections(7, count=3, dim=2, out=torch.zeros(3, 7, 2))
+
+
+def test_cpu_projections_are_the_same_draw_whichever_threads_draw_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hsu.functional import compressive, gaussian_projections
+
+    def draw(threads: int, parallel_from: int) -> torch.Tensor:
+        monkeypatch.setattr(compressive, "PARALLEL_DRAW_NUMBERS", parallel_from)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return gaussian_projections(30, count=5, dim=4, generator=torch.Generator().manual_seed(3))
+        finally:
+            torch.set_num_threads(before)
+
+    serial = draw(1, 2**30)
+    for threads in (2, 3):
+        torch.testing.assert_close(draw(threads, 1), serial, rtol=0, atol=0)
+    assert not torch.equal(serial, gaussian_projections(30, count=5, dim=4, generator=torch.Generator().manual_seed(4)))
+
+
+def test_cpu_projections_drawn_in_parallel_are_independent_standard_normals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mean, variance, the one-sigma mass and the cross-correlation of the blocks (drawn from
+    separately seeded generators), each within five standard errors."""
+    from lightning_hsu.functional import compressive, gaussian_projections
+
+    monkeypatch.setattr(compressive, "PARALLEL_DRAW_NUMBERS", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = gaussian_projections(2000, count=8, dim=25, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    finally:
+        torch.set_num_threads(before)
+    n = x.numel()  # 400,000
+    assert abs(float(x.mean())) < 5 / n**0.5
+    assert abs(float(x.var()) - 1.0) < 5 * (2 / n) ** 0.5
+    inside = float((x.abs() < 1).double().mean())
+    assert abs(inside - 0.682689) < 5 * (0.682689 * 0.317311 / n) ** 0.5
+    blocks = x.reshape(8, -1)
+    corr = torch.corrcoef(blocks)
+    off_diagonal = corr[~torch.eye(8, dtype=torch.bool)]
+    assert float(off_diagonal.abs().max()) < 5 / blocks.shape[1] ** 0.5
