@@ -13,8 +13,6 @@ All projections are evaluated in one batched pass.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -29,41 +27,6 @@ from lightning_hsu.functional._common import (
 )
 from lightning_hsu.functional._matmul import batched_matmul
 from lightning_hsu.functional.energy import Distance, hyperspherical_energy
-
-#: Numbers per CPU draw from which the projections are drawn by several threads (about 1 ms of
-#: drawing, against ~0.1 ms to start a thread): PyTorch's CPU normal sampler runs on one core
-#: (24.8 M numbers, a ResNet-18's CoMHE draws per step, took 96 ms at 1 or 2 intra-op threads,
-#: 52 ms split over two threads).
-PARALLEL_DRAW_NUMBERS = 2**18
-
-
-def _draw_on_cpu(
-    shape: tuple[int, int, int], generator: torch.Generator | None, dtype: torch.dtype, out: Tensor | None = None
-) -> Tensor:
-    """The projections as ``count`` independent blocks, each from its own generator seeded by a
-    number that ``generator`` draws, so that the blocks can be drawn by several threads and the
-    numbers depend on ``generator`` alone, not on how many threads drew them. Written into ``out``
-    (a contiguous CPU tensor of ``shape``) if given."""
-    count = shape[0]
-    seeds = torch.randint(0, 2**62, (count,), generator=generator).tolist()
-    out = torch.empty(shape, dtype=dtype) if out is None else out
-
-    def draw(blocks: range) -> None:
-        for k in blocks:
-            torch.randn(shape[1:], generator=torch.Generator().manual_seed(seeds[k]), dtype=dtype, out=out[k])
-
-    workers = min(count, torch.get_num_threads()) if out.numel() >= PARALLEL_DRAW_NUMBERS else 1
-    if workers <= 1:
-        draw(range(count))
-        return out
-    # the sampler releases the GIL: threads draw in parallel; a fresh pool per call survives forks
-    threads = [threading.Thread(target=draw, args=(range(i, count, workers),)) for i in range(1, workers)]
-    for thread in threads:
-        thread.start()
-    draw(range(0, count, workers))
-    for thread in threads:
-        thread.join()
-    return out
 
 
 def gaussian_projections(
@@ -80,30 +43,21 @@ def gaussian_projections(
 
     Drawn on the generator's device (the CPU without one), then moved to ``device``: a CUDA
     generator draws them on the GPU, where they are used, instead of the host drawing and
-    copying ``count * dim * in_dim`` numbers. On the CPU each of the ``count`` matrices comes from
-    its own generator, seeded by a number ``generator`` draws, so that large draws run on all
-    intra-op threads (:data:`PARALLEL_DRAW_NUMBERS`) with the same numbers as on one. With
-    ``out`` (of that shape; its device and dtype replace ``device`` and ``dtype``) the same
-    numbers are written into ``out`` in place and it is returned: a CUDA graph that reads ``out``
-    sees each new draw.
+    copying ``count * dim * in_dim`` numbers. With ``out`` (of that shape; its device and dtype
+    replace ``device`` and ``dtype``) the same numbers are written into ``out`` in place and it
+    is returned: a CUDA graph that reads ``out`` sees each new draw.
     """
     for name, value in (("count", count), ("dim", dim), ("in_dim", in_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     draw_on = generator.device if generator is not None else torch.device("cpu")
-    shape = (count, dim, in_dim)
     if out is not None:
-        if out.shape != shape:
-            raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
-        if draw_on.type != "cpu":
-            return torch.randn(shape, generator=generator, dtype=out.dtype, device=draw_on, out=out)
-        if out.device.type == "cpu" and out.is_contiguous():
-            return _draw_on_cpu(shape, generator, out.dtype, out)
-        return out.copy_(_draw_on_cpu(shape, generator, out.dtype))
-    if draw_on.type != "cpu":
-        sample = torch.randn(shape, generator=generator, dtype=dtype, device=draw_on)
-    else:
-        sample = _draw_on_cpu(shape, generator, dtype)
+        if out.shape != (count, dim, in_dim):
+            raise ValueError(f"out must have shape {(count, dim, in_dim)}, got {tuple(out.shape)}")
+        if out.device == draw_on:
+            return torch.randn(count, dim, in_dim, generator=generator, dtype=out.dtype, device=draw_on, out=out)
+        return out.copy_(torch.randn(count, dim, in_dim, generator=generator, dtype=out.dtype, device=draw_on))
+    sample = torch.randn(count, dim, in_dim, generator=generator, dtype=dtype, device=draw_on)
     return sample.to(device) if device is not None else sample
 
 
