@@ -212,6 +212,10 @@ def _fsdp2() -> dict[str, Any]:
     return {"strategy": strategy, "model_cls": FSDP2Net, **TWO_PROCESSES}
 
 
+def _pairs_shared() -> HypersphericalUniformity:
+    return HypersphericalUniformity(preset="mhe", shard_across_ranks=True)
+
+
 #: setting -> (trainer/model overrides, the kinds run under it). The hand-written reference is not
 #: run under FSDP: there ``layer.weight`` in ``training_step`` is a flat shard (FSDP1) or a DTensor
 #: (FSDP2); the test compares with the single-device reference on the same global batch instead.
@@ -222,6 +226,9 @@ SCRIPT_SETTINGS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "fsdp-shared": (lambda: {**_fsdp(), "model_cls": SharedLayerNet}, ("callback",)),
     "fsdp2": (_fsdp2, ("callback", "baseline")),
     "fsdp2-shared": (lambda: {**_fsdp2(), "model_cls": SharedFSDP2Net}, ("callback",)),
+    # each rank computes half of the pairs (shard_across_ranks) on the gathered weights
+    "fsdp-pairs-shared": (lambda: {**_fsdp(), "callback": _pairs_shared()}, ("callback",)),
+    "fsdp2-pairs-shared": (lambda: {**_fsdp2(), "callback": _pairs_shared()}, ("callback",)),
 }
 
 

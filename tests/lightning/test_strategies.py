@@ -222,6 +222,17 @@ def test_sharded_strategy_trains_like_single_device_hand_written_penalty(setting
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("setting", ["fsdp-pairs-shared", "fsdp2-pairs-shared"])
+def test_pairs_shared_across_ranks_under_fsdp_train_like_the_whole_penalty(setting, two_process_runs, single_device_32):
+    """``shard_across_ranks=True`` under FSDP1 and FSDP2: each rank computes half of the pairs on the
+    gathered weights, scaled by 2, and the strategy's averaged gradient is the whole penalty's."""
+    callback = load_ranks(two_process_runs, setting, "callback")
+    _assert_sharded_outside_forward(callback[0], setting)
+    assert_same(callback[0]["weights"], callback[1]["weights"])
+    assert_same(callback[0]["weights"], single_device_32["reference"])
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("setting", ["fsdp-shared", "fsdp2-shared"])
 def test_layer_called_twice_under_sharding_is_penalised_once_per_step(setting, two_process_runs, tmp_path):
     """The shared layer is gathered again for its second call; the penalty still counts once."""
