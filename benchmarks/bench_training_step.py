@@ -209,6 +209,8 @@ def lightning_steps(
     from lightning_hsu import HypersphericalUniformity
 
     hsu = callback or HypersphericalUniformity(preset=preset, log_per_layer=log_per_layer, cuda_graphs=cuda_graphs)
+    if hand_written and module is not None:
+        raise ValueError("hand_written builds its own module; pass one or the other")
     modes = ["callback", "off", "hand-written"] if hand_written else ["callback", "off"]
     current = {"mode": modes[0]}
     if hand_written:
