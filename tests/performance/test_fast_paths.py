@@ -85,13 +85,15 @@ def test_one_block_schedule_in_kernel_row_blocks_matches_concatenation(
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-8, atol=1e-10)
 
 
+def _clamped_riesz(cos: torch.Tensor, power: float) -> torch.Tensor:
+    """f(c) from the definition: d^2 = max(2 - 2c, 1e-6), f = d^-s or -log d^2 (s = 0)."""
+    sq = (2.0 - 2.0 * cos).clamp_min(1e-6)
+    return -torch.log(sq) if power == 0 else sq.pow(-power / 2.0)
+
+
 def _clamped_riesz_pair(cos: torch.Tensor, power: float) -> torch.Tensor:
-    """f(c) + f(-c) from the definition: d^2 = max(2 - 2c, 1e-6), f = d^-s or -log d^2 (s = 0)."""
-    total = cos.new_zeros(cos.shape)
-    for c in (cos, -cos):
-        sq = (2.0 - 2.0 * c).clamp_min(1e-6)
-        total = total + (-torch.log(sq) if power == 0 else sq.pow(-power / 2.0))
-    return total
+    """f(c) + f(-c) from the definition."""
+    return _clamped_riesz(cos, power) + _clamped_riesz(-cos, power)
 
 
 @pytest.mark.parametrize("power", [0.0, 2.0])
@@ -144,8 +146,7 @@ def test_closed_form_half_space_term_is_as_accurate_in_float32_as_the_two_terms(
     terms, slopes = [], []
     for sign in (1.0, -1.0):
         leaf = exact.clone().requires_grad_()
-        sq = (2.0 - 2.0 * sign * leaf).clamp_min(1e-6)  # f(c), then f(-c), from the definition
-        term = -torch.log(sq) if power == 0 else sq.pow(-power / 2.0)
+        term = _clamped_riesz(sign * leaf, power)  # f(c), then f(-c)
         (slope,) = torch.autograd.grad(term.sum(), leaf)
         terms.append(term.detach())
         slopes.append(slope)
