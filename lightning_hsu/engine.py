@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional._common import NonFiniteInputError
-from lightning_hsu.functional.neurons import is_parametrized_weight, layer_neurons, neurons_of
-from lightning_hsu.rules import Binding, Rule, find_classifier, resolve_rules
+from lightning_hsu.layers import lazy
+from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
 
 OnNonFinite = Literal["raise", "skip"]
 #: A capture's key: the ids of its bindings, group by group.
@@ -88,8 +88,11 @@ class StepRecord:
     weighted: dict[str, Tensor] = field(default_factory=dict)
     checked: int = 0
     done: set[int] = field(default_factory=set)
-    #: Layers whose forward ran in this step, penalties not computed yet (untied mode).
-    deferred: list[tuple[Binding, nn.Module]] = field(default_factory=list)
+    #: Bindings whose hook ran with autograd off (tied mode): their penalty could not be tied.
+    no_grad: set[int] = field(default_factory=set)
+    #: The weights parametrizations computed in this step, by ``(id(module), attribute)``: the
+    #: penalty reads the weight the forward used instead of evaluating it again.
+    captured: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
 
 class PenaltyEngine:
@@ -162,7 +165,10 @@ class PenaltyEngine:
         #: ``(rank, world_size)`` when sum-over-pairs penalties are shared across ranks.
         self.shard: tuple[int, int] | None = None
         self.bindings: list[Binding] = []
+        #: What the last :meth:`bind` selected and left out (see :meth:`summary`).
+        self.selection = Selection()
         self.classifier_name: str | None = None
+        self._missed_reported = False
         self._handles: list[Any] = []
         self._record: StepRecord | None = None
         self._pending_state: dict[str, Any] = {}
@@ -191,7 +197,21 @@ class PenaltyEngine:
     def bind(self, root: nn.Module, *, check_weights: bool = True) -> list[Binding]:
         """Resolve the rules on ``root``; regularizer state loaded earlier is applied here."""
         self.classifier_name = find_classifier(root, self.classifier)
-        bindings = resolve_rules(root, self.rules, self.classifier_name, check_weights=check_weights)
+        selection = resolve_rules(root, self.rules, self.classifier_name, check_weights=check_weights)
+        bindings = selection.bindings
+        if self.bindings and not check_weights:
+            # Shards hide the shapes: keep the layers the whole weights selected before wrapping.
+            known = {b.key for b in self.bindings}
+            bindings = [b for b in bindings if b.key in known]
+            selection.skipped = self.selection.skipped
+            selection.dropped = self.selection.dropped
+        if not bindings:
+            raise ValueError(
+                "no layer of the model is regularised by any rule; "
+                + "; ".join(f"{s.layer}: {s.reason}" for s in selection.skipped[:8])
+            )
+        selection.bindings = bindings
+        self.selection = selection
         if self.bindings:
             # Re-binding after the strategy wrapped the model: keep each layer's regularizer state.
             old = {b.key: b.regularizer for b in self.bindings}
@@ -209,10 +229,6 @@ class PenaltyEngine:
         """Whether this binding computes only this rank's share of its pairs."""
         return self.shard is not None and binding.regularizer.supports_sharding
 
-    @property
-    def layer_names(self) -> list[str]:
-        return sorted({b.layer_name for b in self.bindings})
-
     def coefficient(self, binding: Binding, step: int) -> float:
         """:math:`\\lambda \\cdot \\text{schedule}(step) \\cdot k` on an active step, else 0."""
         if not self.enabled or step % self.every_n_steps != 0:
@@ -221,15 +237,30 @@ class PenaltyEngine:
 
     # -- hooks ------------------------------------------------------------------------------------
     def install_hooks(self) -> None:
-        """Register one forward hook per regularised module (idempotent).
+        """Register the forward hooks (idempotent).
 
-        Hooks are prepended: after FSDP2's ``fully_shard`` its post-forward hook reshards the
-        weight, so ours must run first.
+        With :attr:`tie_to_output`, one hook per module whose forward runs with the weights whole
+        computes their penalties there. Parametrized weights get a hook on their parametrization
+        that keeps the weight the forward computed, so it is evaluated once per step. Hooks are
+        prepended: after FSDP2's ``fully_shard`` its post-forward hook reshards the weight, so
+        ours must run first.
         """
         self.remove_hooks()
+        captured: set[tuple[int, str]] = set()
+        for b in self.bindings:
+            view = b.view
+            key = (id(view.module), view.attribute)
+            if view.parametrized and key not in captured:
+                captured.add(key)
+                plist = view.module.parametrizations[view.attribute]  # type: ignore[index]
+                self._handles.append(plist.register_forward_hook(self._make_capture_hook(key)))
+        if not self.tie_to_output:
+            return
         modules: dict[int, tuple[nn.Module, list[Binding]]] = {}
         for b in self.bindings:
-            modules.setdefault(id(b.module), (b.module, []))[1].append(b)
+            hook_module = b.view.hook_module
+            assert hook_module is not None
+            modules.setdefault(id(hook_module), (hook_module, []))[1].append(b)
         for module, bindings in modules.values():
             hook = self._make_hook(bindings)
             self._handles.append(module.register_forward_hook(hook, prepend=True))
@@ -243,27 +274,35 @@ class PenaltyEngine:
         self._graph_factors.clear()
         self._groupings.clear()
 
+    def _make_capture_hook(self, key: tuple[int, str]) -> Any:
+        engine = self
+
+        @torch.compiler.disable
+        def capture(parametrization: nn.Module, args: Any, output: Any) -> None:
+            record = engine._record
+            if record is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
+                record.captured.setdefault(key, output)
+
+        return capture
+
     def _make_hook(self, bindings: list[Binding]) -> Any:
         engine = self
 
         @torch.compiler.disable
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             record = engine._record
-            if record is None or not torch.is_grad_enabled():
+            if record is None:
+                return None
+            if not torch.is_grad_enabled():
+                record.no_grad.update(id(b) for b in bindings)
                 return None
             todo = [b for b in bindings if id(b) not in record.done]
             if not todo:
                 return None  # weight sharing: once per step
             record.done.update(id(b) for b in todo)
-            if not engine.tie_to_output:
-                # Whole weights do not change during the forward pass: compute the penalty when
-                # the loss is collected, not between the network's own layers, whose data it
-                # would push out of the caches (measured: ~1.5x its cost on a CPU ResNet step).
-                record.deferred.extend((b, module) for b in todo)
-                return None
             total = None
             for b in todo:
-                value = engine._penalty_of(b, module, record.step)
+                value = engine._penalty_of(b, record.step)
                 if value is None:
                     continue
                 total = value if total is None else total + value
@@ -281,12 +320,25 @@ class PenaltyEngine:
 
         return hook
 
-    def _penalty_of(self, binding: Binding, module: nn.Module, step: int) -> Tensor | None:
+    def _neurons(self, binding: Binding) -> Tensor:
+        """The binding's neurons as the layer used them in this step."""
+        view = binding.view
+        record = self._record
+        if view.parametrized and record is not None:
+            weight = record.captured.get((id(view.module), view.attribute))
+            if weight is not None:
+                return view.neurons_from(weight)
+        neurons = view.neurons()
+        if neurons.shape[0] < 2:  # a lazy layer, materialised after the checks of `bind`
+            raise ValueError(f"layer {binding.layer_name!r} has {neurons.shape[0]} neuron; at least 2 are needed")
+        return neurons
+
+    def _penalty_of(self, binding: Binding, step: int) -> Tensor | None:
         coefficient = self.coefficient(binding, step)
-        if coefficient == 0.0:
+        if coefficient == 0.0 or not binding.view.trainable():  # frozen for now (fine-tuning schedules)
             return None
         try:
-            neurons = neurons_of(module, name=binding.layer_name)
+            neurons = self._neurons(binding)
             if self._checked_per_step(binding, neurons):
                 penalty = binding.regularizer(neurons, step=step, check_finite=False)
             else:
@@ -329,8 +381,8 @@ class PenaltyEngine:
 
     @staticmethod
     def _nonfinite_message(binding: Binding, value: Tensor, step: int) -> str:
-        weight = getattr(binding.module, "weight", None)
-        if isinstance(weight, Tensor) and not bool(torch.isfinite(weight.detach()).all()):
+        weight = binding.view.source()
+        if not bool(torch.isfinite(weight.detach()).all()):
             return (
                 f"the weights of layer {binding.layer_name!r} contain NaN or inf at global step {step}, so its "
                 f"{binding.rule.label!r} penalty is undefined; the weights were not updated with it"
@@ -341,47 +393,43 @@ class PenaltyEngine:
         )
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def _graph_capturable(self, binding: Binding, module: nn.Module) -> bool:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.device.type != self.GRAPH_DEVICE:
+    def _graph_capturable(self, binding: Binding) -> bool:
+        view = binding.view
+        if view.parametrized or view.layout == "lora_update":
+            return False
+        weight = view.source()
+        if weight.device.type != self.GRAPH_DEVICE:
             return False
         if weight.is_cuda and weight.device.index != torch.cuda.current_device():
             return False  # a graph runs on one device: layers placed on another stay eager
-        return (
-            binding.regularizer.capturable
-            and weight.is_leaf
-            and weight.requires_grad
-            and not is_parametrized_weight(module)
-        )
+        return binding.regularizer.capturable and weight.is_leaf and weight.requires_grad
 
     @staticmethod
-    def _capturable_penalties(members: list[tuple[Binding, nn.Module]], *weights: Tensor) -> Tensor:
+    def _capturable_penalties(members: list[Binding], *weights: Tensor) -> Tensor:
         """The penalties of a group of layers from their weights: one call, batched over the
         group's layers of one shape (a single layer's is its scalar penalty)."""
-        binding, module = members[0]
+        binding = members[0]
         if len(members) == 1:
-            return binding.regularizer.graph_penalty(layer_neurons(module, weights[0]))
-        neurons = torch.stack([layer_neurons(m, w) for (_, m), w in zip(members, weights, strict=True)])
-        return binding.regularizer.graph_penalties(neurons, [b.regularizer for b, _ in members])
+            return binding.regularizer.graph_penalty(binding.view.neurons_from(weights[0]))
+        neurons = torch.stack([b.view.neurons_from(w) for b, w in zip(members, weights, strict=True)])
+        return binding.regularizer.graph_penalties(neurons, [b.regularizer for b in members])
 
-    def _graph_groups(
-        self, graphed: list[tuple[Binding, nn.Module, float]]
-    ) -> list[list[tuple[Binding, nn.Module, float]]]:
+    def _graph_groups(self, graphed: list[tuple[Binding, float]]) -> list[list[tuple[Binding, float]]]:
         """``graphed`` in groups that one call computes: layers of one neuron shape and dtype, shared
         across ranks alike, whose :attr:`~lightning_hsu.regularizers.Regularizer.batchable`
         regularizers have the same type and hyperparameters; any other layer alone. On a GPU each
         call is a few dozen small kernels whatever its size, so a group costs about one layer's.
         Kept per set of layers and weight shapes (working it out took 0.1 ms of host time per step
         for a ResNet-18, where a GPU step is 10 ms)."""
-        signature = (self.BATCH_GRAPHS, *((id(b), m.weight.shape, m.weight.dtype) for b, m, _ in graphed))
+        signature = (self.BATCH_GRAPHS, *((id(b), b.view.source().shape, b.view.source().dtype) for b, _ in graphed))
         layout = self._groupings.get(signature)
         if layout is None:
             groups: dict[object, list[int]] = {}
-            for index, (binding, module, _) in enumerate(graphed):
+            for index, (binding, _) in enumerate(graphed):
                 regularizer = binding.regularizer
                 key: object = id(binding)
                 if self.BATCH_GRAPHS and regularizer.batchable:
-                    neurons = layer_neurons(module, module.weight)
+                    neurons = binding.view.neurons()
                     hparams = repr(sorted(regularizer.hparams().items()))
                     key = (type(regularizer), hparams, self.is_sharded(binding), tuple(neurons.shape), neurons.dtype)
                 groups.setdefault(key, []).append(index)
@@ -390,9 +438,7 @@ class PenaltyEngine:
             layout = self._groupings[signature] = list(groups.values())
         return [[graphed[i] for i in group] for group in layout]
 
-    def _replay_graphs(
-        self, record: StepRecord, deferred: list[tuple[Binding, nn.Module]]
-    ) -> list[tuple[Binding, nn.Module]]:
+    def _replay_graphs(self, record: StepRecord, deferred: list[Binding]) -> list[Binding]:
         """Compute the penalties of ``deferred`` that a CUDA graph can hold by replaying it (captured
         at first use, again when a weight moved); return the layers left to compute eagerly."""
         if not self.cuda_graphs or self.on_nonfinite != "raise":
@@ -400,29 +446,29 @@ class PenaltyEngine:
         # a user who captures the whole step already has what this gives: stay eager inside it
         if self.GRAPH_DEVICE == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing()):
             return deferred
-        graphed: list[tuple[Binding, nn.Module, float]] = []
-        rest: list[tuple[Binding, nn.Module]] = []
-        for binding, module in deferred:
+        graphed: list[tuple[Binding, float]] = []
+        rest: list[Binding] = []
+        for binding in deferred:
             coefficient = self.coefficient(binding, record.step)
-            if coefficient != 0.0 and self._graph_capturable(binding, module):
-                graphed.append((binding, module, coefficient))
+            if coefficient != 0.0 and self._graph_capturable(binding):
+                graphed.append((binding, coefficient))
             else:
-                rest.append((binding, module))
+                rest.append(binding)
         if not graphed:
             return deferred
         groups = self._graph_groups(graphed)
         graphed = [entry for group in groups for entry in group]  # the order of the graphs' values
-        key = tuple(tuple(id(b) for b, _, _ in group) for group in groups)  # a grouping is its own capture
-        weights = [m.weight for _, m, _ in graphed]
+        key = tuple(tuple(id(b) for b, _ in group) for group in groups)  # a grouping is its own capture
+        weights = [b.view.source() for b, _ in graphed]
         with torch.no_grad():  # before the capture too: it reads what this writes (CoMHE's projections)
-            for binding, module, _ in graphed:
-                binding.regularizer.refresh_graph_inputs(layer_neurons(module, module.weight), step=record.step)
+            for binding, _ in graphed:
+                binding.regularizer.refresh_graph_inputs(binding.view.neurons(), step=record.step)
         graphs = self._graphs.pop(key, None)
         if graphs is None or not graphs.matches(weights):
             graphs = None  # free the old capture's memory before making the new one
             try:
                 graphs = GraphedPenalties(
-                    [functools.partial(self._capturable_penalties, [(b, m) for b, m, _ in g]) for g in groups],
+                    [functools.partial(self._capturable_penalties, [b for b, _ in g]) for g in groups],
                     weights,
                     counts=[len(g) for g in groups],
                 )
@@ -445,20 +491,20 @@ class PenaltyEngine:
         seen = values.detach().clone()  # the next replay overwrites the graph's output
         factors = self._factors(key, graphed, values)
         weighted = seen * factors[0]
-        for i, (binding, _, _) in enumerate(graphed):
+        for i, (binding, _) in enumerate(graphed):
             record.values[binding.key] = seen[i]
             record.weighted[binding.key] = weighted[i]
         record.pending.append(torch.dot(values, factors[1]))
         return rest
 
-    def _factors(self, key: _GraphKey, graphed: list[tuple[Binding, nn.Module, float]], values: Tensor) -> Tensor:
+    def _factors(self, key: _GraphKey, graphed: list[tuple[Binding, float]], values: Tensor) -> Tensor:
         """``[2, L]``: the coefficients, then the same scaled for sharding, on the values' device.
 
         Kept while they do not change: a blocking copy to the GPU waits for its queue (a host
         sync); a changed one (a schedule) is copied from pinned memory without blocking.
         """
-        plain = [c for _, _, c in graphed]
-        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, _, c in graphed]
+        plain = [c for _, c in graphed]
+        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, c in graphed]
         wanted = (*plain, *scaled)
         cached = self._graph_factors.get(key)
         if cached is not None and cached[0] == wanted:
@@ -557,10 +603,13 @@ class PenaltyEngine:
         record = self._record
         if record is None:
             return None
-        deferred, record.deferred = record.deferred, []
+        # Whole weights: every selected layer, whether or not its forward ran with autograd on
+        # (reentrant checkpointing) or at all (weights read outside forward).
+        todo = [] if self.tie_to_output else [b for b in self.bindings if id(b) not in record.done]
+        record.done.update(id(b) for b in todo)
         with torch.enable_grad():
-            for binding, module in self._replay_graphs(record, deferred):
-                value = self._penalty_of(binding, module, record.step)
+            for binding in self._replay_graphs(record, todo):
+                value = self._penalty_of(binding, record.step)
                 if value is not None:
                     record.pending.append(value)
         self._check_finite(record)
@@ -580,6 +629,49 @@ class PenaltyEngine:
         if record is not None:
             self._last_values = dict(record.values)
             self._last_weighted = dict(record.weighted)
+            if self.tie_to_output and not self._missed_reported:
+                self._missed_reported = True
+                self._report_missed(record)
+
+    def _report_missed(self, record: StepRecord) -> None:
+        """Warn once, after the first step, about tied layers whose penalty never reached the loss."""
+        missed = []
+        for b in self.bindings:
+            if id(b) in record.done or not b.view.trainable():
+                continue
+            if id(b) in record.no_grad:
+                why = "its forward ran with autograd off (reentrant activation checkpointing? use use_reentrant=False)"
+            else:
+                why = "its forward was not called in this step"
+            missed.append(f"{b.layer_name}: {why}")
+        if missed:
+            warnings.warn(
+                "hyperspherical penalties of these layers did not reach the loss in the first training step, because "
+                "under a sharded strategy a penalty is computed in its layer's forward: " + "; ".join(missed),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def summary(self) -> str:
+        """What is regularised: a line per set of neurons (layer, neurons × dim, rule, space) and
+        one per layer left out, with the reason."""
+        rows = []
+        for b in self.bindings:
+            shape = b.view.shape() if not lazy(b.view) else None
+            size = f"{shape[0]} x {shape[1]}" if shape is not None else "lazy (bound when materialised)"
+            space = "half" if b.regularizer.hparams().get("half_space") else "full"
+            rows.append((b.layer_name, size, b.rule.label, space))
+        width = max([len(r[0]) for r in rows] + [5])
+        lines = [
+            f"{len(rows)} set(s) of neurons regularised"
+            + (f", {len(self.selection.skipped)} left out" if self.selection.skipped else "")
+        ]
+        lines += [f"  {name:<{width}}  {size:<14} {label:<18} {space}" for name, size, label, space in rows]
+        for s in self.selection.skipped:
+            lines.append(f"  left out: {s.layer} (rule {s.rule_index}): {s.reason}")
+        for _, reason in self.selection.dropped:
+            lines.append(f"  {reason}")
+        return "\n".join(lines)
 
     @property
     def last_values(self) -> dict[str, float]:
@@ -613,7 +705,7 @@ class PenaltyEngine:
             for b in self.bindings:
                 if wanted is not None and not self._owns(b.module, wanted):
                     continue
-                value = self._penalty_of(b, b.module, step)
+                value = self._penalty_of(b, step)
                 if value is not None:
                     total = value if total is None else total + value
             self._check_finite(self._record)

@@ -42,6 +42,15 @@ def keeps_whole_weights(strategy: Any) -> bool:
     return bool(names & {"SingleDeviceStrategy", "DDPStrategy"})
 
 
+def overrides(pl_module: torch.nn.Module, name: str) -> bool:
+    """Whether the module's class overrides the ``LightningModule`` hook ``name``, in either
+    namespace (``lightning.pytorch`` or ``pytorch_lightning``)."""
+    base = next((c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule"), None)
+    if base is None:
+        return hasattr(pl_module, name)
+    return getattr(type(pl_module), name, None) is not getattr(base, name, None)
+
+
 def attached_engines(pl_module: torch.nn.Module) -> list[PenaltyEngine]:
     return list(getattr(pl_module, ENGINES_ATTR, []))
 

@@ -38,7 +38,7 @@ def _as_rule(rule: Rule | dict[str, Any], index: int) -> Rule:
 
 
 class HypersphericalUniformityMixin:
-    """Mix into a LightningModule (before ``LightningModule`` in the bases)::
+    """Mix into a LightningModule (any order of the bases; an inherited ``training_step`` works)::
 
         class Net(HypersphericalUniformityMixin, pl.LightningModule):
             def __init__(self, hsu_rules=({"regularizer": "mhe", "coefficient": 1.0},)):
@@ -59,21 +59,14 @@ class HypersphericalUniformityMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        step = cls.__dict__.get("training_step")
-        if step is None or getattr(step, "_hsu_wrapped", False):
-            return
-
-        @functools.wraps(step)
-        def training_step(self: Any, *args: Any, **kw: Any) -> Any:
-            engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
-            if engine is None:
-                return step(self, *args, **kw)
-            self._hsu_prepare()
-            # Re-entry (a subclass calling super().training_step) is a no-op in run_training_step.
-            return run_training_step(engine, self, functools.partial(step, self), args, kw, type(self).__name__)
-
-        training_step._hsu_wrapped = True  # type: ignore[attr-defined]
-        cls.training_step = training_step  # type: ignore[attr-defined]
+        # Wrap the methods the class resolves, wherever they are defined (the class itself, a base
+        # further down, or LightningModule), so the mixin works in any order of the bases.
+        for name, wrap in _WRAPPERS.items():
+            method = getattr(cls, name, None)
+            if method is not None and not getattr(method, "_hsu_wrapped", False):
+                wrapped = wrap(method)
+                wrapped._hsu_wrapped = True  # type: ignore[attr-defined]
+                setattr(cls, name, wrapped)
 
     def configure_hyperspherical(
         self,
@@ -124,24 +117,6 @@ class HypersphericalUniformityMixin:
         attach(module, engine)
         object.__setattr__(self, "_hsu_ready", True)
 
-    def on_fit_start(self) -> None:
-        # Hooks go in before the sanity check, so a compiled forward sees them from the start.
-        self._hsu_prepare()
-        super().on_fit_start()  # type: ignore[misc]
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        # on a GPU the NaN/inf check of the penalties waits until here, before the weights change
-        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
-        if engine is not None:
-            engine.check_finite_pending()
-        super().on_before_optimizer_step(optimizer)  # type: ignore[misc]
-
-    def on_train_end(self) -> None:
-        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
-        if engine is not None:
-            engine.check_finite_pending()
-        super().on_train_end()  # type: ignore[misc]
-
     def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:
         """The penalty to add to the loss; see :func:`lightning_hsu.hyperspherical_penalty`."""
         engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
@@ -151,6 +126,53 @@ class HypersphericalUniformityMixin:
             )
         self._hsu_prepare()
         return manual_penalty(self, optimizer, engines=[engine])  # type: ignore[arg-type]
+
+
+def _engine_of(module: Any) -> PenaltyEngine | None:
+    return getattr(module, _ENGINE_ATTR, None)
+
+
+def _wrap_training_step(step: Any) -> Any:
+    @functools.wraps(step)
+    def training_step(self: Any, *args: Any, **kw: Any) -> Any:
+        engine = _engine_of(self)
+        if engine is None:
+            return step(self, *args, **kw)
+        self._hsu_prepare()
+        # Re-entry (a subclass calling super().training_step) is a no-op in run_training_step.
+        return run_training_step(engine, self, functools.partial(step, self), args, kw, type(self).__name__)
+
+    return training_step
+
+
+def _wrap_on_fit_start(hook: Any) -> Any:
+    @functools.wraps(hook)
+    def on_fit_start(self: Any) -> Any:
+        self._hsu_prepare()  # hooks go in before the sanity check, so a compiled forward sees them
+        return hook(self)
+
+    return on_fit_start
+
+
+def _wrap_check_pending(hook: Any) -> Any:
+    """On a GPU the NaN/inf check of the penalties waits until the optimizer step or the end."""
+
+    @functools.wraps(hook)
+    def checked(self: Any, *args: Any, **kw: Any) -> Any:
+        engine = _engine_of(self)
+        if engine is not None:
+            engine.check_finite_pending()
+        return hook(self, *args, **kw)
+
+    return checked
+
+
+_WRAPPERS = {
+    "training_step": _wrap_training_step,
+    "on_fit_start": _wrap_on_fit_start,
+    "on_before_optimizer_step": _wrap_check_pending,
+    "on_train_end": _wrap_check_pending,
+}
 
 
 def hyperspherical_penalty(pl_module: pl.LightningModule, optimizer: Any = None) -> Tensor:

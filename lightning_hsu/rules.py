@@ -11,34 +11,33 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_hsu.functional.neurons import neuron_count
+from lightning_hsu.layers import (
+    DEFAULT_LAYER_TYPES,
+    SUPPORTED_KINDS,
+    LayerView,
+    is_candidate_type,
+    is_depthwise,
+    is_hf_conv1d,
+    layer_views,
+    lazy,
+    user_modules,
+    within_lora_layer,
+)
 from lightning_hsu.regularizers import MHE, MHP, MHS, RMHP, CoMHE, Regularizer, make_regularizer
 from lightning_hsu.regularizers.registry import REGULARIZERS
 from lightning_hsu.regularizers.separation import MGD
 from lightning_hsu.schedules import Constant, Schedule
 
-#: Module types selected when a rule names none.
-DEFAULT_LAYER_TYPES: tuple[str, ...] = (
-    "Linear",
-    "Conv1d",
-    "Conv2d",
-    "Conv3d",
-    "ConvTranspose1d",
-    "ConvTranspose2d",
-    "ConvTranspose3d",
-)
-
-#: Path segments that wrappers insert into module names (FSDP1, activation checkpointing,
-#: torch.compile); they are removed so that names are the ones a user sees in ``print(model)``.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-
-Target = Literal["all", "hidden", "classifier"]
+Target = Literal["all", "hidden", "classifier", "attention", "mlp", "embedding"]
+_TARGETS = ("all", "hidden", "classifier", "attention", "mlp", "embedding")
+#: Layers with more neurons than this are left out unless a rule names them (`Rule.max_neurons`).
+MAX_NEURONS = 8192
 
 
 @dataclass
@@ -56,11 +55,24 @@ class Rule:
             match at least one module.
         regex: a regular expression the qualified module name must match (``re.search``).
         layer_types: module class names (any class in the module's MRO counts); ``None`` =
-            :data:`DEFAULT_LAYER_TYPES` (Linear, Conv*, ConvTranspose*).
+            `DEFAULT_LAYER_TYPES` of `lightning_hsu.layers` (Linear, Conv*, ConvTranspose*,
+            Hugging Face Conv1D, MultiheadAttention).
         exclude: glob patterns of modules to leave out.
-        target: ``"all"``, ``"hidden"`` (everything but the classifier) or ``"classifier"``.
+        target: ``"all"``, ``"hidden"`` (everything but the classifier), ``"classifier"``, or a
+            role of a transformer's layers: ``"attention"`` (Q/K/V/output projections),
+            ``"mlp"`` (the other linear layers), ``"embedding"`` (``nn.Embedding``); the roles
+            leave the classifier out.
         schedule: coefficient schedule over global steps (default constant).
         name: label used in logged keys (default: the regularizer's name).
+        per_head: split every attention projection into its heads, each head's rows a layer.
+        lora: ``"skip"`` (default) leaves PEFT LoRA layers' adapter factors alone (their frozen
+            base weights are skipped as frozen); ``"update"`` regularises the rows of each LoRA
+            layer's update ``scaling · B A``.
+        max_neurons: layers with more neurons are left out unless named exactly in ``layers``
+            (a tied LM head or a huge embedding would cost many steps' time; regularise those by
+            name, e.g. with a sampled regularizer); ``None`` = no limit.
+        required: raise when the rule selects no layer (``False``: the rule is dropped, and the
+            selection summary says so; the presets' classifier rule).
     """
 
     regularizer: str | Regularizer = "mhe"
@@ -73,6 +85,10 @@ class Rule:
     target: Target = "all"
     schedule: Schedule | None = None
     name: str | None = None
+    per_head: bool = False
+    lora: Literal["skip", "update"] = "skip"
+    max_neurons: int | None = MAX_NEURONS
+    required: bool = True
 
     def validate(self, index: int) -> None:
         """Check the options that do not depend on a model; errors name the rule and option."""
@@ -80,8 +96,16 @@ class Rule:
         c = self.coefficient
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
             raise ValueError(f"{where}: `coefficient` must be a finite number >= 0, got {c!r}")
-        if self.target not in ("all", "hidden", "classifier"):
-            raise ValueError(f"{where}: `target` must be 'all', 'hidden' or 'classifier', got {self.target!r}")
+        if self.target not in _TARGETS:
+            raise ValueError(f"{where}: `target` must be one of {list(_TARGETS)}, got {self.target!r}")
+        if self.lora not in ("skip", "update"):
+            raise ValueError(f"{where}: `lora` must be 'skip' or 'update', got {self.lora!r}")
+        for flag_name in ("per_head", "required"):
+            if not isinstance(getattr(self, flag_name), bool):
+                raise ValueError(f"{where}: `{flag_name}` must be true or false, got {getattr(self, flag_name)!r}")
+        m = self.max_neurons
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
+            raise ValueError(f"{where}: `max_neurons` must be an integer >= 2 or None, got {m!r}")
         if self.layers is not None and (
             isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers)
         ):
@@ -127,13 +151,20 @@ class Rule:
 
 @dataclass
 class Binding:
-    """One (layer, rule) pair: the layer's own regularizer instance and coefficient."""
+    """One (set of neurons, rule) pair: the layer's own regularizer instance and coefficient."""
 
-    layer_name: str
-    module: nn.Module
+    view: LayerView
     rule_index: int
     rule: Rule
     regularizer: Regularizer
+
+    @property
+    def layer_name(self) -> str:
+        return self.view.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.view.module
 
     @property
     def key(self) -> str:
@@ -141,31 +172,28 @@ class Binding:
         return f"{self.layer_name}/{self.rule.label}"
 
 
-def clean_module_name(name: str) -> str:
-    """Drop wrapper segments (FSDP1, activation checkpointing, compile) from a module path."""
-    parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
-    return ".".join(parts)
+@dataclass
+class Skipped:
+    """A layer a rule matched but does not regularise, and why (shown in the selection summary)."""
+
+    layer: str
+    rule_index: int
+    reason: str
 
 
-def user_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(clean name, module)`` for every module a user wrote, skipping wrapper modules."""
-    seen: set[int] = set()
-    for name, module in root.named_modules():
-        cleaned = clean_module_name(name)
-        if not cleaned or id(module) in seen:
-            continue
-        if type(module).__name__ in ("FullyShardedDataParallel", "CheckpointWrapper", "OptimizedModule"):
-            continue
-        seen.add(id(module))
-        yield cleaned, module
+@dataclass
+class Selection:
+    """What :func:`resolve_rules` made of the rules: the bindings, the layers left out and why,
+    and the optional rules that selected nothing."""
 
-
-def _is_type(module: nn.Module, names: Sequence[str]) -> bool:
-    return any(cls.__name__ in names for cls in type(module).__mro__)
+    bindings: list[Binding] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    dropped: list[tuple[int, str]] = field(default_factory=list)
 
 
 def find_classifier(root: nn.Module, classifier: str | None) -> str | None:
-    """Name of the classifier: ``classifier`` if given, else the last Linear module registered."""
+    """Name of the classifier: ``classifier`` if given, else the last linear layer registered
+    (``nn.Linear`` or Hugging Face ``Conv1D``) outside attention blocks."""
     modules = dict(user_modules(root))
     if classifier is None:
         return None
@@ -173,7 +201,13 @@ def find_classifier(root: nn.Module, classifier: str | None) -> str | None:
         if classifier not in modules:
             raise ValueError(f"classifier layer {classifier!r} is not a module of the model; modules: {_some(modules)}")
         return classifier
-    linear = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+    linear = [
+        name
+        for name, m in modules.items()
+        if (isinstance(m, nn.Linear) or is_hf_conv1d(m))
+        and not within_lora_layer(name, modules)
+        and all(v.role != "attention" for v in layer_views(name, m, modules))
+    ]
     return linear[-1] if linear else None
 
 
@@ -182,105 +216,175 @@ def _some(modules: dict[str, nn.Module], limit: int = 12) -> str:
     return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
 
 
-def _has_neurons(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, Tensor) and (weight.dim() >= 2 or type(module).__name__ in DEFAULT_LAYER_TYPES)
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _has_trainable_weight(module: nn.Module) -> bool:
-    if any(p.requires_grad for p in module.parameters(recurse=False)):
+def _in_target(view: LayerView, rule: Rule, classifier: str | None) -> bool:
+    is_classifier = view.module_name == classifier
+    if rule.target == "all":
         return True
-    # parametrized weights keep their parameters one level down (module.parametrizations)
-    return any(p.requires_grad for p in module.parameters())
+    if rule.target == "classifier":
+        return is_classifier
+    if rule.target == "hidden":
+        return not is_classifier
+    return not is_classifier and view.role == rule.target
+
+
+def _skip_reason(view: LayerView, rule: Rule, exact: bool, modules: dict[str, nn.Module], check: bool) -> str | None:
+    """Why a matched view is left out (``None``: kept); raises for a layer named exactly that
+    cannot be regularised."""
+    if within_lora_layer(view.module_name, modules):
+        return "inside a LoRA layer (Rule(lora='update') regularises the layer's update)"
+    if not exact and is_depthwise(view.module):
+        return "depthwise convolution: each filter reads its own input channel (name it in `layers` to include it)"
+    if not view.trainable():
+        return "frozen (requires_grad=False)"
+    if not check or lazy(view):
+        return None
+    full = view.source_shape()
+    if full is None or len(full) < 2:
+        if exact:
+            raise ValueError(
+                f"layer {view.name!r} ({type(view.module).__name__}) has a weight of shape {full}; "
+                "hyperspherical penalties need one neuron per row (2+ dimensions)"
+            )
+        return "no neuron matrix (a 1-D weight)"
+    shape = view.shape()
+    assert shape is not None
+    if shape[0] < 2:
+        if exact:
+            raise ValueError(f"layer {view.name!r} has {shape[0]} neuron; at least 2 are needed")
+        return f"{shape[0]} neuron (at least 2 are needed)"
+    if not exact and rule.max_neurons is not None and shape[0] > rule.max_neurons:
+        return (
+            f"{shape[0]} neurons > max_neurons={rule.max_neurons} (name it in `layers`, or raise `max_neurons`, "
+            "to regularise it)"
+        )
+    return None
 
 
 def select_layers(
-    root: nn.Module, rule: Rule, index: int, classifier: str | None, *, check_weights: bool = True
-) -> list[tuple[str, nn.Module]]:
-    """The layers ``rule`` applies to, in registration order; errors name the rule and pattern.
+    root: nn.Module,
+    rule: Rule,
+    index: int,
+    classifier: str | None,
+    *,
+    check_weights: bool = True,
+    skipped: list[Skipped] | None = None,
+) -> list[LayerView]:
+    """The sets of neurons ``rule`` applies to, in registration order; errors name the rule and
+    pattern. Matched layers left out (frozen, depthwise, too large, ...) are appended to
+    ``skipped`` with the reason.
 
-    ``check_weights=False`` skips the checks of weight shape and ``requires_grad``, which cannot
-    be made once a sharding strategy has replaced the weights by flat shards.
+    ``check_weights=False`` skips the checks of weight shape, which cannot be made once a
+    sharding strategy has replaced the weights by flat shards.
     """
     where = f"rule {index} ({rule.label})"
     modules = dict(user_modules(root))
-    types = tuple(rule.layer_types) if rule.layer_types is not None else DEFAULT_LAYER_TYPES
-    explicit = rule.layers is not None
-    chosen: list[tuple[str, nn.Module]] = []
-    for pattern in rule.layers or []:
-        hits = [n for n in modules if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            raise ValueError(f"{where}: no layer matches `layers` pattern {pattern!r}; modules: {_some(modules)}")
+    if rule.layer_types is not None:
+        types: tuple[str, ...] = tuple(rule.layer_types)
+    else:
+        types = ("Embedding",) if rule.target == "embedding" else DEFAULT_LAYER_TYPES
+    patterns = rule.layers
+    chosen: list[LayerView] = []
+    notes: list[Skipped] = []
+    hit: set[str] = set()
     for name, module in modules.items():
-        if explicit:
-            exact = name in (rule.layers or [])
-            if not exact and not any(fnmatch.fnmatchcase(name, p) for p in rule.layers or []):
+        if patterns is not None:
+            module_hit = _matches(name, patterns)
+            views = layer_views(name, module, modules, per_head=rule.per_head, lora=rule.lora)
+            if name in patterns and not views:
+                raise ValueError(
+                    f"{where}: layer {name!r} ({type(module).__name__}) has no tensor `weight` to regularise; "
+                    f"supported kinds: {SUPPORTED_KINDS}"
+                )
+            views = [v for v in views if module_hit or _matches(v.name, patterns)]
+            if module_hit:
+                hit.update(p for p in patterns if fnmatch.fnmatchcase(name, p))
+            if rule.layer_types is not None and not is_candidate_type(module, types):
                 continue
-            if not exact and not _has_neurons(module):
+        elif is_candidate_type(module, types):
+            views = layer_views(name, module, modules, per_head=rule.per_head, lora=rule.lora)
+        else:
+            continue
+        for view in views:
+            if patterns is not None:
+                hit.update(p for p in patterns if fnmatch.fnmatchcase(view.name, p))
+            exact = patterns is not None and (view.name in patterns or name in patterns)
+            if patterns is not None and not exact and not _has_neuron_matrix(view):
                 continue  # a wildcard passes over activations, norms and containers
-        if not explicit and not _is_type(module, types):
-            continue
-        if explicit and rule.layer_types is not None and not _is_type(module, types):
-            continue
-        if rule.regex is not None and not re.search(rule.regex, name):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in rule.exclude):
-            continue
-        if rule.target == "hidden" and name == classifier:
-            continue
-        if rule.target == "classifier" and name != classifier:
-            continue
-        chosen.append((name, module))
-    if not chosen:
+            if rule.regex is not None and not (re.search(rule.regex, view.name) or re.search(rule.regex, name)):
+                continue
+            if _matches(view.name, rule.exclude) or _matches(name, rule.exclude):
+                continue
+            if not _in_target(view, rule, classifier):
+                continue
+            reason = _skip_reason(view, rule, exact, modules, check_weights)
+            if reason is None:
+                chosen.append(view)
+            else:
+                notes.append(Skipped(view.name, index, reason))
+    for pattern in patterns or []:
+        if pattern not in hit:
+            raise ValueError(f"{where}: no layer matches `layers` pattern {pattern!r}; modules: {_some(modules)}")
+    if not chosen and rule.required:
         detail = f"target={rule.target!r}, classifier={classifier!r}" if rule.target != "all" else ""
+        if notes:
+            left_out = "; ".join(f"{s.layer}: {s.reason}" for s in notes[:6])
+            raise ValueError(f"{where}: every layer this rule matches is left out: {left_out}")
         raise ValueError(
             f"{where}: no layer of the model matches this rule (layers={rule.layers!r}, regex={rule.regex!r}, "
             f"layer_types={list(types)!r}, exclude={rule.exclude!r}{', ' + detail if detail else ''}); "
             f"modules: {_some(modules)}"
         )
-    for name, module in chosen if check_weights else []:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor):
-            raise ValueError(f"{where}: layer {name!r} ({type(module).__name__}) has no tensor `weight` to regularise")
-        if not _has_trainable_weight(module):
-            raise ValueError(f"{where}: layer {name!r} has no parameter that requires grad (frozen?)")
-        if weight.dim() >= 2 and neuron_count(module) < 2:
-            raise ValueError(f"{where}: layer {name!r} has {neuron_count(module)} neuron; at least 2 are needed")
-        if weight.dim() < 2:
-            raise ValueError(
-                f"{where}: layer {name!r} has a {weight.dim()}-D weight {tuple(weight.shape)}; "
-                "hyperspherical penalties need one neuron per row"
-            )
+    if skipped is not None:
+        skipped.extend(notes)
     return chosen
+
+
+def _has_neuron_matrix(view: LayerView) -> bool:
+    full = view.source_shape()
+    return full is None or len(full) >= 2
 
 
 def resolve_rules(
     root: nn.Module, rules: Sequence[Rule], classifier: str | None, *, check_weights: bool = True
-) -> list[Binding]:
-    """Bind every rule to its layers. Two rules with the same regularizer on one layer are an
-    error (ambiguous), unless they are identical, in which case the layer gets it once."""
-    bindings: list[Binding] = []
-    by_layer_and_kind: dict[tuple[str, str], Binding] = {}
+) -> Selection:
+    """Bind every rule to its layers. A tensor gets each regularizer once: two rules with the
+    same regularizer on one set of neurons (by name, or through a tied weight such as GPT-2's
+    ``lm_head`` and ``wte``) are an error, unless their settings are identical, in which case it
+    is penalised once and the summary names the twin."""
+    selection = Selection()
+    seen: dict[tuple[object, ...], Binding] = {}
     for index, rule in enumerate(rules):
         template = rule.build_regularizer()
-        for name, module in select_layers(root, rule, index, classifier, check_weights=check_weights):
-            kind = (name, template.name)
-            if kind in by_layer_and_kind:
-                other = by_layer_and_kind[kind]
-                if _same_rule(other.rule, rule):
-                    continue
-                raise ValueError(
-                    f"layer {name!r} gets regularizer {template.name!r} from two different rules "
-                    f"(rule {other.rule_index} and rule {index}); make them disjoint with `exclude`, "
-                    "`target` or `layers`"
-                )
-            binding = Binding(name, module, index, rule, template.spawn(name))
-            by_layer_and_kind[kind] = binding
-            bindings.append(binding)
-    return bindings
+        views = select_layers(root, rule, index, classifier, check_weights=check_weights, skipped=selection.skipped)
+        if not views:
+            selection.dropped.append((index, f"rule {index} ({rule.label}) selected no layer and is dropped"))
+        for view in views:
+            kind = (*view.identity(), template.name)
+            other = seen.get(kind)
+            if other is not None:
+                if not same_rule(other.rule, rule):
+                    raise ValueError(
+                        f"layer {view.name!r} gets regularizer {template.name!r} from two different rules "
+                        f"(rule {other.rule_index} on {other.layer_name!r} and rule {index}"
+                        + (", a tied weight" if other.layer_name != view.name else "")
+                        + "); make them disjoint with `exclude`, `target` or `layers`"
+                    )
+                if other.layer_name != view.name:
+                    selection.skipped.append(
+                        Skipped(view.name, index, f"shares its weight with {other.layer_name!r}: penalised once")
+                    )
+                continue
+            binding = Binding(view, index, rule, template.spawn(view.name))
+            seen[kind] = binding
+            selection.bindings.append(binding)
+    return selection
 
 
-def _same_rule(a: Rule, b: Rule) -> bool:
+def same_rule(a: Rule, b: Rule) -> bool:
     return (
         a.build_regularizer().hparams() == b.build_regularizer().hparams()
         and a.coefficient == b.coefficient
@@ -303,17 +407,52 @@ PRESETS: dict[str, tuple[type[Regularizer], dict[str, Any], float, float]] = {
 }
 
 
-def preset_rules(preset: str) -> list[Rule]:
-    """Rules reproducing a paper's defaults: hidden layers half-space, classifier full space."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cls, options, hidden_coefficient, classifier_coefficient = PRESETS[preset]
+#: Presets for transformers: the papers' hidden-layer rule split by role, so that attention
+#: projections (each of Q, K, V its own set of neurons) and MLP layers can be tuned apart.
+TRANSFORMER_PRESETS: dict[str, str] = {"mhe-transformer": "mhe"}
+
+
+def preset_rules(
+    preset: str, *, layers: list[str] | None = None, exclude: Sequence[str] = (), max_neurons: int | None = MAX_NEURONS
+) -> list[Rule]:
+    """Rules reproducing a paper's defaults: hidden layers half-space, classifier full space.
+
+    ``layers`` and ``exclude`` narrow every rule of the preset (glob patterns, as in
+    :class:`Rule`). The classifier rule is optional: on a model with no linear head, a 1-output
+    head or a head larger than ``max_neurons`` (a tied LM head) it is dropped, and the selection
+    summary says so. ``"mhe-transformer"`` splits the hidden rule into ``target="attention"`` and
+    ``target="mlp"``.
+    """
+    base = TRANSFORMER_PRESETS.get(preset, preset)
+    if base not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *TRANSFORMER_PRESETS])}")
+    cls, options, hidden_coefficient, classifier_coefficient = PRESETS[base]
     hidden_options = dict(options)
     if cls is not RMHP:
         hidden_options["half_space"] = True
-    return [
-        Rule(cls.name, hidden_coefficient, options=hidden_options, target="hidden", name=f"{cls.name}_hidden"),
+    common: dict[str, Any] = {"layers": layers, "exclude": list(exclude), "max_neurons": max_neurons}
+    hidden_targets: tuple[Target, ...] = ("attention", "mlp") if preset in TRANSFORMER_PRESETS else ("hidden",)
+    rules = [
         Rule(
-            cls.name, classifier_coefficient, options=dict(options), target="classifier", name=f"{cls.name}_classifier"
-        ),
+            cls.name,
+            hidden_coefficient,
+            options=dict(hidden_options),
+            target=target,
+            name=f"{cls.name}_{target}",
+            required=target == "hidden",
+            **common,
+        )
+        for target in hidden_targets
     ]
+    rules.append(
+        Rule(
+            cls.name,
+            classifier_coefficient,
+            options=dict(options),
+            target="classifier",
+            name=f"{cls.name}_classifier",
+            required=False,
+            **common,
+        )
+    )
+    return rules

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_hsu.engine import PenaltyEngine
 from lightning_hsu.lightning_adapter import (
@@ -18,11 +18,12 @@ from lightning_hsu.lightning_adapter import (
     detach,
     keeps_whole_weights,
     log_values,
+    overrides,
     shards_parameters,
     wrap_training_step,
 )
 from lightning_hsu.regularizers import Regularizer
-from lightning_hsu.rules import Rule, preset_rules
+from lightning_hsu.rules import MAX_NEURONS, Rule, preset_rules, same_rule
 from lightning_hsu.schedules import Schedule
 
 
@@ -42,16 +43,22 @@ class HypersphericalUniformity(Callback):
       with one coefficient, the classifier full space with its own (see :data:`~lightning_hsu.rules.PRESETS`);
     * ``HypersphericalUniformity(rules=[Rule(...), Rule(...)])`` — full control.
 
-    With nothing given, ``preset="mhe"``.
+    With nothing given, ``preset="mhe"``. At fit start the callback prints what it selected (layer,
+    neurons × dim, rule, space) and every layer it left out, with the reason (frozen, depthwise,
+    more than ``max_neurons`` neurons, a tied weight penalised once); :meth:`summary` returns it.
 
     Args:
         regularizer: name or :class:`~lightning_hsu.regularizers.Regularizer` of a single rule.
         coefficient: :math:`\lambda` of the single rule.
         options: constructor options of a named ``regularizer``.
-        layers: glob patterns of the single rule (default: every Linear/Conv/ConvTranspose).
-        exclude: glob patterns the single rule leaves out.
+        layers: glob patterns of the single rule, or of the preset's rules (default: every
+            Linear/Conv/ConvTranspose, Hugging Face Conv1D and attention projection).
+        exclude: glob patterns the single rule, or the preset's rules, leave out.
         rules: explicit rules.
-        preset: a key of :data:`~lightning_hsu.rules.PRESETS` (``"mhe"``, ``"mhs"``, ``"mhp"``, ...).
+        preset: a key of :data:`~lightning_hsu.rules.PRESETS` (``"mhe"``, ``"mhs"``, ``"mhp"``, ...)
+            or ``"mhe-transformer"`` (attention and MLP layers as separate rules).
+        max_neurons: the preset's or single rule's layers with more neurons are left out unless
+            named exactly in ``layers`` (``None``: no limit).
         classifier: the classifier layer for ``target="hidden"/"classifier"`` rules (a module name,
             ``"auto"`` = the last ``nn.Linear``, or ``None``).
         schedule: coefficient schedule of the single rule (per-rule schedules go in ``Rule``).
@@ -72,6 +79,7 @@ class HypersphericalUniformity(Callback):
             :class:`~lightning_hsu.cuda_graphs.GraphedPenalties`). Used only with whole weights
             (single device, DDP, ZeRO-1/2) and ``on_nonfinite="raise"``; ``False`` computes every
             penalty eagerly.
+        verbose: print the selection summary at fit start (on global rank 0).
     """
 
     def __init__(
@@ -93,10 +101,17 @@ class HypersphericalUniformity(Callback):
         enabled: bool = True,
         shard_across_ranks: bool = False,
         cuda_graphs: bool = True,
+        max_neurons: int | None = MAX_NEURONS,
+        verbose: bool = True,
     ) -> None:
         all_rules: list[Rule] = []
         if preset is not None:
-            all_rules.extend(preset_rules(preset))
+            if regularizer is not None:
+                raise ValueError(
+                    "`preset` and `regularizer` both describe rules for `layers`/`exclude`; give one, "
+                    "and put further rules in `rules`"
+                )
+            all_rules.extend(preset_rules(preset, layers=layers, exclude=exclude or (), max_neurons=max_neurons))
         if regularizer is not None:
             all_rules.append(
                 Rule(
@@ -106,12 +121,19 @@ class HypersphericalUniformity(Callback):
                     layers=layers,
                     exclude=exclude if exclude is not None else [],
                     schedule=schedule,
+                    max_neurons=max_neurons,
                 )
             )
-        elif options or layers or exclude or schedule is not None:
+        elif preset is None and (options or layers or exclude or schedule is not None):
             raise ValueError(
-                "`options`, `layers`, `exclude` and `schedule` describe the single rule of `regularizer`, "
-                "which is not given; pass `regularizer=` or put them in `rules`"
+                "`options`, `layers`, `exclude` and `schedule` describe the single rule of `regularizer` (or "
+                "`layers`/`exclude` the preset's rules), neither of which is given; pass `regularizer=` or "
+                "`preset=`, or put them in `rules`"
+            )
+        elif preset is not None and (options or schedule is not None):
+            raise ValueError(
+                "`options` and `schedule` describe the single rule of `regularizer`; with a preset, "
+                "use `rules` for custom settings"
             )
         all_rules.extend(rules or [])
         if not all_rules:
@@ -130,6 +152,7 @@ class HypersphericalUniformity(Callback):
         self.log = log
         self.log_per_layer = log_per_layer
         self.prog_bar = prog_bar
+        self.verbose = bool(verbose)
         self._original_training_step: Any = None
 
     @property
@@ -159,7 +182,7 @@ class HypersphericalUniformity(Callback):
                 f"HypersphericalUniformity: manual optimisation with {type(trainer.strategy).__name__} is not "
                 "supported (weights are sharded outside forward); use automatic optimisation"
             )
-        if not is_overridden("configure_model", pl_module):
+        if not overrides(pl_module, "configure_model"):
             # The layers exist already: every rule/layer error is raised here, before any step.
             self.engine.bind(pl_module)
             self._check_overlap(pl_module)
@@ -178,6 +201,8 @@ class HypersphericalUniformity(Callback):
         self.engine.defer_finite_check = trainer.strategy.root_device.type == "cuda"
         self.engine.bind(pl_module, check_weights=not sharded)
         self._check_overlap(pl_module)
+        if self.verbose:
+            rank_zero_info(f"{type(self).__name__}: {self.summary()}")
         self.engine.install_hooks()
         attach(pl_module, self.engine)
         had_instance_attr = "training_step" in vars(pl_module)
@@ -196,9 +221,7 @@ class HypersphericalUniformity(Callback):
                 twin = theirs.get((b.layer_name, b.regularizer.name))
                 if twin is None:
                     kept.append(b)
-                elif twin.rule.coefficient == b.rule.coefficient and (
-                    twin.regularizer.hparams() == b.regularizer.hparams()
-                ):
+                elif same_rule(twin.rule, b.rule):
                     warnings.warn(
                         f"layer {b.layer_name!r} already gets {b.regularizer.name!r} from the module's own rules; "
                         "the callback does not apply it again",
@@ -211,6 +234,10 @@ class HypersphericalUniformity(Callback):
                         "the HypersphericalUniformity callback, with different settings; keep one"
                     )
             self.engine.bindings = kept
+
+    def summary(self) -> str:
+        """The layers regularised (neurons × dim, rule, space) and those left out, with the reason."""
+        return self.engine.summary()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":

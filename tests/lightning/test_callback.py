@@ -236,7 +236,7 @@ class Frozen(TinyNet):
         (lambda: HypersphericalUniformity("mhe", layers=["decoder.*"]), TinyNet, "no layer matches `layers` pattern"),
         (lambda: HypersphericalUniformity("mhe", layers=["act"]), TinyNet, "layer 'act' \\(ReLU\\) has no tensor"),
         (lambda: HypersphericalUniformity("mhe", layers=["fc"]), OneNeuron, "layer 'fc' has 1 neuron"),
-        (lambda: HypersphericalUniformity("mhe", layers=["hidden"]), Frozen, "layer 'hidden' has no parameter"),
+        (lambda: HypersphericalUniformity("mhe", layers=["hidden"]), Frozen, "left out: hidden: frozen"),
         (
             lambda: HypersphericalUniformity(rules=[Rule("mhe", 1.0), Rule("mhe", 2.0, layers=["fc"])]),
             TinyNet,

@@ -56,11 +56,30 @@ def test_penalty_is_computed_after_the_forward_unless_tied_to_the_layer_output(t
     assert model.hidden.weight.grad is not None
 
 
-def test_untied_penalty_of_a_layer_run_without_autograd_is_skipped() -> None:
+def test_untied_penalty_covers_a_layer_run_without_autograd_or_not_run() -> None:
+    """Whole weights: a selected layer is penalised every step, also when its forward ran under
+    no_grad (reentrant activation checkpointing) or not at all (a weight read outside forward)."""
     model = TinyNet()
     engine, _, calls = _engine_on(model, tie=False)
+    expected = hyperspherical_energy(neurons_of(model.hidden), half_space=True)
+    for step, run in enumerate(("no_grad", "not run")):
+        engine.begin_step(step)
+        if run == "no_grad":
+            with torch.no_grad():
+                model(torch.randn(4, 1, 6, 6))
+        penalty = engine.collect()
+        engine.end_step()
+        assert penalty is not None and penalty.requires_grad
+        torch.testing.assert_close(penalty.detach(), expected.detach())
+    assert len(calls) == 2
+
+
+def test_tied_penalty_of_a_layer_run_without_autograd_is_reported_after_the_first_step() -> None:
+    model = TinyNet()
+    engine, _, calls = _engine_on(model, tie=True)
     engine.begin_step(0)
     with torch.no_grad():
         model(torch.randn(4, 1, 6, 6))
     assert engine.collect() is None and calls == []
-    engine.end_step()
+    with pytest.warns(RuntimeWarning, match="hidden: its forward ran with autograd off"):
+        engine.end_step()
