@@ -85,13 +85,15 @@ def user_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield cleaned, module
 
 
-def is_type(module: nn.Module, patterns: Sequence[str | type]) -> bool:
-    """Whether a class of the module's MRO is one of ``patterns`` (classes, names or name globs)."""
+def is_type(module: nn.Module | type, patterns: Sequence[str | type]) -> bool:
+    """Whether a class of the module's (or class's) MRO is one of ``patterns`` (classes, names or
+    name globs)."""
+    mro = module.__mro__ if isinstance(module, type) else type(module).__mro__
     for pattern in patterns:
         if isinstance(pattern, type):
-            if isinstance(module, pattern):
+            if pattern in mro:
                 return True
-        elif any(fnmatch.fnmatchcase(cls.__name__, pattern) for cls in type(module).__mro__):
+        elif any(fnmatch.fnmatchcase(cls.__name__, pattern) for cls in mro):
             return True
     return False
 
@@ -361,8 +363,8 @@ def layer_views(
         view = LayerView(name, name, module, layout="columns", role=role)
     elif isinstance(module, _CONV_TRANSPOSE):
         view = LayerView(name, name, module, layout="conv_transpose", role=role)
-    elif isinstance(getattr(module, "weight", None), Tensor):
-        view = LayerView(name, name, module, role=role)
+    elif parametrize.is_parametrized(module, "weight") or isinstance(getattr(module, "weight", None), Tensor):
+        view = LayerView(name, name, module, role=role)  # (a parametrized weight is not evaluated here)
     else:
         return []
     if isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
@@ -392,7 +394,7 @@ def is_candidate_type(module: nn.Module, types: Sequence[str | type]) -> bool:
     a PEFT LoRA layer as linear layers."""
     if is_type(module, types):
         return True
-    linear = is_type(nn.Linear(1, 1), types)
+    linear = is_type(nn.Linear, types)
     return linear and (is_hf_conv1d(module) or is_lora_layer(module))
 
 
@@ -404,5 +406,7 @@ def within_lora_layer(name: str, modules: dict[str, nn.Module]) -> bool:
 
 def lazy(view: LayerView) -> bool:
     """Whether the view's weight is not materialised yet (``LazyLinear``, ``LazyConv*``)."""
+    if view.layout == "lora_update" or view.parametrized:
+        return False
     value = getattr(view.module, view.attribute, None)
     return isinstance(value, Tensor) and is_lazy(value)

@@ -5,6 +5,7 @@ so the penalty joins the loss, the manual-optimisation helper, and logging."""
 from __future__ import annotations
 
 import functools
+import importlib
 import warnings
 from typing import Any
 
@@ -49,6 +50,13 @@ def overrides(pl_module: torch.nn.Module, name: str) -> bool:
     if base is None:
         return hasattr(pl_module, name)
     return getattr(type(pl_module), name, None) is not getattr(base, name, None)
+
+
+def rank_zero_info(trainer: Any, message: str) -> None:
+    """Log ``message`` once (global rank 0) through the Lightning namespace the trainer comes from
+    (``lightning.pytorch`` or ``pytorch_lightning``), whose logger the user sees."""
+    namespace = "pytorch_lightning" if type(trainer).__module__.startswith("pytorch_lightning") else "lightning.pytorch"
+    importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_info(message)
 
 
 def attached_engines(pl_module: torch.nn.Module) -> list[PenaltyEngine]:

@@ -193,7 +193,8 @@ class Selection:
 
 def find_classifier(root: nn.Module, classifier: str | None) -> str | None:
     """Name of the classifier: ``classifier`` if given, else the last linear layer registered
-    (``nn.Linear`` or Hugging Face ``Conv1D``) outside attention blocks."""
+    (``nn.Linear`` or Hugging Face ``Conv1D``) outside attention and outside a stack of blocks
+    (an ``nn.ModuleList``: a transformer's layers); ``None`` if there is none."""
     modules = dict(user_modules(root))
     if classifier is None:
         return None
@@ -206,9 +207,15 @@ def find_classifier(root: nn.Module, classifier: str | None) -> str | None:
         for name, m in modules.items()
         if (isinstance(m, nn.Linear) or is_hf_conv1d(m))
         and not within_lora_layer(name, modules)
+        and not _in_block_stack(name, modules)
         and all(v.role != "attention" for v in layer_views(name, m, modules))
     ]
     return linear[-1] if linear else None
+
+
+def _in_block_stack(name: str, modules: dict[str, nn.Module]) -> bool:
+    parts = name.split(".")
+    return any(isinstance(modules.get(".".join(parts[:depth])), nn.ModuleList) for depth in range(1, len(parts)))
 
 
 def _some(modules: dict[str, nn.Module], limit: int = 12) -> str:
@@ -420,8 +427,9 @@ def preset_rules(
     ``layers`` and ``exclude`` narrow every rule of the preset (glob patterns, as in
     :class:`Rule`). The classifier rule is optional: on a model with no linear head, a 1-output
     head or a head larger than ``max_neurons`` (a tied LM head) it is dropped, and the selection
-    summary says so. ``"mhe-transformer"`` splits the hidden rule into ``target="attention"`` and
-    ``target="mlp"``.
+    summary says so; so are the hidden rules on a model whose hidden layers are all frozen (a
+    fine-tuned head). The engine still refuses a model where no rule selects anything.
+    ``"mhe-transformer"`` splits the hidden rule into ``target="attention"`` and ``target="mlp"``.
     """
     base = TRANSFORMER_PRESETS.get(preset, preset)
     if base not in PRESETS:
@@ -439,7 +447,7 @@ def preset_rules(
             options=dict(hidden_options),
             target=target,
             name=f"{cls.name}_{target}",
-            required=target == "hidden",
+            required=False,
             **common,
         )
         for target in hidden_targets

@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lightning_hsu.engine import PenaltyEngine
 from lightning_hsu.lightning_adapter import (
@@ -19,6 +18,7 @@ from lightning_hsu.lightning_adapter import (
     keeps_whole_weights,
     log_values,
     overrides,
+    rank_zero_info,
     shards_parameters,
     wrap_training_step,
 )
@@ -202,7 +202,7 @@ class HypersphericalUniformity(Callback):
         self.engine.bind(pl_module, check_weights=not sharded)
         self._check_overlap(pl_module)
         if self.verbose:
-            rank_zero_info(f"{type(self).__name__}: {self.summary()}")
+            rank_zero_info(trainer, f"{type(self).__name__}: {self.summary()}")
         self.engine.install_hooks()
         attach(pl_module, self.engine)
         had_instance_attr = "training_step" in vars(pl_module)
