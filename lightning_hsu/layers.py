@@ -226,7 +226,10 @@ class LayerView:
             return [value]
         # old-style hooks keep the parameter as `<name>_orig` (spectral_norm) or `<name>_g/_v` (weight_norm)
         own = dict(self.module.named_parameters(recurse=False))
-        return [p for key, p in own.items() if key.startswith(self.attribute + "_")]
+        behind = [p for key, p in own.items() if key.startswith(self.attribute + "_")]
+        if behind or not isinstance(value, Tensor):
+            return behind
+        return [value]  # a view into a flat parameter (FSDP1): it requires grad as the parameter does
 
     def trainable(self) -> bool:
         """Whether any tensor behind the neurons requires grad (frozen layers cost nothing)."""

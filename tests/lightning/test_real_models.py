@@ -327,3 +327,70 @@ def test_convnext_trains_like_the_preset_written_by_hand(tmp_path):
     reference = mhe_penalty(reference_hidden, lambda n: [n.classifier.weight])
     got, expected = train_both(convnext, image_loss, image_data(), reference, callback, tmp_path)
     assert_same_weights(got, expected, atol=1e-5)
+
+
+# -- timm's fused qkv (timm itself needs torchvision, which cannot be installed next to CPU torch here) --
+class TimmStyleAttention(nn.Module):
+    """timm's `vision_transformer.Attention` as it computes q, k, v from one `qkv` Linear."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def split(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # q, k, v: [b, heads, n, head_dim]
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+def test_timm_style_qkv_is_split_in_timm_order_and_per_head():
+    attn = TimmStyleAttention(E, 4)
+    engine = PenaltyEngine([Rule("mhe", per_head=True, layers=["attn.qkv"])])
+    engine.bind(nn.ModuleDict({"attn": attn}))
+    assert [b.layer_name for b in engine.bindings][:5] == [
+        "attn.qkv.q.head0",
+        "attn.qkv.q.head1",
+        "attn.qkv.q.head2",
+        "attn.qkv.q.head3",
+        "attn.qkv.k.head0",
+    ]
+    x = torch.randn(1, 3, E)
+    with torch.no_grad():
+        q, k, v = attn.split(x)
+        bias_q, bias_k, bias_v = (p.reshape(4, 8) for p in attn.qkv.bias.chunk(3))
+    views = {b.layer_name: b.view for b in engine.bindings}
+    for label, y, bias in (("q", q, bias_q), ("k", k, bias_k), ("v", v, bias_v)):
+        for head in range(4):
+            neurons = views[f"attn.qkv.{label}.head{head}"].neurons().detach()
+            torch.testing.assert_close(y[0, head], x[0] @ neurons.t() + bias[head], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [Encoder, lambda: gpt2(vocab=64)], ids=["nn.Transformer", "gpt2"])
+def test_tied_penalties_cover_every_selected_layer(make):
+    """Under a sharded strategy each penalty is computed in its layer's forward: the attention's
+    out_proj and the Q/K/V parts in the attention's, the rest in their own."""
+    model = make()
+    engine = PenaltyEngine(preset_rules("mhe"))
+    engine.tie_to_output = True
+    engine.bind(model)
+    engine.install_hooks()
+    engine.begin_step(0)
+    if isinstance(model, Encoder):
+        out = model(torch.randn(2, 5, E)).sum()
+    else:
+        out = model(input_ids=torch.randint(0, 64, (2, 6))).logits.sum()
+    total = engine.collect()
+    engine.end_step()
+    assert set(engine.last_values) == {b.key for b in engine.bindings}
+    direct = PenaltyEngine(preset_rules("mhe"))
+    direct.bind(model)
+    expected = direct.direct_penalty(0)
+    torch.testing.assert_close(total.detach(), expected.detach())
+    (out + total).backward()
