@@ -340,7 +340,7 @@ class TimmStyleAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def split(self, x):
-        b, n, c = x.shape
+        b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)  # q, k, v: [b, heads, n, head_dim]
 
