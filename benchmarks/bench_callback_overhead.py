@@ -10,7 +10,7 @@ on the ResNet-18 of ``bench_training_step.py``:
 - then one ``Trainer.fit`` with ``HypersphericalUniformity(preset)`` whose settings take turns,
   one step each (:data:`MODES`), each paired with the callback-off step of its round:
   **callback** as a user adds it; **one graph call per layer** (the layers of one shape not
-  batched into one call inside the CUDA graphs, ``PenaltyEngine.BATCH_GRAPHS``); **log=False**
+  batched into one call inside the CUDA graphs, ``GraphReplay.batch``); **log=False**
   (without its logging of ``hsu/penalty``); **log=False, no NaN check** (also without the check
   that non-finite penalties raise before the optimizer step; an ablation only, a user cannot
   switch that check off).
@@ -57,7 +57,7 @@ def set_mode(callback, mode: str) -> None:
     """Switch ``callback`` (a ``HypersphericalUniformity``) to ``mode`` for the next step."""
     engine = callback.engine
     callback.enabled = mode != "off"
-    engine.BATCH_GRAPHS = not mode.startswith("one graph call per layer")
+    engine.graphs.batch = not mode.startswith("one graph call per layer")
     callback.log = not mode.startswith("log=False")
     if "no NaN check" in mode:
         # the ablation: never do this in real training (a NaN penalty would reach the weights)

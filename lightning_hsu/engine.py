@@ -11,7 +11,6 @@ penalty is added to the loss itself, loss scaling (fp16 GradScaler), the divisio
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,14 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_hsu.cuda_graphs import GraphedPenalties
+from lightning_hsu.cuda_graphs import GraphedLayer, GraphReplay
+from lightning_hsu.finite import FiniteChecks, NonFinitePenaltyError
 from lightning_hsu.functional._common import NonFiniteInputError
 from lightning_hsu.layers import lazy
 from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
 
 OnNonFinite = Literal["raise", "skip"]
-#: A capture's key: the ids of its bindings, group by group.
-_GraphKey = tuple[tuple[int, ...], ...]
 
 
 def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
@@ -35,10 +33,6 @@ def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
         return {}
     flat = torch.stack([v.reshape(()).float().cpu() for v in values.values()]).tolist()
     return dict(zip(values, flat, strict=True))
-
-
-class NonFinitePenaltyError(FloatingPointError):
-    """A layer's penalty was NaN or inf; raised before it can reach the weights."""
 
 
 class _Tie(torch.autograd.Function):
@@ -66,16 +60,6 @@ def _first_tensor(output: Any) -> tuple[Tensor | None, Any]:
             if isinstance(item, Tensor):
                 return item, lambda new, i=i: type(output)([*output[:i], new, *output[i + 1 :]])
     return None, None
-
-
-@dataclass
-class _FiniteCheck:
-    """Penalties whose NaN/inf test is under way: ``finite`` (on the host) is filled
-    asynchronously from the device, complete once ``ready`` has completed."""
-
-    entries: list[tuple[int, str, Tensor]]
-    finite: Tensor
-    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -120,16 +104,6 @@ class PenaltyEngine:
             penalties are computed eagerly either way.
     """
 
-    #: Captured graphs kept at once, keyed by the layers they cover (a model whose forward runs
-    #: different layers from step to step would otherwise capture without end).
-    MAX_GRAPHS = 4
-    #: The device type whose weights are captured (a test sets "cpu" with an eager stand-in).
-    GRAPH_DEVICE = "cuda"
-    #: Inside the graphs, one batched call per group of layers of one shape whose regularizers are
-    #: :attr:`~lightning_hsu.regularizers.Regularizer.batchable` and alike (a benchmark switches
-    #: it off to compare).
-    BATCH_GRAPHS = True
-
     def __init__(
         self,
         rules: Sequence[Rule],
@@ -169,6 +143,8 @@ class PenaltyEngine:
         self.selection = Selection()
         self.classifier_name: str | None = None
         self._missed_reported = False
+        #: The global step of the last closed step (what :attr:`last_values` belong to).
+        self.last_step = 0
         self._handles: list[Any] = []
         self._record: StepRecord | None = None
         self._pending_state: dict[str, Any] = {}
@@ -176,26 +152,45 @@ class PenaltyEngine:
         # as detached tensors: converting each to a float would synchronise the GPU once per layer.
         self._last_values: dict[str, Tensor] = {}
         self._last_weighted: dict[str, Tensor] = {}
-        self._graphs: dict[_GraphKey, GraphedPenalties] = {}
-        # Per captured set of layers: the coefficients of the last replay and their device copy.
-        self._graph_factors: dict[_GraphKey, tuple[tuple[float, ...], Tensor]] = {}
-        # Per set of graphed layers (and their weights' shapes): the groups one call computes.
-        self._groupings: dict[tuple[Any, ...], list[list[int]]] = {}
+        #: The CUDA-graph replay of the penalties (see :class:`~lightning_hsu.cuda_graphs.GraphReplay`).
+        self.graphs = GraphReplay()
         #: Check non-finite penalties in :meth:`check_finite_pending` (before the optimizer step)
         #: rather than when the loss is collected. On a GPU that check is a host sync, and in the
         #: middle of the step it lets the GPU run dry while the host waits; the adapters set it
         #: on CUDA. The weights are protected all the same: nothing has updated them yet.
         self.defer_finite_check = False
-        self._unchecked: list[_FiniteCheck] = []
-        #: CUDA-graph captures made so far (one per set of layers, again when a weight moved).
-        self.graph_captures = 0
+        self._finite = FiniteChecks()
         #: Calls of the manual-optimisation helper (to warn when it is never called).
         self.manual_calls = 0
         self.warned_manual = False
 
     # -- binding ----------------------------------------------------------------------------------
-    def bind(self, root: nn.Module, *, check_weights: bool = True) -> list[Binding]:
-        """Resolve the rules on ``root``; regularizer state loaded earlier is applied here."""
+    def bind(
+        self,
+        root: nn.Module,
+        *,
+        check_weights: bool = True,
+        tie_to_output: bool | None = None,
+        defer_finite_check: bool | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> list[Binding]:
+        """Resolve the rules on ``root``; regularizer state loaded earlier is applied here.
+
+        Args:
+            root: the model.
+            check_weights: check the weights' shapes (impossible once a sharding strategy has
+                replaced them by flat shards: then the layers bound before are kept).
+            tie_to_output: compute each penalty in its layer's forward and tie it to the output
+                (:attr:`tie_to_output`; ``None`` keeps the current setting).
+            defer_finite_check: queue the NaN/inf checks for :meth:`check_finite_pending`
+                (:attr:`defer_finite_check`; ``None`` keeps the current setting).
+            shard: ``(rank, world_size)`` to share sum-over-pairs penalties across ranks.
+        """
+        if tie_to_output is not None:
+            self.tie_to_output = tie_to_output
+        if defer_finite_check is not None:
+            self.defer_finite_check = defer_finite_check
+        self.shard = shard
         self.classifier_name = find_classifier(root, self.classifier)
         selection = resolve_rules(root, self.rules, self.classifier_name, check_weights=check_weights)
         bindings = selection.bindings
@@ -270,9 +265,7 @@ class PenaltyEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._graphs.clear()
-        self._graph_factors.clear()
-        self._groupings.clear()
+        self.graphs.clear()
 
     def _make_capture_hook(self, key: tuple[int, str]) -> Any:
         engine = self
@@ -393,129 +386,52 @@ class PenaltyEngine:
         )
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def _graph_capturable(self, binding: Binding) -> bool:
-        view = binding.view
-        if view.parametrized or view.layout == "lora_update":
-            return False
-        weight = view.source()
-        if weight.device.type != self.GRAPH_DEVICE:
-            return False
-        if weight.is_cuda and weight.device.index != torch.cuda.current_device():
-            return False  # a graph runs on one device: layers placed on another stay eager
-        return binding.regularizer.capturable and weight.is_leaf and weight.requires_grad
-
-    @staticmethod
-    def _capturable_penalties(members: list[Binding], *weights: Tensor) -> Tensor:
-        """The penalties of a group of layers from their weights: one call, batched over the
-        group's layers of one shape (a single layer's is its scalar penalty)."""
-        binding = members[0]
-        if len(members) == 1:
-            return binding.regularizer.graph_penalty(binding.view.neurons_from(weights[0]))
-        neurons = torch.stack([b.view.neurons_from(w) for b, w in zip(members, weights, strict=True)])
-        return binding.regularizer.graph_penalties(neurons, [b.regularizer for b in members])
-
-    def _graph_groups(self, graphed: list[tuple[Binding, float]]) -> list[list[tuple[Binding, float]]]:
-        """``graphed`` in groups that one call computes: layers of one neuron shape and dtype, shared
-        across ranks alike, whose :attr:`~lightning_hsu.regularizers.Regularizer.batchable`
-        regularizers have the same type and hyperparameters; any other layer alone. On a GPU each
-        call is a few dozen small kernels whatever its size, so a group costs about one layer's.
-        Kept per set of layers and weight shapes (working it out took 0.1 ms of host time per step
-        for a ResNet-18, where a GPU step is 10 ms)."""
-        signature = (self.BATCH_GRAPHS, *((id(b), b.view.source().shape, b.view.source().dtype) for b, _ in graphed))
-        layout = self._groupings.get(signature)
-        if layout is None:
-            groups: dict[object, list[int]] = {}
-            for index, (binding, _) in enumerate(graphed):
-                regularizer = binding.regularizer
-                key: object = id(binding)
-                if self.BATCH_GRAPHS and regularizer.batchable:
-                    neurons = binding.view.neurons()
-                    hparams = repr(sorted(regularizer.hparams().items()))
-                    key = (type(regularizer), hparams, self.is_sharded(binding), tuple(neurons.shape), neurons.dtype)
-                groups.setdefault(key, []).append(index)
-            if len(self._groupings) >= 4 * self.MAX_GRAPHS:  # layers that change without end
-                self._groupings.clear()
-            layout = self._groupings[signature] = list(groups.values())
-        return [[graphed[i] for i in group] for group in layout]
-
-    def _replay_graphs(self, record: StepRecord, deferred: list[Binding]) -> list[Binding]:
-        """Compute the penalties of ``deferred`` that a CUDA graph can hold by replaying it (captured
-        at first use, again when a weight moved); return the layers left to compute eagerly."""
-        if not self.cuda_graphs or self.on_nonfinite != "raise":
-            return deferred
-        # a user who captures the whole step already has what this gives: stay eager inside it
-        if self.GRAPH_DEVICE == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing()):
-            return deferred
-        graphed: list[tuple[Binding, float]] = []
+    def _replay_graphs(self, record: StepRecord, todo: list[Binding]) -> list[Binding]:
+        """Compute the penalties of ``todo`` that a CUDA graph can hold by replaying it
+        (:class:`~lightning_hsu.cuda_graphs.GraphReplay`); return the bindings left to compute eagerly."""
+        if not self.cuda_graphs or self.on_nonfinite != "raise" or not self.graphs.available():
+            return todo
+        graphed: list[GraphedLayer] = []
+        by_token: dict[int, Binding] = {}
         rest: list[Binding] = []
-        for binding in deferred:
+        for binding in todo:
             coefficient = self.coefficient(binding, record.step)
-            if coefficient != 0.0 and self._graph_capturable(binding):
-                graphed.append((binding, coefficient))
-            else:
+            view = binding.view
+            plain = not view.parametrized and view.layout != "lora_update"
+            if coefficient == 0.0 or not plain or not self.graphs.eligible(binding.regularizer, view.source()):
                 rest.append(binding)
+                continue
+            scale = float(self.shard[1]) if self.shard is not None and self.is_sharded(binding) else 1.0
+            graphed.append(
+                GraphedLayer(id(binding), view.source(), view.neurons_from, binding.regularizer, coefficient, scale)
+            )
+            by_token[id(binding)] = binding
         if not graphed:
-            return deferred
-        groups = self._graph_groups(graphed)
-        graphed = [entry for group in groups for entry in group]  # the order of the graphs' values
-        key = tuple(tuple(id(b) for b, _ in group) for group in groups)  # a grouping is its own capture
-        weights = [b.view.source() for b, _ in graphed]
-        with torch.no_grad():  # before the capture too: it reads what this writes (CoMHE's projections)
-            for binding, _ in graphed:
-                binding.regularizer.refresh_graph_inputs(binding.view.neurons(), step=record.step)
-        graphs = self._graphs.pop(key, None)
-        if graphs is None or not graphs.matches(weights):
-            graphs = None  # free the old capture's memory before making the new one
-            try:
-                graphs = GraphedPenalties(
-                    [functools.partial(self._capturable_penalties, [b for b, _ in g]) for g in groups],
-                    weights,
-                    counts=[len(g) for g in groups],
-                )
-            except RuntimeError as err:
-                self.cuda_graphs = False
-                warnings.warn(
-                    f"capturing the hyperspherical penalties in a CUDA graph failed ({err}); they are computed "
-                    "eagerly from now on (pass cuda_graphs=False to skip the attempt)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return deferred
-            self.graph_captures += 1
-        while len(self._graphs) >= self.MAX_GRAPHS:
-            evicted = next(iter(self._graphs))
-            del self._graphs[evicted]
-            self._graph_factors.pop(evicted, None)
-        self._graphs[key] = graphs
-        values = graphs()
-        seen = values.detach().clone()  # the next replay overwrites the graph's output
-        factors = self._factors(key, graphed, values)
-        weighted = seen * factors[0]
-        for i, (binding, _) in enumerate(graphed):
-            record.values[binding.key] = seen[i]
-            record.weighted[binding.key] = weighted[i]
-        record.pending.append(torch.dot(values, factors[1]))
+            return todo
+        try:
+            replayed = self.graphs(graphed, record.step)
+        except RuntimeError as err:
+            self.cuda_graphs = False
+            warnings.warn(
+                f"capturing the hyperspherical penalties in a CUDA graph failed ({err}); they are computed "
+                "eagerly from now on (pass cuda_graphs=False to skip the attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return todo
+        for i, layer in enumerate(replayed.layers):
+            key = by_token[layer.token].key
+            record.values[key] = replayed.values[i]
+            record.weighted[key] = replayed.weighted[i]
+        record.pending.append(replayed.loss)
         return rest
 
-    def _factors(self, key: _GraphKey, graphed: list[tuple[Binding, float]], values: Tensor) -> Tensor:
-        """``[2, L]``: the coefficients, then the same scaled for sharding, on the values' device.
+    @property
+    def graph_captures(self) -> int:
+        """CUDA-graph captures made so far."""
+        return self.graphs.captures
 
-        Kept while they do not change: a blocking copy to the GPU waits for its queue (a host
-        sync); a changed one (a schedule) is copied from pinned memory without blocking.
-        """
-        plain = [c for _, c in graphed]
-        scaled = [c * self.shard[1] if self.shard is not None and self.is_sharded(b) else c for b, c in graphed]
-        wanted = (*plain, *scaled)
-        cached = self._graph_factors.get(key)
-        if cached is not None and cached[0] == wanted:
-            return cached[1]
-        host = torch.tensor([plain, scaled], dtype=values.dtype)
-        if values.is_cuda:
-            host = host.pin_memory()
-        factors = host.to(values.device, non_blocking=True)
-        self._graph_factors[key] = (wanted, factors)
-        return factors
-
+    # -- NaN / inf --------------------------------------------------------------------------------
     def _check_finite(self, record: StepRecord) -> None:
         """Raise :class:`NonFinitePenaltyError` naming the first non-finite layer penalty.
 
@@ -527,30 +443,11 @@ class PenaltyEngine:
         record.checked += len(keys)
         if not keys or self.on_nonfinite != "raise":
             return
-        pending = [(record.step, key, record.values[key]) for key in keys]
+        entries = [(record.step, key, record.values[key]) for key in keys]
         if self.defer_finite_check:
-            self._unchecked.append(self._start_finite_check(pending))
-            return
-        self._raise_first_nonfinite(pending, torch.isfinite(self._stacked(pending)))
-
-    @staticmethod
-    def _stacked(entries: list[tuple[int, str, Tensor]]) -> Tensor:
-        return torch.stack([value.reshape(()).float() for _, _, value in entries])
-
-    @staticmethod
-    def _start_finite_check(entries: list[tuple[int, str, Tensor]]) -> _FiniteCheck:
-        """Test the values on their device and copy the answer to pinned host memory without
-        waiting; an event marks when it has arrived. Waiting for that event (in
-        :meth:`check_finite_pending`) waits for the penalties' forward only, not for the
-        backward queued after it, which keeps running while the host goes on."""
-        finite = torch.isfinite(PenaltyEngine._stacked(entries))
-        if not finite.is_cuda:
-            return _FiniteCheck(entries, finite, None)
-        host = torch.empty(finite.shape, dtype=torch.bool, pin_memory=True)
-        host.copy_(finite, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return _FiniteCheck(entries, host, ready)
+            self._finite.defer(entries)
+        else:
+            self._raise_for(self._finite.first_nonfinite(entries))
 
     def check_finite_pending(self) -> None:
         """Finish the checks queued by :attr:`defer_finite_check`.
@@ -562,19 +459,12 @@ class PenaltyEngine:
         they do once the penalties' forward has run (an event, not a synchronisation of the
         whole queue).
         """
-        checks, self._unchecked = self._unchecked, []
-        if not checks:
-            return
-        for check in checks:
-            if check.ready is not None:
-                check.ready.synchronize()
-        entries = [entry for check in checks for entry in check.entries]
-        self._raise_first_nonfinite(entries, torch.cat([check.finite for check in checks]))
+        self._raise_for(self._finite.finish())
 
-    def _raise_first_nonfinite(self, entries: list[tuple[int, str, Tensor]], finite: Tensor) -> None:
-        if not entries or bool(finite.all()):
+    def _raise_for(self, entry: tuple[int, str, Tensor] | None) -> None:
+        if entry is None:
             return
-        step, bad, value = entries[int((~finite).nonzero()[0])]
+        step, bad, value = entry
         binding = next(b for b in self.bindings if b.key == bad)
         raise NonFinitePenaltyError(
             self._nonfinite_message(binding, value, step) + " (set on_nonfinite='skip' to skip such steps)"
@@ -583,7 +473,8 @@ class PenaltyEngine:
     # -- steps ------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Start a training step: hooks note (or compute) penalties until :meth:`end_step`."""
-        if self._unchecked and self._unchecked[0].entries[0][0] < step:
+        oldest = self._finite.oldest_step
+        if oldest is not None and oldest < step:
             # queued by an earlier global step and never checked (an `on_before_optimizer_step`
             # override that does not call super): check them now, long computed, before more pile up
             self.check_finite_pending()
@@ -627,6 +518,7 @@ class PenaltyEngine:
         """Close the step; its values become :attr:`last_values`."""
         record, self._record = self._record, None
         if record is not None:
+            self.last_step = record.step
             self._last_values = dict(record.values)
             self._last_weighted = dict(record.weighted)
             if self.tie_to_output and not self._missed_reported:

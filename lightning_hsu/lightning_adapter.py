@@ -11,22 +11,38 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_hsu.engine import PenaltyEngine
+from lightning_hsu.rules import same_rule
 
 #: Attribute of a LightningModule holding the engines attached to it (callback and/or mixin).
 ENGINES_ATTR = "_hsu_engines"
 
 
+def _strategy_types(name: str) -> tuple[type, ...]:
+    """Lightning's strategy class ``name`` from every installed namespace (``lightning.pytorch``,
+    ``pytorch_lightning``), so that either trainer's strategies match by type."""
+    found = []
+    for namespace in ("lightning.pytorch.strategies", "pytorch_lightning.strategies"):
+        try:
+            found.append(getattr(importlib.import_module(namespace), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _deepspeed_stage(strategy: Any) -> int:
+    config = getattr(strategy, "config", None) or {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
 def shards_parameters(strategy: Any) -> bool:
-    """Whether the strategy keeps only shards of the weights outside forward (FSDP, ZeRO-3)."""
-    name = type(strategy).__name__
-    if "FSDP" in name or "ModelParallel" in name:
+    """Whether the strategy keeps only shards of the weights outside forward (FSDP, FSDP2, ZeRO-3)."""
+    if isinstance(strategy, _strategy_types("FSDPStrategy") + _strategy_types("ModelParallelStrategy")):
         return True
-    if "DeepSpeed" in name:
-        return int(getattr(strategy, "config", {}).get("zero_optimization", {}).get("stage", 0)) >= 3
-    return any("FSDP" in cls.__name__ for cls in type(strategy).__mro__)
+    return isinstance(strategy, _strategy_types("DeepSpeedStrategy")) and _deepspeed_stage(strategy) >= 3
 
 
 def keeps_whole_weights(strategy: Any) -> bool:
@@ -35,12 +51,71 @@ def keeps_whole_weights(strategy: Any) -> bool:
     Only for these is the penalty added to the loss untied; any other strategy, a custom one
     included, gets the tie, which is right everywhere and costs a copy of the layer's output.
     """
-    names = {cls.__name__ for cls in type(strategy).__mro__}
-    if "DeepSpeedStrategy" in names:
-        return not shards_parameters(strategy)
-    if names & {"FSDPStrategy", "ModelParallelStrategy"}:
+    if shards_parameters(strategy):
         return False
-    return bool(names & {"SingleDeviceStrategy", "DDPStrategy"})
+    whole = ("SingleDeviceStrategy", "DDPStrategy", "DeepSpeedStrategy")
+    return isinstance(strategy, tuple(t for name in whole for t in _strategy_types(name)))
+
+
+def prepare_engine(
+    engine: PenaltyEngine, trainer: Any, pl_module: torch.nn.Module, *, shard_across_ranks: bool, where: str
+) -> None:
+    """Set ``engine`` up on ``pl_module`` for ``trainer``'s strategy: the one set-up path of the
+    callback, the mixin and the manual helper.
+
+    Binds after the strategy has wrapped the model (names cleaned of wrappers; shapes unchecked
+    on shards), ties penalties to layer outputs where weights are whole only inside forward,
+    defers the NaN/inf checks on a GPU, shares pairs across ranks if asked, drops what another
+    attached engine already applies identically, installs the hooks and attaches the engine.
+
+    Raises:
+        ValueError: manual optimisation on a strategy that shards weights outside forward, or a
+            layer that two attached engines regularise with different settings.
+    """
+    strategy = trainer.strategy
+    sharded = shards_parameters(strategy)
+    if sharded and not pl_module.automatic_optimization:
+        raise ValueError(
+            f"{where}: manual optimisation with {type(strategy).__name__} is not supported (weights are sharded "
+            "outside forward); use automatic optimisation"
+        )
+    shard = (trainer.global_rank, trainer.world_size) if shard_across_ranks and trainer.world_size > 1 else None
+    engine.bind(
+        pl_module,
+        check_weights=not sharded,
+        tie_to_output=not keeps_whole_weights(strategy),
+        defer_finite_check=strategy.root_device.type == "cuda",
+        shard=shard,
+    )
+    drop_overlap(engine, pl_module, where)
+    engine.install_hooks()
+    attach(pl_module, engine)
+
+
+def drop_overlap(engine: PenaltyEngine, pl_module: torch.nn.Module, where: str) -> None:
+    """Never apply one rule twice: a layer that another engine attached to the module (the mixin's,
+    or the callback's) already regularises with the same regularizer is an error unless the rules
+    are the same (coefficient, schedule, hyperparameters); then ``engine`` drops it, with a warning."""
+    for other in attached_engines(pl_module):
+        if other is engine:
+            continue
+        theirs = {(b.layer_name, b.regularizer.name): b for b in other.bindings}
+        kept = []
+        for b in engine.bindings:
+            twin = theirs.get((b.layer_name, b.regularizer.name))
+            if twin is None:
+                kept.append(b)
+            elif same_rule(twin.rule, b.rule):
+                rank_zero_warn(
+                    f"layer {b.layer_name!r} already gets {b.regularizer.name!r} from another attached set of rules; "
+                    f"{where} does not apply it again"
+                )
+            else:
+                raise ValueError(
+                    f"layer {b.layer_name!r} gets {b.regularizer.name!r} both from the module's rules and from "
+                    f"{where}, with different settings (coefficient, schedule or options); keep one"
+                )
+        engine.bindings = kept
 
 
 def overrides(pl_module: torch.nn.Module, name: str) -> bool:
@@ -163,12 +238,7 @@ def manual_penalty(
                     stacklevel=3,
                 )
             value = engine.collect()
-        else:
-            if trainer is not None and shards_parameters(trainer.strategy):
-                raise RuntimeError(
-                    f"manual optimisation with {type(trainer.strategy).__name__}: weights are sharded outside "
-                    "forward, so the penalty cannot be computed from them; use automatic optimisation"
-                )
+        else:  # prepare_engine refused manual optimisation on sharded weights
             value = engine.direct_penalty(step, params)
             engine.manual_calls += 1
         if value is not None:
@@ -179,21 +249,13 @@ def manual_penalty(
     return total
 
 
-def _loggers_write_this_step(trainer: Any) -> bool:
-    """Whether Lightning hands this step's logged values to the loggers (every ``log_every_n_steps``).
-
-    ``self.log`` is host time: 22 calls per step took 4.1 ms on a 2-core CPU host (measured in a
-    Trainer loop), while a whole CIFAR ResNet-18 step takes 10 ms on an H200. Values logged on
-    other steps would only refresh ``callback_metrics``, so the per-layer ones are logged on the
-    steps the loggers receive.
-    """
-    connector = getattr(trainer, "_logger_connector", None)
-    if connector is None:
+def _loggers_write_this_step(trainer: Any, step: int) -> bool:
+    """Whether Lightning hands the values of global step ``step`` to the loggers: every
+    ``log_every_n_steps`` steps (a ``self.log`` call costs host time, which a GPU step cannot spare
+    once per layer; values logged on other steps would only refresh ``callback_metrics``)."""
+    if trainer is None or trainer.fast_dev_run or trainer.should_stop:
         return True
-    try:
-        return bool(connector.should_update_logs or trainer.fast_dev_run)
-    except (AttributeError, NotImplementedError):  # another Lightning version or loop: log as before
-        return True
+    return (step + 1) % max(1, int(trainer.log_every_n_steps)) == 0
 
 
 def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_layer: bool, prog_bar: bool) -> None:
@@ -217,6 +279,6 @@ def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_laye
                 values[key], weighted[key] = summed[0, i], summed[1, i]
     total = torch.stack([w.reshape(()).float() for w in weighted.values()]).sum()
     pl_module.log("hsu/penalty", total, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
-    if per_layer and _loggers_write_this_step(trainer):
+    if per_layer and _loggers_write_this_step(trainer, engine.last_step):
         for key, value in values.items():
             pl_module.log(f"hsu/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)

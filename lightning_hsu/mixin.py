@@ -8,22 +8,29 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_hsu.engine import OnNonFinite, PenaltyEngine
-from lightning_hsu.lightning_adapter import (
-    attach,
-    keeps_whole_weights,
-    manual_penalty,
-    run_training_step,
-    shards_parameters,
-)
+from lightning_hsu.lightning_adapter import attach, log_values, manual_penalty, prepare_engine, run_training_step
+from lightning_hsu.regularizers._validate import flag
 from lightning_hsu.rules import Rule, preset_rules
 
 _ENGINE_ATTR = "_hsu_mixin_engine"
+_SETTINGS_ATTR = "_hsu_mixin_settings"
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The mixin's options that are not the engine's."""
+
+    shard_across_ranks: bool
+    log: bool
+    log_per_layer: bool
+    prog_bar: bool
 
 
 def _as_rule(rule: Rule | dict[str, Any], index: int) -> Rule:
@@ -77,10 +84,17 @@ class HypersphericalUniformityMixin:
         every_n_steps: int = 1,
         on_nonfinite: OnNonFinite = "raise",
         cuda_graphs: bool = True,
+        shard_across_ranks: bool = False,
+        log: bool = True,
+        log_per_layer: bool = True,
+        prog_bar: bool = False,
     ) -> None:
         """Declare the module's rules (validated now; layers are bound when training starts).
 
-        The options are those of :class:`~lightning_hsu.callbacks.HypersphericalUniformity`.
+        The options are those of :class:`~lightning_hsu.callbacks.HypersphericalUniformity`, but
+        for the callback's single-rule shortcuts (`regularizer`, `coefficient`, `options`,
+        `layers`, `exclude`, `schedule`, `max_neurons`: put them in a rule) and `verbose` (the
+        mixin's selection is in `self.hyperspherical_engine.summary()`).
         """
         all_rules = preset_rules(preset) if preset is not None else []
         all_rules += [_as_rule(r, i) for i, r in enumerate(rules or [])]
@@ -91,30 +105,34 @@ class HypersphericalUniformityMixin:
             on_nonfinite=on_nonfinite,
             cuda_graphs=cuda_graphs,
         )
+        settings = _Settings(
+            flag("HypersphericalUniformityMixin", "shard_across_ranks", shard_across_ranks),
+            flag("HypersphericalUniformityMixin", "log", log),
+            flag("HypersphericalUniformityMixin", "log_per_layer", log_per_layer),
+            flag("HypersphericalUniformityMixin", "prog_bar", prog_bar),
+        )
         object.__setattr__(self, _ENGINE_ATTR, engine)
+        object.__setattr__(self, _SETTINGS_ATTR, settings)
         object.__setattr__(self, "_hsu_ready", False)
 
     @property
     def hyperspherical_engine(self) -> PenaltyEngine | None:
-        return getattr(self, _ENGINE_ATTR, None)
+        return _engine_of(self)
 
     def _hsu_prepare(self) -> None:
-        engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
+        engine = _engine_of(self)
         if engine is None or getattr(self, "_hsu_ready", False):
             return
-        module: pl.LightningModule = self  # type: ignore[assignment]
-        trainer = module._trainer
-        sharded = trainer is not None and shards_parameters(trainer.strategy)
-        if sharded and not module.automatic_optimization:
-            raise ValueError(
-                f"{type(self).__name__}: manual optimisation with {type(trainer.strategy).__name__} is not supported "
-                "(weights are sharded outside forward); use automatic optimisation"
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:  # used outside a Trainer: the tie is right everywhere
+            engine.bind(self, tie_to_output=True)  # type: ignore[arg-type]
+            engine.install_hooks()
+            attach(self, engine)  # type: ignore[arg-type]
+        else:
+            settings: _Settings = getattr(self, _SETTINGS_ATTR)
+            prepare_engine(
+                engine, trainer, self, shard_across_ranks=settings.shard_across_ranks, where=type(self).__name__
             )
-        engine.tie_to_output = trainer is None or not keeps_whole_weights(trainer.strategy)
-        engine.defer_finite_check = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        engine.bind(module, check_weights=not sharded)
-        engine.install_hooks()
-        attach(module, engine)
         object.__setattr__(self, "_hsu_ready", True)
 
     def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:
@@ -167,11 +185,24 @@ def _wrap_check_pending(hook: Any) -> Any:
     return checked
 
 
+def _wrap_on_train_batch_end(hook: Any) -> Any:
+    @functools.wraps(hook)
+    def on_train_batch_end(self: Any, *args: Any, **kw: Any) -> Any:
+        engine = _engine_of(self)
+        settings: _Settings | None = getattr(self, _SETTINGS_ATTR, None)
+        if engine is not None and settings is not None and settings.log:
+            log_values(self, engine, per_layer=settings.log_per_layer, prog_bar=settings.prog_bar)
+        return hook(self, *args, **kw)
+
+    return on_train_batch_end
+
+
 _WRAPPERS = {
     "training_step": _wrap_training_step,
     "on_fit_start": _wrap_on_fit_start,
     "on_before_optimizer_step": _wrap_check_pending,
     "on_train_end": _wrap_check_pending,
+    "on_train_batch_end": _wrap_on_train_batch_end,
 }
 
 

@@ -3,27 +3,24 @@ chosen layers to the training loss, with no change to the model's code."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_hsu.engine import PenaltyEngine
 from lightning_hsu.lightning_adapter import (
-    attach,
-    attached_engines,
     detach,
-    keeps_whole_weights,
     log_values,
     overrides,
+    prepare_engine,
     rank_zero_info,
-    shards_parameters,
     wrap_training_step,
 )
 from lightning_hsu.regularizers import Regularizer
-from lightning_hsu.rules import MAX_NEURONS, Rule, preset_rules, same_rule
+from lightning_hsu.rules import MAX_NEURONS, Rule, preset_rules
 from lightning_hsu.schedules import Schedule
 
 
@@ -156,6 +153,7 @@ class HypersphericalUniformity(Callback):
         self._original_training_step: Any = None
 
     @property
+    @override
     def state_key(self) -> str:
         labels = ",".join(r.label for r in self.engine.rules)
         return self._generate_state_key(rules=labels)
@@ -174,71 +172,33 @@ class HypersphericalUniformity(Callback):
         return self.engine.rules
 
     # -- set-up -----------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not pl_module.automatic_optimization and shards_parameters(trainer.strategy):
-            raise ValueError(
-                f"HypersphericalUniformity: manual optimisation with {type(trainer.strategy).__name__} is not "
-                "supported (weights are sharded outside forward); use automatic optimisation"
-            )
-        if not overrides(pl_module, "configure_model"):
+        if stage == "fit" and not overrides(pl_module, "configure_model"):
             # The layers exist already: every rule/layer error is raised here, before any step.
             self.engine.bind(pl_module)
-            self._check_overlap(pl_module)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Callbacks' on_fit_start runs before the module's: let a mixin bind its rules first so
         # that overlaps between the two are seen.
         prepare = getattr(pl_module, "_hsu_prepare", None)
         if prepare is not None:
             prepare()
-        if self.shard_across_ranks and trainer.world_size > 1:
-            self.engine.shard = (trainer.global_rank, trainer.world_size)
-        # After configure_model and the strategy's wrapping: bind to the modules that will run.
-        sharded = shards_parameters(trainer.strategy)
-        self.engine.tie_to_output = not keeps_whole_weights(trainer.strategy)
-        self.engine.defer_finite_check = trainer.strategy.root_device.type == "cuda"
-        self.engine.bind(pl_module, check_weights=not sharded)
-        self._check_overlap(pl_module)
+        # after configure_model and the strategy's wrapping: bind to the modules that will run
+        where = type(self).__name__
+        prepare_engine(self.engine, trainer, pl_module, shard_across_ranks=self.shard_across_ranks, where=where)
         if self.verbose:
-            rank_zero_info(trainer, f"{type(self).__name__}: {self.summary()}")
-        self.engine.install_hooks()
-        attach(pl_module, self.engine)
+            rank_zero_info(trainer, f"{where}: {self.summary()}")
         had_instance_attr = "training_step" in vars(pl_module)
-        original = wrap_training_step(pl_module, self.engine, "HypersphericalUniformity")
+        original = wrap_training_step(pl_module, self.engine, where)
         self._original_training_step = (had_instance_attr, original)
-
-    def _check_overlap(self, pl_module: pl.LightningModule) -> None:
-        """Never apply one rule twice: a layer that the module's mixin already regularises with the
-        same regularizer is an error unless the rules are identical (then the callback drops it)."""
-        for other in attached_engines(pl_module):
-            if other is self.engine:
-                continue
-            theirs = {(b.layer_name, b.regularizer.name): b for b in other.bindings}
-            kept = []
-            for b in self.engine.bindings:
-                twin = theirs.get((b.layer_name, b.regularizer.name))
-                if twin is None:
-                    kept.append(b)
-                elif same_rule(twin.rule, b.rule):
-                    warnings.warn(
-                        f"layer {b.layer_name!r} already gets {b.regularizer.name!r} from the module's own rules; "
-                        "the callback does not apply it again",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-                else:
-                    raise ValueError(
-                        f"layer {b.layer_name!r} gets {b.regularizer.name!r} both from the module's rules and from "
-                        "the HypersphericalUniformity callback, with different settings; keep one"
-                    )
-            self.engine.bindings = kept
 
     def summary(self) -> str:
         """The layers regularised (neurons × dim, rule, space) and those left out, with the reason."""
         return self.engine.summary()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -253,13 +213,16 @@ class HypersphericalUniformity(Callback):
             self._original_training_step = None
 
     # -- per step ---------------------------------------------------------------------------------
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         # on a GPU the NaN/inf check waits until here, the one point before the weights change
         self.engine.check_finite_pending()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.engine.check_finite_pending()  # a last step that never reached an optimizer step
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -267,10 +230,12 @@ class HypersphericalUniformity(Callback):
             log_values(pl_module, self.engine, per_layer=self.log_per_layer, prog_bar=self.prog_bar)
 
     # -- checkpoint -------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = self.engine.state_dict()
         return {"regularizers": state, "enabled": self.engine.enabled} if state else {}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict.get("regularizers", {}))
         if "enabled" in state_dict:

@@ -4,15 +4,16 @@ by an eager stand-in) and the real capture (GPU only)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
 
-import lightning_hsu.engine as engine_module
 from lightning_hsu import MGD, MHE, MHS, RMHP, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule, Uniformity
-from lightning_hsu.cuda_graphs import GraphedPenalties
+from lightning_hsu import cuda_graphs
+from lightning_hsu.cuda_graphs import GraphedPenalties, GraphReplay
 from lightning_hsu.engine import NonFinitePenaltyError
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
 from lightning_hsu.rules import preset_rules
@@ -35,18 +36,36 @@ class Captures:
         return fn
 
 
+#: The stand-in of the running test (set by the ``captures`` fixture): engines built by the helpers
+#: below replay through it on the CPU.
+_STAND_IN: Captures | None = None
+
+
 @pytest.fixture
-def captures(monkeypatch: pytest.MonkeyPatch) -> Captures:
-    """The engine captures CPU weights, through a :class:`Captures`."""
-    stand_in = Captures()
-    monkeypatch.setattr(PenaltyEngine, "GRAPH_DEVICE", "cpu")
+def captures(monkeypatch: pytest.MonkeyPatch) -> Iterator[Captures]:
+    """The engines of this test capture CPU weights, through a :class:`Captures` that also notes
+    the layers per call of each capture."""
+    global _STAND_IN
+    stand_in = _STAND_IN = Captures()
 
-    def graphed(penalties, weights, counts=None):  # type: ignore[no-untyped-def]
+    def graphed(penalties, weights, counts=None, make_graphed=None):  # type: ignore[no-untyped-def]
         stand_in.counts.append(None if counts is None else list(counts))
-        return GraphedPenalties(penalties, weights, counts=counts, make_graphed=stand_in)
+        return GraphedPenalties(penalties, weights, counts=counts, make_graphed=make_graphed)
 
-    monkeypatch.setattr(engine_module, "GraphedPenalties", graphed)
-    return stand_in
+    monkeypatch.setattr(cuda_graphs, "GraphedPenalties", graphed)
+    yield stand_in
+    _STAND_IN = None
+
+
+def _cpu_replay(engine: PenaltyEngine) -> PenaltyEngine:
+    if _STAND_IN is not None:
+        stand_in = _STAND_IN
+
+        def recording(fn, sample_args):  # type: ignore[no-untyped-def]
+            return stand_in(fn, sample_args)
+
+        engine.graphs = GraphReplay(device_type="cpu", make_graphed=recording)
+    return engine
 
 
 def _step(engine: PenaltyEngine, model: torch.nn.Module, step: int) -> torch.Tensor | None:
@@ -67,7 +86,7 @@ def _grad_of(total: torch.Tensor, model: TinyNet) -> dict[str, torch.Tensor]:
 
 def _untied_engine(model: TinyNet, rules=None, **kw) -> PenaltyEngine:  # type: ignore[no-untyped-def]
     """An engine on ``model`` as the callback sets it up with whole weights (penalties at collect)."""
-    engine = PenaltyEngine(rules if rules is not None else preset_rules("mhe"), **kw)
+    engine = _cpu_replay(PenaltyEngine(rules if rules is not None else preset_rules("mhe"), **kw))
     engine.tie_to_output = False
     engine.bind(model)
     engine.install_hooks()
@@ -241,9 +260,9 @@ def test_layers_of_one_shape_share_one_batched_call_in_the_graphs(captures: Capt
     # the grouping is kept, and each grouping is a capture of its own (a benchmark alternates them)
     graphed.enabled, eager.enabled = True, False
     _step(graphed, model, 1)
-    graphed.BATCH_GRAPHS = False
+    graphed.graphs.batch = False
     unbatched = _step(graphed, model, 2)
-    graphed.BATCH_GRAPHS = True
+    graphed.graphs.batch = True
     batched = _step(graphed, model, 3)
     assert captures.counts == [[2, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert unbatched is not None and batched is not None
@@ -494,12 +513,12 @@ def test_a_graphed_step_makes_no_host_sync_until_the_deferred_check(captures: Ca
     graphed.defer_finite_check = True
     _step(graphed, model, 0)  # the capture
     graphed.check_finite_pending()  # the optimizer step
-    factors = graphed._graph_factors[next(iter(graphed._graph_factors))][1]
+    factors = graphed.graphs._factors[next(iter(graphed.graphs._factors))][1]
     with HostSyncCounter() as counter:
         total = _step(graphed, model, 1)
         total = _step(graphed, model, 1)  # a second micro-batch of the same optimizer step
     assert total is not None and counter.syncs == []
-    assert graphed._graph_factors[next(iter(graphed._graph_factors))][1] is factors  # not copied again
+    assert graphed.graphs._factors[next(iter(graphed.graphs._factors))][1] is factors  # not copied again
     with HostSyncCounter() as counter:
         graphed.check_finite_pending()
     assert counter.syncs == ["_local_scalar_dense"]  # one for both micro-batches' values

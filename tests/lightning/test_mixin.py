@@ -215,3 +215,18 @@ def test_penalty_helper_without_any_rules_is_a_clear_error(tmp_path):
     model = ManualNet(take=True)
     with pytest.raises(RuntimeError, match="no hyperspherical regularisation is attached"):
         pl.Trainer(**trainer_kwargs(tmp_path)).fit(model)
+
+
+def test_callback_and_mixin_rules_differing_only_in_schedule_is_an_error(tmp_path):
+    """A schedule is part of a rule: the callback's warm-up must not be dropped as a duplicate of
+    the mixin's constant rule (it was, when the overlap check compared coefficients only)."""
+    from lightning_hsu import LinearWarmup, Rule
+
+    model = MixinNet(take_penalty=False)
+    rules = [
+        Rule("mhe", 1.0, options={"half_space": True}, target="hidden", schedule=LinearWarmup(10)),
+        Rule("mhe", 10.0, target="classifier"),
+    ]
+    trainer = pl.Trainer(callbacks=[HypersphericalUniformity(rules=rules)], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="layer 'conv' gets 'mhe' both .* different settings"):
+        trainer.fit(model)

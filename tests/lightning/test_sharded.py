@@ -30,8 +30,7 @@ class ShardRecordingMHE(MHE):
 
 def test_engine_gives_sum_over_pairs_regularizers_their_share_only():
     engine = PenaltyEngine([Rule("mhe", layers=["hidden"]), Rule("mhs", layers=["fc"])])
-    engine.shard = (1, 2)
-    engine.bind(TinyNet())
+    engine.bind(TinyNet(), shard=(1, 2))
     shards = {b.layer_name: b.regularizer._shard for b in engine.bindings}
     assert shards == {"hidden": (1, 2), "fc": None}
 
