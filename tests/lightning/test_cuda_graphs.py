@@ -11,8 +11,18 @@ import pytest
 import torch
 from models import TinyNet, assert_same_weights, mhe_reference, trainer_kwargs, weights
 
-from lightning_hsu import MGD, MHE, MHS, RMHP, CoMHE, HypersphericalUniformity, PenaltyEngine, Rule, Uniformity
-from lightning_hsu import cuda_graphs
+from lightning_hsu import (
+    MGD,
+    MHE,
+    MHS,
+    RMHP,
+    CoMHE,
+    HypersphericalUniformity,
+    PenaltyEngine,
+    Rule,
+    Uniformity,
+    cuda_graphs,
+)
 from lightning_hsu.cuda_graphs import GraphedPenalties, GraphReplay
 from lightning_hsu.engine import NonFinitePenaltyError
 from lightning_hsu.functional import hyperspherical_energy, neurons_of

@@ -228,5 +228,5 @@ def test_callback_and_mixin_rules_differing_only_in_schedule_is_an_error(tmp_pat
         Rule("mhe", 10.0, target="classifier"),
     ]
     trainer = pl.Trainer(callbacks=[HypersphericalUniformity(rules=rules)], **trainer_kwargs(tmp_path))
-    with pytest.raises(ValueError, match="layer 'conv' gets 'mhe' both .* different settings"):
+    with pytest.raises(ValueError, match=r"layer 'conv' gets 'mhe' both .* different settings"):
         trainer.fit(model)
