@@ -24,6 +24,7 @@ from lightning_hsu.finite import FiniteChecks, NonFinitePenaltyError
 from lightning_hsu.functional._common import NonFiniteInputError
 from lightning_hsu.layers import lazy
 from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
+from lightning_hsu.validation import choice, flag, int_at_least
 
 OnNonFinite = Literal["raise", "skip"]
 
@@ -119,12 +120,9 @@ class PenaltyEngine:
             if not isinstance(rule, Rule):
                 raise TypeError(f"rule {index} must be a lightning_hsu.Rule, got {type(rule).__name__}")
             rule.validate(index)
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be a positive integer, got {every_n_steps!r}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"`on_nonfinite` must be 'raise' or 'skip', got {on_nonfinite!r}")
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"`cuda_graphs` must be true or false, got {cuda_graphs!r}")
+        int_at_least("HypersphericalUniformity", "every_n_steps", every_n_steps, 1)
+        choice("HypersphericalUniformity", "on_nonfinite", on_nonfinite, ("raise", "skip"))
+        flag("HypersphericalUniformity", "cuda_graphs", cuda_graphs)
         self.rules = list(rules)
         self.classifier = classifier
         self.every_n_steps = every_n_steps

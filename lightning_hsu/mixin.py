@@ -16,8 +16,8 @@ from torch import Tensor
 
 from lightning_hsu.engine import OnNonFinite, PenaltyEngine
 from lightning_hsu.lightning_adapter import attach, log_values, manual_penalty, prepare_engine, run_training_step
-from lightning_hsu.regularizers._validate import flag
 from lightning_hsu.rules import Rule, preset_rules
+from lightning_hsu.validation import flag
 
 _ENGINE_ATTR = "_hsu_mixin_engine"
 _SETTINGS_ATTR = "_hsu_mixin_settings"

@@ -9,7 +9,6 @@ errors that name the rule, the option or the layer at fault. Pure PyTorch.
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from lightning_hsu.regularizers import MHE, MHP, MHS, RMHP, CoMHE, Regularizer, 
 from lightning_hsu.regularizers.registry import REGULARIZERS
 from lightning_hsu.regularizers.separation import MGD
 from lightning_hsu.schedules import Constant, Schedule
+from lightning_hsu.validation import choice, flag, int_at_least, positive_float
 
 Target = Literal["all", "hidden", "classifier", "attention", "mlp", "embedding"]
 _TARGETS = ("all", "hidden", "classifier", "attention", "mlp", "embedding")
@@ -93,19 +93,13 @@ class Rule:
     def validate(self, index: int) -> None:
         """Check the options that do not depend on a model; errors name the rule and option."""
         where = f"rule {index} ({self.label})"
-        c = self.coefficient
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0:
-            raise ValueError(f"{where}: `coefficient` must be a finite number >= 0, got {c!r}")
-        if self.target not in _TARGETS:
-            raise ValueError(f"{where}: `target` must be one of {list(_TARGETS)}, got {self.target!r}")
-        if self.lora not in ("skip", "update"):
-            raise ValueError(f"{where}: `lora` must be 'skip' or 'update', got {self.lora!r}")
-        for flag_name in ("per_head", "required"):
-            if not isinstance(getattr(self, flag_name), bool):
-                raise ValueError(f"{where}: `{flag_name}` must be true or false, got {getattr(self, flag_name)!r}")
-        m = self.max_neurons
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 2):
-            raise ValueError(f"{where}: `max_neurons` must be an integer >= 2 or None, got {m!r}")
+        positive_float(where, "coefficient", self.coefficient, allow_zero=True)
+        choice(where, "target", self.target, _TARGETS)
+        choice(where, "lora", self.lora, ("skip", "update"))
+        flag(where, "per_head", self.per_head)
+        flag(where, "required", self.required)
+        if self.max_neurons is not None:
+            int_at_least(where, "max_neurons", self.max_neurons, 2)
         if self.layers is not None and (
             isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers)
         ):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_hsu.regularizers._validate import positive_float, positive_int
+from lightning_hsu.validation import positive_float, positive_int
 
 
 class Schedule:

@@ -22,6 +22,7 @@ from lightning_hsu.lightning_adapter import (
 from lightning_hsu.regularizers import Regularizer
 from lightning_hsu.rules import MAX_NEURONS, Rule, preset_rules
 from lightning_hsu.schedules import Schedule
+from lightning_hsu.validation import flag
 
 
 class HypersphericalUniformity(Callback):
@@ -143,9 +144,7 @@ class HypersphericalUniformity(Callback):
             cuda_graphs=cuda_graphs,
         )
         self.engine.enabled = bool(enabled)
-        if not isinstance(shard_across_ranks, bool):
-            raise ValueError(f"`shard_across_ranks` must be true or false, got {shard_across_ranks!r}")
-        self.shard_across_ranks = shard_across_ranks
+        self.shard_across_ranks = flag("HypersphericalUniformity", "shard_across_ranks", shard_across_ranks)
         self.log = log
         self.log_per_layer = log_per_layer
         self.prog_bar = prog_bar

@@ -27,6 +27,7 @@ from lightning_hsu.functional._common import (
 )
 from lightning_hsu.functional._matmul import batched_matmul
 from lightning_hsu.functional.energy import Distance, hyperspherical_energy
+from lightning_hsu.validation import positive_int
 
 
 def gaussian_projections(
@@ -48,8 +49,7 @@ def gaussian_projections(
     is returned: a CUDA graph that reads ``out`` sees each new draw.
     """
     for name, value in (("count", count), ("dim", dim), ("in_dim", in_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int("gaussian_projections", name, value)
     draw_on = generator.device if generator is not None else torch.device("cpu")
     if out is not None:
         if out.shape != (count, dim, in_dim):

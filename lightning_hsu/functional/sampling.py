@@ -40,6 +40,7 @@ from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_pr
 from lightning_hsu.functional.energy import Distance
 from lightning_hsu.functional.kernels import energy_kernel
 from lightning_hsu.functional.pairwise import pairwise_kernel_sum
+from lightning_hsu.validation import int_at_least, positive_int
 
 
 def _subset_mean(
@@ -140,11 +141,8 @@ def sampled_hyperspherical_energy(
     x = check_neurons(neurons)
     if x.dim() != 2:
         raise ValueError(f"neurons must have shape [n, d], got {tuple(x.shape)}")
-    for name, value in (("num_samples", num_samples), ("draws", draws)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2 (one pair), got {num_samples}")
+    int_at_least("sampled_hyperspherical_energy", "num_samples", num_samples, 2)  # one pair at least
+    positive_int("sampled_hyperspherical_energy", "draws", draws)
     n = x.shape[0]
     m = min(num_samples, n)
     estimates = []

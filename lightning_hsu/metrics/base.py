@@ -12,6 +12,7 @@ from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_hsu.metrics._sample import bottom_k
+from lightning_hsu.validation import int_at_least, integer
 
 
 class FeatureSampleMetric(Metric):
@@ -33,12 +34,8 @@ class FeatureSampleMetric(Metric):
 
     def __init__(self, max_samples: int = 4096, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 2:
-            raise ValueError(f"max_samples must be an integer >= 2, got {max_samples!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.max_samples = max_samples
-        self.seed = seed
+        self.max_samples = int_at_least(type(self).__name__, "max_samples", max_samples, 2)
+        self.seed = integer(type(self).__name__, "seed", seed)
         # Rows are kept flattened (1-D): a rank that saw no data then contributes torchmetrics'
         # empty 1-D placeholder of the same dtype and rank, which every gather accepts.
         self.add_state("rows", default=[], dist_reduce_fx="cat")

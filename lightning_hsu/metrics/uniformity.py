@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_hsu.functional.uniformity import uniformity
 from lightning_hsu.metrics.base import FeatureSampleMetric
+from lightning_hsu.validation import positive_float
 
 
 class FeatureUniformity(FeatureSampleMetric):
@@ -31,9 +32,7 @@ class FeatureUniformity(FeatureSampleMetric):
         self, t: float = 2.0, max_samples: int = 4096, seed: int = 0, chunk_size: int | None = None, **kwargs: Any
     ) -> None:
         super().__init__(max_samples=max_samples, seed=seed, **kwargs)
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
-            raise ValueError(f"t must be a number > 0, got {t!r}")
-        self.t = float(t)
+        self.t = positive_float("FeatureUniformity", "t", t)
         self.chunk_size = chunk_size
 
     def _compute_on(self, rows: Tensor) -> Tensor:

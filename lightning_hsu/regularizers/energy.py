@@ -10,8 +10,8 @@ from torch import Tensor
 
 from lightning_hsu.functional import compressive_energy, gaussian_projections, hyperspherical_energy, uniformity
 from lightning_hsu.functional._common import DEFAULT_EPS
-from lightning_hsu.regularizers._validate import choice, flag, positive_float, positive_int
 from lightning_hsu.regularizers.base import Regularizer
+from lightning_hsu.validation import choice, flag, integer, positive_float, positive_int
 
 
 class MHE(Regularizer):
@@ -123,9 +123,7 @@ class CoMHE(Regularizer):
         self.distance = choice("CoMHE", "distance", distance, ("euclidean", "angular"))
         self.half_space = flag("CoMHE", "half_space", half_space)
         self.resample = flag("CoMHE", "resample", resample)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"CoMHE: option `seed` must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = integer("CoMHE", "seed", seed)
         self.eps = positive_float("CoMHE", "eps", eps)
         self._calls = 0
         self._graph_projections: Tensor | None = None

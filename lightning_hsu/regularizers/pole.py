@@ -21,8 +21,8 @@ from lightning_hsu.functional import pole_covering_distance, pole_energy
 from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons, row_normalization
 from lightning_hsu.functional.covering import pole_covering_slope
 from lightning_hsu.functional.polarization import pole_energy_slope
-from lightning_hsu.regularizers._validate import flag, positive_float, positive_int
 from lightning_hsu.regularizers.base import Regularizer
+from lightning_hsu.validation import flag, integer, positive_float, positive_int
 
 
 class PoleRegularizer(Regularizer):
@@ -47,9 +47,7 @@ class PoleRegularizer(Regularizer):
         self.pole_lr = positive_float(owner, "pole_lr", pole_lr)
         self.pole_momentum = positive_float(owner, "pole_momentum", pole_momentum, allow_zero=True)
         self.pole_weight_decay = positive_float(owner, "pole_weight_decay", pole_weight_decay, allow_zero=True)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"{owner}: option `seed` must be an integer, got {seed!r}")
-        self.seed = seed
+        self.seed = integer(owner, "seed", seed)
         self.eps = positive_float(owner, "eps", eps)
         self._pole: Tensor | None = None
         self._optimizer: torch.optim.SGD | None = None

@@ -11,8 +11,8 @@ from lightning_hsu.functional import (
     soft_hyperspherical_separation,
 )
 from lightning_hsu.functional._common import DEFAULT_EPS
-from lightning_hsu.regularizers._validate import flag, positive_float, positive_int
 from lightning_hsu.regularizers.base import Regularizer
+from lightning_hsu.validation import flag, positive_float, positive_int
 
 
 class MHS(Regularizer):
