@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from lightning_hsu.regularizers import Regularizer
+    from lightning_hsu.regularizers import Capturable
 
 #: What a capture takes: ``(function, sample_args) -> graphed function`` with autograd, like
 #: ``torch.cuda.make_graphed_callables``.
@@ -138,7 +138,7 @@ class GraphedLayer:
     token: int
     weight: Tensor
     neurons_from: Callable[[Tensor], Tensor]
-    regularizer: Regularizer
+    regularizer: Capturable
     coefficient: float
     gradient_scale: float = 1.0
 
@@ -208,7 +208,7 @@ class GraphReplay:
             return True
         return torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing()
 
-    def eligible(self, regularizer: Regularizer, weight: Tensor) -> bool:
+    def eligible(self, regularizer: Capturable, weight: Tensor) -> bool:
         """Whether a layer's penalty can be captured: a capturable regularizer of a trainable leaf
         weight on the current device of ``device_type``."""
         if weight.device.type != self.device_type:

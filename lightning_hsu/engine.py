@@ -23,6 +23,7 @@ from lightning_hsu.cuda_graphs import GraphedLayer, GraphReplay
 from lightning_hsu.finite import FiniteChecks, NonFinitePenaltyError
 from lightning_hsu.functional._common import NonFiniteInputError
 from lightning_hsu.layers import lazy
+from lightning_hsu.regularizers import Capturable
 from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
 from lightning_hsu.validation import choice, flag, int_at_least
 
@@ -396,13 +397,17 @@ class PenaltyEngine:
             coefficient = self.coefficient(binding, record.step)
             view = binding.view
             plain = not view.parametrized and view.layout != "lora_update"
-            if coefficient == 0.0 or not plain or not self.graphs.eligible(binding.regularizer, view.source()):
+            regularizer = binding.regularizer
+            if (
+                coefficient == 0.0
+                or not plain
+                or not isinstance(regularizer, Capturable)
+                or not self.graphs.eligible(regularizer, view.source())
+            ):
                 rest.append(binding)
                 continue
             scale = float(self.shard[1]) if self.shard is not None and self.is_sharded(binding) else 1.0
-            graphed.append(
-                GraphedLayer(id(binding), view.source(), view.neurons_from, binding.regularizer, coefficient, scale)
-            )
+            graphed.append(GraphedLayer(id(binding), view.source(), view.neurons_from, regularizer, coefficient, scale))
             by_token[id(binding)] = binding
         if not graphed:
             return todo

@@ -28,9 +28,8 @@ from lightning_hsu.layers import (
     user_modules,
     within_lora_layer,
 )
-from lightning_hsu.regularizers import MHE, MHP, MHS, RMHP, CoMHE, Regularizer, make_regularizer
+from lightning_hsu.regularizers import MGD, MHE, MHP, MHS, RMHP, CoMHE, Regularizer, make_regularizer
 from lightning_hsu.regularizers.registry import REGULARIZERS
-from lightning_hsu.regularizers.separation import MGD
 from lightning_hsu.schedules import Constant, Schedule
 from lightning_hsu.validation import choice, flag, int_at_least, positive_float
 

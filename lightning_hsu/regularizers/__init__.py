@@ -1,10 +1,15 @@
 """Regularizer objects: ``penalty = MHE(power=2, half_space=True)(neurons)``."""
 
-from lightning_hsu.regularizers.base import Regularizer
-from lightning_hsu.regularizers.energy import MHE, CoMHE, Uniformity
-from lightning_hsu.regularizers.pole import MHC, MHP, PoleRegularizer
+from lightning_hsu.regularizers.base import Capturable, Regularizer
+from lightning_hsu.regularizers.compressive import CoMHE
+from lightning_hsu.regularizers.covering import MHC
+from lightning_hsu.regularizers.energy import MHE
+from lightning_hsu.regularizers.gram_determinant import MGD
+from lightning_hsu.regularizers.polarization import MHP, RMHP
+from lightning_hsu.regularizers.pole import PoleRegularizer
 from lightning_hsu.regularizers.registry import REGULARIZERS, make_regularizer
-from lightning_hsu.regularizers.separation import MGD, MHS, RMHP
+from lightning_hsu.regularizers.separation import MHS
+from lightning_hsu.regularizers.uniformity import Uniformity
 
 __all__ = [
     "MGD",
@@ -14,6 +19,7 @@ __all__ = [
     "MHS",
     "REGULARIZERS",
     "RMHP",
+    "Capturable",
     "CoMHE",
     "PoleRegularizer",
     "Regularizer",

@@ -25,20 +25,14 @@ class Regularizer:
     stateful: ClassVar[bool] = False
     #: Whether the penalty is a sum over pairs that ranks can share (see :meth:`set_shard`).
     supports_sharding: ClassVar[bool] = False
-    #: Whether the penalty can be captured in a CUDA graph: called with ``check_finite=False`` it
-    #: makes no host sync and no decision on the weights' values, and :meth:`graph_penalty`
-    #: depends on the weights and on tensors that :meth:`refresh_graph_inputs` fills in place
-    #: before each replay, nothing else (not on ``step`` nor on other state). NaN/inf weights
-    #: then give a NaN penalty instead of an error, for the caller to check once for all layers.
+    #: Whether the penalty can be captured in a CUDA graph: true for :class:`Capturable` ones.
     capturable: ClassVar[bool] = False
-    #: Whether :meth:`graph_penalties` gives the ``[batch]`` penalties of a ``[batch, n, d]`` stack
-    #: of layers' neurons in one call: then the layers of one shape share one call in a CUDA graph,
-    #: and the graph launches that many fewer small kernels.
+    #: Whether :meth:`Capturable.graph_penalties` batches layers of one shape (capturable ones only).
     batchable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # An overriding penalty may sync, keep state or lack `check_finite`: it says so itself.
+        # A subclass that overrides the penalty may sync or keep state: capturable only if it says so.
         if "penalty" in cls.__dict__ and "capturable" not in cls.__dict__:
             cls.capturable = False
         overrides = any(name in cls.__dict__ for name in ("penalty", "graph_penalty", "graph_penalties"))
@@ -60,36 +54,20 @@ class Regularizer:
         self._shard = shard
 
     def __call__(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
-        if check_finite:
+        if check_finite:  # (a regularizer written before `check_finite` existed takes no such argument)
             return self.penalty(neurons, step=step)
         if not self.capturable:
             raise ValueError(f"{type(self).__name__} always checks its input (it is not capturable)")
-        return self.penalty(neurons, step=step, check_finite=False)  # type: ignore[call-arg]
+        return self.penalty(neurons, step=step, check_finite=False)
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
-        """The penalty of ``neurons`` (``[n, d]``); ``step`` is the global training step."""
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        """The penalty of ``neurons`` (``[n, d]``); ``step`` is the global training step.
+
+        ``check_finite=False`` (capturable regularizers only) makes no host synchronisation and no
+        decision on the weights' values: NaN/inf weights then give a NaN penalty instead of an
+        error, for the caller to check once for all layers.
+        """
         raise NotImplementedError
-
-    def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
-        """Before each replay of a captured :meth:`graph_penalty` of ``neurons``: write, in place,
-        what the penalty at ``step`` reads besides the weights (CoMHE: the step's projections).
-        Nothing by default."""
-
-    def graph_penalty(self, neurons: Tensor) -> Tensor:
-        """The penalty as a CUDA graph captures it (:attr:`capturable` regularizers only): no host
-        sync, and no input but ``neurons`` and what :meth:`refresh_graph_inputs` wrote. By default
-        the penalty with ``check_finite=False``."""
-        return self(neurons, check_finite=False)
-
-    def graph_penalties(self, neurons: Tensor, members: Sequence[Regularizer]) -> Tensor:
-        """The ``[batch]`` :meth:`graph_penalty` of each ``[n, d]`` slice of ``neurons``, slice ``i``
-        with what ``members[i]`` (a regularizer of this type and hyperparameters, this one among
-        them) reads besides the neurons (:attr:`batchable` regularizers only). By default
-        :meth:`graph_penalty` of the whole stack: right for a regularizer that reads nothing per
-        layer and whose penalty takes ``[batch, n, d]``."""
-        if not self.batchable:
-            raise ValueError(f"{type(self).__name__} computes one layer at a time (it is not batchable)")
-        return self.graph_penalty(neurons)
 
     def spawn(self, key: str) -> Regularizer:
         """A fresh copy for one layer; ``key`` (the layer name) salts any random state."""
@@ -113,3 +91,37 @@ class Regularizer:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({args})"
+
+
+class Capturable(Regularizer):
+    """The capability of a regularizer whose penalty a CUDA graph can capture.
+
+    Called with ``check_finite=False`` it makes no host sync and no decision on the weights'
+    values, and :meth:`graph_penalty` depends on the weights and on tensors that
+    :meth:`refresh_graph_inputs` fills in place before each replay, nothing else (not on ``step``
+    nor on other state). Set :attr:`batchable` when :meth:`graph_penalties` gives the ``[batch]``
+    penalties of a ``[batch, n, d]`` stack of layers' neurons in one call: then the layers of one
+    shape share one call in a CUDA graph, and the graph launches that many fewer small kernels.
+    """
+
+    capturable: ClassVar[bool] = True
+
+    def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
+        """Before each replay of a captured :meth:`graph_penalty` of ``neurons``: write, in place,
+        what the penalty at ``step`` reads besides the weights (CoMHE: the step's projections).
+        Nothing by default."""
+
+    def graph_penalty(self, neurons: Tensor) -> Tensor:
+        """The penalty as a CUDA graph captures it: no host sync, and no input but ``neurons`` and
+        what :meth:`refresh_graph_inputs` wrote. By default the penalty with ``check_finite=False``."""
+        return self(neurons, check_finite=False)
+
+    def graph_penalties(self, neurons: Tensor, members: Sequence[Regularizer]) -> Tensor:
+        """The ``[batch]`` :meth:`graph_penalty` of each ``[n, d]`` slice of ``neurons``, slice ``i``
+        with what ``members[i]`` (a regularizer of this type and hyperparameters, this one among
+        them) reads besides the neurons (:attr:`batchable` regularizers only). By default
+        :meth:`graph_penalty` of the whole stack: right for a regularizer that reads nothing per
+        layer and whose penalty takes ``[batch, n, d]``."""
+        if not self.batchable:
+            raise ValueError(f"{type(self).__name__} computes one layer at a time (it is not batchable)")
+        return self.graph_penalty(neurons)

@@ -17,10 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional import pole_covering_distance, pole_energy
-from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons, row_normalization
-from lightning_hsu.functional.covering import pole_covering_slope
-from lightning_hsu.functional.polarization import pole_energy_slope
+from lightning_hsu.functional._common import check_neurons, normalize_neurons, row_normalization
 from lightning_hsu.regularizers.base import Regularizer
 from lightning_hsu.validation import flag, integer, positive_float, positive_int
 
@@ -136,7 +133,7 @@ class PoleRegularizer(Regularizer):
         grad = (grad - grad.dot(unit) * unit) * r[0]
         return (grad / divisor[0]).to(pole.dtype)
 
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         # The pole moves once per training step (official: before the weights' update), not once
         # per micro-batch under gradient accumulation nor again when a shared layer recurs.
         if step is None or step != self._last_step:
@@ -166,65 +163,3 @@ class PoleRegularizer(Regularizer):
         self._optimizer.load_state_dict(state["optimizer"])
         last = int(state.get("last_step", -1))
         self._last_step = None if last < 0 else last
-
-
-class MHP(PoleRegularizer):
-    """Maximum hyperspherical polarization: the pole minimises the Riesz-2 energy at itself,
-    :math:`E(v)`, and the neurons minimise :math:`-E(v)` (see
-    :func:`~lightning_hsu.functional.pole_energy`)."""
-
-    name = "mhp"
-
-    def __init__(
-        self,
-        half_space: bool = False,
-        inner_steps: int = 10,
-        pole_lr: float = 0.1,
-        pole_momentum: float = 0.9,
-        pole_weight_decay: float = 5e-4,
-        seed: int = 0,
-        eps: float = DEFAULT_EPS,
-    ) -> None:
-        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
-
-    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
-        return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps, normalized=normalized)
-
-    def pole_slope(self, cos: Tensor) -> Tensor:
-        return pole_energy_slope(cos)
-
-    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
-        return -pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
-
-
-class MHC(PoleRegularizer):
-    """Minimum hyperspherical covering: the pole maximises its smooth distance to the nearest
-    neuron :math:`S(v)`, the neurons minimise it (see
-    :func:`~lightning_hsu.functional.pole_covering_distance`); ``gamma`` = 10 officially."""
-
-    name = "mhc"
-
-    def __init__(
-        self,
-        gamma: float = 10.0,
-        half_space: bool = False,
-        inner_steps: int = 10,
-        pole_lr: float = 0.1,
-        pole_momentum: float = 0.9,
-        pole_weight_decay: float = 5e-4,
-        seed: int = 0,
-        eps: float = DEFAULT_EPS,
-    ) -> None:
-        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
-        self.gamma = positive_float("MHC", "gamma", gamma)
-
-    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
-        return -pole_covering_distance(
-            neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps, normalized=normalized
-        )
-
-    def pole_slope(self, cos: Tensor) -> Tensor:
-        return -pole_covering_slope(cos, self.gamma)  # the pole maximises S
-
-    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
-        return pole_covering_distance(neurons, pole, gamma=self.gamma, half_space=self.half_space, eps=self.eps)

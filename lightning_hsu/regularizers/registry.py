@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_hsu.regularizers.base import Regularizer
-from lightning_hsu.regularizers.energy import MHE, CoMHE, Uniformity
-from lightning_hsu.regularizers.pole import MHC, MHP
-from lightning_hsu.regularizers.separation import MGD, MHS, RMHP
+from lightning_hsu.regularizers.compressive import CoMHE
+from lightning_hsu.regularizers.covering import MHC
+from lightning_hsu.regularizers.energy import MHE
+from lightning_hsu.regularizers.gram_determinant import MGD
+from lightning_hsu.regularizers.polarization import MHP, RMHP
+from lightning_hsu.regularizers.separation import MHS
+from lightning_hsu.regularizers.uniformity import Uniformity
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
     cls.name: cls for cls in (MHE, MHS, MHP, MHC, MGD, RMHP, CoMHE, Uniformity)

@@ -1,21 +1,19 @@
-"""MHS, MGD and R-MHP as regularizer objects (closed-form, stateless)."""
+"""MHS, maximum hyperspherical separation (Liu et al., AISTATS 2021), as a regularizer object."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from lightning_hsu.functional import (
-    gram_determinant_penalty,
     hyperspherical_separation,
-    relaxed_polarization,
     soft_hyperspherical_separation,
 )
 from lightning_hsu.functional._common import DEFAULT_EPS
-from lightning_hsu.regularizers.base import Regularizer
+from lightning_hsu.regularizers.base import Capturable
 from lightning_hsu.validation import flag, positive_float, positive_int
 
 
-class MHS(Regularizer):
+class MHS(Capturable):
     """Maximum hyperspherical separation (Tammes; Liu et al., AISTATS 2021).
 
     ``temperature=None`` is the official hard max-min (ties summed, gradient through the closest
@@ -44,30 +42,3 @@ class MHS(Regularizer):
         if self.temperature is None:
             return hyperspherical_separation(neurons, **options)  # type: ignore[arg-type]
         return soft_hyperspherical_separation(neurons, temperature=self.temperature, **options)  # type: ignore[arg-type]
-
-
-class MGD(Regularizer):
-    """Maximum Gram determinant, :math:`-\\log\\det(e^{-d^2} + 10^{-6} I)` (Liu et al., AISTATS 2021)."""
-
-    name = "mgd"
-
-    def __init__(self, half_space: bool = False, jitter: float = 1e-6, eps: float = DEFAULT_EPS) -> None:
-        super().__init__()
-        self.half_space = flag("MGD", "half_space", half_space)
-        self.jitter = positive_float("MGD", "jitter", jitter)
-        self.eps = positive_float("MGD", "eps", eps)
-
-    def penalty(self, neurons: Tensor, *, step: int | None = None) -> Tensor:
-        return gram_determinant_penalty(neurons, half_space=self.half_space, eps=self.eps, jitter=self.jitter)
-
-
-class RMHP(Regularizer):
-    """Relaxed polarization :math:`\\lVert\\sum_i w_i\\rVert_2` on unnormalised weights (Liu et al.,
-    AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
-
-    name = "rmhp"
-    capturable = True
-    batchable = True
-
-    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
-        return relaxed_polarization(neurons, check_finite=check_finite)

@@ -1,0 +1,56 @@
+"""MHP, maximum hyperspherical polarization, and its relaxed closed form R-MHP (Liu et al.,
+AISTATS 2021), as regularizer objects."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_hsu.functional import (
+    pole_energy,
+    relaxed_polarization,
+)
+from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.functional.polarization import pole_energy_slope
+from lightning_hsu.regularizers.base import Capturable
+from lightning_hsu.regularizers.pole import PoleRegularizer
+
+
+class MHP(PoleRegularizer):
+    """Maximum hyperspherical polarization: the pole minimises the Riesz-2 energy at itself,
+    :math:`E(v)`, and the neurons minimise :math:`-E(v)` (see
+    :func:`~lightning_hsu.functional.pole_energy`)."""
+
+    name = "mhp"
+
+    def __init__(
+        self,
+        half_space: bool = False,
+        inner_steps: int = 10,
+        pole_lr: float = 0.1,
+        pole_momentum: float = 0.9,
+        pole_weight_decay: float = 5e-4,
+        seed: int = 0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
+
+    def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
+        return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps, normalized=normalized)
+
+    def pole_slope(self, cos: Tensor) -> Tensor:
+        return pole_energy_slope(cos)
+
+    def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
+        return -pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps)
+
+
+class RMHP(Capturable):
+    """Relaxed polarization :math:`\\lVert\\sum_i w_i\\rVert_2` on unnormalised weights (Liu et al.,
+    AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
+
+    name = "rmhp"
+    capturable = True
+    batchable = True
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        return relaxed_polarization(neurons, check_finite=check_finite)

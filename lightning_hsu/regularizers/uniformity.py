@@ -1,0 +1,38 @@
+"""The Wang–Isola uniformity (ICML 2020) of a layer's neurons, as a regularizer object."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_hsu.functional import uniformity
+from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.regularizers.base import Capturable
+from lightning_hsu.validation import flag, positive_float, positive_int
+
+
+class Uniformity(Capturable):
+    """Wang–Isola uniformity of the neurons, :math:`\\log` mean :math:`e^{-t d^2}`; see
+    :func:`~lightning_hsu.functional.uniformity`."""
+
+    name = "uniformity"
+    capturable = True
+    batchable = True
+
+    def __init__(
+        self, t: float = 2.0, half_space: bool = False, eps: float = DEFAULT_EPS, chunk_size: int | None = None
+    ) -> None:
+        super().__init__()
+        self.t = positive_float("Uniformity", "t", t)
+        self.half_space = flag("Uniformity", "half_space", half_space)
+        self.eps = positive_float("Uniformity", "eps", eps)
+        self.chunk_size = positive_int("Uniformity", "chunk_size", chunk_size, allow_none=True)
+
+    def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        return uniformity(
+            neurons,
+            t=self.t,
+            half_space=self.half_space,
+            eps=self.eps,
+            chunk_size=self.chunk_size,
+            check_finite=check_finite,
+        )
