@@ -110,6 +110,9 @@ DEFAULT_MAX_NEURONS = 4096
 #: Rows of the directions converted to float64 at a time when the spectrum is taken from the
 #: \(d\times d\) frame operator: memory \(O(\text{block}\cdot d + d^2)\) besides the directions.
 _SPECTRUM_BLOCK_ROWS = 4096
+#: Rows per strip of the pairwise angles in `angle_statistics`: a strip of 4,096 columns is 4 MiB
+#: of float32, whose elementwise passes run from cache.
+_PAIR_STRIP_ROWS = 256
 
 
 def _directions(neurons: Tensor) -> Tensor:
@@ -244,15 +247,28 @@ def angle_statistics(
     edges = _default_edges(bins, half_space, unit.dtype)
     top = _max_angle(half_space)
     fine_bins = round(top / QUANTILE_RESOLUTION)
-    histogram = torch.zeros(edges.numel() - 1, dtype=torch.int64)
-    fine = torch.zeros(fine_bins, dtype=torch.int64)
-    fine_sum = torch.zeros(fine_bins, dtype=torch.float64)
+    device = unit.device
+    # Accumulated on the device, read once at the end (no sync per block on a GPU).
+    histogram = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=device)
+    fine = torch.zeros(fine_bins, dtype=torch.int64, device=device)
+    fine_sum = torch.zeros(fine_bins, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # of the angles and of their squares
     nearest = unit.new_zeros(n)
     coherence = -math.inf
-    angle_sum = 0.0
-    angle_sq_sum = 0.0
     rows_per_block = block_rows_for(n, chunk_size)
-    edges_dev = edges.to(unit.device)
+    edges_dev = edges.to(device)
+    tile_upper = torch.ones(_PAIR_STRIP_ROWS, _PAIR_STRIP_ROWS, dtype=torch.bool, device=device).triu_(1)
+
+    def accumulate(cosines: Tensor) -> None:
+        angles = torch.rad2deg_(torch.arccos(cosines)).reshape(-1)
+        wide = angles.double()
+        sums[0] += wide.sum()
+        sums[1] += (wide * wide).sum()
+        histogram.add_(_bin_counts(angles, edges_dev))
+        fine_index = (angles / QUANTILE_RESOLUTION).long().clamp_(0, fine_bins - 1)
+        fine.add_(torch.bincount(fine_index, minlength=fine_bins))
+        fine_sum.index_add_(0, fine_index, wide)
+
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
         cos = (unit[start:stop] @ unit.T).clamp_(-1.0, 1.0)
@@ -267,20 +283,19 @@ def angle_statistics(
             closeness = cos
         # arccos is decreasing: the nearest neighbour has the largest (|)cosine(|).
         nearest[start:stop] = torch.rad2deg(torch.arccos(closeness.amax(1).clamp(-1.0, 1.0)))
-        upper = torch.ones_like(cos, dtype=torch.bool).triu_(start + 1)
-        angles = torch.rad2deg(torch.arccos((magnitude if half_space else cos)[upper]))
-        if angles.numel() == 0:
-            continue
-        angle_sum += float(angles.sum(dtype=torch.float64))
-        angle_sq_sum += float((angles.double() ** 2).sum())
-        histogram += _bin_counts(angles, edges_dev).cpu()
-        fine_index = (angles / QUANTILE_RESOLUTION).long().clamp_(0, fine_bins - 1)
-        fine += torch.bincount(fine_index, minlength=fine_bins).cpu()
-        fine_sum += (
-            torch.zeros(fine_bins, dtype=torch.float64, device=angles.device)
-            .index_add_(0, fine_index, angles.double())
-            .cpu()
-        )
+        pair_cos = magnitude if half_space else cos
+        # The pairs i < j of the block's rows, in strips of rows: the strip's own square through a
+        # triangular mask, the columns right of it whole (no mask over the block, and the
+        # elementwise passes run on cache-sized pieces).
+        for first in range(0, stop - start, _PAIR_STRIP_ROWS):
+            last = min(first + _PAIR_STRIP_ROWS, stop - start)
+            size = last - first
+            if size > 1:
+                accumulate(pair_cos[first:last, start + first : start + last][tile_upper[:size, :size]])
+            if start + last < n:
+                accumulate(pair_cos[first:last, start + last :])
+    angle_sum, angle_sq_sum = sums.tolist()
+    histogram, fine, fine_sum = histogram.cpu(), fine.cpu(), fine_sum.cpu()
     return AngleStatistics(
         n=n,
         half_space=half_space,
@@ -299,10 +314,11 @@ def angle_statistics(
 def _bin_counts(values: Tensor, edges: Tensor) -> Tensor:
     """``numpy.histogram`` counts: bins ``[e_k, e_{k+1})``, the last closed, outsiders dropped."""
     bins = edges.numel() - 1
-    index = torch.bucketize(values, edges.to(values.dtype), right=True) - 1
-    index = torch.where(values == edges[-1], torch.full_like(index, bins - 1), index)
-    inside = (index >= 0) & (index < bins)
-    return torch.bincount(index[inside], minlength=bins)
+    # bucketize(right=True) gives 0 below the first edge and bins + 1 above the last; the last
+    # edge itself belongs to the last bin. Outsiders are counted in the two extra slots, dropped.
+    index = torch.bucketize(values, edges.to(values.dtype), right=True)
+    index.masked_fill_(values == edges[-1], bins)
+    return torch.bincount(index, minlength=bins + 2)[1 : bins + 1]
 
 
 def minimum_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:

@@ -176,9 +176,10 @@ def test_sampled_profile_allocates_no_n_by_n_matrix() -> None:
     with LargestTensor() as mode:
         p = diversity_profile(w, max_neurons=m, half_space=True)
     assert p.sampled
-    # The largest tensors are [n, d] copies of the weight (the exact spectrum's directions) and the
-    # fine histogram; the dense Gram matrix would have n^2 = 4e8 elements.
-    assert mode.largest <= max(n * d, 18_000)
+    # The largest tensors: [n, d] copies of the weight (the exact spectrum's directions), the
+    # subset's m x m cosines, the 256 x 256 strip mask and the 18,000-bin fine histogram; the dense
+    # Gram matrix would have n^2 = 4e8 elements.
+    assert mode.largest <= max(n * d, m * m, 256 * 256, 18_000)
 
 
 @pytest.mark.parametrize("bad", [1, 0, True, 2.5, "4096"])
