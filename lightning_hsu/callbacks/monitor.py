@@ -39,7 +39,8 @@ DEFAULT_LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv*")
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _QUANTILES = (0.05, 0.5, 0.95)
 #: With `figure_style="auto"`, more layers than this are drawn as one heatmap instead of one panel
-#: each: 53 panels took 2.7 s to draw and render per event on a 2-core CPU, the heatmap 0.3 s.
+#: each: 53 panels took 4.0 CPU seconds to draw and render per event, the heatmap 0.32
+#: (`benchmarks/bench_monitor_scale.py`, docs/performance.md).
 MAX_FIGURE_PANELS = 12
 FigureStyle = Literal["auto", "panels", "heatmap"]
 
@@ -145,8 +146,9 @@ class NeuronDiversityMonitor(Callback):
 
     **Huge layers.** A layer with more than `max_neurons` neurons (default 4,096) is profiled on
     that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at every
-    event, so its curves follow one subset), at the cost of a 4,096-neuron layer instead of
-    \(O(n^2)\): a 50,000 × 512 layer took 225 s per event exact. Such a layer also gets the scalar
+    event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the exact
+    spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\). A 50,000 × 512 layer took 2.0 CPU seconds per
+    event instead of 164 (docs/performance.md). Such a layer also gets the scalar
     `hsu/<layer>/neurons_used`, and its figure label says `[m of n neurons]`. The mean angle, the
     energy and the histogram are then unbiased estimates, the uniformity and quantiles consistent
     ones, the minimum angle an upper bound, the coherence and duplicate count lower bounds, the
@@ -180,7 +182,7 @@ class NeuronDiversityMonitor(Callback):
         duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
         log_histograms: send histograms to loggers that support them.
         log_figures: send the distribution figure to loggers that support figures (drawing and
-            rendering cost about 0.05 s per panel, and 0.3 s for a heatmap of 53 layers).
+            rendering cost about 0.08 CPU s per panel, and 0.3 s for a heatmap of 53 layers).
         figure_style: `"panels"` (one per layer), `"heatmap"` (one row per layer), or `"auto"`:
             panels up to 12 layers, a heatmap above.
         log_quantiles: ``None`` (default): quantiles only to loggers without histograms;
