@@ -11,24 +11,38 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_hsu.functional.diversity import DIVERSITY_METRICS, DiversityMetric, DiversityProfile, diversity_profile
+from lightning_hsu.functional.diversity import (
+    DEFAULT_MAX_NEURONS,
+    DIVERSITY_METRICS,
+    DiversityMetric,
+    DiversityProfile,
+    diversity_profile,
+)
 from lightning_hsu.functional.neurons import neurons_of, transpose_conv_neurons
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Class-name globs selected by default: ``Linear``, every ``Conv*`` (incl. ``ConvTranspose*``).
 DEFAULT_LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv*")
 _WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _QUANTILES = (0.05, 0.5, 0.95)
+#: With `figure_style="auto"`, more layers than this are drawn as one heatmap instead of one panel
+#: each: 53 panels took 4.0 CPU seconds to draw and render per event, the heatmap 0.32
+#: (`benchmarks/bench_monitor_scale.py`, docs/performance.md).
+MAX_FIGURE_PANELS = 12
+FigureStyle = Literal["auto", "panels", "heatmap"]
 
 
 def _clean(name: str) -> str:
@@ -95,6 +109,22 @@ def _summoned(owner: nn.Module | None) -> Iterator[None]:
         yield
 
 
+def _weight_key(weight: object) -> Hashable:
+    """What two modules share when their weights are tied: the same storage, offset, shape and
+    strides (the same `Parameter` object included; a DTensor by its local shard)."""
+    if not isinstance(weight, Tensor):
+        return ("object", id(weight))
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return (
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        local.stride(),
+        local.dtype,
+        str(local.device),
+    )
+
+
 class NeuronDiversityMonitor(Callback):
     r"""Log per-layer neuron-diversity metrics to every logger, every N steps and/or at epoch end.
 
@@ -108,9 +138,26 @@ class NeuronDiversityMonitor(Callback):
     - loggers whose ``experiment`` has ``add_histogram_raw`` (TensorBoard): the histogram of the
       pairwise angles as ``hsu/<layer>/angles``;
     - loggers with figures (TensorBoard ``add_figure``, W&B ``log_image``): one figure of all layers'
-      angle distributions as ``hsu/angle_distributions``;
+      angle distributions as ``hsu/angle_distributions``: one panel per layer up to 12 layers, above
+      that one heatmap (a row per layer, colour = density), which draws in a tenth of the time
+      (`figure_style` chooses);
     - loggers with neither (CSV): the angle quantiles ``hsu/<layer>/angle_p5``, ``angle_p50``,
       ``angle_p95`` in place of the histogram (``log_quantiles=True`` sends them everywhere).
+
+    **Huge layers.** A layer with more than `max_neurons` neurons (default 4,096) is profiled on
+    that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at every
+    event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the exact
+    spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\). A 50,000 × 512 layer took 2.0 CPU seconds per
+    event instead of 164 (docs/performance.md). Such a layer also gets the scalar
+    `hsu/<layer>/neurons_used`, and its figure label says `[m of n neurons]`. The mean angle, the
+    energy and the histogram are then unbiased estimates, the uniformity and quantiles consistent
+    ones, the minimum angle an upper bound, the coherence and duplicate count lower bounds, the
+    nearest-neighbour angle an overestimate, the spectrum exact: see "Huge layers" in
+    `lightning_hsu.functional.diversity`. `max_neurons=None` computes every layer exactly.
+
+    **Tied weights** (one tensor in two modules, e.g. a language model's output layer sharing the
+    input embedding) are profiled once, under the first module's name in `named_modules()` order;
+    the figure labels that layer `first (= second)` and a message names both when first seen.
 
     Distributed: weights sharded by FSDP1 are gathered one FSDP unit at a time with
     ``summon_full_params(unit, writeback=False, recurse=False)``, FSDP2 ``DTensor`` weights with
@@ -134,12 +181,17 @@ class NeuronDiversityMonitor(Callback):
         histogram_bins: bins of the angle histograms over :math:`[0, 180]` (:math:`[0, 90]`).
         duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
         log_histograms: send histograms to loggers that support them.
-        log_figures: send the distribution figure to loggers that support figures (rendering
-            costs a fraction of a second per event).
+        log_figures: send the distribution figure to loggers that support figures (drawing and
+            rendering cost about 0.08 CPU s per panel, and 0.3 s for a heatmap of 53 layers).
+        figure_style: `"panels"` (one per layer), `"heatmap"` (one row per layer), or `"auto"`:
+            panels up to 12 layers, a heatmap above.
         log_quantiles: ``None`` (default): quantiles only to loggers without histograms;
             ``True``: to every logger; ``False``: never.
         chunk_size: rows per block of the pairwise pass (``None``: automatic).
         prefix: first component of every key.
+        max_neurons: layers with more neurons are profiled on a random subset of this many
+            (`None`: every layer exactly); see "Huge layers" above.
+        sample_seed: seed of those subsets.
     """
 
     def __init__(
@@ -158,6 +210,9 @@ class NeuronDiversityMonitor(Callback):
         log_quantiles: bool | None = None,
         chunk_size: int | None = None,
         prefix: str = "hsu",
+        max_neurons: int | None = DEFAULT_MAX_NEURONS,
+        sample_seed: int = 0,
+        figure_style: FigureStyle = "auto",
     ) -> None:
         super().__init__()
         self.layers = None if layers is None else list(layers)
@@ -174,9 +229,15 @@ class NeuronDiversityMonitor(Callback):
         self.log_quantiles = log_quantiles
         self.chunk_size = chunk_size
         self.prefix = prefix
+        self.max_neurons = max_neurons
+        self.sample_seed = sample_seed
+        self.figure_style = figure_style
         self._check_options()
         self._selected: list[tuple[str, str]] = []  # (clean name, path in the wrapped module)
         self._last_step: int | None = None
+        self._aliases: dict[str, list[str]] = {}  # first name of a tied weight -> the other names
+        self._announced_ties: set[tuple[str, ...]] = set()
+        self._figure: Figure | None = None
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -214,6 +275,14 @@ class NeuronDiversityMonitor(Callback):
             isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
         ):
             fail("chunk_size", f"must be a positive integer or None, got {self.chunk_size!r}")
+        if self.max_neurons is not None and (
+            isinstance(self.max_neurons, bool) or not isinstance(self.max_neurons, int) or self.max_neurons < 2
+        ):
+            fail("max_neurons", f"must be an integer >= 2 or None (exact), got {self.max_neurons!r}")
+        if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int):
+            fail("sample_seed", f"must be an integer, got {self.sample_seed!r}")
+        if self.figure_style not in ("auto", "panels", "heatmap"):
+            fail("figure_style", f"must be 'auto', 'panels' or 'heatmap', got {self.figure_style!r}")
 
     def _type_matches(self, module: nn.Module) -> bool:
         for t in self.layer_types:
@@ -310,12 +379,18 @@ class NeuronDiversityMonitor(Callback):
             return
         self._last_step = step
         profiles: dict[str, DiversityProfile] = {}
-        for name, neurons in self._gathered_neurons(trainer, pl_module):
+        first_of: dict[Hashable, str] = {}
+        aliases: dict[str, list[str]] = {}
+        for name, neurons, key in self._gathered_neurons(trainer, pl_module):
+            if key in first_of:  # a tied weight: profiled once, under its first name
+                aliases.setdefault(first_of[key], []).append(name)
+                continue
+            first_of[key] = name
             if not trainer.is_global_zero:
                 continue
             if not bool(torch.isfinite(neurons).all()):
                 rank_zero_warn(f"NeuronDiversityMonitor: layer '{name}' has non-finite weights; its metrics are NaN")
-                profiles[name] = self._nan_profile()
+                profiles[name] = self._nan_profile(int(neurons.shape[0]))
                 continue
             profiles[name] = diversity_profile(
                 neurons,
@@ -325,12 +400,25 @@ class NeuronDiversityMonitor(Callback):
                 quantiles=_QUANTILES,
                 bins=self.histogram_bins,
                 chunk_size=self.chunk_size,
+                max_neurons=self.max_neurons,
+                seed=self.sample_seed,
             )
+        self._aliases = aliases
+        for first, others in aliases.items():
+            names = (first, *others)
+            if names not in self._announced_ties:
+                self._announced_ties.add(names)
+                rank_zero_info(
+                    f"NeuronDiversityMonitor: layers {', '.join(repr(n) for n in names)} share one weight; "
+                    f"it is profiled once and logged as '{self.prefix}/{first}/...'"
+                )
         if trainer.is_global_zero and profiles:
+            self._figure = None  # drawn once per event, for every logger that takes it
             for logger in trainer.loggers:
                 self._write(logger, profiles, step)
+            self._figure = None
 
-    def _nan_profile(self) -> DiversityProfile:
+    def _nan_profile(self, n: int) -> DiversityProfile:
         names = list(DIVERSITY_METRICS if self.metrics is None else self.metrics)
         names += [f"angle_p{100 * q:g}" for q in _QUANTILES]
         top = 90.0 if self.half_space else 180.0
@@ -343,30 +431,37 @@ class NeuronDiversityMonitor(Callback):
             angle_sq_sum=0.0,
             min_angle=math.nan,
             max_angle=math.nan,
+            neurons=n,
+            neurons_used=n,
         )
 
-    def _gathered_neurons(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[tuple[str, Tensor]]:
-        """Yield ``(name, neurons)`` of every selected layer, running any gather on every rank.
+    def _gathered_neurons(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> Iterator[tuple[str, Tensor, Hashable]]:
+        """Yield ``(name, neurons, key)`` of every selected layer, running any gather on every rank.
 
         Every rank walks the same layers in the same order, so the collectives match. Ranks other
         than 0 receive gathered neurons too (and ignore them); where the weight is whole on every
-        rank (single device, DDP) they receive nothing.
+        rank (single device, DDP) they receive nothing. Layers whose weight is one tensor (tied)
+        get equal keys: the weight's storage (and the `Parameter` object), scoped to the FSDP unit,
+        whose full parameters are freed when the next unit is summoned.
         """
         dtensor = _dtensor_class()
-        for owner, members in _units(pl_module, self._selected, trainer.strategy.model):
+        for unit, (owner, members) in enumerate(_units(pl_module, self._selected, trainer.strategy.model)):
             # The consumer works on the neurons while the unit is summoned: no copy is needed.
             with _summoned(owner):
                 for name, path in members:
                     module = pl_module.get_submodule(path)
                     weight = getattr(module, "weight", None)
+                    key = (unit, _weight_key(weight))
                     if dtensor is not None and isinstance(weight, dtensor):
                         full = weight.detach().full_tensor()
                         if isinstance(module, _CONV_TRANSPOSE):
-                            yield name, transpose_conv_neurons(full, module.groups)
+                            yield name, transpose_conv_neurons(full, module.groups), key
                         else:
-                            yield name, neurons_of(full, name=name)
+                            yield name, neurons_of(full, name=name), key
                     elif owner is not None or trainer.is_global_zero:
-                        yield name, neurons_of(module, name=name).detach()
+                        yield name, neurons_of(module, name=name).detach(), key
 
     def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int) -> None:
         experiment = getattr(logger, "experiment", None)
@@ -379,6 +474,8 @@ class NeuronDiversityMonitor(Callback):
                 if key.startswith("angle_p") and not with_quantiles:
                     continue
                 scalars[f"{self.prefix}/{name}/{key}"] = value
+            if profile.sampled:
+                scalars[f"{self.prefix}/{name}/neurons_used"] = float(profile.neurons_used)
         logger.log_metrics(scalars, step=step)
         if callable(add_histogram_raw):
             for name, profile in profiles.items():
@@ -403,15 +500,34 @@ class NeuronDiversityMonitor(Callback):
         log_image = getattr(logger, "log_image", None)
         if not callable(add_figure) and not callable(log_image):
             return
-        from lightning_hsu.report import figure_to_rgb, plot_angle_distributions
+        from lightning_hsu.report import figure_to_rgb, plot_angle_distributions, plot_angle_heatmap
 
         space = "half-space" if self.half_space else "full space"
-        fig = plot_angle_distributions(
-            {name: {"": (p.histogram, p.edges)} for name, p in profiles.items()},
-            title=f"Pairwise angles ({space}), step {step}",
-        )
+        title = f"Pairwise angles ({space}), step {step}"
+        labels = {name: self._label(name, profile) for name, profile in profiles.items()}
+        style = self.figure_style
+        if style == "auto":
+            style = "heatmap" if len(profiles) > MAX_FIGURE_PANELS else "panels"
+        fig = self._figure
+        if fig is None:
+            if style == "heatmap":
+                histograms = {labels[n]: (p.histogram, p.edges) for n, p in profiles.items()}
+                fig = plot_angle_heatmap(histograms, title=title)
+            else:
+                series = {labels[n]: {"": (p.histogram, p.edges)} for n, p in profiles.items()}
+                fig = plot_angle_distributions(series, title=title)
+            self._figure = fig
         tag = f"{self.prefix}/angle_distributions"
         if callable(add_figure):
             add_figure(tag, fig, global_step=step, close=False)
         else:
             log_image(key=tag, images=[figure_to_rgb(fig)], step=step)
+
+    def _label(self, name: str, profile: DiversityProfile) -> str:
+        """A layer's name in the figure: with the names tied to it and, if sampled, how many neurons."""
+        label = name
+        if self._aliases.get(name):
+            label += f" (= {', '.join(self._aliases[name])})"
+        if profile.sampled:
+            label += f" [{profile.neurons_used} of {profile.neurons} neurons]"
+        return label

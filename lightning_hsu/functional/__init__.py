@@ -47,6 +47,7 @@ from lightning_hsu.functional.diversity import (
     near_duplicate_count,
     pairwise_angle_histogram,
     pairwise_angle_quantiles,
+    sample_neuron_indices,
 )
 
 __all__ += [
@@ -62,4 +63,5 @@ __all__ += [
     "near_duplicate_count",
     "pairwise_angle_histogram",
     "pairwise_angle_quantiles",
+    "sample_neuron_indices",
 ]

@@ -28,6 +28,42 @@ Cosines are clamped to :math:`[-1, 1]` before ``arccos``. Everything runs withou
 float32 or better, and pairs are visited in row blocks (:func:`~lightning_hsu.functional.pairwise.
 block_rows_for`): extra memory :math:`O(\text{block}\cdot n)`, never :math:`O(n^2)` for large ``n``.
 For fewer than two neurons the angle metrics and the coherence are NaN, the count is 0.
+
+## Huge layers: a sampled profile
+
+An exact profile costs \(O(n^2 d)\) time: 164 CPU seconds for a 50,000 × 512 layer (one core of
+an AMD EPYC, docs/performance.md). With `max_neurons=m`, a layer of \(n > m\) neurons is profiled
+on \(m\) of its neurons drawn uniformly at random without replacement (`torch.randperm` on a
+generator seeded with `seed`, see `sample_neuron_indices`: the same neurons at every call, so a
+logged curve follows one subset through training): \(O(m^2 d)\) time and \(O(m^2)\) memory for
+the pairs, whatever \(n\) (2.0 CPU seconds for that layer, the exact spectrum included). The
+profile says so (`DiversityProfile.sampled`, `neurons_used`). What each metric of the subset says
+about the whole layer:
+
+- **Unbiased estimates.** Every pair of the layer lies in the subset with the same probability, so
+  a mean over the subset's \(m(m-1)/2\) pairs is an unbiased estimate of the mean over the layer's
+  (a U-statistic, Hoeffding 1948), whose standard error falls like \(1/\sqrt m\) (Hoeffding's bound
+  for independent draws is \(\sigma\sqrt{2/m}\), \(\sigma\) the spread of the layer's pair
+  values): `mean_angle`; each histogram bin's share of the pairs (the
+  histogram counts the subset's pairs: `pairs` is \(m(m-1)/2\)); `energy`, the mean pair energy
+  (Liu et al., NeurIPS 2018), with the half-space antipodal and other pairs reweighted to the
+  layer's proportions as in `lightning_hsu.functional.sampling`.
+- **Consistent, slightly biased.** `uniformity` is the log of the subset's mean Gaussian kernel
+  (Wang & Isola, ICML 2020): the mean inside the log is unbiased, the log makes the value slightly
+  low on average (Jensen), by \(O(1/m)\). The quantiles `angle_p<q>` are those of the subset's
+  pairs: their error shrinks like \(1/\sqrt m\).
+- **Bounds only.** Extremes are not estimable from a subset. `min_angle` is an *upper* bound
+  (\(\ge\) the layer's), equal to it only if both ends of the closest pair were drawn, which has
+  probability \(\frac{m(m-1)}{n(n-1)}\) (0.7% for 4,096 of 50,000): a lone near-duplicate pair is
+  usually missed. `coherence` is a *lower* bound for the same reason. `duplicates` counts the drawn
+  neurons with a duplicate among the drawn ones: each is a true near-duplicate, most are missed, a
+  *lower* bound. `mean_nn_angle` *overestimates*: a drawn neuron's nearest neighbour in the subset
+  is at least as far as its nearest neighbour in the layer.
+- **Exact.** `effective_rank` and `condition_number` come from the \(d\times d\) frame operator
+  \(U^\top U\) of all \(n\) neurons when \(d \le m\) (\(O(nd^2)\) time, \(O(d^2)\) memory); only
+  when \(d > m\) too are they those of the subset's Gram matrix.
+
+`max_neurons=None` (the default of the functions here) is exact always.
 """
 
 from __future__ import annotations
@@ -40,9 +76,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
 from lightning_hsu.functional.energy import hyperspherical_energy
-from lightning_hsu.functional.pairwise import block_rows_for
+from lightning_hsu.functional.kernels import GaussianKernel, energy_kernel
+from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
+from lightning_hsu.functional.sampling import subset_pair_mean
 from lightning_hsu.functional.uniformity import uniformity
 
 #: Width in degrees of the fine bins behind :func:`pairwise_angle_quantiles`: a quantile is
@@ -65,6 +103,17 @@ DiversityMetric = Literal[
 DIVERSITY_METRICS: tuple[str, ...] = get_args(DiversityMetric)
 
 _DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
+
+#: The `max_neurons` of `NeuronDiversityMonitor` and `python -m lightning_hsu.report`: a layer with
+#: more neurons is profiled on this many of them, drawn at random (see "Huge layers" above). A
+#: profile of 4,096 neurons takes about as long as the exact one of a 4,096-neuron layer.
+DEFAULT_MAX_NEURONS = 4096
+#: Rows of the directions converted to float64 at a time when the spectrum is taken from the
+#: \(d\times d\) frame operator: memory \(O(\text{block}\cdot d + d^2)\) besides the directions.
+_SPECTRUM_BLOCK_ROWS = 4096
+#: Rows per strip of the pairwise angles in `angle_statistics`: a strip of 4,096 columns is 4 MiB
+#: of float32, whose elementwise passes run from cache.
+_PAIR_STRIP_ROWS = 256
 
 
 def _directions(neurons: Tensor) -> Tensor:
@@ -199,15 +248,28 @@ def angle_statistics(
     edges = _default_edges(bins, half_space, unit.dtype)
     top = _max_angle(half_space)
     fine_bins = round(top / QUANTILE_RESOLUTION)
-    histogram = torch.zeros(edges.numel() - 1, dtype=torch.int64)
-    fine = torch.zeros(fine_bins, dtype=torch.int64)
-    fine_sum = torch.zeros(fine_bins, dtype=torch.float64)
+    device = unit.device
+    # Accumulated on the device, read once at the end (no sync per block on a GPU).
+    histogram = torch.zeros(edges.numel() - 1, dtype=torch.int64, device=device)
+    fine = torch.zeros(fine_bins, dtype=torch.int64, device=device)
+    fine_sum = torch.zeros(fine_bins, dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # of the angles and of their squares
     nearest = unit.new_zeros(n)
     coherence = -math.inf
-    angle_sum = 0.0
-    angle_sq_sum = 0.0
     rows_per_block = block_rows_for(n, chunk_size)
-    edges_dev = edges.to(unit.device)
+    edges_dev = edges.to(device)
+    tile_upper = torch.ones(_PAIR_STRIP_ROWS, _PAIR_STRIP_ROWS, dtype=torch.bool, device=device).triu_(1)
+
+    def accumulate(cosines: Tensor) -> None:
+        angles = torch.rad2deg_(torch.arccos(cosines)).reshape(-1)
+        wide = angles.double()
+        sums[0] += wide.sum()
+        sums[1] += (wide * wide).sum()
+        histogram.add_(_bin_counts(angles, edges_dev))
+        fine_index = (angles / QUANTILE_RESOLUTION).long().clamp_(0, fine_bins - 1)
+        fine.add_(torch.bincount(fine_index, minlength=fine_bins))
+        fine_sum.index_add_(0, fine_index, wide)
+
     for start in range(0, n, rows_per_block):
         stop = min(start + rows_per_block, n)
         cos = (unit[start:stop] @ unit.T).clamp_(-1.0, 1.0)
@@ -222,20 +284,19 @@ def angle_statistics(
             closeness = cos
         # arccos is decreasing: the nearest neighbour has the largest (|)cosine(|).
         nearest[start:stop] = torch.rad2deg(torch.arccos(closeness.amax(1).clamp(-1.0, 1.0)))
-        upper = torch.ones_like(cos, dtype=torch.bool).triu_(start + 1)
-        angles = torch.rad2deg(torch.arccos((magnitude if half_space else cos)[upper]))
-        if angles.numel() == 0:
-            continue
-        angle_sum += float(angles.sum(dtype=torch.float64))
-        angle_sq_sum += float((angles.double() ** 2).sum())
-        histogram += _bin_counts(angles, edges_dev).cpu()
-        fine_index = (angles / QUANTILE_RESOLUTION).long().clamp_(0, fine_bins - 1)
-        fine += torch.bincount(fine_index, minlength=fine_bins).cpu()
-        fine_sum += (
-            torch.zeros(fine_bins, dtype=torch.float64, device=angles.device)
-            .index_add_(0, fine_index, angles.double())
-            .cpu()
-        )
+        pair_cos = magnitude if half_space else cos
+        # The pairs i < j of the block's rows, in strips of rows: the strip's own square through a
+        # triangular mask, the columns right of it whole (no mask over the block, and the
+        # elementwise passes run on cache-sized pieces).
+        for first in range(0, stop - start, _PAIR_STRIP_ROWS):
+            last = min(first + _PAIR_STRIP_ROWS, stop - start)
+            size = last - first
+            if size > 1:
+                accumulate(pair_cos[first:last, start + first : start + last][tile_upper[:size, :size]])
+            if start + last < n:
+                accumulate(pair_cos[first:last, start + last :])
+    angle_sum, angle_sq_sum = sums.tolist()
+    histogram, fine, fine_sum = histogram.cpu(), fine.cpu(), fine_sum.cpu()
     return AngleStatistics(
         n=n,
         half_space=half_space,
@@ -254,10 +315,11 @@ def angle_statistics(
 def _bin_counts(values: Tensor, edges: Tensor) -> Tensor:
     """``numpy.histogram`` counts: bins ``[e_k, e_{k+1})``, the last closed, outsiders dropped."""
     bins = edges.numel() - 1
-    index = torch.bucketize(values, edges.to(values.dtype), right=True) - 1
-    index = torch.where(values == edges[-1], torch.full_like(index, bins - 1), index)
-    inside = (index >= 0) & (index < bins)
-    return torch.bincount(index[inside], minlength=bins)
+    # bucketize(right=True) gives 0 below the first edge and bins + 1 above the last; the last
+    # edge itself belongs to the last bin. Outsiders are counted in the two extra slots, dropped.
+    index = torch.bucketize(values, edges.to(values.dtype), right=True)
+    index.masked_fill_(values == edges[-1], bins)
+    return torch.bincount(index, minlength=bins + 2)[1 : bins + 1]
 
 
 def minimum_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
@@ -346,9 +408,16 @@ def gram_spectrum(neurons: Tensor) -> Tensor:
     (:math:`d\times d`) coincide, so the smaller one is decomposed, in float64: memory
     :math:`O(\min(n,d)^2)`. Descending, clamped at 0.
     """
-    unit = _directions(neurons).double()
+    unit = _directions(neurons)
     n, d = unit.shape
-    gram = unit @ unit.T if n <= d else unit.T @ unit
+    if n <= d:
+        wide = unit.double()
+        gram = wide @ wide.T
+    else:  # the frame operator, summed over blocks of rows: no float64 copy of all n rows
+        gram = torch.zeros(d, d, dtype=torch.float64, device=unit.device)
+        for start in range(0, n, _SPECTRUM_BLOCK_ROWS):
+            block = unit[start : start + _SPECTRUM_BLOCK_ROWS].double()
+            gram.addmm_(block.T, block)
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
 
 
@@ -409,9 +478,37 @@ def _quantile_key(q: float) -> str:
     return f"angle_p{100.0 * q:g}".replace(".", "_")
 
 
+def sample_neuron_indices(n: int, m: int, seed: int = 0) -> Tensor:
+    """The neurons a sampled profile uses: `m` of `range(n)`, uniformly at random without
+    replacement, in ascending order (int64, on the CPU).
+
+    `torch.randperm(n)` on a CPU generator seeded with `seed`, first `m` kept: the same `n`, `m`
+    and `seed` give the same neurons on every machine and at every call.
+    """
+    for name, value in (("n", n), ("m", m), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if not 0 <= m <= n:
+        raise ValueError(f"need 0 <= m <= n, got m={m}, n={n}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:m].sort().values
+
+
+def _check_max_neurons(max_neurons: int | None) -> None:
+    if max_neurons is None:
+        return
+    if isinstance(max_neurons, bool) or not isinstance(max_neurons, int) or max_neurons < 2:
+        raise ValueError(f"max_neurons must be an integer >= 2 (one pair) or None (exact), got {max_neurons!r}")
+
+
 @dataclass
 class DiversityProfile:
-    """The result of :func:`diversity_profile`: scalar ``metrics`` plus the angle histogram."""
+    """The result of `diversity_profile`: scalar `metrics` plus the angle histogram.
+
+    `neurons` is the layer's number of neurons \\(n\\), `neurons_used` how many were profiled: fewer
+    when the layer was sampled (`max_neurons`); then the histogram counts the
+    \\(m(m-1)/2\\) pairs of the subset and each metric means what the module docstring's table says.
+    """
 
     metrics: dict[str, float]
     histogram: Tensor
@@ -421,6 +518,41 @@ class DiversityProfile:
     angle_sq_sum: float
     min_angle: float
     max_angle: float
+    neurons: int
+    neurons_used: int
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the metrics come from a random subset of the neurons (`neurons_used < neurons`)."""
+        return self.neurons_used < self.neurons
+
+
+@full_precision
+@torch.no_grad()
+def _sampled_energy(
+    subset: Tensor,
+    n: int,
+    power: float,
+    distance: Literal["euclidean", "angular"],
+    half_space: bool,
+    chunk_size: int | None,
+) -> float:
+    unit = normalize_neurons(check_neurons(subset), DEFAULT_EPS)
+    kernel = energy_kernel(power, distance)
+    return float(subset_pair_mean(unit, n, kernel, half_space=half_space, chunk_size=chunk_size))
+
+
+@full_precision
+@torch.no_grad()
+def _sampled_uniformity(subset: Tensor, n: int, t: float, half_space: bool, chunk_size: int | None) -> float:
+    if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+        raise ValueError(f"t must be a finite number > 0, got {t!r}")
+    unit = normalize_neurons(check_neurons(subset), DEFAULT_EPS)
+    # The largest kernel value sets the shift (any constant would do; this one cannot underflow).
+    c_max = extreme_pair_cosine(unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True)
+    shift = float(2.0 * t * (c_max[0] - 1.0))
+    mean = subset_pair_mean(unit, n, GaussianKernel(float(t), shift), half_space=half_space, chunk_size=chunk_size)
+    return shift + math.log(float(mean))
 
 
 def diversity_profile(
@@ -435,21 +567,41 @@ def diversity_profile(
     distance: Literal["euclidean", "angular"] = "euclidean",
     t: float = 2.0,
     chunk_size: int | None = None,
+    max_neurons: int | None = None,
+    seed: int = 0,
 ) -> DiversityProfile:
-    """:func:`diversity_summary` plus the pairwise-angle histogram, from one pass over the pairs.
+    """`diversity_summary` plus the pairwise-angle histogram, from one pass over the pairs.
 
-    The histogram's ``pairs``, ``angle_sum``, ``angle_sq_sum``, ``min_angle`` and ``max_angle``
-    are what TensorBoard's raw histograms need.
+    The histogram's `pairs`, `angle_sum`, `angle_sq_sum`, `min_angle` and `max_angle` are what
+    TensorBoard's raw histograms need.
+
+    `max_neurons`: profile a layer of more neurons on this many of them, drawn uniformly at random
+    with `seed` (`sample_neuron_indices`); `None` (default): exact always. The profile's `sampled`
+    and `neurons_used` say whether it happened; which metrics are then unbiased estimates and which
+    are only bounds is in the module docstring ("Huge layers").
     """
     wanted = tuple(DIVERSITY_METRICS if metrics is None else metrics)
     unknown = [m for m in wanted if m not in DIVERSITY_METRICS]
     if unknown:
         raise ValueError(f"unknown diversity metric(s) {unknown}; choose from {list(DIVERSITY_METRICS)}")
     _check_threshold(duplicate_threshold)
+    _check_max_neurons(max_neurons)
     qs = _check_quantiles(quantiles)
-    stats = angle_statistics(neurons, half_space=half_space, bins=bins, chunk_size=chunk_size)
+    if isinstance(neurons, Tensor) and neurons.dim() != 2:
+        raise ValueError(f"neurons must have shape [n, d] (rows are neurons), got shape {tuple(neurons.shape)}")
+    n = int(neurons.shape[0])
+    used = neurons.detach()
+    if max_neurons is not None and n > max_neurons:
+        used = used.index_select(0, sample_neuron_indices(n, max_neurons, seed).to(used.device))
+    sampled = used.shape[0] < n
+    stats = angle_statistics(used, half_space=half_space, bins=bins, chunk_size=chunk_size)
     values: dict[str, float] = {}
-    spectrum = gram_spectrum(neurons.detach()) if {"effective_rank", "condition_number"} & set(wanted) else None
+    spectrum = None
+    if {"effective_rank", "condition_number"} & set(wanted):
+        # Exact from all rows whenever its matrix is small (min(n, d) <= max_neurons): see the table.
+        exact_spectrum = not sampled or int(neurons.shape[1]) <= int(used.shape[0])
+        spectrum_of = neurons.detach() if exact_spectrum else used
+        spectrum = gram_spectrum(spectrum_of)
     for name in wanted:
         if name == "min_angle":
             values[name] = stats.min_angle
@@ -462,18 +614,24 @@ def diversity_profile(
         elif name == "duplicates":
             values[name] = float(stats.duplicates(duplicate_threshold))
         elif name == "energy":
-            energy = hyperspherical_energy(
-                neurons.detach(), power=power, distance=distance, half_space=half_space, chunk_size=chunk_size
-            )
-            values[name] = float(energy)
+            if sampled:
+                values[name] = _sampled_energy(used, n, power, distance, half_space, chunk_size)
+            else:
+                energy = hyperspherical_energy(
+                    used, power=power, distance=distance, half_space=half_space, chunk_size=chunk_size
+                )
+                values[name] = float(energy)
         elif name == "uniformity":
-            values[name] = float(uniformity(neurons.detach(), t=t, half_space=half_space, chunk_size=chunk_size))
+            if sampled:
+                values[name] = _sampled_uniformity(used, n, t, half_space, chunk_size)
+            else:
+                values[name] = float(uniformity(used, t=t, half_space=half_space, chunk_size=chunk_size))
         elif name == "effective_rank":
             assert spectrum is not None
             values[name] = float(_effective_rank_of(spectrum))
         elif name == "condition_number":
             assert spectrum is not None
-            values[name] = float(_condition_number_of(spectrum, neurons))
+            values[name] = float(_condition_number_of(spectrum, spectrum_of))
     for q, value in zip(qs, stats.quantiles(qs), strict=True):
         values[_quantile_key(q)] = value
     return DiversityProfile(
@@ -485,6 +643,8 @@ def diversity_profile(
         angle_sq_sum=stats.angle_sq_sum,
         min_angle=stats.min_angle,
         max_angle=stats.max_angle,
+        neurons=n,
+        neurons_used=int(used.shape[0]),
     )
 
 
@@ -499,6 +659,8 @@ def diversity_summary(
     distance: Literal["euclidean", "angular"] = "euclidean",
     t: float = 2.0,
     chunk_size: int | None = None,
+    max_neurons: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Every diversity metric of one layer's neurons (``[n, d]``) as plain floats.
 
@@ -521,6 +683,9 @@ def diversity_summary(
         power, distance: of the energy, as for the MHE regulariser.
         t: temperature of the uniformity.
         chunk_size: rows per block (``None``: automatic).
+        max_neurons: profile a layer of more neurons on a random subset of this many (`None`:
+            exact always); see "Huge layers" in the module docstring for what each metric then means.
+        seed: of that subset (`sample_neuron_indices`).
     """
     return diversity_profile(
         neurons,
@@ -533,4 +698,6 @@ def diversity_summary(
         distance=distance,
         t=t,
         chunk_size=chunk_size,
+        max_neurons=max_neurons,
+        seed=seed,
     ).metrics

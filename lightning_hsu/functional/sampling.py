@@ -38,17 +38,25 @@ from torch import Tensor
 
 from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
 from lightning_hsu.functional.energy import Distance
-from lightning_hsu.functional.kernels import energy_kernel
+from lightning_hsu.functional.kernels import PairKernel, energy_kernel
 from lightning_hsu.functional.pairwise import pairwise_kernel_sum
 from lightning_hsu.validation import int_at_least, positive_int
 
 
-def _subset_mean(
-    unit: Tensor, n_total: int, power: float, distance: Distance, half_space: bool, chunk_size: int | None
+def subset_pair_mean(
+    unit: Tensor, n_total: int, kernel: PairKernel, *, half_space: bool = False, chunk_size: int | None = None
 ) -> Tensor:
-    """Unbiased estimate of the mean pair energy of ``n_total`` neurons from the ``[m, d]`` subset ``unit``."""
+    r"""Unbiased estimate of the mean of ``kernel`` over the pairs of ``n_total`` neurons, from the pairs
+    of a uniformly random subset of them (``unit``, ``[m, d]``, normalised).
+
+    Full space: the mean over the \(m(m-1)/2\) pairs of the subset (a U-statistic, Hoeffding 1948).
+    Half space: the \(n\) antipodal pairs \((i, -i)\) and the \(2n(n-1)\) others of
+    \(\{\pm\hat w_i\}\) are averaged separately over the subset and recombined with the full set's
+    weights, \(\frac{n\,\bar f_{anti} + 2n(n-1)\,\bar f_{other}}{n(2n-1)}\) (the plain subset mean
+    would weigh the antipodal pairs \(1/(2m-1)\) instead of \(1/(2n-1)\)). ``m == n_total`` gives
+    the exact mean. Differentiable with respect to ``unit``.
+    """
     m = unit.shape[0]
-    kernel = energy_kernel(power, distance)
     batch = unit.unsqueeze(0)
     total = pairwise_kernel_sum(batch, kernel, half_space=half_space, chunk_size=chunk_size)[0]
     if not half_space:
@@ -60,6 +68,13 @@ def _subset_mean(
     # recombine with the weights of the full set: n antipodal pairs, 2n(n-1) others
     n = n_total
     return (n * anti_mean + 2 * n * (n - 1) * cross_mean) / (n * (2 * n - 1))
+
+
+def _subset_mean(
+    unit: Tensor, n_total: int, power: float, distance: Distance, half_space: bool, chunk_size: int | None
+) -> Tensor:
+    """Unbiased estimate of the mean pair energy of ``n_total`` neurons from the ``[m, d]`` subset ``unit``."""
+    return subset_pair_mean(unit, n_total, energy_kernel(power, distance), half_space=half_space, chunk_size=chunk_size)
 
 
 @full_precision

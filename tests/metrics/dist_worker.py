@@ -43,7 +43,7 @@ def _fake_trainer(model: nn.Module, rank: int) -> SimpleNamespace:
 
 def _gather(monitor: NeuronDiversityMonitor, trainer: SimpleNamespace, root: nn.Module) -> dict[str, torch.Tensor]:
     monitor._selected = monitor._resolve(root, trainer.strategy.model)
-    return {name: t.clone() for name, t in monitor._gathered_neurons(trainer, root)}  # type: ignore[arg-type]
+    return {name: t.clone() for name, t, _ in monitor._gathered_neurons(trainer, root)}  # type: ignore[arg-type]
 
 
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
