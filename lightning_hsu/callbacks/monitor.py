@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
@@ -29,24 +30,26 @@ from lightning_hsu.functional.diversity import (
     DiversityProfile,
     diversity_profile,
 )
-from lightning_hsu.functional.neurons import neurons_of, transpose_conv_neurons
+from lightning_hsu.layers import (
+    DEFAULT_LAYER_TYPES,
+    LayerView,
+    clean_module_name,
+    is_depthwise,
+    is_type,
+    layer_views,
+    user_modules,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: Class-name globs selected by default: ``Linear``, every ``Conv*`` (incl. ``ConvTranspose*``).
-DEFAULT_LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv*")
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 _QUANTILES = (0.05, 0.5, 0.95)
 #: With `figure_style="auto"`, more layers than this are drawn as one heatmap instead of one panel
 #: each: 53 panels took 4.0 CPU seconds to draw and render per event, the heatmap 0.32
 #: (`benchmarks/bench_monitor_scale.py`, docs/performance.md).
 MAX_FIGURE_PANELS = 12
 FigureStyle = Literal["auto", "panels", "heatmap"]
-
-
-def _clean(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def _is_wrapper(module: nn.Module) -> bool:
@@ -69,9 +72,6 @@ def _dtensor_class() -> type | None:
     except ImportError:  # torch < 2.4
         from torch.distributed._tensor import DTensor
     return DTensor
-
-
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _fsdp1_owner(root: nn.Module, path: str, root_wrapper: nn.Module | None, fsdp1: type) -> nn.Module | None:
@@ -165,13 +165,16 @@ class NeuronDiversityMonitor(Callback):
     on global rank 0 only. DeepSpeed ZeRO-3 partitioned weights are not gathered (not supported).
 
     Args:
-        layers: glob patterns on module names (as in ``named_modules()``, wrapper segments such as
-            ``_fsdp_wrapped_module`` removed); ``None`` selects every layer of ``layer_types``.
-            Each pattern must match a layer.
+        layers: glob patterns on layer names (as in ``named_modules()``, wrapper segments such as
+            ``_fsdp_wrapped_module`` removed; the parts of a fused attention projection are
+            ``<name>.q``/``.k``/``.v``, of ``nn.MultiheadAttention`` ``<name>.q_proj``/...), found
+            and read as the rules find them (`lightning_hsu.layers`); ``None`` selects every layer
+            of ``layer_types`` but depthwise convolutions. Each pattern must match a layer.
         exclude: glob patterns of module names to leave out; each must match a layer.
         layer_types: module classes, or globs on class names matched against the class and its
-            bases (default ``("Linear", "Conv*")``: ``Linear``, ``Conv1-3d``, ``ConvTranspose1-3d``
-            and their subclasses). Only modules with a 2+-D tensor ``weight`` are considered.
+            bases (default: the rules' `DEFAULT_LAYER_TYPES` of `lightning_hsu.layers`, i.e.
+            ``Linear``, ``Conv1-3d``, ``ConvTranspose1-3d``, Hugging Face ``Conv1D``,
+            ``MultiheadAttention`` and their subclasses). Only layers with a 2+-D weight count.
         every_n_steps: log when ``global_step`` is a multiple of it (``None``: not during the epoch).
         log_at_epoch_end: also log at the end of every training epoch.
         metrics: a subset of :data:`~lightning_hsu.functional.diversity.DIVERSITY_METRICS`
@@ -284,62 +287,68 @@ class NeuronDiversityMonitor(Callback):
         if self.figure_style not in ("auto", "panels", "heatmap"):
             fail("figure_style", f"must be 'auto', 'panels' or 'heatmap', got {self.figure_style!r}")
 
-    def _type_matches(self, module: nn.Module) -> bool:
-        for t in self.layer_types:
-            if isinstance(t, type):
-                if isinstance(module, t):
-                    return True
-            elif any(fnmatch.fnmatchcase(cls.__name__, t) for cls in type(module).__mro__):
-                return True
-        return False
-
-    def _candidates(self, root: nn.Module, root_wrapper: nn.Module | None) -> dict[str, str]:
-        """Clean name → path of every module of a selected type with a 2+-D tensor weight.
+    def _candidates(self, root: nn.Module, root_wrapper: nn.Module | None) -> dict[str, tuple[str, LayerView]]:
+        """Name → (module path, view) of every set of neurons of a selected type, found as the
+        rules find them (:func:`~lightning_hsu.layers.layer_views`: Hugging Face ``Conv1D`` on its
+        output axis, attention projections split into Q, K, V; depthwise convolutions only when
+        named in ``layers``).
 
         Under FSDP1 a weight is a flat shard outside forward, so its shape is read inside its unit's
         ``summon_full_params`` (a collective: every rank runs this in the same order).
         """
+        modules = dict(user_modules(root))
         typed: list[tuple[str, str]] = []
         seen: set[str] = set()
         for path, module in root.named_modules():
-            if _is_wrapper(module) or not self._type_matches(module):
+            if _is_wrapper(module) or not is_type(module, self.layer_types):
                 continue
-            name = _clean(path)
+            name = clean_module_name(path)
             if name not in seen:
                 seen.add(name)
                 typed.append((name, path))
-        out: dict[str, str] = {}
+        out: dict[str, tuple[str, LayerView]] = {}
         for owner, members in _units(root, typed, root_wrapper):
             with _summoned(owner):
                 for name, path in members:
-                    weight = getattr(root.get_submodule(path), "weight", None)
-                    if isinstance(weight, Tensor) and weight.dim() >= 2:
-                        out[name] = path
+                    module = root.get_submodule(path)
+                    named = self.layers is not None and name in self.layers
+                    if is_depthwise(module) and not named:
+                        continue
+                    for view in layer_views(name, module, modules):
+                        shape = view.source_shape()
+                        if shape is not None and len(shape) >= 2:
+                            out[view.name] = (path, view)
         return out
 
     def _resolve(self, root: nn.Module, root_wrapper: nn.Module | None = None) -> list[tuple[str, str]]:
         candidates = self._candidates(root, root_wrapper)
         names = list(candidates)
+        module_names = {view.module_name for _, view in candidates.values()}
+
+        def matches(name: str, pattern: str) -> bool:  # a set of neurons, or the module holding it
+            return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(candidates[name][1].module_name, pattern)
+
         for option, patterns in (("layers", self.layers or []), ("exclude", self.exclude)):
             for pattern in patterns:
-                if not fnmatch.filter(names, pattern):
+                if not fnmatch.filter(names, pattern) and not fnmatch.filter(module_names, pattern):
                     shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
                     raise ValueError(
                         f"NeuronDiversityMonitor: `{option}` pattern {pattern!r} matches no layer of the selected "
                         f"types {list(map(str, self.layer_types))}; layers are: {shown or '(none)'}"
                     )
         selected = [
-            (name, path)
-            for name, path in candidates.items()
-            if (self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers))
-            and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+            name
+            for name in names
+            if (self.layers is None or any(matches(name, p) for p in self.layers))
+            and not any(matches(name, p) for p in self.exclude)
         ]
         if not selected:
             raise ValueError(
                 "NeuronDiversityMonitor: no layer selected (check `layers`, `exclude` and `layer_types`); "
                 f"candidates were: {', '.join(names) or '(none)'}"
             )
-        return selected
+        self._views = {name: candidates[name][1] for name in selected}
+        return [(name, candidates[name][0]) for name in selected]
 
     # -- hooks --------------------------------------------------------------------------------
 
@@ -451,17 +460,13 @@ class NeuronDiversityMonitor(Callback):
             # The consumer works on the neurons while the unit is summoned: no copy is needed.
             with _summoned(owner):
                 for name, path in members:
-                    module = pl_module.get_submodule(path)
-                    weight = getattr(module, "weight", None)
-                    key = (unit, _weight_key(weight))
+                    view = replace(self._views[name], module=pl_module.get_submodule(path))
+                    weight = view.source()
+                    key = (unit, _weight_key(weight), view.part, view.layout)
                     if dtensor is not None and isinstance(weight, dtensor):
-                        full = weight.detach().full_tensor()
-                        if isinstance(module, _CONV_TRANSPOSE):
-                            yield name, transpose_conv_neurons(full, module.groups), key
-                        else:
-                            yield name, neurons_of(full, name=name), key
+                        yield name, view.neurons_from(weight.detach().full_tensor()), key
                     elif owner is not None or trainer.is_global_zero:
-                        yield name, neurons_of(module, name=name).detach(), key
+                        yield name, view.neurons_from(weight.detach()), key
 
     def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int) -> None:
         experiment = getattr(logger, "experiment", None)

@@ -394,3 +394,33 @@ def test_tied_penalties_cover_every_selected_layer(make):
     expected = direct.direct_penalty(0)
     torch.testing.assert_close(total.detach(), expected.detach())
     (out + total).backward()
+
+
+def test_monitor_profiles_gpt2_neurons_on_the_output_axis(tmp_path):
+    """The monitor finds layers as the rules do: GPT-2's fused c_attn as q, k, v of Conv1D columns."""
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+    from models import trainer_kwargs
+    from real_models import Task
+
+    from lightning_hsu import NeuronDiversityMonitor
+
+    torch.manual_seed(0)
+    net = gpt2(vocab=64)
+    monitor = NeuronDiversityMonitor(layers=["net.transformer.h.0.attn.c_attn.*"], metrics=["min_angle"])
+    kw = trainer_kwargs(tmp_path, max_steps=1, callbacks=[monitor], logger=CSVLogger(tmp_path, name="m"))
+    trainer = pl.Trainer(**kw)
+    trainer.fit(Task(net, lm_loss, lm_data(64)))
+    with open(next(tmp_path.rglob("metrics.csv"))) as handle:
+        rows = list(csv.DictReader(handle))
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.endswith("min_angle") and v}
+    fused = net.transformer.h[0].attn.c_attn.weight.detach()
+    for i, part in enumerate("qkv"):
+        neurons = fused[:, i * E : (i + 1) * E].t()  # columns of the [in, out] matrix
+        unit = torch.nn.functional.normalize(neurons.double(), dim=1)
+        cos = (unit @ unit.t()).clamp(-1, 1)
+        angles = torch.rad2deg(torch.arccos(cos[torch.triu_indices(E, E, 1).unbind()]))
+        got = logged[f"hsu/net.transformer.h.0.attn.c_attn.{part}/min_angle"]
+        assert got == pytest.approx(float(angles.min()), abs=1e-3)
