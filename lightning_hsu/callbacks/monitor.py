@@ -505,7 +505,7 @@ class NeuronDiversityMonitor(Callback):
         log_image = getattr(logger, "log_image", None)
         if not callable(add_figure) and not callable(log_image):
             return
-        from lightning_hsu.report import figure_to_rgb, plot_angle_distributions, plot_angle_heatmap
+        from lightning_hsu.plotting import figure_to_rgb, plot_angle_distributions, plot_angle_heatmap
 
         space = "half-space" if self.half_space else "full space"
         title = f"Pairwise angles ({space}), step {step}"
