@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -118,7 +118,7 @@ class GraphedPenalties:
                 "capture them again (GraphedPenalties.matches)"
             )
         with torch.autocast("cuda", enabled=False):
-            return self._replay(*self.weights)
+            return cast(Tensor, self._replay(*self.weights))
 
 
 @dataclass(frozen=True, eq=False)

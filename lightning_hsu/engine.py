@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lightning_hsu.cuda_graphs import GraphedLayer, GraphReplay
 from lightning_hsu.finite import FiniteChecks, NonFinitePenaltyError
 from lightning_hsu.functional._common import NonFiniteInputError
-from lightning_hsu.layers import lazy
+from lightning_hsu.layers import lazy, parametrization_of
 from lightning_hsu.regularizers import Capturable
 from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
 from lightning_hsu.validation import choice, flag, int_at_least
@@ -45,11 +45,11 @@ class _Tie(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, output: Tensor, penalty: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx: Any, output: Tensor, penalty: Tensor) -> tuple[Tensor, Tensor]:
         return output.clone(), penalty.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor, grad_penalty: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor, grad_penalty: Tensor) -> tuple[Tensor, Tensor]:
         return grad_output, grad_penalty
 
 
@@ -246,7 +246,7 @@ class PenaltyEngine:
             key = (id(view.module), view.attribute)
             if view.parametrized and key not in captured:
                 captured.add(key)
-                plist = view.module.parametrizations[view.attribute]  # type: ignore[index]
+                plist = parametrization_of(view.module, view.attribute)
                 self._handles.append(plist.register_forward_hook(self._make_capture_hook(key)))
         if not self.tie_to_output:
             return

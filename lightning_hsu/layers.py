@@ -29,7 +29,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -122,10 +122,15 @@ def transpose_conv_neurons(weight: Tensor, groups: int) -> Tensor:
     return grouped.transpose(1, 2).reshape(groups * out_per_group, -1)
 
 
+def parametrization_of(module: nn.Module, attribute: str) -> nn.Module:
+    """The ``ParametrizationList`` that computes ``module.<attribute>``."""
+    return cast(nn.ModuleDict, module.parametrizations)[attribute]
+
+
 def _no_side_effect_read(module: nn.Module, attribute: str) -> Tensor:
     """``getattr(module, attribute)`` for a parametrized weight, with the parametrization's buffers
     (``spectral_norm``'s power-iteration vectors) restored afterwards."""
-    plist = module.parametrizations[attribute]  # type: ignore[index]
+    plist = parametrization_of(module, attribute)
     saved = [b.detach().clone() for b in plist.buffers()]
     with torch.no_grad():
         value = getattr(module, attribute)
@@ -220,13 +225,13 @@ class LayerView:
         if self.layout == "lora_update":
             return [p for key in _active_adapters(self.module) for p in _lora_factors(self.module, key)]
         if self.parametrized:
-            return list(self.module.parametrizations[self.attribute].parameters())  # type: ignore[index]
+            return list(parametrization_of(self.module, self.attribute).parameters())
         value = getattr(self.module, self.attribute, None)
         if isinstance(value, nn.Parameter):
             return [value]
         # old-style hooks keep the parameter as `<name>_orig` (spectral_norm) or `<name>_g/_v` (weight_norm)
         own = dict(self.module.named_parameters(recurse=False))
-        behind = [p for key, p in own.items() if key.startswith(self.attribute + "_")]
+        behind: list[Tensor] = [p for key, p in own.items() if key.startswith(self.attribute + "_")]
         if behind or not isinstance(value, Tensor):
             return behind
         return [value]  # a view into a flat parameter (FSDP1): it requires grad as the parameter does
@@ -248,11 +253,13 @@ def _active_adapters(module: nn.Module) -> list[str]:
     if active is None:
         active = getattr(module, "active_adapter", [])
     keys = [active] if isinstance(active, str) else list(active)
-    return [k for k in keys if k in module.lora_A]  # type: ignore[operator]
+    return [k for k in keys if k in cast(nn.ModuleDict, module.lora_A)]
 
 
 def _lora_factors(module: nn.Module, key: str) -> tuple[Tensor, Tensor]:
-    return module.lora_A[key].weight, module.lora_B[key].weight  # type: ignore[index]
+    a = cast(nn.ModuleDict, module.lora_A)[key]
+    b = cast(nn.ModuleDict, module.lora_B)[key]
+    return cast(Tensor, a.weight), cast(Tensor, b.weight)
 
 
 def lora_update(module: nn.Module) -> Tensor:

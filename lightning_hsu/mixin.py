@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from torch import Tensor
@@ -72,7 +72,7 @@ class HypersphericalUniformityMixin:
             method = getattr(cls, name, None)
             if method is not None and not getattr(method, "_hsu_wrapped", False):
                 wrapped = wrap(method)
-                wrapped._hsu_wrapped = True  # type: ignore[attr-defined]
+                wrapped._hsu_wrapped = True
                 setattr(cls, name, wrapped)
 
     def configure_hyperspherical(
@@ -130,8 +130,9 @@ class HypersphericalUniformityMixin:
             attach(self, engine)  # type: ignore[arg-type]
         else:
             settings: _Settings = getattr(self, _SETTINGS_ATTR)
+            module = cast("pl.LightningModule", self)
             prepare_engine(
-                engine, trainer, self, shard_across_ranks=settings.shard_across_ranks, where=type(self).__name__
+                engine, trainer, module, shard_across_ranks=settings.shard_across_ranks, where=type(self).__name__
             )
         object.__setattr__(self, "_hsu_ready", True)
 

@@ -83,8 +83,8 @@ def plot_angle_heatmap(histograms: Mapping[str, tuple[Tensor, Tensor]], *, title
     ax = fig.subplots()
     mesh = None
     for row, layer in enumerate(layers):
-        edges = histograms[layer][1].double().numpy()
-        mesh = ax.pcolormesh(edges, [row, row + 1], densities[row][None, :], norm=norm, cmap="viridis")
+        bounds = histograms[layer][1].double().numpy()
+        mesh = ax.pcolormesh(bounds, [row, row + 1], densities[row][None, :], norm=norm, cmap="viridis")
     ax.set_ylim(len(layers), 0)
     ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
     ax.set_xlabel("pairwise angle (°)")

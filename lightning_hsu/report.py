@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return (f"{layer.neurons_used} of {layer.shape[0]}" if layer.sampled else "all",)
 
     if len(results) == 1:
-        rows = [
+        rows: list[tuple[tuple[str, ...], dict[str, float] | None]] = [
             ((name, "×".join(map(str, results[0][name].shape)), *used(results[0][name])), results[0][name].metrics)
             for name in layer_names
         ]

@@ -27,11 +27,14 @@ def number_in(owner: str, option: str, value: Any, low: float, high: float) -> f
     return float(value)
 
 
-def positive_int(owner: str, option: str, value: Any, *, allow_none: bool = False) -> int | None:
-    """An integer >= 1 (or ``None`` with ``allow_none``)."""
-    if value is None and allow_none:
-        return None
+def positive_int(owner: str, option: str, value: Any) -> int:
+    """An integer >= 1."""
     return int_at_least(owner, option, value, 1)
+
+
+def optional_positive_int(owner: str, option: str, value: Any) -> int | None:
+    """An integer >= 1, or ``None``."""
+    return None if value is None else int_at_least(owner, option, value, 1)
 
 
 def int_at_least(owner: str, option: str, value: Any, minimum: int) -> int:

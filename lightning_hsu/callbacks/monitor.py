@@ -13,7 +13,7 @@ import fnmatch
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -56,7 +56,7 @@ def _is_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_checkpoint_wrapped_module")
 
 
-def _fsdp1_class() -> type | None:
+def _fsdp1_class() -> Any:
     if not torch.distributed.is_available():
         return None
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -464,7 +464,7 @@ class NeuronDiversityMonitor(Callback):
                     weight = view.source()
                     key = (unit, _weight_key(weight), view.part, view.layout)
                     if dtensor is not None and isinstance(weight, dtensor):
-                        yield name, view.neurons_from(weight.detach().full_tensor()), key
+                        yield name, view.neurons_from(cast(Any, weight).detach().full_tensor()), key
                     elif owner is not None or trainer.is_global_zero:
                         yield name, view.neurons_from(weight.detach()), key
 
@@ -525,7 +525,7 @@ class NeuronDiversityMonitor(Callback):
         tag = f"{self.prefix}/angle_distributions"
         if callable(add_figure):
             add_figure(tag, fig, global_step=step, close=False)
-        else:
+        elif callable(log_image):
             log_image(key=tag, images=[figure_to_rgb(fig)], step=step)
 
     def _label(self, name: str, profile: DiversityProfile) -> str:

@@ -146,15 +146,15 @@ def row_normalization(
         return neurons, r, (sq * r * r).squeeze(-1), divisor
     # a fused reduction: vecdot would form the [n, d] products first
     sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
-    divisor = None
+    rescale: Tensor | None = None
     if not bool((sq <= 0.5 * huge * huge).all()):  # also True for NaN and inf
         check_finite_neurons(neurons, what)
         scale = neurons.abs().amax(dim=-1, keepdim=True)
-        divisor = torch.where(scale > huge, scale, torch.ones_like(scale))
-        neurons = neurons / divisor
+        rescale = torch.where(scale > huge, scale, torch.ones_like(scale))
+        neurons = neurons / rescale
         sq = torch.linalg.vector_norm(neurons, dim=-1, keepdim=True).square_()
-    r = torch.rsqrt(sq + eps) if divisor is None else torch.rsqrt(sq + eps / (divisor * divisor))
-    return neurons, r, (sq * r * r).squeeze(-1), divisor
+    r = torch.rsqrt(sq + eps) if rescale is None else torch.rsqrt(sq + eps / (rescale * rescale))
+    return neurons, r, (sq * r * r).squeeze(-1), rescale
 
 
 def as_batched(neurons: Tensor) -> tuple[Tensor, bool]:

@@ -73,7 +73,7 @@ class _Projection(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, projections: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, projections: Tensor) -> Tensor:
         batch, count, dim, in_dim = projections.shape
         stacked = projections.reshape(batch, count * dim, in_dim)
         ctx.save_for_backward(neurons, stacked)
@@ -83,7 +83,7 @@ class _Projection(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         neurons, stacked = ctx.saved_tensors  # type: ignore[attr-defined]
         batch, count, n, dim = grad.shape
         flat = grad.transpose(1, 2).reshape(batch, n, count * dim)  # [batch, n, K p]

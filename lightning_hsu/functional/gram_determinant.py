@@ -17,6 +17,8 @@ with :math:`n` right-hand sides and an :math:`n^3` product).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -60,7 +62,7 @@ def _neg_logdet_and_coefficients(
             (_cholesky_pd(kernel + opposite, "half space, A + B"), 2.0 * (same - opposite)),
             (_cholesky_pd(kernel - opposite, "half space, A - B"), 2.0 * (same + opposite)),
         ]
-    value = -sum(_logdet_of_factor(factor) for factor, _ in factors)
+    value = cast(Tensor, -sum(_logdet_of_factor(factor) for factor, _ in factors))
     if not with_grad:
         return value, None
     coefficients = torch.zeros_like(cos)
@@ -80,9 +82,7 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, unit: Tensor, half_space: bool, jitter: float
-    ) -> Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, unit: Tensor, half_space: bool, jitter: float) -> Tensor:
         unit64 = unit.to(torch.float64)
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         value, coefficients = _neg_logdet_and_coefficients(gram(unit64), half_space, jitter, with_grad)
@@ -92,7 +92,7 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
         unit64, coefficients = ctx.saved_tensors  # type: ignore[attr-defined]

@@ -123,7 +123,7 @@ class _HardSeparation(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         neurons: Tensor,
         eps: float,
@@ -143,7 +143,7 @@ class _HardSeparation(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    ) -> tuple[Tensor | None, None, None, None, None]:
         return _saved_gradient(ctx, grad_value), None, None, None, None
 
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from lightning_hsu.functional import hyperspherical_energy
 from lightning_hsu.functional._common import DEFAULT_EPS
 from lightning_hsu.regularizers.base import Capturable
-from lightning_hsu.validation import choice, flag, positive_float, positive_int
+from lightning_hsu.validation import choice, flag, optional_positive_int, positive_float
 
 
 class MHE(Capturable):
@@ -42,7 +42,7 @@ class MHE(Capturable):
         self.distance = choice("MHE", "distance", distance, ("euclidean", "angular"))
         self.half_space = flag("MHE", "half_space", half_space)
         self.eps = positive_float("MHE", "eps", eps)
-        self.chunk_size = positive_int("MHE", "chunk_size", chunk_size, allow_none=True)
+        self.chunk_size = optional_positive_int("MHE", "chunk_size", chunk_size)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         return hyperspherical_energy(

@@ -131,6 +131,7 @@ class PoleRegularizer(Regularizer):
             slope = slope[:n] - slope[n:]
         grad = target.T @ slope
         grad = (grad - grad.dot(unit) * unit) * r[0]
+        assert divisor is not None  # always given with check_finite=False
         return (grad / divisor[0]).to(pole.dtype)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:

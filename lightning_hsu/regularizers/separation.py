@@ -10,7 +10,7 @@ from lightning_hsu.functional import (
 )
 from lightning_hsu.functional._common import DEFAULT_EPS
 from lightning_hsu.regularizers.base import Capturable
-from lightning_hsu.validation import flag, positive_float, positive_int
+from lightning_hsu.validation import flag, optional_positive_int, positive_float
 
 
 class MHS(Capturable):
@@ -35,7 +35,7 @@ class MHS(Capturable):
         self.half_space = flag("MHS", "half_space", half_space)
         self.temperature = None if temperature is None else positive_float("MHS", "temperature", temperature)
         self.eps = positive_float("MHS", "eps", eps)
-        self.chunk_size = positive_int("MHS", "chunk_size", chunk_size, allow_none=True)
+        self.chunk_size = optional_positive_int("MHS", "chunk_size", chunk_size)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         options = dict(half_space=self.half_space, eps=self.eps, chunk_size=self.chunk_size, check_finite=check_finite)

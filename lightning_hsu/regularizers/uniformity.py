@@ -7,7 +7,7 @@ from torch import Tensor
 from lightning_hsu.functional import uniformity
 from lightning_hsu.functional._common import DEFAULT_EPS
 from lightning_hsu.regularizers.base import Capturable
-from lightning_hsu.validation import flag, positive_float, positive_int
+from lightning_hsu.validation import flag, optional_positive_int, positive_float
 
 
 class Uniformity(Capturable):
@@ -25,7 +25,7 @@ class Uniformity(Capturable):
         self.t = positive_float("Uniformity", "t", t)
         self.half_space = flag("Uniformity", "half_space", half_space)
         self.eps = positive_float("Uniformity", "eps", eps)
-        self.chunk_size = positive_int("Uniformity", "chunk_size", chunk_size, allow_none=True)
+        self.chunk_size = optional_positive_int("Uniformity", "chunk_size", chunk_size)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         return uniformity(
