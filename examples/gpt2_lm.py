@@ -175,7 +175,7 @@ def train(regularised: bool, args: argparse.Namespace, data: tuple[TensorDataset
     """One run; returns its validation loss, penalty, regularised layers and logged min angles."""
     pl.seed_everything(args.seed, verbose=False)
     train_set, val_set = data
-    name = "mhe" if regularised else "baseline"
+    name = args.preset if regularised else "baseline"
     print(f"training {name} for {args.steps} steps...", flush=True)
     model = GPT2LM(
         n_layer=args.layers,
@@ -288,7 +288,7 @@ def main() -> None:
         "\npenalty = Σ λ·R over the regularised layers at the last training step (hsu/penalty);"
         "\nmin∠ = smallest angle between two neurons of the layer (full space) after training, logged by "
         "NeuronDiversityMonitor\n(– where the monitor logged no such layer)."
-        f"\nCSV logs: {args.root}/baseline/version_0, {args.root}/mhe/version_0"
+        f"\nCSV logs: {args.root}/baseline/version_0, {args.root}/{args.preset}/version_0"
     )
 
 
