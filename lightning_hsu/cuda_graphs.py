@@ -1,9 +1,9 @@
 """Many layers' penalties replayed as CUDA graphs: one launch forward, one backward (pure PyTorch).
 
 On a GPU a layer's penalty is a few dozen small kernels (Gram product, kernel passes, gradient
-product), each taking microseconds to run and as long again to launch from Python: measured on an
-H200 (``docs/performance.md``), the eager penalties of a CIFAR ResNet-18's 21 layers took longer
-than the network's own step. :class:`GraphedPenalties` captures the penalties of a fixed list of
+product), each taking microseconds to run and as long again to launch from Python, so launching
+them from Python costs more than running them (measurements in `docs/performance.md`).
+:class:`GraphedPenalties` captures the penalties of a fixed list of
 weights once (``torch.cuda.make_graphed_callables``: a forward graph, whose closed-form gradient
 of :mod:`~lightning_hsu.functional.pairwise` is formed in it, and a backward graph) and replays
 them every step, from the host at the cost of two launches.

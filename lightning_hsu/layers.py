@@ -36,6 +36,8 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_hsu.functional.neurons import is_hf_conv1d, transpose_conv_neurons
+
 #: Path segments that wrappers insert into module names (FSDP1, activation checkpointing,
 #: torch.compile, PEFT); removed so that names are the ones a user sees in ``print(model)``.
 WRAPPER_SEGMENTS: tuple[str, ...] = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -98,11 +100,6 @@ def is_type(module: nn.Module | type, patterns: Sequence[str | type]) -> bool:
     return False
 
 
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """A Hugging Face ``transformers.pytorch_utils.Conv1D``: a linear layer storing ``[in, out]``."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
 def is_lora_layer(module: nn.Module) -> bool:
     """A PEFT LoRA layer (``peft.tuners.lora.LoraLayer``): a frozen ``base_layer`` plus ``lora_A``/``lora_B``."""
     return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and hasattr(module, "base_layer")
@@ -112,14 +109,6 @@ def is_depthwise(module: nn.Module) -> bool:
     """A convolution whose every filter reads one input channel (MobileNet, EfficientNet, ConvNeXt)."""
     groups = getattr(module, "groups", 1)
     return isinstance(module, _CONV) and groups > 1 and module.in_channels == groups
-
-
-def transpose_conv_neurons(weight: Tensor, groups: int) -> Tensor:
-    """Rows = output channels of a ``ConvTransposeNd`` weight ``[in, out/groups, *k]``."""
-    in_channels, out_per_group = weight.shape[0], weight.shape[1]
-    kernel = weight.shape[2:]
-    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel)
-    return grouped.transpose(1, 2).reshape(groups * out_per_group, -1)
 
 
 def parametrization_of(module: nn.Module, attribute: str) -> nn.Module:

@@ -43,11 +43,9 @@ from lightning_hsu.layers import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: Class-name globs selected by default: ``Linear``, every ``Conv*`` (incl. ``ConvTranspose*``).
 _QUANTILES = (0.05, 0.5, 0.95)
 #: With `figure_style="auto"`, more layers than this are drawn as one heatmap instead of one panel
-#: each: 53 panels took 4.0 CPU seconds to draw and render per event, the heatmap 0.32
-#: (`benchmarks/bench_monitor_scale.py`, docs/performance.md).
+#: each, which costs a tenth of the time for many layers (docs/performance.md).
 MAX_FIGURE_PANELS = 12
 FigureStyle = Literal["auto", "panels", "heatmap"]
 
@@ -147,8 +145,7 @@ class NeuronDiversityMonitor(Callback):
     **Huge layers.** A layer with more than `max_neurons` neurons (default 4,096) is profiled on
     that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at every
     event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the exact
-    spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\). A 50,000 × 512 layer took 2.0 CPU seconds per
-    event instead of 164 (docs/performance.md). Such a layer also gets the scalar
+    spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\) (measurements in docs/performance.md). Such a layer also gets the scalar
     `hsu/<layer>/neurons_used`, and its figure label says `[m of n neurons]`. The mean angle, the
     energy and the histogram are then unbiased estimates, the uniformity and quantiles consistent
     ones, the minimum angle an upper bound, the coherence and duplicate count lower bounds, the

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from lightning_hsu import HypersphericalUniformity, PenaltyEngine, Rule
-from lightning_hsu.functional import hyperspherical_energy
+from lightning_hsu.functional import hyperspherical_energy, neurons_of
 from lightning_hsu.rules import preset_rules
 
 transformers = pytest.importorskip("transformers")
@@ -82,6 +82,7 @@ def test_gpt2_neurons_are_the_conv1d_columns_split_into_q_k_v():
         start, stop = b.view.part or (0, module.nf)
         torch.testing.assert_close(b.view.neurons().detach(), by_forward[start:stop], atol=1e-5, rtol=1e-5)
         assert b.view.shape() == (stop - start, module.nx)
+        torch.testing.assert_close(neurons_of(module).detach(), by_forward, atol=1e-5, rtol=1e-5)
     # GPT-2 splits c_attn's output into q, k, v in that order
     attn = model.transformer.h[0].attn
     x = torch.randn(3, E)

@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 import torch
+from metrics.geometry import dense_angles
 
 import lightning_hsu.report as report
 from lightning_hsu.functional.diversity import sample_neuron_indices
 from lightning_hsu.report import main, merge_tied
 
-from .geometry import dense_angles
 from .test_report import table_rows
 
 

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from metrics.geometry import dense_angles
 from torch import nn
 
 import lightning_hsu.callbacks.monitor as monitor_module
 from lightning_hsu.callbacks import NeuronDiversityMonitor
 from lightning_hsu.functional.diversity import sample_neuron_indices
-
-from .geometry import dense_angles
 
 
 class Experiment:
