@@ -143,14 +143,15 @@ class NeuronDiversityMonitor(Callback):
       ``angle_p95`` in place of the histogram (``log_quantiles=True`` sends them everywhere).
 
     **Huge layers.** A layer with more than `max_neurons` neurons (default 4,096) is profiled on
-    that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at every
-    event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the exact
-    spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\) (measurements in docs/performance.md). Such a layer also gets the scalar
-    `hsu/<layer>/neurons_used`, and its figure label says `[m of n neurons]`. The mean angle, the
-    energy and the histogram are then unbiased estimates, the uniformity and quantiles consistent
-    ones, the minimum angle an upper bound, the coherence and duplicate count lower bounds, the
-    nearest-neighbour angle an overestimate, the spectrum exact: see "Huge layers" in
-    `lightning_hsu.functional.diversity`. `max_neurons=None` computes every layer exactly.
+    that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at
+    every event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the
+    exact spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\) (measurements in docs/performance.md). Such
+    a layer also gets the scalar `hsu/<layer>/neurons_used`, and its figure label says `[m of n
+    neurons]`. The mean angle, the energy and the histogram are then unbiased estimates, the
+    uniformity and quantiles consistent ones, the minimum angle an upper bound, the coherence and
+    duplicate count lower bounds, the nearest-neighbour angle an overestimate, the spectrum exact:
+    see "Huge layers" in `lightning_hsu.functional.diversity`. `max_neurons=None` computes every
+    layer exactly.
 
     **Tied weights** (one tensor in two modules, e.g. a language model's output layer sharing the
     input embedding) are profiled once, under the first module's name in `named_modules()` order;
