@@ -27,7 +27,7 @@ shapes are taken without side effects (:meth:`LayerView.shape`). Pure PyTorch.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -109,6 +109,22 @@ def is_depthwise(module: nn.Module) -> bool:
     """A convolution whose every filter reads one input channel (MobileNet, EfficientNet, ConvNeXt)."""
     groups = getattr(module, "groups", 1)
     return isinstance(module, _CONV) and groups > 1 and module.in_channels == groups
+
+
+def storage_key(weight: object) -> Hashable:
+    """What two tied weights share: the same storage, offset, shape and strides (the same
+    `Parameter` object included; a DTensor by its local shard)."""
+    if not isinstance(weight, Tensor):
+        return ("object", id(weight))
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return (
+        local.untyped_storage().data_ptr(),
+        local.storage_offset(),
+        tuple(local.shape),
+        local.stride(),
+        local.dtype,
+        str(local.device),
+    )
 
 
 def parametrization_of(module: nn.Module, attribute: str) -> nn.Module:

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from lightning_hsu.functional.diversity import DEFAULT_MAX_NEURONS, diversity_profile
 from lightning_hsu.functional.neurons import transpose_conv_neurons
-from lightning_hsu.layers import clean_module_name
+from lightning_hsu.layers import clean_module_name, storage_key
 from lightning_hsu.plotting import plot_angle_distributions
 
 if TYPE_CHECKING:
@@ -134,17 +134,6 @@ def layer_neurons(
     return out
 
 
-def _storage_key(tensor: Tensor) -> tuple[object, ...]:
-    return (
-        tensor.untyped_storage().data_ptr(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tensor.stride(),
-        tensor.dtype,
-        str(tensor.device),
-    )
-
-
 def merge_tied(neurons: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """One entry per distinct neuron matrix: layers sharing one tensor are merged into one.
 
@@ -158,7 +147,7 @@ def merge_tied(neurons: Mapping[str, Tensor]) -> dict[str, Tensor]:
     keys: dict[tuple[object, ...], int] = {}
     by_shape: dict[tuple[object, ...], list[int]] = {}
     for name, tensor in neurons.items():
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         group = keys.get(key)
         if group is None:
             shape_key = (tuple(tensor.shape), tensor.dtype, str(tensor.device))

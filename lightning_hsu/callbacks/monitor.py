@@ -37,6 +37,7 @@ from lightning_hsu.layers import (
     is_depthwise,
     is_type,
     layer_views,
+    storage_key,
     user_modules,
 )
 
@@ -105,22 +106,6 @@ def _summoned(owner: nn.Module | None) -> Iterator[None]:
     assert fsdp1 is not None
     with fsdp1.summon_full_params(owner, writeback=False, recurse=False):
         yield
-
-
-def _weight_key(weight: object) -> Hashable:
-    """What two modules share when their weights are tied: the same storage, offset, shape and
-    strides (the same `Parameter` object included; a DTensor by its local shard)."""
-    if not isinstance(weight, Tensor):
-        return ("object", id(weight))
-    local = weight.to_local() if hasattr(weight, "to_local") else weight
-    return (
-        local.untyped_storage().data_ptr(),
-        local.storage_offset(),
-        tuple(local.shape),
-        local.stride(),
-        local.dtype,
-        str(local.device),
-    )
 
 
 class NeuronDiversityMonitor(Callback):
@@ -460,7 +445,7 @@ class NeuronDiversityMonitor(Callback):
                 for name, path in members:
                     view = replace(self._views[name], module=pl_module.get_submodule(path))
                     weight = view.source()
-                    key = (unit, _weight_key(weight), view.part, view.layout)
+                    key = (unit, storage_key(weight), view.part, view.layout)
                     if dtensor is not None and isinstance(weight, dtensor):
                         yield name, view.neurons_from(cast(Any, weight).detach().full_tensor()), key
                     elif owner is not None or trainer.is_global_zero:

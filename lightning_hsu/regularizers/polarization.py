@@ -9,7 +9,6 @@ from lightning_hsu.functional import (
     pole_energy,
     relaxed_polarization,
 )
-from lightning_hsu.functional._common import DEFAULT_EPS
 from lightning_hsu.functional.polarization import pole_energy_slope
 from lightning_hsu.regularizers.base import Capturable
 from lightning_hsu.regularizers.pole import PoleRegularizer
@@ -21,18 +20,6 @@ class MHP(PoleRegularizer):
     :func:`~lightning_hsu.functional.pole_energy`)."""
 
     name = "mhp"
-
-    def __init__(
-        self,
-        half_space: bool = False,
-        inner_steps: int = 10,
-        pole_lr: float = 0.1,
-        pole_momentum: float = 0.9,
-        pole_weight_decay: float = 5e-4,
-        seed: int = 0,
-        eps: float = DEFAULT_EPS,
-    ) -> None:
-        super().__init__(half_space, inner_steps, pole_lr, pole_momentum, pole_weight_decay, seed, eps)
 
     def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
         return pole_energy(neurons, pole, half_space=self.half_space, eps=self.eps, normalized=normalized)

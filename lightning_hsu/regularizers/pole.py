@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import check_neurons, normalize_neurons, row_normalization
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons, row_normalization
 from lightning_hsu.regularizers.base import Regularizer
 from lightning_hsu.validation import flag, integer, positive_float, positive_int
 
@@ -29,13 +29,13 @@ class PoleRegularizer(Regularizer):
 
     def __init__(
         self,
-        half_space: bool,
-        inner_steps: int,
-        pole_lr: float,
-        pole_momentum: float,
-        pole_weight_decay: float,
-        seed: int,
-        eps: float,
+        half_space: bool = False,
+        inner_steps: int = 10,
+        pole_lr: float = 0.1,
+        pole_momentum: float = 0.9,
+        pole_weight_decay: float = 5e-4,
+        seed: int = 0,
+        eps: float = DEFAULT_EPS,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
