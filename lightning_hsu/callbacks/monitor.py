@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib.util
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import replace
@@ -19,7 +20,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -40,6 +40,7 @@ from lightning_hsu.layers import (
     storage_key,
     user_modules,
 )
+from lightning_hsu.lightning_adapter import overrides
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,6 +54,14 @@ FigureStyle = Literal["auto", "panels", "heatmap"]
 
 def _is_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_checkpoint_wrapped_module")
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _fsdp1_class() -> Any:
@@ -224,6 +233,7 @@ class NeuronDiversityMonitor(Callback):
         self._aliases: dict[str, list[str]] = {}  # first name of a tied weight -> the other names
         self._announced_ties: set[tuple[str, ...]] = set()
         self._figure: Figure | None = None
+        self._draw_figures = log_figures
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -343,8 +353,16 @@ class NeuronDiversityMonitor(Callback):
                 "NeuronDiversityMonitor: the Trainer has no logger (`logger=False`); attach one, e.g. CSVLogger"
             )
         self._check_options()
+        self._draw_figures = self.log_figures and _matplotlib_available()
+        if self.log_figures and not self._draw_figures:
+            # decided before training, not at the first logging event after the training time is spent
+            rank_zero_warn(
+                "NeuronDiversityMonitor: log_figures=True but matplotlib is not installed; the angle figures are "
+                "left out (histograms and scalars are logged). Install `lightning-hsu[plots]` or pass "
+                "log_figures=False to silence this."
+            )
         # Layers built in `configure_model` do not exist yet: they are resolved in `on_fit_start`.
-        if not is_overridden("configure_model", pl_module):
+        if not overrides(pl_module, "configure_model"):
             self._selected = self._resolve(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -480,7 +498,7 @@ class NeuronDiversityMonitor(Callback):
                     bucket_counts=profile.histogram.tolist(),
                     global_step=step,
                 )
-        if self.log_figures:
+        if self._draw_figures:
             self._write_figure(logger, experiment, profiles, step)
 
     def _write_figure(self, logger: Logger, experiment: Any, profiles: dict[str, DiversityProfile], step: int) -> None:

@@ -89,3 +89,23 @@ def test_layer_selection() -> None:
     assert [n for n, _ in NeuronDiversityMonitor(layer_types=["Conv*"])._resolve(model)] == ["conv"]
     with pytest.raises(ValueError, match="`exclude` pattern 'nope'"):
         NeuronDiversityMonitor(exclude=["nope"])._resolve(model)
+
+
+def test_without_matplotlib_figures_are_left_out_with_one_warning_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """matplotlib is optional: a TensorBoard run without it warns in setup and still trains and logs."""
+    import sys
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monitor = NeuronDiversityMonitor(metrics=["min_angle"])
+    trainer = quiet_trainer(tmp_path, max_epochs=1, callbacks=[monitor], logger=TensorBoardLogger(tmp_path))
+    with pytest.warns(UserWarning, match="matplotlib is not installed; the angle figures are left out"):
+        trainer.fit(TinyNet(), tiny_loader())
+    acc = EventAccumulator(str(trainer.logger.log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert "hsu/fc1/min_angle" in acc.Tags()["scalars"] and not acc.Tags()["images"]
