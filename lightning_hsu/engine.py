@@ -555,6 +555,10 @@ class PenaltyEngine:
             shape = b.view.shape() if not lazy(b.view) else None
             size = f"{shape[0]} x {shape[1]}" if shape is not None else "lazy (bound when materialised)"
             space = "half" if b.regularizer.hparams().get("half_space") else "full"
+            if b.view.parametrized:
+                space += ", the parametrized (effective) weight"
+            elif b.view.layout == "lora_update":
+                space += ", the LoRA update"
             rows.append((b.layer_name, size, b.rule.label, space))
         width = max([len(r[0]) for r in rows] + [5])
         lines = [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import importlib.util
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import replace

@@ -60,6 +60,7 @@ def test_resnet18_with_a_weight_parametrization_trains_like_hand_written(tmp_pat
     engine = bound(resnet18(norm))
     hidden = [b.view.module_name for b in engine.bindings if b.rule.label == "mhe_hidden"]
     assert len(hidden) == 20
+    assert "half, the parametrized (effective) weight" in engine.summary()
 
     def loss_with_cached_weights(net, batch):
         return hf_image_loss(net, batch)
@@ -90,7 +91,7 @@ def test_binding_a_spectral_norm_layer_has_no_side_effect():
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     engine = PenaltyEngine([Rule("mhe", layers=["0"])])
     engine.bind(nn.Sequential(layer))
-    print(engine.summary())
+    engine.summary()
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
 
