@@ -5,8 +5,8 @@ A CIFAR-style ResNet-18 from `transformers.ResNetConfig` (random init, 32 px), c
 weights: the penalties are computed after the forward, from the weights, outside the compiled
 region). Printed: dynamo's graph-break count of the model's forward with and without the
 engine's hooks installed, and the median time of a training step (forward, loss + penalty,
-backward, SGD step) of the compiled model without the penalty, with the penalty, and of the
-eager model with the penalty, interleaved (`benchmarks/_common.py`).
+backward, SGD step) of the compiled and the eager model, each without and with the penalty,
+interleaved (`benchmarks/_common.py`).
 
     python benchmarks/bench_compile.py                # batch 32, 1 thread
     python benchmarks/bench_compile.py --quick
@@ -87,6 +87,7 @@ def main() -> None:
     methods = {
         "compiled, no penalty": lambda: step(compiled, False),
         "compiled, MHE preset": lambda: step(compiled, True),
+        "eager, no penalty": lambda: step(model, False),
         "eager, MHE preset": lambda: step(model, True),
     }
     timings = time_methods(methods, torch.device("cpu"), 5 if args.quick else args.repeats, warmup=2)
