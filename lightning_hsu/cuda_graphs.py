@@ -3,19 +3,19 @@
 On a GPU a layer's penalty is a few dozen small kernels (Gram product, kernel passes, gradient
 product), each taking microseconds to run and as long again to launch from Python, so launching
 them from Python costs more than running them (measurements in `docs/performance.md`).
-:class:`GraphedPenalties` captures the penalties of a fixed list of
+`GraphedPenalties` captures the penalties of a fixed list of
 weights once (``torch.cuda.make_graphed_callables``: a forward graph, whose closed-form gradient
-of :mod:`~lightning_hsu.functional.pairwise` is formed in it, and a backward graph) and replays
+of `pairwise` is formed in it, and a backward graph) and replays
 them every step, from the host at the cost of two launches.
 
 What a capture needs, and how it is kept (see the PyTorch notes on CUDA graphs):
 
 - No host sync and no decision on the weights' values inside a penalty: only
-  :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizers, called with
+  `capturable` regularizers, called with
   ``check_finite=False``; NaN/inf weights give a NaN penalty, which the caller checks once.
 - The same memory every step: the graphs read the weights where they were at capture. The
   optimizers update parameters in place; a weight that was moved or re-allocated since
-  (:meth:`GraphedPenalties.matches` is false) needs a new capture.
+  (`GraphedPenalties.matches` is false) needs a new capture.
 - One forward before each backward: the backward graph reads what the last forward replay
   saved, so a second replay before the first one's backward would give that backward the
   second's gradient. The engine replays once per training step, before that step's backward.
@@ -123,13 +123,13 @@ class GraphedPenalties:
 
 @dataclass(frozen=True, eq=False)
 class GraphedLayer:
-    """One layer's penalty as :class:`GraphReplay` computes it, as plain data.
+    """One layer's penalty as `GraphReplay` computes it, as plain data.
 
     Attributes:
         token: the identity of the (layer, rule) pair; a capture covers a fixed list of tokens.
         weight: the leaf tensor the neurons are read from.
         neurons_from: ``weight → [n, d]`` neurons (a slice, transpose or reshape of it).
-        regularizer: a :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer.
+        regularizer: a `capturable` regularizer.
         coefficient: what the loss receives per unit of penalty this step.
         gradient_scale: the factor on the coefficient in the loss (the world size when the ranks
             share the pairs, so that the averaged gradient is the full one; else 1).
@@ -170,7 +170,7 @@ class GraphReplay:
     Keeps up to ``max_graphs`` captures, one per list of layers (a model whose forward runs
     different layers from step to step would otherwise capture without end), and captures again
     when a weight moved. Layers of one neuron shape whose
-    :attr:`~lightning_hsu.regularizers.Regularizer.batchable` regularizers agree share one call
+    `batchable` regularizers agree share one call
     (``batch=True``): on a GPU a call is a few dozen small kernels whatever its size.
 
     Args:

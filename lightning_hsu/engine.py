@@ -3,7 +3,7 @@ weights are materialised and tied to the layer's output. Pure PyTorch (no Lightn
 
 Why a forward hook and a tie (see ``shared/LIGHTNING_NOTES.md``): under FSDP and DeepSpeed ZeRO-3
 a layer's full weight exists only inside its forward and again in its backward. The hook computes
-:math:`\\lambda R(W)` inside the forward, and :class:`_Tie` makes the penalty's backward wait for the
+\\(\\lambda R(W)\\) inside the forward, and `_Tie` makes the penalty's backward wait for the
 gradient of the layer's output, i.e. until the strategy has gathered the weight again. Since the
 penalty is added to the loss itself, loss scaling (fp16 GradScaler), the division by
 ``accumulate_grad_batches`` and DDP's gradient all-reduce treat it exactly like the data loss.
@@ -82,12 +82,12 @@ class StepRecord:
 
 
 class PenaltyEngine:
-    """Per-layer hyperspherical penalties for a model, from a list of :class:`~lightning_hsu.rules.Rule`.
+    """Per-layer hyperspherical penalties for a model, from a list of `Rule`.
 
-    Life cycle: :meth:`bind` (resolve layers, validate), :meth:`install_hooks`, then for each
-    training step :meth:`begin_step` → the model's forward (hooks note the layers that ran, or
-    compute tied penalties, see :attr:`tie_to_output`) → :meth:`collect` (the sum to add to the
-    loss) → :meth:`end_step`. :meth:`direct_penalty`
+    Life cycle: `bind` (resolve layers, validate), `install_hooks`, then for each
+    training step `begin_step` → the model's forward (hooks note the layers that ran, or
+    compute tied penalties, see `tie_to_output`) → `collect` (the sum to add to the
+    loss) → `end_step`. `direct_penalty`
     computes penalties from the current weights instead (manual optimisation).
 
     Args:
@@ -96,11 +96,11 @@ class PenaltyEngine:
             name, ``"auto"`` (the last ``nn.Linear``) or ``None``.
         every_n_steps: apply on every k-th global step only, with the coefficient multiplied by
             k so that the expected gradient is unchanged (lazy regularisation).
-        on_nonfinite: ``"raise"`` a :class:`NonFinitePenaltyError` naming the layer and step, or
+        on_nonfinite: ``"raise"`` a `NonFinitePenaltyError` naming the layer and step, or
             ``"skip"`` that layer's penalty for the step (with a warning).
         cuda_graphs: on a GPU, compute the penalties of whole CUDA weights with a
-            :attr:`~lightning_hsu.regularizers.Regularizer.capturable` regularizer (all but MGD, MHP, MHC) by replaying
-            CUDA graphs captured at the first step (:class:`~lightning_hsu.cuda_graphs.GraphedPenalties`),
+            `capturable` regularizer (all but MGD, MHP, MHC) by replaying
+            CUDA graphs captured at the first step (`GraphedPenalties`),
             instead of launching each layer's kernels from Python. Needs ``on_nonfinite="raise"``;
             elsewhere (CPU, FSDP/ZeRO-3 shards, parametrized weights, other regularizers) the
             penalties are computed eagerly either way.
@@ -132,17 +132,17 @@ class PenaltyEngine:
         self.enabled = True
         #: Compute each penalty in its layer's forward hook and tie it to the layer's output.
         #: Needed only where weights exist whole inside forward alone (FSDP, ZeRO-3). Elsewhere
-        #: the hook only notes the layer, and :meth:`collect` computes the penalties from the
+        #: the hook only notes the layer, and `collect` computes the penalties from the
         #: whole weights and adds them to the loss directly (no copy of any layer's output).
         self.tie_to_output = True
         #: ``(rank, world_size)`` when sum-over-pairs penalties are shared across ranks.
         self.shard: tuple[int, int] | None = None
         self.bindings: list[Binding] = []
-        #: What the last :meth:`bind` selected and left out (see :meth:`summary`).
+        #: What the last `bind` selected and left out (see `summary`).
         self.selection = Selection()
         self.classifier_name: str | None = None
         self._missed_reported = False
-        #: The global step of the last closed step (what :attr:`last_values` belong to).
+        #: The global step of the last closed step (what `last_values` belong to).
         self.last_step = 0
         self._handles: list[Any] = []
         self._record: StepRecord | None = None
@@ -151,9 +151,9 @@ class PenaltyEngine:
         # as detached tensors: converting each to a float would synchronise the GPU once per layer.
         self._last_values: dict[str, Tensor] = {}
         self._last_weighted: dict[str, Tensor] = {}
-        #: The CUDA-graph replay of the penalties (see :class:`~lightning_hsu.cuda_graphs.GraphReplay`).
+        #: The CUDA-graph replay of the penalties (see `GraphReplay`).
         self.graphs = GraphReplay()
-        #: Check non-finite penalties in :meth:`check_finite_pending` (before the optimizer step)
+        #: Check non-finite penalties in `check_finite_pending` (before the optimizer step)
         #: rather than when the loss is collected. On a GPU that check is a host sync, and in the
         #: middle of the step it lets the GPU run dry while the host waits; the adapters set it
         #: on CUDA. The weights are protected all the same: nothing has updated them yet.
@@ -180,9 +180,9 @@ class PenaltyEngine:
             check_weights: check the weights' shapes (impossible once a sharding strategy has
                 replaced them by flat shards: then the layers bound before are kept).
             tie_to_output: compute each penalty in its layer's forward and tie it to the output
-                (:attr:`tie_to_output`; ``None`` keeps the current setting).
-            defer_finite_check: queue the NaN/inf checks for :meth:`check_finite_pending`
-                (:attr:`defer_finite_check`; ``None`` keeps the current setting).
+                (`tie_to_output`; ``None`` keeps the current setting).
+            defer_finite_check: queue the NaN/inf checks for `check_finite_pending`
+                (`defer_finite_check`; ``None`` keeps the current setting).
             shard: ``(rank, world_size)`` to share sum-over-pairs penalties across ranks.
         """
         if tie_to_output is not None:
@@ -224,7 +224,7 @@ class PenaltyEngine:
         return self.shard is not None and binding.regularizer.supports_sharding
 
     def coefficient(self, binding: Binding, step: int) -> float:
-        """:math:`\\lambda \\cdot \\text{schedule}(step) \\cdot k` on an active step, else 0."""
+        """\\(\\lambda \\cdot \\text{schedule}(step) \\cdot k\\) on an active step, else 0."""
         if not self.enabled or step % self.every_n_steps != 0:
             return 0.0
         return binding.rule.coefficient * binding.rule.effective_schedule(step) * self.every_n_steps
@@ -233,7 +233,7 @@ class PenaltyEngine:
     def install_hooks(self) -> None:
         """Register the forward hooks (idempotent).
 
-        With :attr:`tie_to_output`, one hook per module whose forward runs with the weights whole
+        With `tie_to_output`, one hook per module whose forward runs with the weights whole
         computes their penalties there. Parametrized weights get a hook on their parametrization
         that keeps the weight the forward computed, so it is evaluated once per step. Hooks are
         prepended: after FSDP2's ``fully_shard`` its post-forward hook reshards the weight, so
@@ -366,7 +366,7 @@ class PenaltyEngine:
         """Whether this penalty leaves its NaN/inf check to the step's one check of all values.
 
         On a GPU each layer's own check is a host sync, which stalls the queue of kernels; a
-        capturable regularizer then gives NaN for non-finite weights, and :meth:`_check_finite`
+        capturable regularizer then gives NaN for non-finite weights, and `_check_finite`
         raises for it, naming the layer, before the backward pass.
         """
         return self.on_nonfinite == "raise" and binding.regularizer.capturable and neurons.is_cuda
@@ -387,7 +387,7 @@ class PenaltyEngine:
     # -- CUDA graphs ------------------------------------------------------------------------------
     def _replay_graphs(self, record: StepRecord, todo: list[Binding]) -> list[Binding]:
         """Compute the penalties of ``todo`` that a CUDA graph can hold by replaying it
-        (:class:`~lightning_hsu.cuda_graphs.GraphReplay`); return the bindings left to compute eagerly."""
+        (`GraphReplay`); return the bindings left to compute eagerly."""
         if not self.cuda_graphs or self.on_nonfinite != "raise" or not self.graphs.available():
             return todo
         graphed: list[GraphedLayer] = []
@@ -436,11 +436,11 @@ class PenaltyEngine:
 
     # -- NaN / inf --------------------------------------------------------------------------------
     def _check_finite(self, record: StepRecord) -> None:
-        """Raise :class:`NonFinitePenaltyError` naming the first non-finite layer penalty.
+        """Raise `NonFinitePenaltyError` naming the first non-finite layer penalty.
 
         One check (one device synchronisation) for all the penalties computed since the last one,
-        before any of them reaches a backward pass; with :attr:`defer_finite_check` they are
-        queued for :meth:`check_finite_pending` instead.
+        before any of them reaches a backward pass; with `defer_finite_check` they are
+        queued for `check_finite_pending` instead.
         """
         keys = list(record.values)[record.checked :]
         record.checked += len(keys)
@@ -453,11 +453,11 @@ class PenaltyEngine:
             self._raise_for(self._finite.first_nonfinite(entries))
 
     def check_finite_pending(self) -> None:
-        """Finish the checks queued by :attr:`defer_finite_check`.
+        """Finish the checks queued by `defer_finite_check`.
 
         Call it before the optimizer steps (the callback and the mixin do, in
         ``on_before_optimizer_step``): a non-finite penalty raises
-        :class:`NonFinitePenaltyError` naming its layer and step before any weight is updated.
+        `NonFinitePenaltyError` naming its layer and step before any weight is updated.
         On a GPU it waits until the answers of the step's penalties have reached the host, which
         they do once the penalties' forward has run (an event, not a synchronisation of the
         whole queue).
@@ -475,7 +475,7 @@ class PenaltyEngine:
 
     # -- steps ------------------------------------------------------------------------------------
     def begin_step(self, step: int) -> None:
-        """Start a training step: hooks note (or compute) penalties until :meth:`end_step`."""
+        """Start a training step: hooks note (or compute) penalties until `end_step`."""
         oldest = self._finite.oldest_step
         if oldest is not None and oldest < step:
             # queued by an earlier global step and never checked (an `on_before_optimizer_step`
@@ -491,7 +491,7 @@ class PenaltyEngine:
         """Sum of the penalties of the layers that ran so far in this step (``None`` if none).
 
         Untied penalties are computed here, from the layers noted by the hooks (each ran with
-        autograd on, hence :func:`torch.enable_grad`). Each penalty is returned once: a second
+        autograd on, hence `torch.enable_grad`). Each penalty is returned once: a second
         call returns only what was computed since.
         """
         record = self._record
@@ -518,7 +518,7 @@ class PenaltyEngine:
         return any(id(p) in wanted for p in module.parameters())
 
     def end_step(self) -> None:
-        """Close the step; its values become :attr:`last_values`."""
+        """Close the step; its values become `last_values`."""
         record, self._record = self._record, None
         if record is not None:
             self.last_step = record.step
@@ -579,7 +579,7 @@ class PenaltyEngine:
 
     @property
     def last_weighted(self) -> dict[str, float]:
-        r""":math:`\lambda_{eff} R` of each binding in the last step (what the loss received)."""
+        r"""\(\lambda_{eff} R\) of each binding in the last step (what the loss received)."""
         return _to_floats(self._last_weighted)
 
     def last_tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -588,7 +588,7 @@ class PenaltyEngine:
         return dict(self._last_values), dict(self._last_weighted)
 
     def direct_penalty(self, step: int, params: Iterable[Tensor] | None = None) -> Tensor | None:
-        """:math:`\\sum \\lambda R(W)` from the layers' current weights (no hooks, no tie).
+        """\\(\\sum \\lambda R(W)\\) from the layers' current weights (no hooks, no tie).
 
         For manual optimisation on strategies that keep whole weights on every rank (single
         device, DDP). ``params`` restricts the sum to layers owning one of them (e.g. the

@@ -1,7 +1,7 @@
 """NaN/inf checks of the penalties of a step: one test for all of them, now or deferred.
 
 A non-finite penalty must be stopped before it reaches the weights. Testing each value on its own
-is a host synchronisation per layer; :class:`FiniteChecks` tests the values of a step together,
+is a host synchronisation per layer; `FiniteChecks` tests the values of a step together,
 either at once (the CPU: one synchronisation), or deferred (a GPU): the test runs on the device
 and its answer is copied to pinned host memory without waiting, then read before the optimizer
 steps. Pure PyTorch.
@@ -36,7 +36,7 @@ def _finite(entries: list[Entry]) -> Tensor:
 
 
 class FiniteChecks:
-    """The NaN/inf tests of penalty values, at once or queued until :meth:`finish`."""
+    """The NaN/inf tests of penalty values, at once or queued until `finish`."""
 
     def __init__(self) -> None:
         self._pending: list[_Pending] = []

@@ -13,7 +13,7 @@ others do not, and reading their weight's rows would silently regularise the wro
 | fused Q/K/V (GPT-2 `c_attn`, timm's `qkv`) | `[3E, E]` (`Conv1D`: `[E, 3E]`) | Q, K, V as three layers |
 | PEFT LoRA layers (`lora="update"`) | `base_layer`, `lora_A`, `lora_B` | rows of the update `scaling · B A` |
 
-A :class:`LayerView` names one such set of neurons and reads it; :func:`layer_views` lists the
+A `LayerView` names one such set of neurons and reads it; `layer_views` lists the
 views of one module. A view whose module is never called on its own (`nn.MultiheadAttention`
 reads `out_proj.weight` inside its own forward) records the module whose forward does run with
 the weight whole (its `hook_module`), which the sharded strategies need.
@@ -21,7 +21,7 @@ the weight whole (its `hook_module`), which the sharded strategies need.
 Parametrized weights (`torch.nn.utils.parametrize`: `spectral_norm`, `weight_norm`, ...) are read
 through the parametrization, so the penalty sees the weight the layer uses. Reading such a weight
 can have side effects (`spectral_norm` runs a power iteration per read in training mode), so
-shapes are taken without side effects (:meth:`LayerView.shape`). Pure PyTorch.
+shapes are taken without side effects (`LayerView.shape`). Pure PyTorch.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class LayerView:
         return value
 
     def neurons_from(self, weight: Tensor) -> Tensor:
-        """The ``[n, d]`` neurons of this view from ``weight``, a tensor shaped like :meth:`source`."""
+        """The ``[n, d]`` neurons of this view from ``weight``, a tensor shaped like `source`."""
         if self.layout == "columns":
             matrix = weight.t()
         elif self.layout == "conv_transpose":
@@ -204,7 +204,7 @@ class LayerView:
 
     # -- facts read without side effects --------------------------------------------------------
     def source_shape(self) -> tuple[int, ...] | None:
-        """Shape of :meth:`source` (``None`` while a lazy module is not materialised)."""
+        """Shape of `source` (``None`` while a lazy module is not materialised)."""
         if self.layout == "lora_update":
             out_features = getattr(self.module, "out_features", None)
             in_features = getattr(self.module, "in_features", None)

@@ -1,4 +1,4 @@
-"""The thin Lightning layer over :class:`~lightning_hsu.engine.PenaltyEngine`, shared by the
+"""The thin Lightning layer over `PenaltyEngine`, shared by the
 callback and the mixin: installing the engine on a LightningModule, wrapping ``training_step``
 so the penalty joins the loss, the manual-optimisation helper, and logging."""
 
@@ -213,7 +213,7 @@ def manual_penalty(
 
     In automatic optimisation it returns the tied penalties the forward pass has computed so far
     in this step (they are then not added again). In manual optimisation it computes
-    :math:`\\sum\\lambda R(W)` from the current weights, restricted to the layers whose
+    \\(\\sum\\lambda R(W)\\) from the current weights, restricted to the layers whose
     parameters ``optimizer`` (a LightningOptimizer or torch optimizer) steps.
     """
     engines = attached_engines(pl_module) if engines is None else engines

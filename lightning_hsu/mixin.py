@@ -1,7 +1,7 @@
 """``HypersphericalUniformityMixin``: hyperspherical penalties declared inside a LightningModule.
 
 For users who want the penalty in their own ``training_step`` (manual optimisation, GANs,
-custom loss weighting). It shares :class:`~lightning_hsu.engine.PenaltyEngine` with the callback.
+custom loss weighting). It shares `PenaltyEngine` with the callback.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class HypersphericalUniformityMixin:
 
     Rules given as plain dicts keep ``save_hyperparameters`` checkpoints loadable with
     ``weights_only=True``. In automatic optimisation, penalties not taken with
-    :meth:`hyperspherical_penalty` are added to the returned loss; in manual optimisation call
-    :meth:`hyperspherical_penalty` (optionally per optimizer) and add it to what you backpropagate.
+    `hyperspherical_penalty` are added to the returned loss; in manual optimisation call
+    `hyperspherical_penalty` (optionally per optimizer) and add it to what you backpropagate.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -91,7 +91,7 @@ class HypersphericalUniformityMixin:
     ) -> None:
         """Declare the module's rules (validated now; layers are bound when training starts).
 
-        The options are those of :class:`~lightning_hsu.callbacks.HypersphericalUniformity`, but
+        The options are those of `HypersphericalUniformity`, but
         for the callback's single-rule shortcuts (`regularizer`, `coefficient`, `options`,
         `layers`, `exclude`, `schedule`, `max_neurons`: put them in a rule) and `verbose` (the
         mixin's selection is in `self.hyperspherical_engine.summary()`).
@@ -137,7 +137,7 @@ class HypersphericalUniformityMixin:
         object.__setattr__(self, "_hsu_ready", True)
 
     def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:
-        """The penalty to add to the loss; see :func:`lightning_hsu.hyperspherical_penalty`."""
+        """The penalty to add to the loss; see `lightning_hsu.hyperspherical_penalty`."""
         engine: PenaltyEngine | None = getattr(self, _ENGINE_ATTR, None)
         if engine is None:
             raise RuntimeError(
@@ -211,7 +211,7 @@ def hyperspherical_penalty(pl_module: pl.LightningModule, optimizer: Any = None)
     """The penalty of every engine attached to ``pl_module`` (callback and/or mixin).
 
     Automatic optimisation: the penalties computed so far in this step (not added again later).
-    Manual optimisation: :math:`\\sum\\lambda R(W)` of the current weights of the layers that
+    Manual optimisation: \\(\\sum\\lambda R(W)\\) of the current weights of the layers that
     ``optimizer`` steps (all layers if ``None``). Add it to the loss you backpropagate.
     """
     prepare = getattr(pl_module, "_hsu_prepare", None)

@@ -26,7 +26,7 @@ def plot_angle_distributions(
         title: figure title.
         columns: panels per row.
 
-    Uses :class:`matplotlib.figure.Figure` directly (no pyplot state), so it works headless.
+    Uses `matplotlib.figure.Figure` directly (no pyplot state), so it works headless.
     """
     from matplotlib.figure import Figure
 

@@ -6,7 +6,7 @@ Usage::
         [--exclude PATTERN ...] [--half-space] [--transpose PATTERN ...] [--compare other.ckpt]
         [--max-neurons N|none] [--seed S]
 
-prints a markdown table of :func:`~lightning_hsu.functional.diversity.diversity_summary` for every
+prints a markdown table of `diversity_summary` for every
 layer and, with ``--png``, draws the pairwise-angle distribution of each layer (both checkpoints
 overlaid with ``--compare``: the way to compare a regularised and an unregularised model).
 

@@ -1,8 +1,8 @@
 """Rules: which layers get which regularizer, with what coefficient and schedule.
 
-A :class:`Rule` selects layers of a model (by type, glob or regex on the qualified module name,
+A `Rule` selects layers of a model (by type, glob or regex on the qualified module name,
 explicit names, exclusions, and the hidden/classifier split of the papers) and says how to
-regularise them. :func:`resolve_rules` turns rules and a model into per-layer bindings, with
+regularise them. `resolve_rules` turns rules and a model into per-layer bindings, with
 errors that name the rule, the option or the layer at fault. Pure PyTorch.
 """
 
@@ -44,10 +44,10 @@ class Rule:
     """One regularisation rule.
 
     Args:
-        regularizer: a name from :data:`~lightning_hsu.regularizers.REGULARIZERS` (``"mhe"``,
+        regularizer: a name from `REGULARIZERS` (``"mhe"``,
             ``"mhs"``, ``"mhp"``, ``"mhc"``, ``"mgd"``, ``"rmhp"``, ``"comhe"``, ``"uniformity"``)
-            or a :class:`~lightning_hsu.regularizers.Regularizer` instance.
-        coefficient: :math:`\\lambda` (finite, >= 0).
+            or a `Regularizer` instance.
+        coefficient: \\(\\lambda\\) (finite, >= 0).
         options: constructor options when ``regularizer`` is a name, e.g. ``{"half_space": True}``.
         layers: exact module names, or glob patterns (``fnmatch``) that select the matching modules
             having a 2+-D ``weight``; ``None`` = all modules of ``layer_types``. Every pattern must
@@ -176,7 +176,7 @@ class Skipped:
 
 @dataclass
 class Selection:
-    """What :func:`resolve_rules` made of the rules: the bindings, the layers left out and why,
+    """What `resolve_rules` made of the rules: the bindings, the layers left out and why,
     and the optional rules that selected nothing."""
 
     bindings: list[Binding] = field(default_factory=list)
@@ -418,7 +418,7 @@ def preset_rules(
     """Rules reproducing a paper's defaults: hidden layers half-space, classifier full space.
 
     ``layers`` and ``exclude`` narrow every rule of the preset (glob patterns, as in
-    :class:`Rule`). The classifier rule is optional: on a model with no linear head, a 1-output
+    `Rule`). The classifier rule is optional: on a model with no linear head, a 1-output
     head or a head larger than ``max_neurons`` (a tied LM head) it is dropped, and the selection
     summary says so; so are the hidden rules on a model whose hidden layers are all frozen (a
     fine-tuned head). The engine still refuses a model where no rule selects anything.

@@ -3,7 +3,7 @@
 In the spirit of Lightning's ``LearningRateMonitor``: it writes to every attached logger directly
 (``logger.log_metrics``), not through ``self.log``, so it can run at epoch end and never mixes its
 numbers into the user's logged metrics. It works with or without the
-:class:`~lightning_hsu.callbacks.uniformity.HypersphericalUniformity` regulariser.
+`HypersphericalUniformity` regulariser.
 """
 
 from __future__ import annotations
@@ -119,9 +119,9 @@ def _summoned(owner: nn.Module | None) -> Iterator[None]:
 class NeuronDiversityMonitor(Callback):
     r"""Log per-layer neuron-diversity metrics to every logger, every N steps and/or at epoch end.
 
-    For each selected layer the neurons (:func:`~lightning_hsu.functional.neurons_of`) are scored
-    by :func:`~lightning_hsu.functional.diversity.diversity_profile`: minimum, mean
-    nearest-neighbour and mean pairwise angle (degrees), coherence :math:`\max_{i\ne j}|c_{ij}|`,
+    For each selected layer the neurons (`neurons_of`) are scored
+    by `diversity_profile`: minimum, mean
+    nearest-neighbour and mean pairwise angle (degrees), coherence \(\max_{i\ne j}|c_{ij}|\),
     near-duplicates, hyperspherical energy (Liu et al., NeurIPS 2018), uniformity (Wang & Isola,
     ICML 2020), effective rank and condition number of the Gram matrix. What each logger gets:
 
@@ -168,11 +168,11 @@ class NeuronDiversityMonitor(Callback):
             ``MultiheadAttention`` and their subclasses). Only layers with a 2+-D weight count.
         every_n_steps: log when ``global_step`` is a multiple of it (``None``: not during the epoch).
         log_at_epoch_end: also log at the end of every training epoch.
-        metrics: a subset of :data:`~lightning_hsu.functional.diversity.DIVERSITY_METRICS`
+        metrics: a subset of `DIVERSITY_METRICS`
             (``None``: all). The energy, uniformity and spectrum each cost one more pass.
-        half_space: angles between lines, :math:`\min(\theta, 180^\circ - \theta)`, and half-space
+        half_space: angles between lines, \(\min(\theta, 180^\circ - \theta)\), and half-space
             energy/uniformity, as for hidden layers in the papers.
-        histogram_bins: bins of the angle histograms over :math:`[0, 180]` (:math:`[0, 90]`).
+        histogram_bins: bins of the angle histograms over \([0, 180]\) (\([0, 90]\)).
         duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
         log_histograms: send histograms to loggers that support them.
         log_figures: send the distribution figure to loggers that support figures (drawing and
@@ -281,7 +281,7 @@ class NeuronDiversityMonitor(Callback):
 
     def _candidates(self, root: nn.Module, root_wrapper: nn.Module | None) -> dict[str, tuple[str, LayerView]]:
         """Name → (module path, view) of every set of neurons of a selected type, found as the
-        rules find them (:func:`~lightning_hsu.layers.layer_views`: Hugging Face ``Conv1D`` on its
+        rules find them (`layer_views`: Hugging Face ``Conv1D`` on its
         output axis, attention projections split into Q, K, V; depthwise convolutions only when
         named in ``layers``).
 

@@ -26,34 +26,34 @@ from lightning_hsu.validation import flag
 
 
 class HypersphericalUniformity(Callback):
-    r"""Add :math:`\sum_{layers}\lambda\,R(W_{layer})` to the training loss.
+    r"""Add \(\sum_{layers}\lambda\,R(W_{layer})\) to the training loss.
 
-    The penalty of each selected layer is computed inside that layer's forward pass (where every
-    strategy has the full weight) and tied to its output, then added to the loss that
-    ``training_step`` returns. The gradient the model receives is that of ``loss + Σ λ·R``
-    written by hand, on single device, DDP, FSDP (1 and 2), DeepSpeed, with AMP and gradient
-    accumulation. Validation, test and predict pay nothing.
+    The penalty of each selected layer is computed from its weight every training step (where a
+    strategy shards weights, inside the forward of the module that holds it whole, tied to that
+    module's output) and added to the loss that ``training_step`` returns. The gradient the model
+    receives is that of ``loss + Σ λ·R`` written by hand, on single device, DDP, FSDP (1 and 2),
+    DeepSpeed, with AMP and gradient accumulation. Validation, test and predict pay nothing.
 
     Three ways to say what to regularise (combine ``preset`` and ``rules`` if you like):
 
     * ``HypersphericalUniformity("mhe", coefficient=1.0, options={"half_space": True})`` — one rule;
     * ``HypersphericalUniformity(preset="mhe")`` — the papers' defaults: hidden layers half-space
-      with one coefficient, the classifier full space with its own (see :data:`~lightning_hsu.rules.PRESETS`);
+      with one coefficient, the classifier full space with its own (see `PRESETS`);
     * ``HypersphericalUniformity(rules=[Rule(...), Rule(...)])`` — full control.
 
     With nothing given, ``preset="mhe"``. At fit start the callback prints what it selected (layer,
     neurons × dim, rule, space) and every layer it left out, with the reason (frozen, depthwise,
-    more than ``max_neurons`` neurons, a tied weight penalised once); :meth:`summary` returns it.
+    more than ``max_neurons`` neurons, a tied weight penalised once); `summary` returns it.
 
     Args:
-        regularizer: name or :class:`~lightning_hsu.regularizers.Regularizer` of a single rule.
-        coefficient: :math:`\lambda` of the single rule.
+        regularizer: name or `Regularizer` of a single rule.
+        coefficient: \(\lambda\) of the single rule.
         options: constructor options of a named ``regularizer``.
         layers: glob patterns of the single rule, or of the preset's rules (default: every
             Linear/Conv/ConvTranspose, Hugging Face Conv1D and attention projection).
         exclude: glob patterns the single rule, or the preset's rules, leave out.
         rules: explicit rules.
-        preset: a key of :data:`~lightning_hsu.rules.PRESETS` (``"mhe"``, ``"mhs"``, ``"mhp"``, ...)
+        preset: a key of `PRESETS` (``"mhe"``, ``"mhs"``, ``"mhp"``, ...)
             or ``"mhe-transformer"`` (attention and MLP layers as separate rules).
         max_neurons: the preset's or single rule's layers with more neurons are left out unless
             named exactly in ``layers`` (``None``: no limit).
@@ -67,14 +67,14 @@ class HypersphericalUniformity(Callback):
             Lightning writes to the loggers (every ``log_every_n_steps``): a ``self.log`` call costs
             host time, which a GPU step cannot spare once per layer.
         prog_bar: show ``hsu/penalty`` on the progress bar.
-        enabled: start enabled (toggle at run time with :attr:`enabled`).
+        enabled: start enabled (toggle at run time with `enabled`).
         shard_across_ranks: under a data-parallel strategy with W ranks, each rank computes only
             1/W of the pairs of every sum-over-pairs penalty (MHE, CoMHE), scaled by W so that
             the averaged gradient is exactly the full one; other regularizers are computed whole.
             Logged values are all-reduced to the full penalty.
         cuda_graphs: on a GPU, replay the penalties of all layers (all but MGD, MHP, MHC) as CUDA graphs captured at
             the first training step (two launches per step instead of dozens per layer; see
-            :class:`~lightning_hsu.cuda_graphs.GraphedPenalties`). Used only with whole weights
+            `GraphedPenalties`). Used only with whole weights
             (single device, DDP, ZeRO-1/2) and ``on_nonfinite="raise"``; ``False`` computes every
             penalty eagerly.
         verbose: print the selection summary at fit start (on global rank 0).

@@ -1,6 +1,6 @@
 """Pure-PyTorch hyperspherical-uniformity regularisers and metrics (no Lightning import).
 
-Every function takes neurons as the rows of ``[n, d]`` (see :func:`neurons_of`), computes in
+Every function takes neurons as the rows of ``[n, d]`` (see `neurons_of`), computes in
 float32 or better with autocast off, and is differentiable.
 """
 

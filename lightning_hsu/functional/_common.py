@@ -1,6 +1,6 @@
 """Shared numerics of the functional core: dtype promotion, autocast guard, normalisation.
 
-Every regulariser and metric in :mod:`lightning_hsu.functional` computes in float32 or better,
+Every regulariser and metric in `lightning_hsu.functional` computes in float32 or better,
 whatever the dtype of the weights (bf16/fp16 under AMP), and with autocast switched off, so a
 penalty evaluated inside ``training_step`` under ``precision="16-mixed"`` has the same value as in
 fp32.
@@ -53,7 +53,7 @@ def check_neurons(neurons: Tensor, what: str = "neurons", *, check_finite: bool 
     """Validate a ``[n, d]`` or ``[batch, n, d]`` floating tensor and promote it to float32+.
 
     ``check_finite=False`` skips the NaN/inf check (a device sync) for callers that check later,
-    as :func:`row_normalization` does from the squared norms it needs anyway.
+    as `row_normalization` does from the squared norms it needs anyway.
     """
     if not isinstance(neurons, Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(neurons).__name__}")
@@ -71,7 +71,7 @@ def check_neurons(neurons: Tensor, what: str = "neurons", *, check_finite: bool 
 
 
 def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
-    """Raise :class:`NonFiniteInputError` if ``neurons`` hold a NaN or inf (one device sync).
+    """Raise `NonFiniteInputError` if ``neurons`` hold a NaN or inf (one device sync).
 
     A finite sum proves every entry finite (a NaN or inf entry makes any sum NaN or inf) in one
     reduction, against several elementwise passes and a mask for ``isfinite(x).all()``; only a
@@ -91,14 +91,14 @@ def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
 def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS, *, decide_on_host: bool = True) -> Tensor:
     r"""Project neurons onto the unit sphere as the official code does.
 
-    :math:`\hat w_i = w_i / \sqrt{\lVert w_i\rVert^2 + \epsilon}` (Liu et al., NeurIPS 2018,
-    ``wy1iu/MHE``): with :math:`\epsilon > 0` a zero neuron maps to the origin instead of NaN, and
-    :math:`\lVert \hat w_i\rVert < 1` by a relative :math:`\epsilon/\lVert w_i\rVert^2`.
+    \(\hat w_i = w_i / \sqrt{\lVert w_i\rVert^2 + \epsilon}\) (Liu et al., NeurIPS 2018,
+    ``wy1iu/MHE``): with \(\epsilon > 0\) a zero neuron maps to the origin instead of NaN, and
+    \(\lVert \hat w_i\rVert < 1\) by a relative \(\epsilon/\lVert w_i\rVert^2\).
 
     Rows so large that squaring would overflow (max entry above ``finfo.max ** 0.25``) are first
-    divided by their largest absolute entry :math:`s`, and :math:`\epsilon` by :math:`s^2`: the
-    same :math:`\hat w_i` without overflow (for such rows :math:`\epsilon/s^2` is negligible, not
-    :math:`\epsilon` applied to a row of norm ~1). Tiny rows need no care: their squares
+    divided by their largest absolute entry \(s\), and \(\epsilon\) by \(s^2\): the
+    same \(\hat w_i\) without overflow (for such rows \(\epsilon/s^2\) is negligible, not
+    \(\epsilon\) applied to a row of norm ~1). Tiny rows need no care: their squares
     underflow to zero and they map to (near) the origin, as in the official code.
 
     Whether any row needs the rescaling is decided on the host (one device sync); with
@@ -119,15 +119,15 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS, *, decide_on_ho
 def row_normalization(
     neurons: Tensor, eps: float, what: str = "neurons", *, check_finite: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    r"""The factors of :func:`normalize_neurons`, without autograd and without forming the unit rows.
+    r"""The factors of `normalize_neurons`, without autograd and without forming the unit rows.
 
-    Returns ``(rows, r, sq_unit, divisor)`` with the unit neurons :math:`\hat w = r\,w/s` equal to
+    Returns ``(rows, r, sq_unit, divisor)`` with the unit neurons \(\hat w = r\,w/s\) equal to
     ``rows * r``: ``rows`` is ``neurons`` itself in the common case where no row needs rescaling
-    (``divisor`` is then ``None``, :math:`s = 1`), else the rows divided by their divisors
-    :math:`s`; ``r`` the ``[..., n, 1]`` factors :math:`(\lVert w/s\rVert^2 + \epsilon/s^2)^{-1/2}`;
-    ``sq_unit`` the squared norms :math:`\lVert\hat w\rVert^2` (``[..., n]``). The same values as
-    :func:`normalize_neurons`: the squared norms decide, in one check (one host sync), whether any
-    row is non-finite (raises :class:`NonFiniteInputError`) or large enough for the rescaling (its
+    (``divisor`` is then ``None``, \(s = 1\)), else the rows divided by their divisors
+    \(s\); ``r`` the ``[..., n, 1]`` factors \((\lVert w/s\rVert^2 + \epsilon/s^2)^{-1/2}\);
+    ``sq_unit`` the squared norms \(\lVert\hat w\rVert^2\) (``[..., n]``). The same values as
+    `normalize_neurons`: the squared norms decide, in one check (one host sync), whether any
+    row is non-finite (raises `NonFiniteInputError`) or large enough for the rescaling (its
     threshold halved for rounding); only then does the exact check and rescaling run. Leaving the
     product to the caller lets it fold ``r`` into a Gram matrix instead of a pass over ``[n, d]``.
 

@@ -2,12 +2,14 @@ r"""Compressive MHE (CoMHE): Lin et al., *Regularizing Neural Networks via Minim
 Energy*, CVPR 2020.
 
 Neurons are projected to a low dimension by ``count`` random Gaussian matrices
-:math:`P_k\in\mathbb{R}^{p\times d}`, and the MHE of the projected neurons is averaged:
+\(P_k\in\mathbb{R}^{p\times d}\), and the MHE of the projected neurons is averaged:
 
-.. math:: R = \frac{1}{K}\sum_{k=1}^{K} E_s(P_k W).
+\[
+R = \frac{1}{K}\sum_{k=1}^{K} E_s(P_k W).
+\]
 
 Angles are roughly preserved by a random projection (Johnson–Lindenstrauss) while the pair sums
-cost :math:`O(n^2 p)` instead of :math:`O(n^2 d)`. Official best on CIFAR-100: p = 40, K = 20.
+cost \(O(n^2 p)\) instead of \(O(n^2 d)\). Official best on CIFAR-100: p = 40, K = 20.
 All projections are evaluated in one batched pass.
 """
 
@@ -62,14 +64,14 @@ def gaussian_projections(
 
 
 class _Projection(torch.autograd.Function):
-    r"""All projections of the neurons at once, :math:`Y_k = W P_k^\top` (``[batch, K, n, p]`` from
+    r"""All projections of the neurons at once, \(Y_k = W P_k^\top\) (``[batch, K, n, p]`` from
     ``[batch, n, d]`` neurons and ``[batch, K, p, d]`` matrices), as one product per batch element
     with the ``[K p, d]`` stacked matrices, forward and backward.
 
-    Through the library's products (:func:`~lightning_hsu.functional._matmul.batched_matmul`,
+    Through the library's products (`batched_matmul`,
     oneDNN on an x86 CPU) instead of ``einsum``, which autograd ran as MKL batched products:
-    :math:`2Kpnd` multiply-adds each way, more than the pair sums' :math:`n^2 p K` for any layer
-    with fewer than :math:`K p` = 800 neurons (the official setting).
+    \(2Kpnd\) multiply-adds each way, more than the pair sums' \(n^2 p K\) for any layer
+    with fewer than \(K p\) = 800 neurons (the official setting).
     """
 
     @staticmethod
@@ -113,10 +115,10 @@ def compressive_energy(
     (``[batch]`` values: the layers of one shape in one call).
 
     ``shard=(rank, world_size)`` computes this rank's share of the pairs of every projection
-    (see :func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`). ``check_finite=False``
-    makes no host sync, as in :func:`~lightning_hsu.functional.hyperspherical_energy`: NaN/inf
+    (see `pairwise_kernel_sum`). ``check_finite=False``
+    makes no host sync, as in `hyperspherical_energy`: NaN/inf
     neurons or projections give NaN instead of raising
-    :class:`~lightning_hsu.functional.NonFiniteInputError`.
+    `NonFiniteInputError`.
     """
     x = check_neurons(neurons, check_finite=check_finite)
     batch, added = as_batched(x)

@@ -1,12 +1,14 @@
 r"""Minimum hyperspherical covering (MHC): Liu et al., *Learning with Hyperspherical Uniformity*,
 AISTATS 2021.
 
-A learnable pole :math:`v` measures the smooth distance to its nearest neuron,
+A learnable pole \(v\) measures the smooth distance to its nearest neuron,
 
-.. math:: S(v) = -\frac1\gamma \log\Big(\frac1N\sum_i e^{-\gamma\, d^2(\hat v, \hat w_i)}\Big),
+\[
+S(v) = -\frac1\gamma \log\Big(\frac1N\sum_i e^{-\gamma\, d^2(\hat v, \hat w_i)}\Big),
+\]
 
 which the pole maximises (it seeks the largest hole) and the neurons minimise (they cover it): a
-relaxation of :math:`\min_W\max_v\min_i d(v, w_i)`. :math:`\gamma = 10` officially.
+relaxation of \(\min_W\max_v\min_i d(v, w_i)\). \(\gamma = 10\) officially.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def pole_covering_distance(
     eps: float = DEFAULT_EPS,
     normalized: bool = False,
 ) -> Tensor:
-    """Smooth nearest-neuron squared distance :math:`S(v)` of the pole (log-sum-exp form).
+    """Smooth nearest-neuron squared distance \\(S(v)\\) of the pole (log-sum-exp form).
 
-    ``normalized``: see :func:`~lightning_hsu.functional.polarization.pole_cosines`.
+    ``normalized``: see `pole_cosines`.
     """
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
@@ -42,8 +44,8 @@ def pole_covering_distance(
 
 
 def pole_covering_slope(cos: Tensor, gamma: float) -> Tensor:
-    r""":math:`\partial S/\partial c_i = -2\,\mathrm{softmax}_i(-\gamma d^2)` of the smooth distance
-    :math:`S` at the ``[N]`` cosines of :func:`~lightning_hsu.functional.polarization.pole_cosines`
-    (:math:`d^2_i = 2 - 2c_i`): the nearest neurons pull hardest. For the pole's steps in closed
+    r"""\(\partial S/\partial c_i = -2\,\mathrm{softmax}_i(-\gamma d^2)\) of the smooth distance
+    \(S\) at the ``[N]`` cosines of `pole_cosines`
+    (\(d^2_i = 2 - 2c_i\)): the nearest neurons pull hardest. For the pole's steps in closed
     form."""
     return torch.softmax(-gamma * (2.0 - 2.0 * cos), dim=0).mul_(-2.0)

@@ -3,30 +3,30 @@ r"""Diversity metrics of a layer's neurons: angles, coherence, energy, spectrum,
 The numbers worth watching while a network trains with (or without) hyperspherical-uniformity
 regularisation (Liu et al., *Learning towards Minimum Hyperspherical Energy*, NeurIPS 2018;
 Liu et al., *Learning with Hyperspherical Uniformity*, AISTATS 2021; Wang & Isola, ICML 2020).
-For neurons :math:`w_i` (rows of ``[n, d]``) with directions :math:`u_i = w_i/\lVert w_i\rVert`
-and cosines :math:`c_{ij} = u_i\cdot u_j`:
+For neurons \(w_i\) (rows of ``[n, d]``) with directions \(u_i = w_i/\lVert w_i\rVert\)
+and cosines \(c_{ij} = u_i\cdot u_j\):
 
-- angle :math:`\theta_{ij} = \arccos c_{ij}` in degrees; in **half-space** the angle between the
-  *lines* spanned by two neurons, :math:`\min(\theta_{ij}, 180^\circ-\theta_{ij}) = \arccos|c_{ij}|`,
+- angle \(\theta_{ij} = \arccos c_{ij}\) in degrees; in **half-space** the angle between the
+  *lines* spanned by two neurons, \(\min(\theta_{ij}, 180^\circ-\theta_{ij}) = \arccos|c_{ij}|\),
   because a neuron and its negation compute the same feature up to sign;
-- minimum angle :math:`\min_{i<j}\theta_{ij}` (the Tammes objective, what MHS maximises);
-- mean nearest-neighbour angle :math:`\frac1n\sum_i \min_{j\ne i}\theta_{ij}`;
-- mean pairwise angle :math:`\frac{1}{n(n-1)/2}\sum_{i<j}\theta_{ij}`;
-- coherence :math:`\mu = \max_{i\ne j}|c_{ij}|` (the same in both spaces);
+- minimum angle \(\min_{i<j}\theta_{ij}\) (the Tammes objective, what MHS maximises);
+- mean nearest-neighbour angle \(\frac1n\sum_i \min_{j\ne i}\theta_{ij}\);
+- mean pairwise angle \(\frac{1}{n(n-1)/2}\sum_{i<j}\theta_{ij}\);
+- coherence \(\mu = \max_{i\ne j}|c_{ij}|\) (the same in both spaces);
 - near-duplicates: the number of neurons whose nearest-neighbour angle is below a threshold;
-- the histogram and quantiles of the :math:`n(n-1)/2` pairwise angles;
-- the spectrum of the Gram matrix :math:`G = UU^\top`: effective rank
-  :math:`\exp(-\sum_k p_k\log p_k)`, :math:`p_k = \lambda_k/\sum_l\lambda_l` (Roy & Vetterli,
-  *The effective rank*, EUSIPCO 2007) and condition number :math:`\lambda_{max}/\lambda_{min}`;
-- the hyperspherical energy and the uniformity, by :func:`~lightning_hsu.functional.hyperspherical_energy`
-  and :func:`~lightning_hsu.functional.uniformity` with the regularisers' conventions.
+- the histogram and quantiles of the \(n(n-1)/2\) pairwise angles;
+- the spectrum of the Gram matrix \(G = UU^\top\): effective rank
+  \(\exp(-\sum_k p_k\log p_k)\), \(p_k = \lambda_k/\sum_l\lambda_l\) (Roy & Vetterli,
+  *The effective rank*, EUSIPCO 2007) and condition number \(\lambda_{max}/\lambda_{min}\);
+- the hyperspherical energy and the uniformity, by `hyperspherical_energy`
+  and `uniformity` with the regularisers' conventions.
 
 Angles use the exact directions (a second normalisation after the official
-:math:`w/\sqrt{\lVert w\rVert^2+10^{-4}}`, whose norm below 1 would bias every angle of
+\(w/\sqrt{\lVert w\rVert^2+10^{-4}}\), whose norm below 1 would bias every angle of
 small neurons); a zero neuron has no direction and counts as orthogonal to every other (cosine 0).
-Cosines are clamped to :math:`[-1, 1]` before ``arccos``. Everything runs without gradient in
-float32 or better, and pairs are visited in row blocks (:func:`~lightning_hsu.functional.pairwise.
-block_rows_for`): extra memory :math:`O(\text{block}\cdot n)`, never :math:`O(n^2)` for large ``n``.
+Cosines are clamped to \([-1, 1]\) before ``arccos``. Everything runs without gradient in
+float32 or better, and pairs are visited in row blocks (`
+block_rows_for`): extra memory \(O(\text{block}\cdot n)\), never \(O(n^2)\) for large ``n``.
 For fewer than two neurons the angle metrics and the coherence are NaN, the count is 0.
 
 ## Huge layers: a sampled profile
@@ -83,8 +83,8 @@ from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosin
 from lightning_hsu.functional.sampling import subset_pair_mean
 from lightning_hsu.functional.uniformity import uniformity
 
-#: Width in degrees of the fine bins behind :func:`pairwise_angle_quantiles`: a quantile is
-#: exact to it (0.01°) while memory stays :math:`O(180/0.01)` whatever ``n``.
+#: Width in degrees of the fine bins behind `pairwise_angle_quantiles`: a quantile is
+#: exact to it (0.01°) while memory stays \(O(180/0.01)\) whatever ``n``.
 QUANTILE_RESOLUTION = 0.01
 
 DiversityMetric = Literal[
@@ -99,7 +99,7 @@ DiversityMetric = Literal[
     "condition_number",
 ]
 
-#: The scalar metrics :func:`diversity_summary` can return (quantiles come on top, as ``angle_p<q>``).
+#: The scalar metrics `diversity_summary` can return (quantiles come on top, as ``angle_p<q>``).
 DIVERSITY_METRICS: tuple[str, ...] = get_args(DiversityMetric)
 
 _DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
@@ -157,10 +157,10 @@ class AngleStatistics:
     """What one blockwise pass over the pairs of neurons collects (angles in degrees).
 
     ``nearest`` holds each neuron's nearest-neighbour angle; ``histogram`` the counts of the
-    :math:`n(n-1)/2` pairwise angles over ``edges`` (each bin ``[e_k, e_{k+1})``, the last one closed,
+    \\(n(n-1)/2\\) pairwise angles over ``edges`` (each bin ``[e_k, e_{k+1})``, the last one closed,
     angles outside the edges not counted, as ``numpy.histogram``); ``angle_sum`` and
     ``angle_sq_sum`` the sums of the pairwise angles and of their squares; ``fine`` the counts over
-    bins of width :data:`QUANTILE_RESOLUTION` used for quantiles.
+    bins of width `QUANTILE_RESOLUTION` used for quantiles.
     """
 
     n: int
@@ -181,7 +181,7 @@ class AngleStatistics:
 
     @property
     def max_angle(self) -> float:
-        """Largest pairwise angle, read off the fine histogram (exact to :data:`QUANTILE_RESOLUTION`)."""
+        """Largest pairwise angle, read off the fine histogram (exact to `QUANTILE_RESOLUTION`)."""
         if self.pairs == 0:
             return math.nan
         last = int(self.fine.nonzero()[-1])
@@ -202,8 +202,8 @@ class AngleStatistics:
     def quantiles(self, quantiles: Sequence[float]) -> list[float]:
         r"""Quantiles of the pairwise angles with ``numpy``'s default (linear) interpolation.
 
-        The :math:`k`-th smallest angle is taken as the mean of the angles in its fine bin, so each
-        value is within :data:`QUANTILE_RESOLUTION` of the exact quantile, and exact when the bin
+        The \(k\)-th smallest angle is taken as the mean of the angles in its fine bin, so each
+        value is within `QUANTILE_RESOLUTION` of the exact quantile, and exact when the bin
         holds a single distinct angle (a regular configuration).
         """
         qs = _check_quantiles(quantiles)
@@ -238,8 +238,8 @@ def angle_statistics(
 
     Args:
         neurons: rows are neurons; any float dtype (computed in float32, float64 stays float64).
-        half_space: angles between lines, :math:`\\arccos|c_{ij}|` in :math:`[0^\\circ, 90^\\circ]`.
-        bins: number of equal bins over :math:`[0, 180]` (:math:`[0, 90]` in half-space), or the
+        half_space: angles between lines, \\(\\arccos|c_{ij}|\\) in \\([0^\\circ, 90^\\circ]\\).
+        bins: number of equal bins over \\([0, 180]\\) (\\([0, 90]\\) in half-space), or the
             bin edges in degrees.
         chunk_size: rows per block (``None``: dense up to 4096 neurons, then blocks).
     """
@@ -323,31 +323,31 @@ def _bin_counts(values: Tensor, edges: Tensor) -> Tensor:
 
 
 def minimum_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
-    r"""Smallest pairwise angle :math:`\min_{i<j}\theta_{ij}` in degrees (the Tammes objective).
+    r"""Smallest pairwise angle \(\min_{i<j}\theta_{ij}\) in degrees (the Tammes objective).
 
     Liu et al., AISTATS 2021 (MHS maximises it). In half-space the angle between lines,
-    :math:`\arccos|c_{ij}|`. NaN for fewer than two neurons.
+    \(\arccos|c_{ij}|\). NaN for fewer than two neurons.
     """
     stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
     return torch.tensor(stats.min_angle, dtype=stats.nearest.dtype)
 
 
 def mean_nearest_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
-    r"""Mean nearest-neighbour angle :math:`\frac1n\sum_i\min_{j\ne i}\theta_{ij}` in degrees."""
+    r"""Mean nearest-neighbour angle \(\frac1n\sum_i\min_{j\ne i}\theta_{ij}\) in degrees."""
     stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
     return torch.tensor(stats.mean_nn_angle, dtype=stats.nearest.dtype)
 
 
 def mean_pairwise_angle(neurons: Tensor, *, half_space: bool = False, chunk_size: int | None = None) -> Tensor:
-    r"""Mean pairwise angle :math:`\frac{2}{n(n-1)}\sum_{i<j}\theta_{ij}` in degrees."""
+    r"""Mean pairwise angle \(\frac{2}{n(n-1)}\sum_{i<j}\theta_{ij}\) in degrees."""
     stats = angle_statistics(neurons, half_space=half_space, bins=1, chunk_size=chunk_size)
     return torch.tensor(stats.mean_angle, dtype=stats.nearest.dtype)
 
 
 def coherence(neurons: Tensor, *, chunk_size: int | None = None) -> Tensor:
-    r"""Mutual coherence :math:`\mu = \max_{i\ne j}|c_{ij}|` (1 for a duplicated or negated neuron).
+    r"""Mutual coherence \(\mu = \max_{i\ne j}|c_{ij}|\) (1 for a duplicated or negated neuron).
 
-    Lower is more diverse; :math:`\mu \ge \sqrt{(n-d)/(d(n-1))}` (Welch bound). NaN for n < 2.
+    Lower is more diverse; \(\mu \ge \sqrt{(n-d)/(d(n-1))}\) (Welch bound). NaN for n < 2.
     """
     stats = angle_statistics(neurons, bins=1, chunk_size=chunk_size)
     return torch.tensor(stats.coherence, dtype=stats.nearest.dtype)
@@ -373,9 +373,9 @@ def pairwise_angle_histogram(
     half_space: bool = False,
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Counts of the :math:`n(n-1)/2` pairwise angles (degrees) and the bin edges.
+    """Counts of the \\(n(n-1)/2\\) pairwise angles (degrees) and the bin edges.
 
-    ``bins`` equal bins over :math:`[0, 180]` (:math:`[0, 90]` in half-space) or explicit edges;
+    ``bins`` equal bins over \\([0, 180]\\) (\\([0, 90]\\) in half-space) or explicit edges;
     binning follows ``numpy.histogram`` (``[e_k, e_{k+1})``, the last bin closed).
     """
     stats = angle_statistics(neurons, half_space=half_space, bins=bins, chunk_size=chunk_size)
@@ -389,9 +389,9 @@ def pairwise_angle_quantiles(
     half_space: bool = False,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Quantiles of the pairwise angles (degrees), exact to :data:`QUANTILE_RESOLUTION`.
+    """Quantiles of the pairwise angles (degrees), exact to `QUANTILE_RESOLUTION`.
 
-    Computed from a fine histogram rather than by sorting the :math:`n(n-1)/2` angles, so memory
+    Computed from a fine histogram rather than by sorting the \\(n(n-1)/2\\) angles, so memory
     stays bounded for large layers; interpolation as ``numpy.quantile``'s default.
     """
     qs = _check_quantiles(quantiles)
@@ -402,11 +402,11 @@ def pairwise_angle_quantiles(
 @full_precision
 @torch.no_grad()
 def gram_spectrum(neurons: Tensor) -> Tensor:
-    r"""The :math:`\min(n, d)` largest eigenvalues of the Gram matrix :math:`G = UU^\top` of the directions.
+    r"""The \(\min(n, d)\) largest eigenvalues of the Gram matrix \(G = UU^\top\) of the directions.
 
-    The nonzero eigenvalues of :math:`UU^\top` (:math:`n\times n`) and :math:`U^\top U`
-    (:math:`d\times d`) coincide, so the smaller one is decomposed, in float64: memory
-    :math:`O(\min(n,d)^2)`. Descending, clamped at 0.
+    The nonzero eigenvalues of \(UU^\top\) (\(n\times n\)) and \(U^\top U\)
+    (\(d\times d\)) coincide, so the smaller one is decomposed, in float64: memory
+    \(O(\min(n,d)^2)\). Descending, clamped at 0.
     """
     unit = _directions(neurons)
     n, d = unit.shape
@@ -431,10 +431,10 @@ def _rank_tolerance(neurons: Tensor, spectrum: Tensor) -> float:
 def effective_rank(neurons: Tensor) -> Tensor:
     r"""Entropy effective rank of the Gram matrix (Roy & Vetterli, EUSIPCO 2007).
 
-    :math:`\operatorname{erank} = \exp\big(-\sum_k p_k \log p_k\big)`,
-    :math:`p_k = \lambda_k/\sum_l \lambda_l` over the eigenvalues of :math:`G = UU^\top`: between 1
-    (all neurons on one line) and :math:`\min(n, d)` (a tight frame, e.g. orthonormal neurons).
-    A regular simplex of :math:`n` neurons gives :math:`n - 1`.
+    \(\operatorname{erank} = \exp\big(-\sum_k p_k \log p_k\big)\),
+    \(p_k = \lambda_k/\sum_l \lambda_l\) over the eigenvalues of \(G = UU^\top\): between 1
+    (all neurons on one line) and \(\min(n, d)\) (a tight frame, e.g. orthonormal neurons).
+    A regular simplex of \(n\) neurons gives \(n - 1\).
     """
     return _effective_rank_of(gram_spectrum(neurons))
 
@@ -449,12 +449,12 @@ def _effective_rank_of(spectrum: Tensor) -> Tensor:
 
 
 def gram_condition_number(neurons: Tensor) -> Tensor:
-    r"""Condition number :math:`\lambda_{max}/\lambda_{min}` of the Gram matrix on its :math:`\min(n,d)` eigenvalues.
+    r"""Condition number \(\lambda_{max}/\lambda_{min}\) of the Gram matrix on its \(\min(n,d)\) eigenvalues.
 
-    For :math:`n \le d` that is :math:`UU^\top` itself; for :math:`n > d` (where :math:`UU^\top` is
-    singular) it is the frame operator :math:`U^\top U`, 1 for a tight frame such as the
-    cross-polytope. Equal to :math:`(\sigma_{max}/\sigma_{min})^2` of :math:`U`. ``inf`` when the
-    neurons are linearly dependent (e.g. a regular simplex of :math:`n \le d` neurons), judged with
+    For \(n \le d\) that is \(UU^\top\) itself; for \(n > d\) (where \(UU^\top\) is
+    singular) it is the frame operator \(U^\top U\), 1 for a tight frame such as the
+    cross-polytope. Equal to \((\sigma_{max}/\sigma_{min})^2\) of \(U\). ``inf`` when the
+    neurons are linearly dependent (e.g. a regular simplex of \(n \le d\) neurons), judged with
     the tolerance of ``numpy.linalg.matrix_rank``.
     """
     return _condition_number_of(gram_spectrum(neurons), neurons)
@@ -666,18 +666,18 @@ def diversity_summary(
 
     Keys (see the module docstring for the formulas): ``min_angle``, ``mean_nn_angle``,
     ``mean_angle`` (degrees), ``coherence``, ``duplicates`` (nearest-neighbour angle below
-    ``duplicate_threshold`` degrees), ``energy`` (:func:`~lightning_hsu.functional.hyperspherical_energy`
+    ``duplicate_threshold`` degrees), ``energy`` (`hyperspherical_energy`
     with ``power``/``distance``; lower is more diverse, Liu et al., NeurIPS 2018), ``uniformity``
-    (:func:`~lightning_hsu.functional.uniformity` with ``t``; Wang & Isola, ICML 2020),
+    (`uniformity` with ``t``; Wang & Isola, ICML 2020),
     ``effective_rank`` and ``condition_number`` of the Gram matrix, then one ``angle_p<100q>`` per
     quantile (``angle_p5``, ``angle_p50``, ``angle_p95`` by default; ``quantiles=()`` for none).
 
     Args:
-        neurons: ``[n, d]``, rows are neurons (see :func:`~lightning_hsu.functional.neurons_of`).
-        metrics: a subset of :data:`DIVERSITY_METRICS` (``None``: all); the energy, uniformity and
+        neurons: ``[n, d]``, rows are neurons (see `neurons_of`).
+        metrics: a subset of `DIVERSITY_METRICS` (``None``: all); the energy, uniformity and
             spectrum each cost one more pass, so leaving them out saves time.
-        half_space: angles between lines (:math:`\\arccos|c|`), and the half-space energy and
-            uniformity over :math:`\\{\\pm w_i\\}`, as for hidden layers in the papers.
+        half_space: angles between lines (\\(\\arccos|c|\\)), and the half-space energy and
+            uniformity over \\(\\{\\pm w_i\\}\\), as for hidden layers in the papers.
         duplicate_threshold: angle in degrees under which a nearest neighbour is a duplicate.
         quantiles: of the pairwise angles, each in [0, 1].
         power, distance: of the energy, as for the MHE regulariser.

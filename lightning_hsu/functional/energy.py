@@ -1,12 +1,14 @@
 r"""Minimum hyperspherical energy (MHE): Liu et al., *Learning towards Minimum Hyperspherical
 Energy*, NeurIPS 2018 (arXiv:1805.09298).
 
-.. math:: E_s(\hat W) = \frac{1}{P}\sum_{i<j} f_s(\operatorname{dist}(\hat w_i, \hat w_j)),
-   \qquad P = n(n-1)/2,
+\[
+E_s(\hat W) = \frac{1}{P}\sum_{i<j} f_s(\operatorname{dist}(\hat w_i, \hat w_j)),
+\qquad P = n(n-1)/2,
+\]
 
-with Euclidean :math:`f_s = d^{-s}` (:math:`s>0`, the Riesz s-energy), :math:`f_0 = -\log d^2`,
-or angular :math:`\tilde\theta^{-s}`, :math:`-\log\tilde\theta`. In half-space the :math:`2n`
-vectors :math:`\{\pm\hat w_i\}` are used (:math:`P = n(2n-1)`).
+with Euclidean \(f_s = d^{-s}\) (\(s>0\), the Riesz s-energy), \(f_0 = -\log d^2\),
+or angular \(\tilde\theta^{-s}\), \(-\log\tilde\theta\). In half-space the \(2n\)
+vectors \(\{\pm\hat w_i\}\) are used (\(P = n(2n-1)\)).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def mean_pair_kernel(
 ) -> Tensor:
     """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2.
 
-    With ``shard`` it is this rank's share (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+    With ``shard`` it is this rank's share (`pairwise_kernel_sum`).
     With ``eps`` the rows of ``unit`` are raw neurons, normalised (and checked for NaN/inf) here
-    as by :func:`~lightning_hsu.functional._common.normalize_neurons` with that ``eps``, in one
-    fused pass (:func:`~lightning_hsu.functional.pairwise.normalized_pairwise_kernel_sum`);
+    as by `normalize_neurons` with that ``eps``, in one
+    fused pass (`normalized_pairwise_kernel_sum`);
     ``check_finite=False`` (with ``eps``) skips that check, and its host sync: non-finite neurons
     then give NaN.
     """
@@ -89,17 +91,17 @@ def hyperspherical_energy(
     Args:
         neurons: ``[n, d]`` or ``[batch, n, d]``; rows are neurons. Any float dtype; computed in
             float32 (float64 stays float64).
-        power: Riesz exponent :math:`s \ge 0`; 0 is the log energy (official ``'0'``/``'a0'``).
+        power: Riesz exponent \(s \ge 0\); 0 is the log energy (official ``'0'``/``'a0'``).
         distance: ``'euclidean'`` (chordal, official ``'0' '1' '2'``) or ``'angular'``
-            (:math:`\tilde\theta = \theta/\pi + 10^{-4}`, official ``'a0' 'a1' 'a2'``).
-        half_space: regularise :math:`\{\hat w_i\}\cup\{-\hat w_i\}`, computed from the
-            :math:`n\times n` Gram matrix (never by concatenation).
-        eps: normaliser :math:`\hat w = w/\sqrt{\lVert w\rVert^2+\epsilon}` (official 1e-4).
+            (\(\tilde\theta = \theta/\pi + 10^{-4}\), official ``'a0' 'a1' 'a2'``).
+        half_space: regularise \(\{\hat w_i\}\cup\{-\hat w_i\}\), computed from the
+            \(n\times n\) Gram matrix (never by concatenation).
+        eps: normaliser \(\hat w = w/\sqrt{\lVert w\rVert^2+\epsilon}\) (official 1e-4).
         chunk_size: rows per block; ``None`` picks dense up to 4096 neurons, then blocks.
         shard: ``(rank, world_size)``: this rank's share of the pairs; the shares' values and
             gradients sum to the full ones. Under DDP/FSDP (which average gradients) multiply by
-            ``world_size`` (:func:`~lightning_hsu.functional.pairwise.sharded_scale`).
-        check_finite: raise :class:`~lightning_hsu.functional.NonFiniteInputError` for NaN/inf
+            ``world_size`` (`sharded_scale`).
+        check_finite: raise `NonFiniteInputError` for NaN/inf
             neurons (one host sync). ``False``: no host sync and no decision on the data, so the
             call can be captured in a CUDA graph; NaN/inf neurons then give a NaN energy (and
             gradient), for the caller to check once for many layers.
@@ -107,9 +109,9 @@ def hyperspherical_energy(
     Returns:
         The mean pair energy (a scalar, or ``[batch]``); 0 for fewer than two neurons.
 
-    Differences from the official code, each to stay finite where it is not: :math:`d^2` is
-    clamped at :math:`10^{-6}` (duplicate neurons) and cosines at :math:`\pm(1-10^{-6})` before
-    ``arccos``. For s = 0 the Euclidean value is :math:`-\log d^2`, twice the log energy, as in
+    Differences from the official code, each to stay finite where it is not: \(d^2\) is
+    clamped at \(10^{-6}\) (duplicate neurons) and cosines at \(\pm(1-10^{-6})\) before
+    ``arccos``. For s = 0 the Euclidean value is \(-\log d^2\), twice the log energy, as in
     the official code.
     """
     kernel = energy_kernel(power, distance)

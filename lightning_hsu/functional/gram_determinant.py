@@ -1,18 +1,20 @@
 r"""Maximum Gram determinant (MGD): Liu et al., *Learning with Hyperspherical Uniformity*,
 AISTATS 2021.
 
-.. math:: K_{ij} = e^{-d^2_{ij}} + 10^{-6}\,\delta_{ij}, \qquad R = -\log\det K.
+\[
+K_{ij} = e^{-d^2_{ij}} + 10^{-6}\,\delta_{ij}, \qquad R = -\log\det K.
+\]
 
 A larger determinant means a larger volume spanned by the neurons in the kernel's feature space.
-In half-space the official code builds the :math:`2n\times 2n` kernel of :math:`\{\pm\hat w_i\}`;
-it has the block form :math:`\begin{pmatrix}A&B\\B&A\end{pmatrix}` with :math:`A = e^{-(2-2C)} +
-10^{-6}I`, :math:`B = e^{-(2+2C)}`, so :math:`\log\det K = \log\det(A+B) + \log\det(A-B)`: two
-:math:`n\times n` factorisations instead of one :math:`2n\times 2n` (a quarter of the work).
+In half-space the official code builds the \(2n\times 2n\) kernel of \(\{\pm\hat w_i\}\);
+it has the block form \(\begin{pmatrix}A&B\\B&A\end{pmatrix}\) with \(A = e^{-(2-2C)} +
+10^{-6}I\), \(B = e^{-(2+2C)}\), so \(\log\det K = \log\det(A+B) + \log\det(A-B)\): two
+\(n\times n\) factorisations instead of one \(2n\times 2n\) (a quarter of the work).
 
-The gradient is formed in closed form from :math:`\partial \log\det M / \partial M = M^{-1}`
+The gradient is formed in closed form from \(\partial \log\det M / \partial M = M^{-1}\)
 (one ``cholesky_inverse`` per factor) instead of by autograd through the Cholesky factorisation,
-whose backward costs about six times the inverse's :math:`\tfrac23 n^3` (two triangular solves
-with :math:`n` right-hand sides and an :math:`n^3` product).
+whose backward costs about six times the inverse's \(\tfrac23 n^3\) (two triangular solves
+with \(n\) right-hand sides and an \(n^3\) product).
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ def _logdet_of_factor(factor: Tensor) -> Tensor:
 def _neg_logdet_and_coefficients(
     cos: Tensor, half_space: bool, jitter: float, with_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    r""":math:`R = -\log\det K` of ``[batch, n, n]`` cosines and, with ``with_grad``, :math:`D = \partial R/\partial C`.
+    r"""\(R = -\log\det K\) of ``[batch, n, n]`` cosines and, with ``with_grad``, \(D = \partial R/\partial C\).
 
-    Full space, :math:`K = E^+ + jI` with :math:`E^\pm = e^{\pm 2C - 2}`:
-    :math:`D = -2\,K^{-1}\circ E^+`. Half space, :math:`A \pm B = E^+ + jI \pm E^-`:
-    :math:`D = -(A+B)^{-1}\circ 2(E^+ - E^-) - (A-B)^{-1}\circ 2(E^+ + E^-)`.
+    Full space, \(K = E^+ + jI\) with \(E^\pm = e^{\pm 2C - 2}\):
+    \(D = -2\,K^{-1}\circ E^+\). Half space, \(A \pm B = E^+ + jI \pm E^-\):
+    \(D = -(A+B)^{-1}\circ 2(E^+ - E^-) - (A-B)^{-1}\circ 2(E^+ + E^-)\).
     """
     eye = torch.eye(cos.shape[-1], dtype=cos.dtype, device=cos.device)
     same = torch.exp(2.0 * cos - 2.0)
@@ -72,13 +74,13 @@ def _neg_logdet_and_coefficients(
 
 
 class _NegLogDetGaussianKernel(torch.autograd.Function):
-    r""":math:`-\log\det K` of the Gaussian kernel of unit rows ``[batch, n, d]``, per batch entry.
+    r"""\(-\log\det K\) of the Gaussian kernel of unit rows ``[batch, n, d]``, per batch entry.
 
     Computed in float64: the kernel's smallest eigenvalue may be the jitter, and float32 cosines
-    (errors ~1e-7) change :math:`\log\det` of near-duplicate neurons by 0.5% or break its positive
-    definiteness. The gradient :math:`2 D \hat W` is a float64 product for the same reason: with
-    near-duplicates the rows of :math:`D` cancel to a few digits (in float32 the gradient of 512
-    neurons in :math:`\mathbb{R}^3` came out 100% wrong).
+    (errors ~1e-7) change \(\log\det\) of near-duplicate neurons by 0.5% or break its positive
+    definiteness. The gradient \(2 D \hat W\) is a float64 product for the same reason: with
+    near-duplicates the rows of \(D\) cancel to a few digits (in float32 the gradient of 512
+    neurons in \(\mathbb{R}^3\) came out 100% wrong).
     """
 
     @staticmethod
@@ -109,10 +111,10 @@ def gram_determinant_penalty(
     eps: float = DEFAULT_EPS,
     jitter: float = 1e-6,
 ) -> Tensor:
-    r""":math:`-\log\det K` of the Gaussian Gram kernel of the neurons (to be minimised).
+    r"""\(-\log\det K\) of the Gaussian Gram kernel of the neurons (to be minimised).
 
     Computed in float64 (Cholesky of a kernel whose smallest eigenvalue may be the jitter) and
-    returned in the input's compute dtype. Memory is :math:`O(n^2)`: meant for layers of up to a
+    returned in the input's compute dtype. Memory is \(O(n^2)\): meant for layers of up to a
     few thousand neurons. Returns 0 for fewer than two neurons.
     """
     x = check_neurons(neurons)

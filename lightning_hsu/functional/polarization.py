@@ -1,13 +1,15 @@
 r"""Hyperspherical polarization: MHP and its relaxation R-MHP (Liu et al., AISTATS 2021).
 
-MHP plays a game with a learnable pole :math:`v`: the energy at the pole
+MHP plays a game with a learnable pole \(v\): the energy at the pole
 
-.. math:: E(v) = \frac1N\sum_{i} \big(2 - 2\cos(v, \hat w_i)\big)^{-1}
+\[
+E(v) = \frac1N\sum_{i} \big(2 - 2\cos(v, \hat w_i)\big)^{-1}
+\]
 
 (Riesz s = 2) is minimised by the pole (it seeks the emptiest place on the sphere) and maximised
-by the neurons (they move into it): :math:`\max_W\min_v E(v)`.
+by the neurons (they move into it): \(\max_W\min_v E(v)\).
 
-R-MHP replaces the game by the closed form :math:`\lVert\sum_i w_i\rVert_2` on the
+R-MHP replaces the game by the closed form \(\lVert\sum_i w_i\rVert_2\) on the
 *unnormalised* weights, as the official code does.
 """
 
@@ -25,16 +27,16 @@ from lightning_hsu.functional._common import (
 )
 from lightning_hsu.functional.kernels import RieszKernel
 
-#: The pole energy's kernel: :math:`(\max(2-2c, 10^{-6}))^{-1}` (Riesz s = 2, as MHE's).
+#: The pole energy's kernel: \((\max(2-2c, 10^{-6}))^{-1}\) (Riesz s = 2, as MHE's).
 _POLE_KERNEL = RieszKernel(2.0)
 
 
 def pole_cosines(
     neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float = DEFAULT_EPS, normalized: bool = False
 ) -> Tensor:
-    r"""Cosines :math:`\hat w_i\cdot\hat v` (and :math:`-\hat w_i\cdot\hat v` in half-space).
+    r"""Cosines \(\hat w_i\cdot\hat v\) (and \(-\hat w_i\cdot\hat v\) in half-space).
 
-    Both neurons and pole are normalised with :math:`\sqrt{\lVert\cdot\rVert^2 + \epsilon}` as in
+    Both neurons and pole are normalised with \(\sqrt{\lVert\cdot\rVert^2 + \epsilon}\) as in
     the official ``cal``. ``normalized=True``: ``neurons`` are already
     ``normalize_neurons(check_neurons(neurons), eps)``, and neither they nor the pole are checked
     for NaN/inf: for the pole's inner steps against the same neurons, which then make no host
@@ -58,10 +60,10 @@ def pole_cosines(
 def pole_energy(
     neurons: Tensor, pole: Tensor, *, half_space: bool = False, eps: float = DEFAULT_EPS, normalized: bool = False
 ) -> Tensor:
-    r"""MHP energy at the pole, :math:`E(v)=\frac1N\sum_i (\max(2-2c_i, 10^{-6}))^{-1}`.
+    r"""MHP energy at the pole, \(E(v)=\frac1N\sum_i (\max(2-2c_i, 10^{-6}))^{-1}\).
 
-    :math:`N = n` (or :math:`2n` in half-space). The neurons' penalty is :math:`-E(v)`.
-    ``normalized``: see :func:`pole_cosines`.
+    \(N = n\) (or \(2n\) in half-space). The neurons' penalty is \(-E(v)\).
+    ``normalized``: see `pole_cosines`.
     """
     cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     value, _ = _POLE_KERNEL(cos, False)
@@ -69,8 +71,8 @@ def pole_energy(
 
 
 def pole_energy_slope(cos: Tensor) -> Tensor:
-    r""":math:`\partial E/\partial c_i` of the pole energy :math:`E = \frac1N\sum_i k(c_i)` at the
-    ``[N]`` cosines of :func:`pole_cosines`: :math:`k'(c_i)/N = 2 (2-2c_i)^{-2}/N`, 0 where the
+    r"""\(\partial E/\partial c_i\) of the pole energy \(E = \frac1N\sum_i k(c_i)\) at the
+    ``[N]`` cosines of `pole_cosines`: \(k'(c_i)/N = 2 (2-2c_i)^{-2}/N\), 0 where the
     distance is clamped. For the pole's steps in closed form (no autograd graph per step)."""
     _, slope = _POLE_KERNEL(cos, True)
     assert slope is not None
@@ -79,8 +81,8 @@ def pole_energy_slope(cos: Tensor) -> Tensor:
 
 @full_precision
 def relaxed_polarization(neurons: Tensor, *, check_finite: bool = True) -> Tensor:
-    r"""R-MHP penalty :math:`\lVert\sum_i w_i\rVert_2` of the unnormalised neurons (no half-space:
-    :math:`w_i` and :math:`-w_i` would cancel). ``check_finite=False``: no host sync (CUDA-graph
+    r"""R-MHP penalty \(\lVert\sum_i w_i\rVert_2\) of the unnormalised neurons (no half-space:
+    \(w_i\) and \(-w_i\) would cancel). ``check_finite=False``: no host sync (CUDA-graph
     safe), NaN for NaN/inf neurons instead of raising."""
     total = check_neurons(neurons, check_finite=check_finite).sum(-2)
     # vector_norm squares its input: above sqrt(finfo.max) (1.8e19 in float32) that overflows to

@@ -1,30 +1,32 @@
 r"""Sampled hyperspherical energy for layers too large to sum over every pair.
 
-Face-recognition classifiers have :math:`10^5`–:math:`10^6` class vectors; the exact MHE costs
-:math:`O(n^2 d)` per step. The literature regularises a subset instead: the class vectors of the
+Face-recognition classifiers have \(10^5\)–\(10^6\) class vectors; the exact MHE costs
+\(O(n^2 d)\) per step. The literature regularises a subset instead: the class vectors of the
 classes present in the mini-batch (e.g. the "inter-class" regularisers of Duan et al., *UniformFace*,
 CVPR 2019, and Zhao et al., *RegularFace*, CVPR 2019), or a random subset.
 
-**Unbiasedness.** Let :math:`S` be a uniformly random subset of :math:`m` of the :math:`n`
-neurons, drawn without replacement. Every pair :math:`\{i,j\}` lies in :math:`S` with the same
-probability, so the mean over the pairs of :math:`S` is an unbiased estimate of the mean over all
+**Unbiasedness.** Let \(S\) be a uniformly random subset of \(m\) of the \(n\)
+neurons, drawn without replacement. Every pair \(\{i,j\}\) lies in \(S\) with the same
+probability, so the mean over the pairs of \(S\) is an unbiased estimate of the mean over all
 pairs (a U-statistic of order 2, Hoeffding 1948):
 
-.. math:: \mathbb{E}_S\Big[\tfrac{1}{\binom m2}\sum_{i<j\in S} f(c_{ij})\Big]
-   = \tfrac{1}{\binom n2}\sum_{i<j} f(c_{ij}) = E_s,
+\[
+\mathbb{E}_S\Big[\tfrac{1}{\binom m2}\sum_{i<j\in S} f(c_{ij})\Big]
+= \tfrac{1}{\binom n2}\sum_{i<j} f(c_{ij}) = E_s,
+\]
 
 for the value and, by linearity, for its gradient. Its standard deviation falls like
-:math:`1/\sqrt m` (about :math:`2\sigma_1/\sqrt m`, :math:`\sigma_1^2` the variance of the
+\(1/\sqrt m\) (about \(2\sigma_1/\sqrt m\), \(\sigma_1^2\) the variance of the
 per-neuron mean kernel); average ``draws`` independent estimates and use their spread for an error
-bar (:func:`sampled_hyperspherical_energy` returns it with ``return_stderr=True``).
+bar (`sampled_hyperspherical_energy` returns it with ``return_stderr=True``).
 
-In **half-space** the :math:`n(2n-1)` pairs of :math:`\{\pm\hat w_i\}` are of two kinds, the
-:math:`n` antipodal pairs :math:`(i,-i)` and the :math:`2n(n-1)` others, and a subset holds them in
-a different proportion (:math:`1/(2m-1)` vs :math:`1/(2n-1)` antipodal): the plain subset mean
+In **half-space** the \(n(2n-1)\) pairs of \(\{\pm\hat w_i\}\) are of two kinds, the
+\(n\) antipodal pairs \((i,-i)\) and the \(2n(n-1)\) others, and a subset holds them in
+a different proportion (\(1/(2m-1)\) vs \(1/(2n-1)\) antipodal): the plain subset mean
 would be biased. Each kind is therefore averaged separately over the subset and the two means are
 recombined with the full set's weights.
 
-The estimate over the **classes in the batch** (:func:`subset_hyperspherical_energy`) is exact
+The estimate over the **classes in the batch** (`subset_hyperspherical_energy`) is exact
 for those classes but is unbiased for the whole layer only if the classes in a batch are a uniform
 random subset (balanced sampling); frequent classes are otherwise over-weighted.
 """
@@ -92,7 +94,7 @@ def subset_hyperspherical_energy(
 
     Meant for the classes present in a batch: ``indices`` may repeat (labels) and are reduced to
     the distinct ones. Only the selected rows are read, and only they get a gradient. Unbiased for
-    the layer's :math:`E_s` when the distinct indices are a uniformly random subset (see the
+    the layer's \(E_s\) when the distinct indices are a uniformly random subset (see the
     module docstring); in half-space the antipodal and the other pairs are reweighted to the
     layer's proportions.
 
@@ -100,7 +102,7 @@ def subset_hyperspherical_energy(
         neurons: ``[n, d]``; rows are neurons (e.g. the class vectors of a classifier).
         indices: integer tensor of row indices.
         power, distance, half_space, eps, chunk_size: as in
-            :func:`~lightning_hsu.functional.energy.hyperspherical_energy`.
+            `hyperspherical_energy`.
 
     Returns:
         A scalar; 0 when fewer than two distinct indices are given.
@@ -134,24 +136,24 @@ def sampled_hyperspherical_energy(
     chunk_size: int | None = None,
     return_stderr: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    r"""Unbiased estimate of the MHE :math:`E_s` from uniformly random subsets of neurons.
+    r"""Unbiased estimate of the MHE \(E_s\) from uniformly random subsets of neurons.
 
     Each draw picks ``num_samples`` distinct rows uniformly at random (``torch.randperm`` on
     ``generator``, so a seeded generator gives a reproducible estimate) and computes the mean pair
     energy of the subset (half-space reweighted, see the module docstring); the ``draws`` estimates
-    are averaged. Cost :math:`O(\text{draws}\cdot m^2 d)` instead of :math:`O(n^2 d)`.
+    are averaged. Cost \(O(\text{draws}\cdot m^2 d)\) instead of \(O(n^2 d)\).
 
     Args:
         neurons: ``[n, d]``; rows are neurons.
-        num_samples: subset size :math:`m`, ``2 <= m``; ``m >= n`` gives the exact value.
+        num_samples: subset size \(m\), ``2 <= m``; ``m >= n`` gives the exact value.
         generator: source of randomness (CPU generator; indices are moved to the weight's device).
         draws: independent subsets averaged.
         return_stderr: also return the standard error of the mean of the draws
-            (:math:`s/\sqrt{\text{draws}}`, detached; ``nan`` for one draw).
+            (\(s/\sqrt{\text{draws}}\), detached; ``nan`` for one draw).
 
     Returns:
         The estimate (a scalar, differentiable: its gradient is an unbiased estimate of the
-        gradient of :math:`E_s`), and the standard error if asked.
+        gradient of \(E_s\)), and the standard error if asked.
     """
     x = check_neurons(neurons)
     if x.dim() != 2:

@@ -1,10 +1,10 @@
 r"""Maximum hyperspherical separation (MHS, the Tammes problem): Liu et al., *Learning with
 Hyperspherical Uniformity*, AISTATS 2021 (arXiv:2103.01649).
 
-Hard (official): :math:`R = -\min_{i<j} d^2_{ij}`, with every pair tied at the minimum summed, so
+Hard (official): \(R = -\min_{i<j} d^2_{ij}\), with every pair tied at the minimum summed, so
 that the gradient flows only through the closest pair(s). Smooth: a soft-min with temperature
-:math:`\tau`, :math:`R_\tau = \tau \log \frac1P\sum_{i<j} e^{-d^2_{ij}/\tau}`, which tends to the
-hard value as :math:`\tau\to 0`.
+\(\tau\), \(R_\tau = \tau \log \frac1P\sum_{i<j} e^{-d^2_{ij}/\tau}\), which tends to the
+hard value as \(\tau\to 0\).
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def _tied_pairs(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Index pairs whose cosine is at least ``threshold``: rows, cols, signs and multiplicity.
 
-    In half-space, a tie of :math:`c_{ij}` stands twice in the :math:`2n\times 2n` matrix
-    (:math:`(i,j)` and :math:`(-i,-j)`), a tie of :math:`-c_{ij}` twice (:math:`(i,-j)`,
-    :math:`(j,-i)`) and the antipodal pair :math:`(i,-i)` once: the official code sums all.
+    In half-space, a tie of \\(c_{ij}\\) stands twice in the \\(2n\times 2n\\) matrix
+    (\\((i,j)\\) and \\((-i,-j)\\)), a tie of \\(-c_{ij}\\) twice (\\((i,-j)\\),
+    \\((j,-i)\\)) and the antipodal pair \\((i,-i)\\) once: the official code sums all.
     ``gram_matrix``: the whole ``unit @ unit.T`` when already computed (one block).
     """
     n = unit.shape[0]
@@ -73,14 +73,14 @@ def _tied_pairs(
 def _closest_pairs_sum(
     unit: Tensor, row_scale: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    r""":math:`-\sum d^2` over the tied closest pairs of the unit rows :math:`\hat w = r w`, and its
-    gradient with respect to the rows :math:`w` (``row_scale`` = :math:`r`).
+    r"""\(-\sum d^2\) over the tied closest pairs of the unit rows \(\hat w = r w\), and its
+    gradient with respect to the rows \(w\) (``row_scale`` = \(r\)).
 
-    With :math:`R = -\sum_t m_t (2 - 2 s_t\,\hat w_{i_t}\cdot\hat w_{j_t})` (multiplicity
-    :math:`m`, sign :math:`s`), :math:`\partial R/\partial\hat w_{i_t} = 2 m_t s_t \hat w_{j_t}` and
-    symmetrically. The chain through the normalisation, :math:`r_i (g - (g\cdot\hat w_i)\hat w_i)`,
-    is linear in :math:`g`, so it is applied to each pair's contribution, with
-    :math:`\hat w_j\cdot\hat w_i` already at hand: the gradient is formed on the rows of the tied
+    With \(R = -\sum_t m_t (2 - 2 s_t\,\hat w_{i_t}\cdot\hat w_{j_t})\) (multiplicity
+    \(m\), sign \(s\)), \(\partial R/\partial\hat w_{i_t} = 2 m_t s_t \hat w_{j_t}\) and
+    symmetrically. The chain through the normalisation, \(r_i (g - (g\cdot\hat w_i)\hat w_i)\),
+    is linear in \(g\), so it is applied to each pair's contribution, with
+    \(\hat w_j\cdot\hat w_i\) already at hand: the gradient is formed on the rows of the tied
     pairs only.
     """
     one_block = block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]
@@ -117,8 +117,8 @@ class _HardSeparation(torch.autograd.Function):
     r"""Hard MHS of raw neurons ``[n, d]``, normalised inside, gradient in closed form.
 
     The gradient lives on the rows of the tied pairs only, and so does its chain through
-    :math:`\hat w = r w` (:func:`_closest_pairs_sum`; the same formula as
-    :class:`~lightning_hsu.functional.pairwise._NormalizedPairwiseKernelSum`): no autograd graph of
+    \(\hat w = r w\) (`_closest_pairs_sum`; the same formula as
+    `_NormalizedPairwiseKernelSum`): no autograd graph of
     the normalisation over all ``[n, d]`` entries.
     """
 
@@ -157,16 +157,16 @@ def hyperspherical_separation(
     tie_rtol: float = 1e-5,
     check_finite: bool = True,
 ) -> Tensor:
-    r"""Hard MHS penalty :math:`-\sum_{\text{closest pairs}} d^2_{ij}` (to be minimised).
+    r"""Hard MHS penalty \(-\sum_{\text{closest pairs}} d^2_{ij}\) (to be minimised).
 
-    Pairs count as tied when their :math:`d^2` is within a relative ``tie_rtol`` of the minimum
+    Pairs count as tied when their \(d^2\) is within a relative ``tie_rtol`` of the minimum
     (the official code uses exact float equality, which rounding makes arbitrary: a regular
     tetrahedron computed in float32 then ties all 6 pairs, as it should, giving
-    :math:`-6\cdot 8/3`). Returns 0 for fewer than two neurons.
+    \(-6\cdot 8/3\)). Returns 0 for fewer than two neurons.
 
     ``check_finite=False`` makes no host sync (CUDA-graph safe; NaN/inf neurons give NaN): the
     tie threshold stays on the device and the closest pairs are summed as a pair kernel
-    (:class:`~lightning_hsu.functional.kernels.ClosestPairsKernel`), the same value and gradient
+    (`ClosestPairsKernel`), the same value and gradient
     at the cost of a second Gram product and a dense gradient product.
     """
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
@@ -187,7 +187,7 @@ def _closest_pairs_sum_on_device(
     neurons: Tensor, eps: float, half_space: bool, chunk_size: int | None, tie_rtol: float
 ) -> Tensor:
     """Hard MHS of raw ``[batch, n, d]`` neurons (``[batch]`` values) without host decisions (see
-    :func:`hyperspherical_separation`); each batch element has its own tie threshold."""
+    `hyperspherical_separation`); each batch element has its own tie threshold."""
     with torch.no_grad():
         rows, r, _, _ = row_normalization(neurons, eps, check_finite=False)
         c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
@@ -209,11 +209,11 @@ def soft_hyperspherical_separation(
     chunk_size: int | None = None,
     check_finite: bool = True,
 ) -> Tensor:
-    r"""Smooth MHS penalty :math:`\tau\log\frac1P\sum_{i<j}e^{-d^2_{ij}/\tau}` (to be minimised).
+    r"""Smooth MHS penalty \(\tau\log\frac1P\sum_{i<j}e^{-d^2_{ij}/\tau}\) (to be minimised).
 
-    It is :math:`-\operatorname{softmin}_\tau d^2` and lies between :math:`-\min d^2 - \tau\log P`
-    and :math:`-\min d^2`; every pair gets gradient, weighted by its closeness.
-    ``check_finite=False``: no host sync, NaN for NaN/inf neurons (as :func:`~lightning_hsu.functional.uniformity`).
+    It is \(-\operatorname{softmin}_\tau d^2\) and lies between \(-\min d^2 - \tau\log P\)
+    and \(-\min d^2\); every pair gets gradient, weighted by its closeness.
+    ``check_finite=False``: no host sync, NaN for NaN/inf neurons (as `uniformity`).
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

@@ -1,10 +1,12 @@
 r"""Uniformity of Wang & Isola, *Understanding Contrastive Representation Learning through
 Alignment and Uniformity on the Hypersphere*, ICML 2020.
 
-.. math:: \mathcal{U}_t = \log \frac{1}{P}\sum_{i<j} e^{-t\lVert\hat x_i - \hat x_j\rVert^2},
+\[
+\mathcal{U}_t = \log \frac{1}{P}\sum_{i<j} e^{-t\lVert\hat x_i - \hat x_j\rVert^2},
+\]
 
 a Gaussian-kernel energy (lower is more uniform; its optimum in high dimension is about
-:math:`-2t`), computed as a log-sum-exp so it never underflows, whatever ``t``.
+\(-2t\)), computed as a log-sum-exp so it never underflows, whatever ``t``.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, p
 def log_mean_exp_pairs(
     unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, shift_on_host: bool = True
 ) -> Tensor:
-    r""":math:`\log \frac1P\sum_{pairs} e^{-t d^2}` for ``[n, d]`` unit vectors (a scalar), or each
+    r"""\(\log \frac1P\sum_{pairs} e^{-t d^2}\) for ``[n, d]`` unit vectors (a scalar), or each
     of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
 
-    The exponent is shifted by its maximum :math:`m = 2t(c_{max}-1)` (a constant: the value does
+    The exponent is shifted by its maximum \(m = 2t(c_{max}-1)\) (a constant: the value does
     not depend on it, so neither does the gradient) before exponentiation, one shift per batch
-    element. ``shift_on_host=False`` keeps :math:`m` a device tensor: no host sync (CUDA-graph
+    element. ``shift_on_host=False`` keeps \(m\) a device tensor: no host sync (CUDA-graph
     safe), the same value; so does a batch (its shifts differ per element).
     """
     batch, added = as_batched(unit)
@@ -65,10 +67,10 @@ def uniformity(
     Args:
         features: rows are vectors (neurons of a layer, or a batch of embeddings).
         t: kernel temperature (the paper's default is 2).
-        half_space: use :math:`\\{\\pm x_i\\}`, as for hidden-layer neurons.
+        half_space: use \\(\\{\\pm x_i\\}\\), as for hidden-layer neurons.
         eps: normaliser as in the official MHE code.
         chunk_size: rows per block (``None``: automatic).
-        check_finite: raise :class:`~lightning_hsu.functional.NonFiniteInputError` for NaN/inf
+        check_finite: raise `NonFiniteInputError` for NaN/inf
             rows. ``False``: no host sync at all (CUDA-graph safe); NaN/inf rows give NaN.
     """
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):

@@ -1,7 +1,7 @@
 """torchmetrics metrics of feature diversity (embeddings, penultimate activations).
 
 Each accumulates a bounded, seeded sample of rows over an epoch (``max_samples``), synchronises
-across DDP ranks and computes with the functional core in :mod:`lightning_hsu.functional`.
+across DDP ranks and computes with the functional core in `lightning_hsu.functional`.
 """
 
 from lightning_hsu.metrics.angle import FeatureMinimumAngle

@@ -1,6 +1,6 @@
 r"""A bounded, partition-independent sample of feature rows for torchmetrics metrics.
 
-Pairwise metrics of features (uniformity, energy, angles) cost :math:`O(N^2)` in the number of
+Pairwise metrics of features (uniformity, energy, angles) cost \(O(N^2)\) in the number of
 rows, so an epoch's embeddings cannot all be kept. Each row gets a pseudo-random **key** from a
 seeded hash of its float32 bits, and the ``max_samples`` rows with the smallest keys are kept (a
 *bottom-k* or priority sample). Why this rather than first-N or a classic reservoir:

@@ -11,15 +11,15 @@ from lightning_hsu.metrics.base import FeatureSampleMetric
 
 
 class FeatureMinimumAngle(FeatureSampleMetric):
-    r"""Smallest angle :math:`\min_{i<j}\arccos(\hat x_i\cdot\hat x_j)` in degrees between feature vectors.
+    r"""Smallest angle \(\min_{i<j}\arccos(\hat x_i\cdot\hat x_j)\) in degrees between feature vectors.
 
     The separation that MHS maximises for neurons (Liu et al., *Learning with Hyperspherical
     Uniformity*, AISTATS 2021), here over a bounded sample of at most ``max_samples`` rows; by
-    :func:`lightning_hsu.functional.minimum_angle`. On a sample it is an upper bound of the
+    `lightning_hsu.functional.minimum_angle`. On a sample it is an upper bound of the
     minimum over all rows seen.
 
     Args:
-        half_space: angle between lines, :math:`\arccos|\hat x_i\cdot\hat x_j|`.
+        half_space: angle between lines, \(\arccos|\hat x_i\cdot\hat x_j|\).
         max_samples: cap on the rows kept per process and used for the value.
         seed: seed of the sample's hash.
         chunk_size: rows per block (``None``: automatic).

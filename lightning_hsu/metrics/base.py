@@ -19,12 +19,12 @@ class FeatureSampleMetric(Metric):
     """Accumulates feature rows ``[batch, d]`` over an epoch and computes a pairwise metric on them.
 
     Memory is bounded by ``max_samples`` rows per process: the kept rows are the bottom-k sample
-    of :mod:`lightning_hsu.metrics._sample` (seeded by ``seed``), uniform over the rows seen and
+    of `lightning_hsu.metrics._sample` (seeded by ``seed``), uniform over the rows seen and
     independent of how they were split across DDP ranks or batches, so a DDP run gives the same
     value as one process over the same data. Rows are stored in float32. Rows of all ranks are
     gathered with ``dist_reduce_fx="cat"`` and cut to ``max_samples`` again before computing.
 
-    Subclasses implement :meth:`_compute_on` for the ``[N, d]`` sample.
+    Subclasses implement `_compute_on` for the ``[N, d]`` sample.
     """
 
     is_differentiable = False

@@ -14,15 +14,15 @@ from lightning_hsu.metrics.base import FeatureSampleMetric
 class FeatureEnergy(FeatureSampleMetric):
     r"""Mean pair hyperspherical energy of features.
 
-    :math:`E_s = \frac{1}{P}\sum_{i<j} f_s(\operatorname{dist}(\hat x_i,\hat x_j))`, :math:`P = N(N-1)/2`.
+    \(E_s = \frac{1}{P}\sum_{i<j} f_s(\operatorname{dist}(\hat x_i,\hat x_j))\), \(P = N(N-1)/2\).
 
     Liu et al., *Learning towards Minimum Hyperspherical Energy*, NeurIPS 2018, applied to feature
     vectors instead of neurons; lower is more diverse. Computed by
-    :func:`lightning_hsu.functional.hyperspherical_energy` (same conventions as the MHE
+    `lightning_hsu.functional.hyperspherical_energy` (same conventions as the MHE
     regulariser) on a bounded sample of at most ``max_samples`` rows.
 
     Args:
-        power: Riesz exponent :math:`s \ge 0` (0: log energy).
+        power: Riesz exponent \(s \ge 0\) (0: log energy).
         distance: ``'euclidean'`` (chordal) or ``'angular'``.
         max_samples: cap on the rows kept per process and used for the value.
         seed: seed of the sample's hash.

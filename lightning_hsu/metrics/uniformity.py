@@ -12,12 +12,12 @@ from lightning_hsu.validation import positive_float
 
 
 class FeatureUniformity(FeatureSampleMetric):
-    r"""Wang–Isola uniformity :math:`\log\frac{1}{P}\sum_{i<j} e^{-t\lVert\hat x_i-\hat x_j\rVert^2}` of features.
+    r"""Wang–Isola uniformity \(\log\frac{1}{P}\sum_{i<j} e^{-t\lVert\hat x_i-\hat x_j\rVert^2}\) of features.
 
     Wang & Isola, *Understanding Contrastive Representation Learning through Alignment and
-    Uniformity on the Hypersphere*, ICML 2020. Lower is more uniform (about :math:`-2t` at best in
-    high dimension). Computed by :func:`lightning_hsu.functional.uniformity` on a bounded sample of
-    at most ``max_samples`` rows (see :class:`~lightning_hsu.metrics.base.FeatureSampleMetric`).
+    Uniformity on the Hypersphere*, ICML 2020. Lower is more uniform (about \(-2t\) at best in
+    high dimension). Computed by `lightning_hsu.functional.uniformity` on a bounded sample of
+    at most ``max_samples`` rows (see `FeatureSampleMetric`).
 
     Args:
         t: kernel temperature (the paper's 2).

@@ -2,7 +2,7 @@
 
 In the spirit of pytorch-metric-learning's regularizers: each object holds its hyperparameters
 (and, for MHP/MHC/CoMHE, a little state of its own), is called on ``[n, d]`` neurons and returns a
-scalar to *minimise*. One template object can serve many layers: :meth:`Regularizer.spawn` makes
+scalar to *minimise*. One template object can serve many layers: `Regularizer.spawn` makes
 the per-layer copy that owns that layer's state.
 """
 
@@ -21,13 +21,13 @@ class Regularizer:
 
     #: Short registry name (``"mhe"``, ``"mhs"``, ...), used in logs and string configs.
     name: ClassVar[str] = ""
-    #: Whether :meth:`state_dict` carries training state that must be checkpointed.
+    #: Whether `state_dict` carries training state that must be checkpointed.
     stateful: ClassVar[bool] = False
-    #: Whether the penalty is a sum over pairs that ranks can share (see :meth:`set_shard`).
+    #: Whether the penalty is a sum over pairs that ranks can share (see `set_shard`).
     supports_sharding: ClassVar[bool] = False
-    #: Whether the penalty can be captured in a CUDA graph: true for :class:`Capturable` ones.
+    #: Whether the penalty can be captured in a CUDA graph: true for `Capturable` ones.
     capturable: ClassVar[bool] = False
-    #: Whether :meth:`Capturable.graph_penalties` batches layers of one shape (capturable ones only).
+    #: Whether `Capturable.graph_penalties` batches layers of one shape (capturable ones only).
     batchable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -47,7 +47,7 @@ class Regularizer:
         """Compute only the share ``(rank, world_size)`` of the pairs (``None``: all of them).
 
         The shares' values and gradients sum to the full ones
-        (:func:`~lightning_hsu.functional.pairwise.pairwise_kernel_sum`).
+        (`pairwise_kernel_sum`).
         """
         if shard is not None and not self.supports_sharding:
             raise ValueError(f"{type(self).__name__} cannot be shared across ranks (it is not a sum over pairs)")
@@ -80,7 +80,7 @@ class Regularizer:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what `state_dict` returned."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
@@ -97,9 +97,9 @@ class Capturable(Regularizer):
     """The capability of a regularizer whose penalty a CUDA graph can capture.
 
     Called with ``check_finite=False`` it makes no host sync and no decision on the weights'
-    values, and :meth:`graph_penalty` depends on the weights and on tensors that
-    :meth:`refresh_graph_inputs` fills in place before each replay, nothing else (not on ``step``
-    nor on other state). Set :attr:`batchable` when :meth:`graph_penalties` gives the ``[batch]``
+    values, and `graph_penalty` depends on the weights and on tensors that
+    `refresh_graph_inputs` fills in place before each replay, nothing else (not on ``step``
+    nor on other state). Set `batchable` when `graph_penalties` gives the ``[batch]``
     penalties of a ``[batch, n, d]`` stack of layers' neurons in one call: then the layers of one
     shape share one call in a CUDA graph, and the graph launches that many fewer small kernels.
     """
@@ -107,20 +107,20 @@ class Capturable(Regularizer):
     capturable: ClassVar[bool] = True
 
     def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
-        """Before each replay of a captured :meth:`graph_penalty` of ``neurons``: write, in place,
+        """Before each replay of a captured `graph_penalty` of ``neurons``: write, in place,
         what the penalty at ``step`` reads besides the weights (CoMHE: the step's projections).
         Nothing by default."""
 
     def graph_penalty(self, neurons: Tensor) -> Tensor:
         """The penalty as a CUDA graph captures it: no host sync, and no input but ``neurons`` and
-        what :meth:`refresh_graph_inputs` wrote. By default the penalty with ``check_finite=False``."""
+        what `refresh_graph_inputs` wrote. By default the penalty with ``check_finite=False``."""
         return self(neurons, check_finite=False)
 
     def graph_penalties(self, neurons: Tensor, members: Sequence[Regularizer]) -> Tensor:
-        """The ``[batch]`` :meth:`graph_penalty` of each ``[n, d]`` slice of ``neurons``, slice ``i``
+        """The ``[batch]`` `graph_penalty` of each ``[n, d]`` slice of ``neurons``, slice ``i``
         with what ``members[i]`` (a regularizer of this type and hyperparameters, this one among
-        them) reads besides the neurons (:attr:`batchable` regularizers only). By default
-        :meth:`graph_penalty` of the whole stack: right for a regularizer that reads nothing per
+        them) reads besides the neurons (`batchable` regularizers only). By default
+        `graph_penalty` of the whole stack: right for a regularizer that reads nothing per
         layer and whose penalty takes ``[batch, n, d]``."""
         if not self.batchable:
             raise ValueError(f"{type(self).__name__} computes one layer at a time (it is not batchable)")

@@ -20,7 +20,7 @@ class CoMHE(Capturable):
     Args:
         projection_dim: dimension ``p`` of each projection (official best: 40).
         projections: number ``K`` of projections (official best: 20).
-        power, distance, half_space, eps: as for :class:`MHE` (official: s = 2).
+        power, distance, half_space, eps: as for `MHE` (official: s = 2).
         resample: draw fresh projections every training step (official) or keep one draw.
         seed: base seed; the draw for step ``k`` of layer ``name`` depends only on
             ``(seed, name, k)``, so all ranks agree and a resumed run draws the same matrices.
@@ -81,8 +81,8 @@ class CoMHE(Capturable):
         return self._energy(neurons, proj, check_finite)
 
     def refresh_graph_inputs(self, neurons: Tensor, *, step: int | None = None) -> None:
-        """Draw this step's projections into the buffer that :meth:`graph_penalty` reads (allocated
-        once per layer shape and device), with the numbers :meth:`penalty` would draw."""
+        """Draw this step's projections into the buffer that `graph_penalty` reads (allocated
+        once per layer shape and device), with the numbers `penalty` would draw."""
         shape = (self.projections, self.projection_dim, neurons.shape[-1])
         buffer = self._graph_projections
         if buffer is None or buffer.shape != shape or buffer.device != neurons.device:

@@ -13,8 +13,8 @@ from lightning_hsu.validation import positive_float
 
 class MHC(PoleRegularizer):
     """Minimum hyperspherical covering: the pole maximises its smooth distance to the nearest
-    neuron :math:`S(v)`, the neurons minimise it (see
-    :func:`~lightning_hsu.functional.pole_covering_distance`); ``gamma`` = 10 officially."""
+    neuron \\(S(v)\\), the neurons minimise it (see
+    `pole_covering_distance`); ``gamma`` = 10 officially."""
 
     name = "mhc"
 

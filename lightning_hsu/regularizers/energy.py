@@ -14,7 +14,7 @@ from lightning_hsu.validation import choice, flag, optional_positive_int, positi
 
 class MHE(Capturable):
     """Minimum hyperspherical energy (Liu et al., NeurIPS 2018); see
-    :func:`~lightning_hsu.functional.hyperspherical_energy`.
+    `hyperspherical_energy`.
 
     Args:
         power: Riesz exponent s >= 0 (0: log energy).

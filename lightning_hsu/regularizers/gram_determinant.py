@@ -13,7 +13,7 @@ from lightning_hsu.validation import flag, positive_float
 
 
 class MGD(Regularizer):
-    """Maximum Gram determinant, :math:`-\\log\\det(e^{-d^2} + 10^{-6} I)` (Liu et al., AISTATS 2021)."""
+    """Maximum Gram determinant, \\(-\\log\\det(e^{-d^2} + 10^{-6} I)\\) (Liu et al., AISTATS 2021)."""
 
     name = "mgd"
 

@@ -16,8 +16,8 @@ from lightning_hsu.regularizers.pole import PoleRegularizer
 
 class MHP(PoleRegularizer):
     """Maximum hyperspherical polarization: the pole minimises the Riesz-2 energy at itself,
-    :math:`E(v)`, and the neurons minimise :math:`-E(v)` (see
-    :func:`~lightning_hsu.functional.pole_energy`)."""
+    \\(E(v)\\), and the neurons minimise \\(-E(v)\\) (see
+    `pole_energy`)."""
 
     name = "mhp"
 
@@ -32,7 +32,7 @@ class MHP(PoleRegularizer):
 
 
 class RMHP(Capturable):
-    """Relaxed polarization :math:`\\lVert\\sum_i w_i\\rVert_2` on unnormalised weights (Liu et al.,
+    """Relaxed polarization \\(\\lVert\\sum_i w_i\\rVert_2\\) on unnormalised weights (Liu et al.,
     AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
 
     name = "rmhp"

@@ -1,12 +1,12 @@
 """MHP and MHC: regularizers that play a game against a learnable pole (Liu et al., AISTATS 2021).
 
-Each layer owns a pole :math:`v\\in\\mathbb{R}^d` (init N(0, 1), seeded) and the pole's own SGD
+Each layer owns a pole \\(v\\in\\mathbb{R}^d\\) (init N(0, 1), seeded) and the pole's own SGD
 optimiser (momentum 0.9, weight decay 5e-4, as the official ``mhp/train.py``). At each training
 step the pole first takes ``inner_steps`` steps against the detached neurons, then the neurons'
 penalty is evaluated against the detached pole. With the same weights and seed every rank
 computes the same pole, so no communication is needed under DDP/FSDP.
 
-The pole and its optimiser state are training state: :meth:`PoleRegularizer.state_dict` returns
+The pole and its optimiser state are training state: `PoleRegularizer.state_dict` returns
 them (tensors and primitives only) for the callback's checkpoint.
 """
 
@@ -23,7 +23,7 @@ from lightning_hsu.validation import flag, integer, positive_float, positive_int
 
 
 class PoleRegularizer(Regularizer):
-    """Shared machinery of :class:`MHP` and :class:`MHC`: the pole, its optimiser, its state."""
+    """Shared machinery of `MHP` and `MHC`: the pole, its optimiser, its state."""
 
     stateful = True
 
@@ -56,10 +56,10 @@ class PoleRegularizer(Regularizer):
         raise NotImplementedError
 
     def pole_slope(self, cos: Tensor) -> Tensor | None:
-        """:math:`\\partial/\\partial c_i` of :meth:`pole_objective` at the pole's ``[N]`` cosines (the
-        ``[c, -c]`` of :func:`~lightning_hsu.functional.polarization.pole_cosines` in half space),
+        """\\(\\partial/\\partial c_i\\) of `pole_objective` at the pole's ``[N]`` cosines (the
+        ``[c, -c]`` of `pole_cosines` in half space),
         or ``None`` for a game whose objective is not a function of those cosines alone: its pole
-        steps then differentiate :meth:`pole_objective` with autograd."""
+        steps then differentiate `pole_objective` with autograd."""
         return None
 
     def neuron_penalty(self, neurons: Tensor, pole: Tensor) -> Tensor:
@@ -97,10 +97,10 @@ class PoleRegularizer(Regularizer):
     def update_pole(self, neurons: Tensor) -> None:
         """Take ``inner_steps`` optimiser steps of the pole against the (detached) neurons.
 
-        Each step's gradient of :meth:`pole_objective` is formed in closed form, as the pair sums
-        form theirs: with :math:`c = \\hat W\\hat v` and :math:`\\hat v = r v`,
-        :math:`g = \\hat W^\\top \\partial_c` and :math:`\\partial/\\partial v = r(g - (g\\cdot\\hat v)\\hat v)`
-        (:func:`~lightning_hsu.functional._common.row_normalization`, divisor included). An
+        Each step's gradient of `pole_objective` is formed in closed form, as the pair sums
+        form theirs: with \\(c = \\hat W\\hat v\\) and \\(\\hat v = r v\\),
+        \\(g = \\hat W^\\top \\partial_c\\) and \\(\\partial/\\partial v = r(g - (g\\cdot\\hat v)\\hat v)\\)
+        (`row_normalization`, divisor included). An
         autograd graph per step cost three times as much on small layers (~40 dispatched
         operations per step for a few thousand multiply-adds).
         """
@@ -115,7 +115,7 @@ class PoleRegularizer(Regularizer):
 
     @torch.no_grad()
     def _pole_gradient(self, target: Tensor, pole: Tensor) -> Tensor:
-        """The gradient of :meth:`pole_objective` with respect to the raw pole, against the unit ``target``."""
+        """The gradient of `pole_objective` with respect to the raw pole, against the unit ``target``."""
         v = pole.detach().to(target.dtype).unsqueeze(0)
         rows, r, _, divisor = row_normalization(v, self.eps, check_finite=False)
         unit = (rows * r)[0]

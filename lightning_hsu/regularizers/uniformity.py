@@ -11,8 +11,8 @@ from lightning_hsu.validation import flag, optional_positive_int, positive_float
 
 
 class Uniformity(Capturable):
-    """Wang–Isola uniformity of the neurons, :math:`\\log` mean :math:`e^{-t d^2}`; see
-    :func:`~lightning_hsu.functional.uniformity`."""
+    """Wang–Isola uniformity of the neurons, \\(\\log\\) mean \\(e^{-t d^2}\\); see
+    `uniformity`."""
 
     name = "uniformity"
     capturable = True
