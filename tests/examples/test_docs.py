@@ -24,9 +24,7 @@ needs_mkdocs = pytest.mark.skipif(
 )
 
 
-@needs_mkdocs
-def test_docs_build_strict(tmp_path: Path):
-    site = tmp_path / "site"
+def build(site: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -45,7 +43,37 @@ def test_docs_build_strict(tmp_path: Path):
         timeout=300,
     )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+
+
+@needs_mkdocs
+def test_docs_build_strict(tmp_path: Path):
+    site = tmp_path / "site"
+    build(site)
     for page in ("index.html", "reproduction/index.html", "api/lightning/index.html", "faq/index.html"):
         assert (site / page).is_file(), f"{page} was not built"
     # the API reference really rendered the docstrings
     assert "HypersphericalUniformity" in (site / "api" / "lightning" / "index.html").read_text()
+
+
+# -- formulas render offline -----------------------------------------------------------------------
+sys.path.insert(0, str(ROOT / "scripts"))
+import check_docs_math  # noqa: E402
+
+
+def test_math_check_catches_raw_tex_and_unrendered_formulas():
+    rendered = '<span class="arithmatex"><mjx-container class="MathJax">x</mjx-container></span>'
+    assert check_docs_math.problems(f"<p>{rendered}</p>") == []
+    raw = '<p><span class="arithmatex">\\(\\lambda\\)</span></p>'
+    found = check_docs_math.problems(raw)
+    assert any("0 rendered formulas for 1" in p for p in found) and any("raw TeX" in p for p in found)
+
+
+@needs_mkdocs
+@pytest.mark.skipif(
+    check_docs_math.browser() is None, reason="no Chromium to render the site (apt-get install chromium)"
+)
+def test_site_renders_its_formulas_offline_in_a_browser(tmp_path: Path):
+    """MathJax is vendored: opened from disk with no network, every formula of these pages renders."""
+    site = tmp_path / "site"
+    build(site)
+    assert check_docs_math.main(["--site", str(site)]) == 0
