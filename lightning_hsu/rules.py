@@ -72,6 +72,12 @@ class Rule:
             name, e.g. with a sampled regularizer); ``None`` = no limit.
         required: raise when the rule selects no layer (``False``: the rule is dropped, and the
             selection summary says so; the presets' classifier rule).
+
+    Example:
+        >>> from lightning_hsu import Rule, LinearWarmup
+        >>> rule = Rule("mhe", 1.0, options={"half_space": True}, target="hidden", schedule=LinearWarmup(500))
+        >>> rule.label, rule.build_regularizer()
+        ('mhe', MHE(power=2.0, distance='euclidean', half_space=True, eps=0.0001, chunk_size=None))
     """
 
     regularizer: str | Regularizer = "mhe"
@@ -423,6 +429,11 @@ def preset_rules(
     summary says so; so are the hidden rules on a model whose hidden layers are all frozen (a
     fine-tuned head). The engine still refuses a model where no rule selects anything.
     ``"mhe-transformer"`` splits the hidden rule into ``target="attention"`` and ``target="mlp"``.
+
+    Example:
+        >>> from lightning_hsu.rules import preset_rules
+        >>> [(r.label, r.target, r.coefficient) for r in preset_rules("mhe")]
+        [('mhe_hidden', 'hidden', 1.0), ('mhe_classifier', 'classifier', 10.0)]
     """
     base = TRANSFORMER_PRESETS.get(preset, preset)
     if base not in PRESETS:

@@ -39,7 +39,13 @@ class Constant(Schedule):
 
 
 class LinearWarmup(Schedule):
-    """Linear ramp from ``start_factor`` to 1 over ``warmup_steps`` steps, then constant."""
+    """Linear ramp from ``start_factor`` to 1 over ``warmup_steps`` steps, then constant.
+
+    Example:
+        >>> from lightning_hsu import LinearWarmup
+        >>> [LinearWarmup(100).factor(step) for step in (0, 50, 100, 200)]
+        [0.0, 0.5, 1.0, 1.0]
+    """
 
     def __init__(self, warmup_steps: int, start_factor: float = 0.0) -> None:
         self.warmup_steps = positive_int("LinearWarmup", "warmup_steps", warmup_steps)
@@ -53,7 +59,13 @@ class LinearWarmup(Schedule):
 
 
 class StepDecay(Schedule):
-    """Multiply by ``gamma`` every ``step_size`` steps (as ``torch.optim.lr_scheduler.StepLR``)."""
+    """Multiply by ``gamma`` every ``step_size`` steps (as ``torch.optim.lr_scheduler.StepLR``).
+
+    Example:
+        >>> from lightning_hsu import StepDecay
+        >>> [StepDecay(100, gamma=0.5).factor(step) for step in (0, 100, 250)]
+        [1.0, 0.5, 0.25]
+    """
 
     def __init__(self, step_size: int, gamma: float = 0.1) -> None:
         self.step_size = positive_int("StepDecay", "step_size", step_size)
@@ -65,7 +77,13 @@ class StepDecay(Schedule):
 
 
 class Cosine(Schedule):
-    """Cosine decay from 1 to ``min_factor`` over ``total_steps``, then ``min_factor``."""
+    """Cosine decay from 1 to ``min_factor`` over ``total_steps``, then ``min_factor``.
+
+    Example:
+        >>> from lightning_hsu import Cosine
+        >>> [round(Cosine(100).factor(step), 3) for step in (0, 50, 100)]
+        [1.0, 0.5, 0.0]
+    """
 
     def __init__(self, total_steps: int, min_factor: float = 0.0) -> None:
         self.total_steps = positive_int("Cosine", "total_steps", total_steps)

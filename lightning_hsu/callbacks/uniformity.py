@@ -78,6 +78,17 @@ class HypersphericalUniformity(Callback):
             (single device, DDP, ZeRO-1/2) and ``on_nonfinite="raise"``; ``False`` computes every
             penalty eagerly.
         verbose: print the selection summary at fit start (on global rank 0).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_hsu import HypersphericalUniformity
+        >>> callback = HypersphericalUniformity(preset="mhe")  # pl.Trainer(callbacks=[callback])
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> _ = callback.engine.bind(model)  # what fit selects, and prints at its start
+        >>> print(callback.summary())
+        2 set(s) of neurons regularised
+          0      16 x 4         mhe_hidden         half
+          2      3 x 16         mhe_classifier     full
     """
 
     def __init__(

@@ -686,6 +686,14 @@ def diversity_summary(
         max_neurons: profile a layer of more neurons on a random subset of this many (`None`:
             exact always); see "Huge layers" in the module docstring for what each metric then means.
         seed: of that subset (`sample_neuron_indices`).
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.functional.diversity import diversity_summary
+        >>> summary = diversity_summary(tri, metrics=["min_angle", "coherence"], quantiles=())
+        >>> {k: round(v, 2) for k, v in summary.items()}
+        {'min_angle': 120.0, 'coherence': 0.5}
     """
     return diversity_profile(
         neurons,

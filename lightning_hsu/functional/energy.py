@@ -113,6 +113,15 @@ def hyperspherical_energy(
     clamped at \(10^{-6}\) (duplicate neurons) and cosines at \(\pm(1-10^{-6})\) before
     ``arccos``. For s = 0 the Euclidean value is \(-\log d^2\), twice the log energy, as in
     the official code.
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.functional import hyperspherical_energy
+        >>> round(float(hyperspherical_energy(tri, power=2.0)), 4)  # 1/d^2 with d^2 = 3
+        0.3333
+        >>> round(float(hyperspherical_energy(tri, power=2.0, half_space=True)), 4)
+        0.5833
     """
     kernel = energy_kernel(power, distance)
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised

@@ -55,6 +55,14 @@ def neurons_of(source: nn.Module | Tensor, *, name: str | None = None) -> Tensor
     Raises:
         TypeError: the module has no tensor `weight`.
         ValueError: the weight has fewer than 2 dimensions (no neurons to compare).
+
+    Example:
+        >>> from torch import nn
+        >>> from lightning_hsu.functional import neurons_of
+        >>> tuple(neurons_of(nn.Conv2d(3, 8, 3)).shape)  # 8 filters of 3 x 3 x 3
+        (8, 27)
+        >>> tuple(neurons_of(nn.ConvTranspose2d(8, 4, 3)).shape)  # the 4 output channels
+        (4, 72)
     """
     label = name if name is not None else (type(source).__name__ if isinstance(source, nn.Module) else "tensor")
     if isinstance(source, nn.Module):

@@ -83,7 +83,15 @@ def pole_energy_slope(cos: Tensor) -> Tensor:
 def relaxed_polarization(neurons: Tensor, *, check_finite: bool = True) -> Tensor:
     r"""R-MHP penalty \(\lVert\sum_i w_i\rVert_2\) of the unnormalised neurons (no half-space:
     \(w_i\) and \(-w_i\) would cancel). ``check_finite=False``: no host sync (CUDA-graph
-    safe), NaN for NaN/inf neurons instead of raising."""
+    safe), NaN for NaN/inf neurons instead of raising.
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.functional import relaxed_polarization
+        >>> round(float(relaxed_polarization(tri)), 4)  # the three vectors sum to zero
+        0.0
+    """
     total = check_neurons(neurons, check_finite=check_finite).sum(-2)
     # vector_norm squares its input: above sqrt(finfo.max) (1.8e19 in float32) that overflows to
     # inf although the norm itself is representable. Divide by the (detached) largest entry first.

@@ -168,6 +168,13 @@ def hyperspherical_separation(
     tie threshold stays on the device and the closest pairs are summed as a pair kernel
     (`ClosestPairsKernel`), the same value and gradient
     at the cost of a second Gram product and a dense gradient product.
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.functional import hyperspherical_separation
+        >>> round(float(hyperspherical_separation(tri)), 3)  # the 3 pairs tie at d^2 = 3 (official: their sum)
+        -9.0
     """
     batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
     if batched.shape[1] < 2:

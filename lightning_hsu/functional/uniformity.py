@@ -72,6 +72,13 @@ def uniformity(
         chunk_size: rows per block (``None``: automatic).
         check_finite: raise `NonFiniteInputError` for NaN/inf
             rows. ``False``: no host sync at all (CUDA-graph safe); NaN/inf rows give NaN.
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.functional import uniformity
+        >>> round(float(uniformity(tri, t=2.0)), 3)  # log exp(-2 * 3)
+        -6.0
     """
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"t must be a finite number > 0, got {t!r}")

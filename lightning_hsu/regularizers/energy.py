@@ -22,6 +22,13 @@ class MHE(Capturable):
         half_space: use the neurons and their negations (papers: hidden layers).
         eps: normaliser of the official code.
         chunk_size: rows per block (``None``: automatic).
+
+    Example:
+        >>> import torch
+        >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
+        >>> from lightning_hsu.regularizers import MHE
+        >>> round(float(MHE(power=2.0, half_space=True)(tri)), 4)
+        0.5833
     """
 
     name = "mhe"
