@@ -73,7 +73,7 @@ class Rule:
         required: raise when the rule selects no layer (``False``: the rule is dropped, and the
             selection summary says so; the presets' classifier rule).
 
-    Example:
+    Examples:
         >>> from lightning_hsu import Rule, LinearWarmup
         >>> rule = Rule("mhe", 1.0, options={"half_space": True}, target="hidden", schedule=LinearWarmup(500))
         >>> rule.label, rule.build_regularizer()
@@ -430,7 +430,7 @@ def preset_rules(
     fine-tuned head). The engine still refuses a model where no rule selects anything.
     ``"mhe-transformer"`` splits the hidden rule into ``target="attention"`` and ``target="mlp"``.
 
-    Example:
+    Examples:
         >>> from lightning_hsu.rules import preset_rules
         >>> [(r.label, r.target, r.coefficient) for r in preset_rules("mhe")]
         [('mhe_hidden', 'hidden', 1.0), ('mhe_classifier', 'classifier', 10.0)]

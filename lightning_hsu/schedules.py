@@ -41,7 +41,7 @@ class Constant(Schedule):
 class LinearWarmup(Schedule):
     """Linear ramp from ``start_factor`` to 1 over ``warmup_steps`` steps, then constant.
 
-    Example:
+    Examples:
         >>> from lightning_hsu import LinearWarmup
         >>> [LinearWarmup(100).factor(step) for step in (0, 50, 100, 200)]
         [0.0, 0.5, 1.0, 1.0]
@@ -61,7 +61,7 @@ class LinearWarmup(Schedule):
 class StepDecay(Schedule):
     """Multiply by ``gamma`` every ``step_size`` steps (as ``torch.optim.lr_scheduler.StepLR``).
 
-    Example:
+    Examples:
         >>> from lightning_hsu import StepDecay
         >>> [StepDecay(100, gamma=0.5).factor(step) for step in (0, 100, 250)]
         [1.0, 0.5, 0.25]
@@ -79,7 +79,7 @@ class StepDecay(Schedule):
 class Cosine(Schedule):
     """Cosine decay from 1 to ``min_factor`` over ``total_steps``, then ``min_factor``.
 
-    Example:
+    Examples:
         >>> from lightning_hsu import Cosine
         >>> [round(Cosine(100).factor(step), 3) for step in (0, 50, 100)]
         [1.0, 0.5, 0.0]

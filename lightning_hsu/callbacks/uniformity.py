@@ -79,7 +79,7 @@ class HypersphericalUniformity(Callback):
             penalty eagerly.
         verbose: print the selection summary at fit start (on global rank 0).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_hsu import HypersphericalUniformity
         >>> callback = HypersphericalUniformity(preset="mhe")  # pl.Trainer(callbacks=[callback])

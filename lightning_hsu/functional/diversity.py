@@ -687,7 +687,7 @@ def diversity_summary(
             exact always); see "Huge layers" in the module docstring for what each metric then means.
         seed: of that subset (`sample_neuron_indices`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.functional.diversity import diversity_summary

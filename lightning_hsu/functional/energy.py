@@ -114,7 +114,7 @@ def hyperspherical_energy(
     ``arccos``. For s = 0 the Euclidean value is \(-\log d^2\), twice the log energy, as in
     the official code.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.functional import hyperspherical_energy

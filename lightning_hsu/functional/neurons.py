@@ -56,7 +56,7 @@ def neurons_of(source: nn.Module | Tensor, *, name: str | None = None) -> Tensor
         TypeError: the module has no tensor `weight`.
         ValueError: the weight has fewer than 2 dimensions (no neurons to compare).
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> from lightning_hsu.functional import neurons_of
         >>> tuple(neurons_of(nn.Conv2d(3, 8, 3)).shape)  # 8 filters of 3 x 3 x 3

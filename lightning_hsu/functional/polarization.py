@@ -85,7 +85,7 @@ def relaxed_polarization(neurons: Tensor, *, check_finite: bool = True) -> Tenso
     \(w_i\) and \(-w_i\) would cancel). ``check_finite=False``: no host sync (CUDA-graph
     safe), NaN for NaN/inf neurons instead of raising.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.functional import relaxed_polarization

@@ -169,7 +169,7 @@ def hyperspherical_separation(
     (`ClosestPairsKernel`), the same value and gradient
     at the cost of a second Gram product and a dense gradient product.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.functional import hyperspherical_separation

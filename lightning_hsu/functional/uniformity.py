@@ -73,7 +73,7 @@ def uniformity(
         check_finite: raise `NonFiniteInputError` for NaN/inf
             rows. ``False``: no host sync at all (CUDA-graph safe); NaN/inf rows give NaN.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.functional import uniformity

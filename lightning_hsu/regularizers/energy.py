@@ -23,7 +23,7 @@ class MHE(Capturable):
         eps: normaliser of the official code.
         chunk_size: rows per block (``None``: automatic).
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.regularizers import MHE

@@ -19,7 +19,7 @@ class MHS(Capturable):
     ``temperature=None`` is the official hard max-min (ties summed, gradient through the closest
     pairs only); a positive ``temperature`` gives the smooth soft-min variant.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tri = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])  # 120 degrees apart
         >>> from lightning_hsu.regularizers import MHS
