@@ -157,12 +157,22 @@ def plot_angle_distributions(
     return fig
 
 
-def plot_angle_heatmap(histograms: Mapping[str, tuple[Tensor, Tensor]], *, title: str | None = None) -> Figure:
+def plot_angle_heatmap(
+    histograms: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    title: str | None = None,
+    min_angles: Mapping[str, float] | None = None,
+    zoom: bool = True,
+) -> Figure:
     """One panel for many layers: a row per layer, the density of its pairwise angles in colour.
 
     Args:
         histograms: `{layer: (counts, edges in degrees)}`; a layer without pairs is a blank row.
         title: figure title.
+        min_angles: `{layer: minimum angle in degrees}`: a white tick on the layer's row at each
+            (its `gid` is `MIN_ANGLE_GID`).
+        zoom: set the x-limits to the angles of all layers (their occupied bins and minimum
+            angles, padded by 8 %) instead of the whole edge range.
 
     One panel for all layers draws in about a tenth of the time of `plot_angle_distributions`'
     panel per layer at 50 layers (docs/performance.md). Uses
@@ -188,6 +198,19 @@ def plot_angle_heatmap(histograms: Mapping[str, tuple[Tensor, Tensor]], *, title
     for row, layer in enumerate(layers):
         bounds = histograms[layer][1].double().numpy()
         mesh = ax.pcolormesh(bounds, [row, row + 1], densities[row][None, :], norm=norm, cmap="viridis")
+    marks = {layer: v for layer, v in (min_angles or {}).items() if layer in histograms and math.isfinite(v)}
+    if marks:
+        rows = [layers.index(layer) + 0.5 for layer in marks]
+        ax.plot(
+            list(marks.values()), rows, linestyle="none", marker="|", markersize=9, color="white", gid=MIN_ANGLE_GID
+        )
+    if zoom and layers:
+        edges_all = [histograms[layer][1] for layer in layers]
+        full = (min(float(e[0]) for e in edges_all), max(float(e[-1]) for e in edges_all))
+        span = _occupied_range(histograms)
+        if span is not None and marks:
+            span = (min(span[0], *marks.values()), max(span[1], *marks.values()))
+        ax.set_xlim(*_view(span, full))
     ax.set_ylim(len(layers), 0)
     ax.set_yticks(np.arange(len(layers)) + 0.5, layers, fontsize=7)
     ax.set_xlabel("pairwise angle (°)")

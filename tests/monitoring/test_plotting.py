@@ -102,3 +102,17 @@ def test_monitor_call_signatures_still_work() -> None:
     assert fig.legends == [] and fig.axes[0].get_xlim() == pytest.approx((37.8, 142.2))  # bins 45–135, ±7.2°
     heat = plot_angle_heatmap({"fc": (counts, edges)}, title="step 3")
     assert png_size(heat)[0] > 50
+
+
+def test_heatmap_zooms_to_all_layers_angles_and_marks_minima() -> None:
+    angles = {"a": angles_of(30, 256, seed=0), "b": angles_of(30, 512, seed=1)}
+    minima = {name: float(a.min()) for name, a in angles.items()}
+    fig = plot_angle_heatmap({name: histogram(a) for name, a in angles.items()}, min_angles=minima)
+    ax = fig.axes[0]
+    everything = torch.cat(list(angles.values()))
+    lo, hi = ax.get_xlim()
+    assert lo <= float(everything.min()) and float(everything.max()) <= hi
+    assert hi - lo <= 1.2 * float(everything.max() - everything.min()) + 2.0  # not 0–180°
+    (marks,) = [line for line in ax.get_lines() if line.get_gid() == MIN_ANGLE_GID]
+    assert list(marks.get_xdata()) == pytest.approx([minima["a"], minima["b"]])
+    assert list(marks.get_ydata()) == [0.5, 1.5]  # on rows a and b
