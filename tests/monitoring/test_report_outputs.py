@@ -76,8 +76,10 @@ def test_json_holds_the_numbers_the_table_shows(tmp_path: Path, capsys: pytest.C
     argv = [str(a), "--compare", str(b), "--labels", "plain", "mhe"]
     assert main(argv) == 0
     header, _, *body = table_rows(capsys.readouterr().out)
-    assert main([*argv, "--json"]) == 0
-    data = json.loads(capsys.readouterr().out)  # stdout is the JSON alone
+    assert main([*argv, "--json", "--png", str(tmp_path / "angles.png")]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)  # stdout is the JSON alone, even with --png
+    assert "angles.png" in captured.err
     assert [r["label"] for r in data["runs"]] == ["plain", "mhe"]
     assert data["reference"] == "plain"
     layers = {layer["name"]: layer for layer in data["layers"]}
