@@ -171,3 +171,21 @@ def test_layers_are_measured_in_the_space_their_rules_regularise(tmp_path: Path)
     forced = NeuronDiversityMonitor(half_space=False)
     forced._selected = forced._resolve(model)
     assert forced._spaces(model) == dict.fromkeys(LAYERS, False)  # an explicit space wins over the rules
+
+
+@pytest.mark.distributed
+def test_early_stopping_on_a_diversity_metric_stops_every_rank_under_ddp(tmp_path: Path) -> None:
+    """Rank 0 profiles, every rank logs the broadcast values: EarlyStopping finds the metric on both
+    ranks (with `strict=True` a rank without it would fail) and both stop after the second epoch."""
+    model = TinyNet()
+    model.fc1.requires_grad_(False)
+    stopper = EarlyStopping(monitor="hsu/diversity/fc1/min_angle", mode="max", patience=0)
+    monitor = NeuronDiversityMonitor(layers=["fc1"], metrics=["min_angle"], log_figures=False)
+    logger = CSVLogger(tmp_path, name="ddp", version=0)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=5, logger=logger, callbacks=[monitor, stopper], strategy="ddp_spawn", devices=2
+    )
+    trainer.fit(model, tiny_loader())
+    rows = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("hsu/diversity/fc1/min_angle")]
+    assert [r["epoch"] for r in rows] == ["0", "0", "1"]  # the start, then epochs 0 and 1: stopped
+    assert "hsu/diversity/fc1/min_angle" in trainer.callback_metrics
