@@ -402,3 +402,26 @@ def test_per_layer_values_are_not_logged_on_steps_the_loggers_skip(tmp_path, mon
     fit(tmp_path, HypersphericalUniformity(preset="mhe"), log_every_n_steps=3, max_steps=6)
     assert logged.count("hsu/penalty") == 6  # every step (progress bar, callback_metrics)
     assert logged.count("hsu/penalty/fc") == 2  # the loggers' steps only: 3 and 6
+
+
+def test_manual_optimisation_warning_is_given_on_global_rank_zero_only(monkeypatch):
+    """Through `rank_zero_warn`: a 2-process run warns once, not once per rank."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from lightning_hsu.lightning_adapter import run_training_step
+
+    def step_without_penalty() -> None:
+        engine = SimpleNamespace(in_step=False, enabled=True, manual_calls=0, warned_manual=False)
+        module = SimpleNamespace(_trainer=object(), automatic_optimization=False)
+        run_training_step(engine, module, lambda: None, (), {}, "Net")
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    with pytest.warns(UserWarning, match="did not take the hyperspherical penalty"):
+        step_without_penalty()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_without_penalty()
