@@ -79,9 +79,9 @@ class TimedMonitor(NeuronDiversityMonitor):
         super().__init__(**kwargs)
         self.event_seconds: list[tuple[float, float]] = []  # (wall, process CPU)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, hook: Any) -> None:
         cpu, start = time.process_time(), time.perf_counter()
-        super()._log(trainer, pl_module)
+        super()._log(trainer, pl_module, hook)
         self.event_seconds.append((time.perf_counter() - start, time.process_time() - cpu))
 
 
@@ -136,7 +136,7 @@ def monitor_run(
     fit_seconds = (time.perf_counter() - start, time.process_time() - cpu)
     events = monitor.event_seconds if monitor is not None else []
     event = (sum(e[0] for e in events), sum(e[1] for e in events))
-    head = {k.split("/")[-1]: v for k, v in logger.metrics.items() if k.startswith("hsu/head/")}
+    head = {k.split("/")[-1]: v for k, v in logger.metrics.items() if k.startswith("hsu/diversity/head/")}
     return fit_seconds, event, head
 
 
@@ -203,7 +203,13 @@ def bench_report(args: argparse.Namespace, root: Path) -> None:
 def bench_figure(args: argparse.Namespace, root: Path) -> None:
     model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(53)])
     tb = TensorBoardLogger(root, name="figures", version=0)
-    trainer = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[tb], strategy=SimpleNamespace(model=model))
+    trainer = SimpleNamespace(
+        global_step=0,
+        current_epoch=0,
+        is_global_zero=True,
+        loggers=[tb],
+        strategy=SimpleNamespace(model=model, broadcast=lambda obj, src=0: obj),
+    )
     rows = []
     for label, style in (("before: one panel per layer", "panels"), ("after: default (`auto`: heatmap)", "auto")):
         monitor = NeuronDiversityMonitor(figure_style=style)  # type: ignore[arg-type]
@@ -221,7 +227,7 @@ def bench_figure(args: argparse.Namespace, root: Path) -> None:
         for step in range(args.repeats):
             trainer.global_step = step + 1
             start = time.perf_counter()
-            monitor._log(trainer, model)  # type: ignore[arg-type]
+            monitor._profile_and_write(trainer, model, trainer.global_step)  # type: ignore[arg-type]
             profile_times.append(time.perf_counter() - start)
         event = statistics.median(profile_times)
         figure_wall = statistics.median(t[0] for t in figure_times)

@@ -191,10 +191,17 @@ def train(regularised: bool, args: argparse.Namespace, data: tuple[TensorDataset
     val_loader = DataLoader(val_set, batch_size=args.batch)
     logger = CSVLogger(args.root, name=name, version=0)
     hsu = HypersphericalUniformity(preset=args.preset) if regularised else None
-    # The monitor only reads the weights: it logs hsu/<layer>/min_angle for every Linear/Conv*
-    # layer at the end of training, with or without the regulariser.
+    # The monitor only reads the weights: it logs hsu/diversity/<layer>/min_angle for every Linear/Conv*
+    # layer at the end of training, with or without the regulariser; in full space for every layer
+    # (half_space=False), so that the baseline and the regularised run are measured alike.
     monitor = NeuronDiversityMonitor(
-        metrics=["min_angle"], every_n_steps=args.steps, log_at_epoch_end=False, log_histograms=False, log_figures=False
+        metrics=["min_angle"],
+        every_n_steps=args.steps,
+        log_at_epoch_end=False,
+        log_at_train_start=False,
+        log_histograms=False,
+        log_figures=False,
+        half_space=False,
     )
     trainer = pl.Trainer(
         max_steps=args.steps,
@@ -218,7 +225,12 @@ def train(regularised: bool, args: argparse.Namespace, data: tuple[TensorDataset
     (result,) = trainer.validate(model, val_loader, verbose=False)
     bindings = [] if hsu is None else [(b.layer_name, b.rule.label) for b in hsu.engine.bindings]
     logged = last_logged(Path(logger.log_dir) / "metrics.csv")
-    angles = {key[len("hsu/") : -len("/min_angle")]: v for key, v in logged.items() if key.endswith("/min_angle")}
+    prefix = "hsu/diversity/"
+    angles = {
+        key[len(prefix) : -len("/min_angle")]: v
+        for key, v in logged.items()
+        if key.startswith(prefix) and key.endswith("/min_angle")
+    }
     return {"val_loss": result["val_loss"], "penalty": penalty, "bindings": bindings, "angles": angles}
 
 

@@ -59,7 +59,11 @@ def train(regularised: bool, args: argparse.Namespace, root: Path) -> dict[str, 
         callbacks.append(HypersphericalUniformity(preset="mhe"))
     if NeuronDiversityMonitor is not None:
         # Works with or without the regulariser: it only reads the weights, at every epoch end.
-        callbacks.append(NeuronDiversityMonitor(metrics=["min_angle", "mean_nn_angle", "energy"], log_figures=False))
+        # full space for every layer (half_space=False): the baseline and the regularised runs are measured alike
+        monitor = NeuronDiversityMonitor(
+            metrics=["min_angle", "mean_nn_angle", "energy"], log_figures=False, half_space=False
+        )
+        callbacks.append(monitor)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         logger=logger,
@@ -74,7 +78,7 @@ def train(regularised: bool, args: argparse.Namespace, root: Path) -> dict[str, 
     logged = last_logged(Path(logger.log_dir) / "metrics.csv")
     out = {"test_acc": result["test_acc"], "penalty": penalty}
     for layer in LAYERS:
-        out[f"{layer}/min_angle"] = logged.get(f"hsu/{layer}/min_angle", math.nan)
+        out[f"{layer}/min_angle"] = logged.get(f"hsu/diversity/{layer}/min_angle", math.nan)
     out["log_dir"] = logger.log_dir  # type: ignore[assignment]
     return out
 

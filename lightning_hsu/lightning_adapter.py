@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_hsu.engine import PenaltyEngine
-from lightning_hsu.rules import same_rule
+from lightning_hsu.rules import Binding, Rule, same_rule
 
 #: Attribute of a LightningModule holding the engines attached to it (callback and/or mixin).
 ENGINES_ATTR = "_hsu_engines"
@@ -176,12 +176,11 @@ def run_training_step(
         output = step_fn(*args, **kwargs)
         if engine.enabled and engine.manual_calls == calls and not engine.warned_manual:
             engine.warned_manual = True
-            warnings.warn(
+            rank_zero_warn(
                 f"{where}: the module uses manual optimisation and this training step did not take the "
                 "hyperspherical penalty; add `self.hyperspherical_penalty(optimizer)` (mixin) or "
                 "`lightning_hsu.hyperspherical_penalty(self, optimizer)` to the loss you pass to manual_backward",
-                UserWarning,
-                stacklevel=3,
+                category=UserWarning,
             )
         return output
     engine.begin_step(trainer.global_step)
@@ -232,10 +231,9 @@ def manual_penalty(
     for engine in engines:
         if engine.in_step:
             if params is not None:
-                warnings.warn(
+                rank_zero_warn(
                     "`optimizer` is ignored in automatic optimisation (one optimizer steps all parameters)",
-                    UserWarning,
-                    stacklevel=3,
+                    category=UserWarning,
                 )
             value = engine.collect()
         else:  # prepare_engine refused manual optimisation on sharded weights
@@ -258,17 +256,104 @@ def _loggers_write_this_step(trainer: Any, step: int) -> bool:
     return (step + 1) % max(1, int(trainer.log_every_n_steps)) == 0
 
 
+def penalty_log_names(bindings: Sequence[Binding], prefix: str = "hsu") -> dict[str, str]:
+    """The logged name of each binding's unweighted penalty, by binding key.
+
+    ``<prefix>/penalty/<layer>`` where one rule regularises the layer, else
+    ``<prefix>/penalty/<layer>/<regularizer name>`` (rules with one regularizer on one layer share
+    a name and are summed). Rule names and how the rules were written (one rule, a preset, custom
+    rules) do not enter: the same layer and regularizer always give the same name.
+    """
+    per_layer: dict[str, set[str]] = {}
+    for b in bindings:
+        per_layer.setdefault(b.layer_name, set()).add(b.regularizer.name)
+    names = {}
+    for b in bindings:
+        name = f"{prefix}/penalty/{b.layer_name}"
+        names[b.key] = name if len(per_layer[b.layer_name]) == 1 else f"{name}/{b.regularizer.name}"
+    return names
+
+
+def rule_labels(rules: Sequence[Rule]) -> list[str]:
+    """Each rule's label, with ``#<index>`` added to a label that two rules share."""
+    labels = [r.label for r in rules]
+    return [label + (f"#{i}" if labels.count(label) > 1 else "") for i, label in enumerate(labels)]
+
+
+def coefficient_log_names(rules: Sequence[Rule], prefix: str = "hsu") -> list[str]:
+    """``<prefix>/coefficient/<rule label>`` per rule (`rule_labels`)."""
+    return [f"{prefix}/coefficient/{label}" for label in rule_labels(rules)]
+
+
+def rule_coefficients(engine: PenaltyEngine, step: int) -> dict[str, float]:
+    r"""The coefficient each rule applies at global step ``step``, \(\lambda \cdot
+    \text{schedule}(t) \cdot k\) (\(k\) = ``every_n_steps``), by logged name; 0 while the
+    engine is disabled. Like `LearningRateMonitor`'s learning rate: the value the user controls."""
+    names = coefficient_log_names(engine.rules)
+    if not engine.enabled:
+        return dict.fromkeys(names, 0.0)
+    k = engine.every_n_steps
+    return {
+        name: float(rule.coefficient * rule.effective_schedule(step) * k)
+        for name, rule in zip(names, engine.rules, strict=True)
+    }
+
+
+def _describe(obj: object) -> str:
+    """``Class(attr=value, ...)`` of a schedule (its public attributes), for a hyperparameter."""
+    attrs = ", ".join(f"{k}={v!r}" for k, v in vars(obj).items() if not k.startswith("_"))
+    return f"{type(obj).__name__}({attrs})"
+
+
+def configuration(engine: PenaltyEngine, **settings: Any) -> dict[str, Any]:
+    """The engine's rules and options as flat hyperparameters (``hsu/...``: strings and numbers)."""
+    params: dict[str, Any] = {
+        "hsu/every_n_steps": engine.every_n_steps,
+        "hsu/on_nonfinite": engine.on_nonfinite,
+        "hsu/classifier": str(engine.classifier),
+        "hsu/cuda_graphs": engine.cuda_graphs,
+    }
+    params.update({f"hsu/{k}": v for k, v in settings.items()})
+    for label, rule in zip(rule_labels(engine.rules), engine.rules, strict=True):
+        base = f"hsu/rule/{label}"
+        regularizer = rule.regularizer
+        params[f"{base}/regularizer"] = regularizer if isinstance(regularizer, str) else type(regularizer).__name__
+        params[f"{base}/coefficient"] = float(rule.coefficient)
+        params[f"{base}/schedule"] = _describe(rule.schedule) if rule.schedule is not None else "constant"
+        params[f"{base}/options"] = str(dict(rule.options))
+        params[f"{base}/layers"] = str(rule.layers) if rule.layers is not None else "all"
+        params[f"{base}/exclude"] = str(list(rule.exclude))
+    return params
+
+
+def log_configuration(trainer: Any, engine: PenaltyEngine, **settings: Any) -> None:
+    """Send `configuration` to every logger's ``log_hyperparams``, once, on global rank 0."""
+    if trainer is None or not trainer.is_global_zero:
+        return
+    params = configuration(engine, **settings)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
 def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_layer: bool, prog_bar: bool) -> None:
-    """Log the last step's penalties: ``hsu/penalty`` (weighted sum) and ``hsu/<layer>/<rule>``.
+    """Log the last step's penalties: ``hsu/penalty`` (weighted sum), and on the steps the loggers
+    write ``hsu/penalty/<layer>[/<regularizer>]`` (unweighted, `penalty_log_names`) and
+    ``hsu/coefficient/<rule>`` (`rule_coefficients`).
 
     Values computed from whole weights are identical on every rank and need no sync. Penalties
     shared across ranks (``shard_across_ranks``) are partial sums: they are all-reduced (on every
     rank) so that the logged value is the full penalty.
     """
+    trainer = pl_module._trainer
+    # the step the last penalties belong to (manual optimisation: the step `direct_penalty` used)
+    step = engine.last_step if pl_module.automatic_optimization or trainer is None else trainer.global_step
+    writes = _loggers_write_this_step(trainer, step)
+    if per_layer and writes:  # also on steps without a penalty (a schedule at 0, a lazy step, disabled)
+        for name, coefficient in rule_coefficients(engine, step).items():
+            pl_module.log(name, coefficient, on_step=True, on_epoch=False, batch_size=1)
     values, weighted = engine.last_tensors()
     if not values:
         return
-    trainer = pl_module._trainer
     if engine.shard is not None and trainer is not None:
         sharded = [b.key for b in engine.bindings if engine.is_sharded(b) and b.key in values]
         if sharded:
@@ -279,6 +364,12 @@ def log_values(pl_module: pl.LightningModule, engine: PenaltyEngine, *, per_laye
                 values[key], weighted[key] = summed[0, i], summed[1, i]
     total = torch.stack([w.reshape(()).float() for w in weighted.values()]).sum()
     pl_module.log("hsu/penalty", total, on_step=True, on_epoch=False, prog_bar=prog_bar, batch_size=1)
-    if per_layer and _loggers_write_this_step(trainer, engine.last_step):
+    if per_layer and writes:
+        names = penalty_log_names(engine.bindings)
+        per_name: dict[str, Tensor] = {}
         for key, value in values.items():
-            pl_module.log(f"hsu/{key}", value.float(), on_step=True, on_epoch=False, batch_size=1)
+            name = names.get(key, f"hsu/penalty/{key}")
+            value = value.reshape(()).float()
+            per_name[name] = per_name[name] + value if name in per_name else value
+        for name, value in per_name.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=1)

@@ -15,7 +15,14 @@ import lightning.pytorch as pl
 from torch import Tensor
 
 from lightning_hsu.engine import OnNonFinite, PenaltyEngine
-from lightning_hsu.lightning_adapter import attach, log_values, manual_penalty, prepare_engine, run_training_step
+from lightning_hsu.lightning_adapter import (
+    attach,
+    log_configuration,
+    log_values,
+    manual_penalty,
+    prepare_engine,
+    run_training_step,
+)
 from lightning_hsu.rules import Rule, preset_rules
 from lightning_hsu.validation import flag
 
@@ -134,6 +141,8 @@ class HypersphericalUniformityMixin:
             prepare_engine(
                 engine, trainer, module, shard_across_ranks=settings.shard_across_ranks, where=type(self).__name__
             )
+            if settings.log:
+                log_configuration(trainer, engine, shard_across_ranks=settings.shard_across_ranks)
         object.__setattr__(self, "_hsu_ready", True)
 
     def hyperspherical_penalty(self, optimizer: Any = None) -> Tensor:

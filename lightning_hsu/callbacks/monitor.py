@@ -1,9 +1,11 @@
 """``NeuronDiversityMonitor``: log how diverse each layer's neurons are while a model trains.
 
-In the spirit of Lightning's ``LearningRateMonitor``: it writes to every attached logger directly
-(``logger.log_metrics``), not through ``self.log``, so it can run at epoch end and never mixes its
-numbers into the user's logged metrics. It works with or without the
-`HypersphericalUniformity` regulariser.
+Its scalars reach `trainer.callback_metrics` (through `LightningModule.log`, with `logger=False`),
+so `EarlyStopping` and `ModelCheckpoint` can monitor them, and are written to every attached
+logger directly, at the step and epoch Lightning gives its own values of the same hook (so they
+are written on the monitor's own steps, whatever `log_every_n_steps` says). Histograms and figures
+go to the logger experiments directly. It works with or without the `HypersphericalUniformity`
+regulariser; with it (or the mixin) attached, each layer's angles follow its rule's space.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lightning_hsu.layers import (
     storage_key,
     user_modules,
 )
-from lightning_hsu.lightning_adapter import overrides
+from lightning_hsu.lightning_adapter import attached_engines, overrides
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -125,21 +127,35 @@ class NeuronDiversityMonitor(Callback):
     near-duplicates, hyperspherical energy (Liu et al., NeurIPS 2018), uniformity (Wang & Isola,
     ICML 2020), effective rank and condition number of the Gram matrix. What each logger gets:
 
-    - every logger: the scalars ``hsu/<layer>/<metric>`` via ``log_metrics(..., step=global_step)``;
+    - `trainer.callback_metrics` (every rank) and every logger: the scalars
+      ``hsu/diversity/<layer>/<metric>``, with the step and epoch Lightning gives its own values
+      (``step`` = batches stepped so far, as in ``self.log``; at epoch end the step of Lightning's
+      epoch-end row);
     - loggers whose ``experiment`` has ``add_histogram_raw`` (TensorBoard): the histogram of the
-      pairwise angles as ``hsu/<layer>/angles``;
+      pairwise angles as ``hsu/diversity/<layer>/angles``;
     - loggers with figures (TensorBoard ``add_figure``, W&B ``log_image``): one figure of all layers'
-      angle distributions as ``hsu/angle_distributions``: one panel per layer up to 12 layers, above
+      angle distributions as ``hsu/diversity/angle_distributions``: one panel per layer up to 12 layers, above
       that one heatmap (a row per layer, colour = density), which draws in a tenth of the time
       (`figure_style` chooses);
-    - loggers with neither (CSV): the angle quantiles ``hsu/<layer>/angle_p5``, ``angle_p50``,
-      ``angle_p95`` in place of the histogram (``log_quantiles=True`` sends them everywhere).
+    - loggers with neither (CSV): the angle quantiles ``hsu/diversity/<layer>/angle_p5``,
+      ``angle_p50``, ``angle_p95`` in place of the histogram (``log_quantiles=True`` sends them
+      everywhere).
+
+    **At the start of training** (``on_train_start``, step 0 of a fresh run) the same is logged
+    once for the initial weights, so every metric can be read as a change since initialisation
+    (``log_at_train_start=False`` leaves it out).
+
+    **Which space.** With ``half_space=None`` (default) a layer that an attached
+    `HypersphericalUniformity` callback or mixin regularises is measured in its rule's space
+    (half space for the presets' hidden layers: angles between lines), every other layer in full
+    space; a message at the start of training lists the layers measured in half space, and the
+    figure says which space each layer uses. ``True``/``False`` measure every layer in half/full space.
 
     **Huge layers.** A layer with more than `max_neurons` neurons (default 4,096) is profiled on
     that many of its neurons, drawn uniformly at random with `sample_seed` (the same neurons at
     every event, so its curves follow one subset): about the cost of a 4,096-neuron layer plus the
     exact spectrum (\(O(nd^2)\)) instead of \(O(n^2 d)\) (measurements in docs/performance.md). Such
-    a layer also gets the scalar `hsu/<layer>/neurons_used`, and its figure label says `[m of n
+    a layer also gets the scalar `hsu/diversity/<layer>/neurons_used`, and its figure label says `[m of n
     neurons]`. The mean angle, the energy and the histogram are then unbiased estimates, the
     uniformity and quantiles consistent ones, the minimum angle an upper bound, the coherence and
     duplicate count lower bounds, the nearest-neighbour angle an overestimate, the spectrum exact:
@@ -170,8 +186,10 @@ class NeuronDiversityMonitor(Callback):
         log_at_epoch_end: also log at the end of every training epoch.
         metrics: a subset of `DIVERSITY_METRICS`
             (``None``: all). The energy, uniformity and spectrum each cost one more pass.
-        half_space: angles between lines, \(\min(\theta, 180^\circ - \theta)\), and half-space
-            energy/uniformity, as for hidden layers in the papers.
+        half_space: ``True``: angles between lines, \(\min(\theta, 180^\circ - \theta)\), and
+            half-space energy/uniformity, as for hidden layers in the papers, for every layer;
+            ``False``: full space for every layer; ``None``: each layer as its rule regularises it
+            (see "Which space" above).
         histogram_bins: bins of the angle histograms over \([0, 180]\) (\([0, 90]\)).
         duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
         log_histograms: send histograms to loggers that support them.
@@ -183,6 +201,7 @@ class NeuronDiversityMonitor(Callback):
             ``True``: to every logger; ``False``: never.
         chunk_size: rows per block of the pairwise pass (``None``: automatic).
         prefix: first component of every key.
+        log_at_train_start: log the initial weights' metrics at the start of training.
         max_neurons: layers with more neurons are profiled on a random subset of this many
             (`None`: every layer exactly); see "Huge layers" above.
         sample_seed: seed of those subsets.
@@ -196,7 +215,7 @@ class NeuronDiversityMonitor(Callback):
         every_n_steps: int | None = None,
         log_at_epoch_end: bool = True,
         metrics: Sequence[DiversityMetric] | None = None,
-        half_space: bool = False,
+        half_space: bool | None = None,
         histogram_bins: int = 36,
         duplicate_threshold: float = 1.0,
         log_histograms: bool = True,
@@ -207,6 +226,7 @@ class NeuronDiversityMonitor(Callback):
         max_neurons: int | None = DEFAULT_MAX_NEURONS,
         sample_seed: int = 0,
         figure_style: FigureStyle = "auto",
+        log_at_train_start: bool = True,
     ) -> None:
         super().__init__()
         self.layers = None if layers is None else list(layers)
@@ -226,6 +246,7 @@ class NeuronDiversityMonitor(Callback):
         self.max_neurons = max_neurons
         self.sample_seed = sample_seed
         self.figure_style = figure_style
+        self.log_at_train_start = log_at_train_start
         self._check_options()
         self._selected: list[tuple[str, str]] = []  # (clean name, path in the wrapped module)
         self._last_step: int | None = None
@@ -233,6 +254,8 @@ class NeuronDiversityMonitor(Callback):
         self._announced_ties: set[tuple[str, ...]] = set()
         self._figure: Figure | None = None
         self._draw_figures = log_figures
+        self._half: dict[str, bool] = {}  # layer -> measured in half space
+        self._scalars: dict[str, float] = {}  # the last event's scalars (for callback_metrics)
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -368,25 +391,75 @@ class NeuronDiversityMonitor(Callback):
         # After the strategy wrapped the model (FSDP1 inserts wrapper modules): paths change.
         self._selected = self._resolve(pl_module, trainer.strategy.model)
         self._last_step = None
+        self._half = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After every on_fit_start: the regulariser's engines are attached by now.
+        self._half = self._spaces(pl_module)
+        if self.half_space is None and any(self._half.values()):
+            halves = [name for name, half in self._half.items() if half]
+            rank_zero_info(
+                "NeuronDiversityMonitor: measured in half space as their rules regularise them: "
+                + ", ".join(halves)
+                + "; every other layer in full space"
+            )
+        if self.log_at_train_start:
+            self._log(trainer, pl_module, "start")
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
+            self._log(trainer, pl_module, "batch")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_at_epoch_end:
-            self._log(trainer, pl_module)
+            self._log(trainer, pl_module, "epoch")
+
+    def _spaces(self, pl_module: pl.LightningModule) -> dict[str, bool]:
+        """Whether each selected layer is measured in half space (see "Which space")."""
+        if self.half_space is not None:
+            return {name: bool(self.half_space) for name, _ in self._selected}
+        ruled: dict[str, bool] = {}
+        for engine in attached_engines(pl_module):
+            for binding in engine.bindings:
+                half = bool(binding.regularizer.hparams().get("half_space", False))
+                ruled[binding.layer_name] = ruled.get(binding.layer_name, False) or half
+        return {name: ruled.get(name, False) for name, _ in self._selected}
+
+    def _half_space(self, name: str) -> bool:
+        return self._half.get(name, bool(self.half_space))
 
     # -- work ---------------------------------------------------------------------------------
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # epoch end right after a step event: same weights, same step
-            return
-        self._last_step = step
+    def _log(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, hook: Literal["start", "batch", "epoch"]
+    ) -> None:
+        """Profile the layers (rank 0), share the scalars with every rank for `callback_metrics`, and
+        write them, the histograms and the figure to the loggers (rank 0)."""
+        if self._last_step is None or trainer.global_step != self._last_step:
+            self._scalars = self._profile_and_write(trainer, pl_module, self._logger_step(trainer, hook))
+            self._last_step = trainer.global_step
+        # else: an epoch end right after a step event: same weights, already written at this step
+        if hook == "start" or not self._scalars:
+            return  # `self.log` is refused here (or at least not on a step row)
+        for key, value in self._scalars.items():
+            pl_module.log(key, value, on_step=hook == "batch", on_epoch=hook == "epoch", logger=False, batch_size=1)
+
+    @staticmethod
+    def _logger_step(trainer: pl.Trainer, hook: str) -> int:
+        """The step Lightning gives the values that ``self.log`` writes from ``hook``: the batches
+        stepped before this one in a batch hook, and the last batch's at epoch end (Lightning
+        steps back by one to write its epoch-end row)."""
+        stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+        if not isinstance(stepped, int):
+            stepped = trainer.global_step
+        return max(0, stepped - 1) if hook == "epoch" else stepped
+
+    def _profile_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
+        if not self._half:
+            self._half = self._spaces(pl_module)
         profiles: dict[str, DiversityProfile] = {}
         first_of: dict[Hashable, str] = {}
         aliases: dict[str, list[str]] = {}
@@ -399,12 +472,12 @@ class NeuronDiversityMonitor(Callback):
                 continue
             if not bool(torch.isfinite(neurons).all()):
                 rank_zero_warn(f"NeuronDiversityMonitor: layer '{name}' has non-finite weights; its metrics are NaN")
-                profiles[name] = self._nan_profile(int(neurons.shape[0]))
+                profiles[name] = self._nan_profile(int(neurons.shape[0]), self._half_space(name))
                 continue
             profiles[name] = diversity_profile(
                 neurons,
                 metrics=self.metrics,
-                half_space=self.half_space,
+                half_space=self._half_space(name),
                 duplicate_threshold=self.duplicate_threshold,
                 quantiles=_QUANTILES,
                 bins=self.histogram_bins,
@@ -419,18 +492,36 @@ class NeuronDiversityMonitor(Callback):
                 self._announced_ties.add(names)
                 rank_zero_info(
                     f"NeuronDiversityMonitor: layers {', '.join(repr(n) for n in names)} share one weight; "
-                    f"it is profiled once and logged as '{self.prefix}/{first}/...'"
+                    f"it is profiled once and logged as '{self.prefix}/diversity/{first}/...'"
                 )
+        scalars: dict[str, float] = {}
         if trainer.is_global_zero and profiles:
+            scalars = self._scalars_of(profiles, with_quantiles=True)
             self._figure = None  # drawn once per event, for every logger that takes it
             for logger in trainer.loggers:
-                self._write(logger, profiles, step)
+                self._write(logger, profiles, step, trainer.current_epoch)
             self._figure = None
+        # weight-derived numbers: computed once, the same on every rank (a collective on every rank)
+        return cast("dict[str, float]", trainer.strategy.broadcast(scalars, src=0))
 
-    def _nan_profile(self, n: int) -> DiversityProfile:
+    def _key(self, name: str, metric: str) -> str:
+        return f"{self.prefix}/diversity/{name}/{metric}"
+
+    def _scalars_of(self, profiles: dict[str, DiversityProfile], *, with_quantiles: bool) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        for name, profile in profiles.items():
+            for key, value in profile.metrics.items():
+                if key.startswith("angle_p") and not with_quantiles:
+                    continue
+                scalars[self._key(name, key)] = float(value)
+            if profile.sampled:
+                scalars[self._key(name, "neurons_used")] = float(profile.neurons_used)
+        return scalars
+
+    def _nan_profile(self, n: int, half_space: bool) -> DiversityProfile:
         names = list(DIVERSITY_METRICS if self.metrics is None else self.metrics)
         names += [f"angle_p{100 * q:g}" for q in _QUANTILES]
-        top = 90.0 if self.half_space else 180.0
+        top = 90.0 if half_space else 180.0
         return DiversityProfile(
             metrics={n: math.nan for n in names},
             histogram=torch.zeros(self.histogram_bins, dtype=torch.int64),
@@ -468,26 +559,20 @@ class NeuronDiversityMonitor(Callback):
                     elif owner is not None or trainer.is_global_zero:
                         yield name, view.neurons_from(weight.detach()), key
 
-    def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int) -> None:
+    def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int, epoch: int) -> None:
         experiment = getattr(logger, "experiment", None)
         add_histogram_raw = getattr(experiment, "add_histogram_raw", None) if self.log_histograms else None
         takes_histograms = callable(getattr(experiment, "add_histogram_raw", None))
         with_quantiles = self.log_quantiles if self.log_quantiles is not None else not takes_histograms
-        scalars: dict[str, float] = {}
-        for name, profile in profiles.items():
-            for key, value in profile.metrics.items():
-                if key.startswith("angle_p") and not with_quantiles:
-                    continue
-                scalars[f"{self.prefix}/{name}/{key}"] = value
-            if profile.sampled:
-                scalars[f"{self.prefix}/{name}/neurons_used"] = float(profile.neurons_used)
+        scalars: dict[str, float] = {"epoch": epoch}  # an int, as Lightning adds it to its own rows
+        scalars.update(self._scalars_of(profiles, with_quantiles=with_quantiles))
         logger.log_metrics(scalars, step=step)
         if callable(add_histogram_raw):
             for name, profile in profiles.items():
                 if profile.pairs == 0:
                     continue
                 add_histogram_raw(
-                    tag=f"{self.prefix}/{name}/angles",
+                    tag=self._key(name, "angles"),
                     min=profile.min_angle,
                     max=profile.max_angle,
                     num=profile.pairs,
@@ -507,7 +592,8 @@ class NeuronDiversityMonitor(Callback):
             return
         from lightning_hsu.plotting import figure_to_rgb, plot_angle_distributions, plot_angle_heatmap
 
-        space = "half-space" if self.half_space else "full space"
+        spaces = {self._half_space(name) for name in profiles}
+        space = "per layer" if len(spaces) > 1 else ("half space" if spaces == {True} else "full space")
         title = f"Pairwise angles ({space}), step {step}"
         labels = {name: self._label(name, profile) for name, profile in profiles.items()}
         style = self.figure_style
@@ -522,17 +608,20 @@ class NeuronDiversityMonitor(Callback):
                 series = {labels[n]: {"": (p.histogram, p.edges)} for n, p in profiles.items()}
                 fig = plot_angle_distributions(series, title=title)
             self._figure = fig
-        tag = f"{self.prefix}/angle_distributions"
+        tag = f"{self.prefix}/diversity/angle_distributions"
         if callable(add_figure):
             add_figure(tag, fig, global_step=step, close=False)
         elif callable(log_image):
             log_image(key=tag, images=[figure_to_rgb(fig)], step=step)
 
     def _label(self, name: str, profile: DiversityProfile) -> str:
-        """A layer's name in the figure: with the names tied to it and, if sampled, how many neurons."""
+        """A layer's name in the figure: with the names tied to it, its space when the layers' spaces
+        differ and, if sampled, how many neurons."""
         label = name
         if self._aliases.get(name):
             label += f" (= {', '.join(self._aliases[name])})"
         if profile.sampled:
             label += f" [{profile.neurons_used} of {profile.neurons} neurons]"
+        if len({self._half_space(n) for n, _ in self._selected}) > 1:
+            label += " (half space)" if self._half_space(name) else " (full space)"
         return label

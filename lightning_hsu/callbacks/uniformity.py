@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_hsu.engine import PenaltyEngine
 from lightning_hsu.lightning_adapter import (
     detach,
+    log_configuration,
     log_values,
     overrides,
     prepare_engine,
@@ -62,10 +63,14 @@ class HypersphericalUniformity(Callback):
         schedule: coefficient schedule of the single rule (per-rule schedules go in ``Rule``).
         every_n_steps: lazy regularisation: apply every k-th global step with k× the coefficient.
         on_nonfinite: ``"raise"`` (default) or ``"skip"`` when a layer's penalty is NaN/inf.
-        log: log ``hsu/penalty`` (the weighted sum) every step.
-        log_per_layer: also log ``hsu/<layer>/<rule>`` (unweighted values), on the steps where
-            Lightning writes to the loggers (every ``log_every_n_steps``): a ``self.log`` call costs
-            host time, which a GPU step cannot spare once per layer.
+        log: log ``hsu/penalty`` (the weighted sum) every step, and the rules and options once as
+            hyperparameters (``hsu/rule/<rule>/...``, every logger's ``log_hyperparams``, rank 0).
+        log_per_layer: also log ``hsu/penalty/<layer>`` (unweighted values; with several
+            regularizers on a layer ``hsu/penalty/<layer>/<regularizer>``) and each rule's effective
+            coefficient \(\lambda \cdot \text{schedule}(t) \cdot k\) as
+            ``hsu/coefficient/<rule>``, on the steps where Lightning writes to the loggers (every
+            ``log_every_n_steps``): a ``self.log`` call costs host time, which a GPU step cannot
+            spare once per layer. The names are listed in docs/logging.md.
         prog_bar: show ``hsu/penalty`` on the progress bar.
         enabled: start enabled (toggle at run time with `enabled`).
         shard_across_ranks: under a data-parallel strategy with W ranks, each rank computes only
@@ -200,6 +205,10 @@ class HypersphericalUniformity(Callback):
         prepare_engine(self.engine, trainer, pl_module, shard_across_ranks=self.shard_across_ranks, where=where)
         if self.verbose:
             rank_zero_info(trainer, f"{where}: {self.summary()}")
+        if self.log:
+            log_configuration(
+                trainer, self.engine, enabled=self.engine.enabled, shard_across_ranks=self.shard_across_ranks
+            )
         had_instance_attr = "training_step" in vars(pl_module)
         original = wrap_training_step(pl_module, self.engine, where)
         self._original_training_step = (had_instance_attr, original)

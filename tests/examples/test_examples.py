@@ -71,7 +71,7 @@ def test_cli_yaml_turns_the_regulariser_on(tmp_path: Path):
     with metrics.open() as f:
         columns = set(next(csv.reader(f)))
     # the callback's penalties and the monitor's angles both reached the CSV logger
-    assert {"hsu/penalty", "hsu/conv1/mhe", "hsu/classifier/mhs", "hsu/conv1/min_angle"} <= columns
+    assert {"hsu/penalty", "hsu/penalty/conv1", "hsu/penalty/classifier", "hsu/diversity/conv1/min_angle"} <= columns
     (saved,) = root.rglob("config.yaml")
     assert "lightning_hsu.HypersphericalUniformity" in saved.read_text()
 

@@ -169,13 +169,89 @@ def test_logs_total_and_per_layer_penalties_to_the_logger(tmp_path):
     with open(logger.log_dir + "/metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     keys = set(rows[0])
-    assert {"hsu/penalty", "hsu/conv/mhe_hidden", "hsu/hidden/mhe_hidden", "hsu/fc/mhe_classifier"} <= keys
+    assert {"hsu/penalty", "hsu/penalty/conv", "hsu/penalty/hidden", "hsu/penalty/fc"} <= keys
     last = [r for r in rows if r["hsu/penalty"]][-1]
-    per_layer = {k: float(last[k]) for k in keys if k.startswith("hsu/") and k != "hsu/penalty"}
-    weighted = (
-        per_layer["hsu/conv/mhe_hidden"] + per_layer["hsu/hidden/mhe_hidden"] + 10 * per_layer["hsu/fc/mhe_classifier"]
-    )
+    per_layer = {k: float(last[k]) for k in keys if k.startswith("hsu/penalty/")}
+    weighted = per_layer["hsu/penalty/conv"] + per_layer["hsu/penalty/hidden"] + 10 * per_layer["hsu/penalty/fc"]
     assert float(last["hsu/penalty"]) == pytest.approx(weighted, rel=1e-5)
+
+
+class TwoRegularizers(Regularizer):
+    """A second regularizer name on a layer (for the naming test)."""
+
+    name = "norm"
+
+    def penalty(self, neurons, *, step=None):
+        return (neurons.norm(dim=1) - 1).square().mean()
+
+
+@pytest.mark.parametrize(
+    ("callback", "expected"),
+    [
+        (lambda: HypersphericalUniformity("mhe", layers=["conv", "hidden", "fc"]), None),
+        (lambda: HypersphericalUniformity(preset="mhe"), None),
+        (
+            lambda: HypersphericalUniformity(
+                rules=[Rule("mhe", layers=["conv", "hidden"], name="my_hidden"), Rule("mhe", 2.0, layers=["fc"])]
+            ),
+            None,
+        ),
+        (
+            lambda: HypersphericalUniformity(
+                rules=[Rule("mhe", layers=["conv"]), Rule(TwoRegularizers(), layers=["conv"])]
+            ),
+            {"hsu/penalty/conv/mhe", "hsu/penalty/conv/norm"},
+        ),
+    ],
+    ids=["single-rule", "preset", "custom-rules", "two-regularizers-on-one-layer"],
+)
+def test_penalty_names_do_not_depend_on_how_the_rules_are_written(tmp_path, monkeypatch, callback, expected):
+    """`hsu/penalty/<layer>` whatever the rules' names; `/<regularizer>` added only where a layer has several."""
+    logged: set[str] = set()
+    original = pl.LightningModule.log
+
+    def spy(self, name, *args, **kwargs):
+        logged.add(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", spy)
+    fit(tmp_path, callback(), max_steps=1, log_every_n_steps=1)
+    penalties = {k for k in logged if k.startswith("hsu/penalty/")}
+    assert penalties == (expected or {"hsu/penalty/conv", "hsu/penalty/hidden", "hsu/penalty/fc"})
+    assert "hsu/penalty" in logged
+
+
+def test_coefficient_follows_a_linear_warmup(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    schedule = LinearWarmup(warmup_steps=4)
+    callback = HypersphericalUniformity("mhe", coefficient=0.5, schedule=schedule, layers=["fc"])
+    fit(tmp_path, callback, logger=logger, log_every_n_steps=1, max_steps=6)
+    logger.finalize("success")
+    with open(logger.log_dir + "/metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("hsu/coefficient/mhe")]
+    logged = {int(r["step"]): float(r["hsu/coefficient/mhe"]) for r in rows}
+    assert sorted(logged) == list(range(6))
+    for step, value in logged.items():
+        assert value == pytest.approx(0.5 * schedule(step)), step
+    assert logged[0] == 0.0 and logged[5] == pytest.approx(0.5)  # the ramp, then λ
+
+
+def test_configuration_is_logged_once_as_hyperparameters(tmp_path):
+    calls: list[dict] = []
+
+    class Spy(CSVLogger):
+        def log_hyperparams(self, params, *args, **kwargs):
+            calls.append(dict(params) if isinstance(params, dict) else {})
+            return super().log_hyperparams(params, *args, **kwargs)
+
+    rules = [Rule("mhe", 0.5, layers=["fc"], schedule=LinearWarmup(3)), Rule("mhs", 0.1, layers=["conv"])]
+    fit(tmp_path, HypersphericalUniformity(rules=rules, every_n_steps=2), logger=Spy(tmp_path, name="run"))
+    ours = [c for c in calls if any(k.startswith("hsu/") for k in c)]
+    assert len(ours) == 1
+    params = ours[0]
+    assert params["hsu/every_n_steps"] == 2
+    assert params["hsu/rule/mhe/coefficient"] == 0.5 and params["hsu/rule/mhs/coefficient"] == 0.1
+    assert params["hsu/rule/mhe/regularizer"] == "mhe" and "LinearWarmup" in params["hsu/rule/mhe/schedule"]
 
 
 def test_validation_and_prediction_compute_no_penalty(tmp_path):
@@ -311,7 +387,7 @@ def test_per_layer_values_are_logged_on_the_steps_the_loggers_write(tmp_path):
     # Lightning writes steps 1, 3, 5 (every 2nd); each row holds the total and every layer's value
     assert [int(r["step"]) for r in rows] == [1, 3, 5]
     for row in rows:
-        assert all(row[k] for k in ("hsu/conv/mhe_hidden", "hsu/hidden/mhe_hidden", "hsu/fc/mhe_classifier"))
+        assert all(row[k] for k in ("hsu/penalty/conv", "hsu/penalty/hidden", "hsu/penalty/fc"))
 
 
 def test_per_layer_values_are_not_logged_on_steps_the_loggers_skip(tmp_path, monkeypatch):
@@ -325,4 +401,27 @@ def test_per_layer_values_are_not_logged_on_steps_the_loggers_skip(tmp_path, mon
     monkeypatch.setattr(pl.LightningModule, "log", spy)
     fit(tmp_path, HypersphericalUniformity(preset="mhe"), log_every_n_steps=3, max_steps=6)
     assert logged.count("hsu/penalty") == 6  # every step (progress bar, callback_metrics)
-    assert logged.count("hsu/fc/mhe_classifier") == 2  # the loggers' steps only: 3 and 6
+    assert logged.count("hsu/penalty/fc") == 2  # the loggers' steps only: 3 and 6
+
+
+def test_manual_optimisation_warning_is_given_on_global_rank_zero_only(monkeypatch):
+    """Through `rank_zero_warn`: a 2-process run warns once, not once per rank."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    from lightning_hsu.lightning_adapter import run_training_step
+
+    def step_without_penalty() -> None:
+        engine = SimpleNamespace(in_step=False, enabled=True, manual_calls=0, warned_manual=False)
+        module = SimpleNamespace(_trainer=object(), automatic_optimization=False)
+        run_training_step(engine, module, lambda: None, (), {}, "Net")
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    with pytest.warns(UserWarning, match="did not take the hyperspherical penalty"):
+        step_without_penalty()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step_without_penalty()

@@ -423,5 +423,5 @@ def test_monitor_profiles_gpt2_neurons_on_the_output_axis(tmp_path):
         unit = torch.nn.functional.normalize(neurons.double(), dim=1)
         cos = (unit @ unit.t()).clamp(-1, 1)
         angles = torch.rad2deg(torch.arccos(cos[torch.triu_indices(E, E, 1).unbind()]))
-        got = logged[f"hsu/net.transformer.h.0.attn.c_attn.{part}/min_angle"]
+        got = logged[f"hsu/diversity/net.transformer.h.0.attn.c_attn.{part}/min_angle"]
         assert got == pytest.approx(float(angles.min()), abs=1e-3)

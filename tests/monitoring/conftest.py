@@ -48,10 +48,10 @@ def tiny_loader() -> torch.utils.data.DataLoader:
 
 
 def quiet_trainer(root: Path, **kwargs: object) -> pl.Trainer:
+    kwargs.setdefault("devices", 1)
     return pl.Trainer(
         default_root_dir=root,
         accelerator="cpu",
-        devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,

@@ -43,10 +43,14 @@ class RecordingLogger:
 def log_once(monitor: NeuronDiversityMonitor, model: nn.Module) -> RecordingLogger:
     logger = RecordingLogger()
     trainer = SimpleNamespace(
-        global_step=1, is_global_zero=True, loggers=[logger], strategy=SimpleNamespace(model=model)
+        global_step=1,
+        current_epoch=0,
+        is_global_zero=True,
+        loggers=[logger],
+        strategy=SimpleNamespace(model=model, broadcast=lambda obj, src=0: obj),
     )
     monitor._selected = monitor._resolve(model)
-    monitor._log(trainer, model)  # type: ignore[arg-type]
+    monitor._profile_and_write(trainer, model, step=1)  # type: ignore[arg-type]
     return logger
 
 
@@ -61,18 +65,18 @@ class WideNet(nn.Module):
 def test_huge_layer_is_profiled_on_a_subset_and_says_so() -> None:
     model = WideNet()
     logged = log_once(NeuronDiversityMonitor(max_neurons=50, sample_seed=2), model).metrics
-    assert logged["hsu/big/neurons_used"] == 50
-    assert "hsu/small/neurons_used" not in logged  # 10 <= 50 neurons: exact, nothing to say
+    assert logged["hsu/diversity/big/neurons_used"] == 50
+    assert "hsu/diversity/small/neurons_used" not in logged  # 10 <= 50 neurons: exact, nothing to say
     drawn = dense_angles(model.big.weight.detach()[sample_neuron_indices(300, 50, seed=2)])
-    assert logged["hsu/big/mean_angle"] == pytest.approx(float(drawn.mean()), abs=1e-3)
-    assert logged["hsu/big/min_angle"] == pytest.approx(float(drawn.min()), abs=1e-3)
+    assert logged["hsu/diversity/big/mean_angle"] == pytest.approx(float(drawn.mean()), abs=1e-3)
+    assert logged["hsu/diversity/big/min_angle"] == pytest.approx(float(drawn.min()), abs=1e-3)
     exact = dense_angles(model.small.weight.detach())
-    assert logged["hsu/small/min_angle"] == pytest.approx(float(exact.min()), abs=1e-3)
+    assert logged["hsu/diversity/small/min_angle"] == pytest.approx(float(exact.min()), abs=1e-3)
 
     everything = log_once(NeuronDiversityMonitor(max_neurons=None), model).metrics
     assert not any(key.endswith("neurons_used") for key in everything)
     all_angles = dense_angles(model.big.weight.detach())
-    assert everything["hsu/big/min_angle"] == pytest.approx(float(all_angles.min()), abs=1e-3)
+    assert everything["hsu/diversity/big/min_angle"] == pytest.approx(float(all_angles.min()), abs=1e-3)
 
 
 class TiedNet(nn.Module):
@@ -102,7 +106,9 @@ def test_tied_weight_is_profiled_once_under_both_names(
     with caplog.at_level(logging.INFO):
         logger = log_once(monitor, TiedNet())
     assert sorted(profiled) == [8, 40]  # hidden, and the tied 40 x 8 matrix once
-    assert "hsu/embed/min_angle" in logger.metrics and not any(k.startswith("hsu/head/") for k in logger.metrics)
+    assert "hsu/diversity/embed/min_angle" in logger.metrics and not any(
+        k.startswith("hsu/diversity/head/") for k in logger.metrics
+    )
     assert "'embed', 'head' share one weight" in caplog.text
     (figure,) = logger.experiment.figures
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
@@ -116,7 +122,7 @@ def test_many_layers_are_drawn_as_one_heatmap_from_the_logged_histograms() -> No
     heatmap = figure.axes[0]  # then the colour bar
     assert [t.get_text() for t in heatmap.get_yticklabels()] == [str(i) for i in range(13)]
     # Row 4's colours are the density of the histogram sent to TensorBoard for layer 4.
-    sent = logger.experiment.histograms["hsu/4/angles"]
+    sent = logger.experiment.histograms["hsu/diversity/4/angles"]
     counts = torch.tensor(sent["bucket_counts"], dtype=torch.float64)
     density = counts / (counts.sum() * 20.0)  # 9 bins of 20 degrees
     mesh = heatmap.collections[4]
