@@ -190,7 +190,8 @@ class NeuronDiversityMonitor(Callback):
             half-space energy/uniformity, as for hidden layers in the papers, for every layer;
             ``False``: full space for every layer; ``None``: each layer as its rule regularises it
             (see "Which space" above).
-        histogram_bins: bins of the angle histograms over \([0, 180]\) (\([0, 90]\)).
+        histogram_bins: bins of the angle histograms over \([0, 180]\) (\([0, 90]\)); fine enough
+            (1° by default) for the figures to zoom onto a high-dimensional layer's narrow range.
         duplicate_threshold: nearest-neighbour angle (degrees) under which a neuron is a duplicate.
         log_histograms: send histograms to loggers that support them.
         log_figures: send the distribution figure to loggers that support figures (drawing and
@@ -216,7 +217,7 @@ class NeuronDiversityMonitor(Callback):
         log_at_epoch_end: bool = True,
         metrics: Sequence[DiversityMetric] | None = None,
         half_space: bool | None = None,
-        histogram_bins: int = 36,
+        histogram_bins: int = 180,
         duplicate_threshold: float = 1.0,
         log_histograms: bool = True,
         log_figures: bool = True,
@@ -253,6 +254,8 @@ class NeuronDiversityMonitor(Callback):
         self._aliases: dict[str, list[str]] = {}  # first name of a tied weight -> the other names
         self._announced_ties: set[tuple[str, ...]] = set()
         self._figure: Figure | None = None
+        #: The first profile of each layer (with its step): drawn beside the current one.
+        self._initial: dict[str, tuple[int, DiversityProfile]] = {}
         self._draw_figures = log_figures
         self._half: dict[str, bool] = {}  # layer -> measured in half space
         self._scalars: dict[str, float] = {}  # the last event's scalars (for callback_metrics)
@@ -391,6 +394,7 @@ class NeuronDiversityMonitor(Callback):
         # After the strategy wrapped the model (FSDP1 inserts wrapper modules): paths change.
         self._selected = self._resolve(pl_module, trainer.strategy.model)
         self._last_step = None
+        self._initial = {}
         self._half = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -497,6 +501,8 @@ class NeuronDiversityMonitor(Callback):
         scalars: dict[str, float] = {}
         if trainer.is_global_zero and profiles:
             scalars = self._scalars_of(profiles, with_quantiles=True)
+            for name, profile in profiles.items():  # the first profile of a layer: "initial" in the figures
+                self._initial.setdefault(name, (step, profile))
             self._figure = None  # drawn once per event, for every logger that takes it
             for logger in trainer.loggers:
                 self._write(logger, profiles, step, trainer.current_epoch)
@@ -603,10 +609,21 @@ class NeuronDiversityMonitor(Callback):
         if fig is None:
             if style == "heatmap":
                 histograms = {labels[n]: (p.histogram, p.edges) for n, p in profiles.items()}
-                fig = plot_angle_heatmap(histograms, title=title)
+                minima = {labels[n]: p.min_angle for n, p in profiles.items()}
+                fig = plot_angle_heatmap(histograms, title=title, min_angles=minima)
             else:
-                series = {labels[n]: {"": (p.histogram, p.edges)} for n, p in profiles.items()}
-                fig = plot_angle_distributions(series, title=title)
+                series: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+                marks: dict[str, dict[str, float]] = {}
+                for n, p in profiles.items():
+                    first_step, first = self._initial.get(n, (step, p))
+                    current = f"step {step}"
+                    series[labels[n]] = {current: (p.histogram, p.edges)}
+                    marks[labels[n]] = {current: p.min_angle}
+                    if first_step != step:  # initial vs current, in one panel
+                        initial = f"step {first_step} (first logged)"
+                        series[labels[n]] = {initial: (first.histogram, first.edges), **series[labels[n]]}
+                        marks[labels[n]][initial] = first.min_angle
+                fig = plot_angle_distributions(series, title=title, min_angles=marks)
             self._figure = fig
         tag = f"{self.prefix}/diversity/angle_distributions"
         if callable(add_figure):
