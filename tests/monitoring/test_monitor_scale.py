@@ -139,3 +139,31 @@ def test_many_layers_are_drawn_as_one_heatmap_from_the_logged_histograms() -> No
 def test_scale_options_are_validated(option: str, value: object) -> None:
     with pytest.raises(ValueError, match=option):
         NeuronDiversityMonitor(**{option: value})  # type: ignore[arg-type]
+
+
+def test_the_figure_shows_each_layers_first_profile_beside_the_current_one() -> None:
+    """Is it working? The panel of a layer shows the angles when first logged and now, each with its
+    minimum marked, so a change since initialisation reads off the figure."""
+    model = WideNet()
+    monitor = NeuronDiversityMonitor(figure_style="panels", metrics=["min_angle"])
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(
+        current_epoch=0,
+        is_global_zero=True,
+        loggers=[logger],
+        strategy=SimpleNamespace(model=model, broadcast=lambda obj, src=0: obj),
+    )
+    monitor._selected = monitor._resolve(model)
+    monitor._profile_and_write(trainer, model, step=0)  # type: ignore[arg-type]
+    with torch.no_grad():
+        model.small.weight.copy_(torch.eye(10, 6))  # now rows 6-9 are zero: the angles change
+    monitor._profile_and_write(trainer, model, step=5)  # type: ignore[arg-type]
+    first, second = logger.experiment.figures
+    assert [t.get_text() for t in first.legends[0].get_texts()] == ["step 0", "minimum angle"]
+    labels = [t.get_text() for t in second.legends[0].get_texts()]
+    assert labels == ["step 0 (first logged)", "step 5", "minimum angle"]
+    panel = next(ax for ax in second.axes if ax.get_title().startswith("small"))
+    marks = sorted(float(line.get_xdata()[0]) for line in panel.lines if line.get_linestyle() == "--")
+    exact_then = float(dense_angles(WideNet().small.weight.detach()).min())
+    # then: the random rows' minimum; now: orthogonal unit rows and zero rows (orthogonal to all), 90°
+    assert marks == pytest.approx(sorted([exact_then, 90.0]), abs=1e-2)
