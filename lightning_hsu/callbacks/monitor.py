@@ -57,6 +57,17 @@ def _is_wrapper(module: nn.Module) -> bool:
     return hasattr(module, "_fsdp_wrapped_module") or hasattr(module, "_checkpoint_wrapped_module")
 
 
+def _wandb_of(logger: Logger) -> Any:
+    """The `wandb` module when `logger` is Lightning's `WandbLogger` (its histograms are native)."""
+    if type(logger).__name__ != "WandbLogger":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb
+
+
 def _matplotlib_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -131,10 +142,11 @@ class NeuronDiversityMonitor(Callback):
       ``hsu/diversity/<layer>/<metric>``, with the step and epoch Lightning gives its own values
       (``step`` = batches stepped so far, as in ``self.log``; at epoch end the step of Lightning's
       epoch-end row);
-    - loggers whose ``experiment`` has ``add_histogram_raw`` (TensorBoard): the histogram of the
-      pairwise angles as ``hsu/diversity/<layer>/angles``;
-    - loggers with figures (TensorBoard ``add_figure``, W&B ``log_image``): one figure of all layers'
-      angle distributions as ``hsu/diversity/angle_distributions``: one panel per layer up to 12 layers, above
+    - loggers with native histograms (TensorBoard ``add_histogram_raw``, W&B ``wandb.Histogram``):
+      the histogram of the pairwise angles as ``hsu/diversity/<layer>/angles``;
+    - loggers with figures (TensorBoard ``add_figure``, W&B ``log_image``, MLflow ``log_figure``):
+      one figure of all layers' angle distributions as ``hsu/diversity/angle_distributions``, each
+      layer's first profile beside the current one: one panel per layer up to 12 layers, above
       that one heatmap (a row per layer, colour = density), which draws in a tenth of the time
       (`figure_style` chooses);
     - loggers with neither (CSV): the angle quantiles ``hsu/diversity/<layer>/angle_p5``,
@@ -568,7 +580,8 @@ class NeuronDiversityMonitor(Callback):
     def _write(self, logger: Logger, profiles: dict[str, DiversityProfile], step: int, epoch: int) -> None:
         experiment = getattr(logger, "experiment", None)
         add_histogram_raw = getattr(experiment, "add_histogram_raw", None) if self.log_histograms else None
-        takes_histograms = callable(getattr(experiment, "add_histogram_raw", None))
+        wandb = _wandb_of(logger)
+        takes_histograms = callable(getattr(experiment, "add_histogram_raw", None)) or wandb is not None
         with_quantiles = self.log_quantiles if self.log_quantiles is not None else not takes_histograms
         scalars: dict[str, float] = {"epoch": epoch}  # an int, as Lightning adds it to its own rows
         scalars.update(self._scalars_of(profiles, with_quantiles=with_quantiles))
@@ -588,13 +601,22 @@ class NeuronDiversityMonitor(Callback):
                     bucket_counts=profile.histogram.tolist(),
                     global_step=step,
                 )
+        elif wandb is not None and self.log_histograms:
+            histograms = {
+                self._key(name, "angles"): wandb.Histogram(np_histogram=(p.histogram.tolist(), p.edges.tolist()))
+                for name, p in profiles.items()
+                if p.pairs > 0
+            }
+            logger.log_metrics(histograms, step=step)  # type: ignore[arg-type]
         if self._draw_figures:
             self._write_figure(logger, experiment, profiles, step)
 
     def _write_figure(self, logger: Logger, experiment: Any, profiles: dict[str, DiversityProfile], step: int) -> None:
         add_figure = getattr(experiment, "add_figure", None)
         log_image = getattr(logger, "log_image", None)
-        if not callable(add_figure) and not callable(log_image):
+        log_figure = getattr(experiment, "log_figure", None)  # MLflow's client
+        run_id = getattr(logger, "run_id", None)
+        if not callable(add_figure) and not callable(log_image) and not (callable(log_figure) and run_id):
             return
         from lightning_hsu.plotting import figure_to_rgb, plot_angle_distributions, plot_angle_heatmap
 
@@ -630,6 +652,8 @@ class NeuronDiversityMonitor(Callback):
             add_figure(tag, fig, global_step=step, close=False)
         elif callable(log_image):
             log_image(key=tag, images=[figure_to_rgb(fig)], step=step)
+        elif callable(log_figure):
+            log_figure(run_id, fig, f"{tag}/step_{step:07d}.png")
 
     def _label(self, name: str, profile: DiversityProfile) -> str:
         """A layer's name in the figure: with the names tied to it, its space when the layers' spaces
