@@ -12,7 +12,7 @@ penalty is added to the loss itself, loss scaling (fp16 GradScaler), the divisio
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,6 +35,11 @@ def _to_floats(values: dict[str, Tensor]) -> dict[str, float]:
         return {}
     flat = torch.stack([v.reshape(()).float().cpu() for v in values.values()]).tolist()
     return dict(zip(values, flat, strict=True))
+
+
+def python_warning(message: str, category: type[Warning]) -> None:
+    """The engine's default way to warn (a module-level function: engines are pickled by ddp_spawn)."""
+    warnings.warn(message, category, stacklevel=3)
 
 
 class _Tie(torch.autograd.Function):
@@ -142,6 +147,9 @@ class PenaltyEngine:
         self.selection = Selection()
         self.classifier_name: str | None = None
         self._missed_reported = False
+        #: How the engine warns: `warnings.warn` by default; the Lightning layer passes its rank-zero
+        #: warning so that a multi-process run warns once.
+        self.warn: Callable[[str, type[Warning]], None] = python_warning
         #: The global step of the last closed step (what `last_values` belong to).
         self.last_step = 0
         self._handles: list[Any] = []
@@ -342,15 +350,11 @@ class PenaltyEngine:
             )
             if self.on_nonfinite == "raise":
                 raise NonFinitePenaltyError(message + " (set on_nonfinite='skip' to skip such steps)") from err
-            warnings.warn(message + "; skipped (on_nonfinite='skip')", RuntimeWarning, stacklevel=2)
+            self.warn(message + "; skipped (on_nonfinite='skip')", RuntimeWarning)
             return None
         value = penalty.detach()
         if self.on_nonfinite == "skip" and not bool(torch.isfinite(value)):
-            warnings.warn(
-                self._nonfinite_message(binding, value, step) + "; skipped (on_nonfinite='skip')",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self.warn(self._nonfinite_message(binding, value, step) + "; skipped (on_nonfinite='skip')", RuntimeWarning)
             return None
         assert self._record is not None
         self._record.values[binding.key] = value
@@ -415,11 +419,10 @@ class PenaltyEngine:
             replayed = self.graphs(graphed, record.step)
         except RuntimeError as err:
             self.cuda_graphs = False
-            warnings.warn(
+            self.warn(
                 f"capturing the hyperspherical penalties in a CUDA graph failed ({err}); they are computed "
                 "eagerly from now on (pass cuda_graphs=False to skip the attempt)",
                 RuntimeWarning,
-                stacklevel=2,
             )
             return todo
         for i, layer in enumerate(replayed.layers):
@@ -540,11 +543,10 @@ class PenaltyEngine:
                 why = "its forward was not called in this step"
             missed.append(f"{b.layer_name}: {why}")
         if missed:
-            warnings.warn(
+            self.warn(
                 "hyperspherical penalties of these layers did not reach the loss in the first training step, because "
                 "under a sharded strategy a penalty is computed in its layer's forward: " + "; ".join(missed),
                 RuntimeWarning,
-                stacklevel=2,
             )
 
     def summary(self) -> str:
@@ -637,11 +639,10 @@ class PenaltyEngine:
         keys = {b.key: b for b in self.bindings}
         unknown = sorted(set(self._pending_state) - set(keys))
         if unknown:
-            warnings.warn(
+            self.warn(
                 f"hyperspherical regularizer state for {unknown} does not match any regularised layer of this "
                 "model; it is ignored",
                 UserWarning,
-                stacklevel=2,
             )
         for key, value in self._pending_state.items():
             if key in keys:

@@ -57,6 +57,11 @@ def keeps_whole_weights(strategy: Any) -> bool:
     return isinstance(strategy, tuple(t for name in whole for t in _strategy_types(name)))
 
 
+def rank_zero_warning(message: str, category: type[Warning]) -> None:
+    """Warn once in a multi-process run (global rank 0), as Lightning's own callbacks do."""
+    rank_zero_warn(message, category=category)
+
+
 def prepare_engine(
     engine: PenaltyEngine, trainer: Any, pl_module: torch.nn.Module, *, shard_across_ranks: bool, where: str
 ) -> None:
@@ -87,6 +92,7 @@ def prepare_engine(
         defer_finite_check=strategy.root_device.type == "cuda",
         shard=shard,
     )
+    engine.warn = rank_zero_warning
     drop_overlap(engine, pl_module, where)
     engine.install_hooks()
     attach(pl_module, engine)
