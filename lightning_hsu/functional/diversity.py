@@ -31,12 +31,12 @@ For fewer than two neurons the angle metrics and the coherence are NaN, the coun
 
 ## Huge layers: a sampled profile
 
-An exact profile costs \(O(n^2 d)\) time: 164 CPU seconds for a 50,000 × 512 layer (one core of
-an AMD EPYC, docs/performance.md). With `max_neurons=m`, a layer of \(n > m\) neurons is profiled
+An exact profile costs \(O(n^2 d)\) time (minutes for a 50,000 × 512 layer: docs/performance.md).
+With `max_neurons=m`, a layer of \(n > m\) neurons is profiled
 on \(m\) of its neurons drawn uniformly at random without replacement (`torch.randperm` on a
 generator seeded with `seed`, see `sample_neuron_indices`: the same neurons at every call, so a
 logged curve follows one subset through training): \(O(m^2 d)\) time and \(O(m^2)\) memory for
-the pairs, whatever \(n\) (2.0 CPU seconds for that layer, the exact spectrum included). The
+the pairs, whatever \(n\) (seconds for that layer, the exact spectrum included). The
 profile says so (`DiversityProfile.sampled`, `neurons_used`). What each metric of the subset says
 about the whole layer:
 
