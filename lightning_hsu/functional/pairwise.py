@@ -55,7 +55,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread
 from lightning_hsu.functional.kernels import PairKernel
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
@@ -440,11 +440,12 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
         return None
     scale = grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
-    if len(saved) == 1:
-        return saved[0] * scale
-    coefficients, rows, divisor = saved
-    grad = batched_matmul(coefficients * scale, rows)
-    return grad if divisor is None else grad.div_(divisor)
+    with passes_on_one_thread(grad_total.device):
+        if len(saved) == 1:
+            return saved[0] * scale
+        coefficients, rows, divisor = saved
+        grad = batched_matmul(coefficients * scale, rows)
+        return grad if divisor is None else grad.div_(divisor)
 
 
 class _PairwiseKernelSum(torch.autograd.Function):
@@ -458,8 +459,9 @@ class _PairwiseKernelSum(torch.autograd.Function):
         row_range: tuple[int, int] | None,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
-        _save_gradient(ctx, grad)
+        with passes_on_one_thread(unit.device):
+            total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
+            _save_gradient(ctx, grad)
         return total
 
     @staticmethod
@@ -496,12 +498,13 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         check_finite: bool,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
-        # check_finite: the call makes host decisions anyway, so the kernel may too
-        total, grad = _block_sums(
-            rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
-        )
-        _save_gradient(ctx, grad, divisor)
+        with passes_on_one_thread(neurons.device):
+            rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
+            # check_finite: the call makes host decisions anyway, so the kernel may too
+            total, grad = _block_sums(
+                rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
+            )
+            _save_gradient(ctx, grad, divisor)
         return total
 
     @staticmethod
