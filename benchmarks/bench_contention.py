@@ -13,9 +13,9 @@ Methods, per case:
 - **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
   the code before the change);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
-- **products**: the products the package itself must do, half the Gram (the symmetric strips of
-  :func:`~lightning_hsu.functional._matmul.gram`) and the gradient product ``C W``, with the
-  library's products.
+- **products**: the products the package itself must do, half the Gram matrix (its upper strips
+  of 128 rows, as :func:`~lightning_hsu.functional._matmul.gram` and the strip schedule compute
+  it, without the mirroring) and the gradient product ``C W``, with the library's products.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--large``); the exact full-space MHE of a large classifier (``--huge-n``, default
@@ -35,11 +35,11 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import machine, ms, paired_ratio, table
+from _common import half_gram_products, machine, ms, paired_ratio, table
 from _contention import BusyCore
 
 from lightning_hsu.functional import _matmul, hyperspherical_energy
-from lightning_hsu.functional._matmul import batched_matmul, gram
+from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 
 Method = tuple[Callable[[], object], bool]  # (call, elementwise passes on one thread)
 
@@ -63,9 +63,16 @@ def _official(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
 
 
 def _products(w: torch.Tensor) -> Callable[[], object]:
+    """The package's own floor: the upper strips of the Gram matrix and the gradient product."""
     x = w.detach().unsqueeze(0)
     coeff = torch.randn(1, x.shape[1], x.shape[1])
-    return lambda: (gram(x), batched_matmul(coeff, x))
+
+    def run() -> None:
+        with passes_on_one_thread(x.device):  # as inside the pair sums: products on all threads
+            half_gram_products(x)
+            batched_matmul(coeff, x)
+
+    return run
 
 
 def measure(

@@ -102,7 +102,8 @@ def test_energy_on_one_thread_equals_all_threads(
     half_space: bool, power: float, distance: str, n: int, chunk: int | None, monkeypatch
 ) -> None:
     """The normalising Function, float32 through oneDNN: one block in 2**16-entry kernel blocks
-    (300: blocks of 218 rows and a tail), upper strips (600: 436 rows and a 164-row tail), explicit strips of 64 rows."""
+    (300: blocks of 218 rows and a tail), upper strips (600: 436 rows and a 164-row tail),
+    explicit strips of 64 rows."""
     w = _weights(n, 20, torch.float32, seed=1)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
