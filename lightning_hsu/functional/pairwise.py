@@ -69,6 +69,12 @@ DENSE_BLOCK_ELEMENTS = 4096 * 4096
 STRIP_ELEMENTS = 2**18
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
+#: A layer past one block is cut into about this many strips on the CPU: each strip is a few
+#: products, each product a barrier of the thread pool, which a busy core stretches by
+#: milliseconds; eight strips compute 1/16 more than half the Gram matrix.
+STRIPS_PER_LAYER = 8
+#: Largest strip on the CPU, in Gram entries (16 MiB of float32 per temporary of a strip).
+MAX_STRIP_ELEMENTS = 2**22
 #: Gram entries whose kernel passes run together in the one-block schedule (256 KiB of float32
 #: per temporary: the few a block needs stay in a core's cache, where a whole 512 x 512 matrix,
 #: 1 MiB each, did not). Measured at 2 threads, forward + backward, with the closed-form
@@ -93,17 +99,20 @@ def block_rows_for(n: int, chunk_size: int | None) -> int:
 def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu") -> int:
     """Rows per strip of the upper-strip schedule.
 
-    ``chunk_size`` if given; otherwise, on the CPU, about :data:`STRIP_ELEMENTS` Gram entries per
-    strip, at least :data:`MIN_STRIP_ROWS` rows, and never more than :func:`block_rows_for`
-    allows. Elsewhere (a GPU) as many rows as :func:`block_rows_for` allows: strips exist for the
-    CPU's caches, and on a GPU each strip's dozen launches cost more than its passes (measured on
-    an H200: 2048 x 512 in 16 strips took 5.9x the matrix-multiply bound even replayed from a
-    CUDA graph, 512 x 4608 in one block 2.8x).
+    ``chunk_size`` if given; otherwise, on the CPU, one block while the Gram matrix has at most
+    :data:`STRIP_ELEMENTS` entries, else :data:`STRIPS_PER_LAYER` strips, at least
+    :data:`MIN_STRIP_ROWS` and at most :data:`MAX_STRIP_ELEMENTS` ``/ n`` rows, and never more than
+    :func:`block_rows_for` allows (the kernel's passes over a strip run in cache-sized blocks,
+    :func:`_strip_passes`). Elsewhere (a GPU) as many rows as :func:`block_rows_for` allows: on a
+    GPU each strip's dozen launches cost more than its passes (measured on an H200: 2048 x 512 in
+    16 strips took 5.9x the matrix-multiply bound even replayed from a CUDA graph, 512 x 4608 in
+    one block 2.8x).
     """
     rows = block_rows_for(n, chunk_size)
-    if chunk_size is not None or device_type != "cpu":
+    if chunk_size is not None or device_type != "cpu" or n * n <= STRIP_ELEMENTS:
         return rows
-    return max(1, min(rows, max(STRIP_ELEMENTS // max(n, 1), MIN_STRIP_ROWS)))
+    strip = max(MIN_STRIP_ROWS, min(-(-n // STRIPS_PER_LAYER), MAX_STRIP_ELEMENTS // n))
+    return max(1, min(rows, strip))
 
 
 def pair_count(n: int, half_space: bool) -> int:
@@ -235,25 +244,34 @@ def _row_block_sum(
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
     Every block holds whole rows, so with ``row_scale`` the projection is folded into each block.
+    As in the strips, the kernel's passes run on row blocks of about :data:`KERNEL_BLOCK_ELEMENTS`
+    entries on the CPU, each block's coefficients written over its cosines.
     """
-    batch = unit.shape[0]
+    batch, n, _ = unit.shape
     total = unit.new_zeros(batch)
     grad = torch.zeros_like(unit) if with_grad else None
     transposed = unit.transpose(1, 2)
     first, last = row_range
+    step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(n, 1)) if unit.device.type == "cpu" else block_rows
     for start in range(first, last, block_rows):
         stop = min(start + block_rows, last)
         cos = batched_matmul(unit[:, start:stop], transposed)  # [batch, rows, n]
-        sq = sq_norm[:, start:stop]
-        pair, anti, coeff = _kernel_block(cos, start, kernel, half_space, sq, with_grad, decide_on_host)
-        # summing over ordered pairs counts each unordered pair twice: exactly the half-space
-        # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
-        total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+        for low in range(start, stop, step):
+            high = min(low + step, stop)
+            block = cos[:, low - start : high - start]
+            sq = sq_norm[:, low:high]
+            pair, anti, coeff = _kernel_block(block, low, kernel, half_space, sq, with_grad, decide_on_host)
+            # summing over ordered pairs counts each unordered pair twice: exactly the half-space
+            # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
+            total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+            if coeff is None:
+                continue
+            if row_scale is not None:  # written over the block's cosines: no copy
+                _fold_projection(coeff, block, low, sq, row_scale[:, low:high], out=block)
+            else:
+                block.copy_(coeff)
         if grad is not None:
-            assert coeff is not None
-            if row_scale is not None:
-                _fold_projection(coeff, cos, start, sq, row_scale[:, start:stop])
-            matmul_into(grad[:, start:stop], coeff, unit)
+            matmul_into(grad[:, start:stop], cos, unit)
     return total, grad
 
 
@@ -305,6 +323,44 @@ def _dense_sum(
     return total, batched_matmul(cos, rows)
 
 
+def _strip_passes(
+    cos: Tensor,
+    width: int,
+    kernel: PairKernel,
+    half_space: bool,
+    sq: Tensor,
+    with_grad: bool,
+    decide_on_host: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The kernel over a strip whose self pairs lie on the diagonal from column 0.
+
+    Returns the sum of its pair terms, that of its leading ``width`` columns (the tile), the
+    antipodal sum and the coefficients. On the CPU the passes run on row blocks of about
+    :data:`KERNEL_BLOCK_ELEMENTS` entries, from cache, and the coefficients are written over
+    ``cos`` (which is returned as them); elsewhere the strip is one block.
+    """
+    batch, rows, m = cos.shape
+    step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(m, 1)) if cos.device.type == "cpu" else rows
+    if step >= rows:
+        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq, with_grad, decide_on_host)
+        return pair.sum((1, 2)), pair[:, :, :width].sum((1, 2)), anti, coeff
+    pair_total = cos.new_zeros(batch)
+    tile_total = cos.new_zeros(batch)
+    anti_total = cos.new_zeros(batch)
+    for first in range(0, rows, step):
+        last = min(first + step, rows)
+        block = cos[:, first:last]
+        pair, anti, coeff = _kernel_block(
+            block, first, kernel, half_space, sq[:, first:last], with_grad, decide_on_host
+        )
+        pair_total += pair.sum((1, 2))
+        tile_total += pair[:, :, :width].sum((1, 2))
+        anti_total += anti
+        if coeff is not None:  # a row's cosines are needed by that row only
+            block.copy_(coeff)
+    return pair_total, tile_total, anti_total, cos if with_grad else None
+
+
 def _upper_strip_sum(
     unit: Tensor,
     kernel: PairKernel,
@@ -333,11 +389,12 @@ def _upper_strip_sum(
         rows = unit[:, start:stop]
         cols = unit[:, start:]
         cos = batched_matmul(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
-        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm[:, start:stop], with_grad, decide_on_host)
+        sq = sq_norm[:, start:stop]
+        pair_total, tile_total, anti, coeff = _strip_passes(
+            cos, width, kernel, half_space, sq, with_grad, decide_on_host
+        )
         # a pair past the tile stands once for its unordered pair; a pair in the tile is there
         # twice, as (i, j) and (j, i): the full-row weights of _row_block_sum, re-weighted
-        pair_total = pair.sum((1, 2))
-        tile_total = pair[:, :, :width].sum((1, 2))
         if half_space:
             total += 2.0 * pair_total - tile_total + anti
         else:

@@ -53,9 +53,27 @@ def _weights(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
 
 
-# (chunk_size, shard world size, kernel block elements): one block in several kernel row blocks
-# (37 rows of 70: a 33-row tail), the upper strips (16 rows: a 6-row tail), full rows of 3 shards
-SCHEDULES = [(None, None, 37 * 70), (None, None, 2**16), (16, None, 2**16), (None, 3, 2**16), (9, 3, 2**16)]
+# (chunk_size, shard world size, kernel block elements) on 70 neurons: one block in kernel row
+# blocks (37 rows and a 33-row tail), upper strips of 16 rows (a 6-row tail), strips of 40 rows
+# in kernel blocks of 7 rows (the 30-row strip in blocks of 16), full rows of 3 shards, alone and
+# in kernel blocks of 5 rows, and in strips of 9
+SCHEDULES = [
+    (None, None, 37 * 70),
+    (None, None, 2**16),
+    (16, None, 2**16),
+    (40, None, 7 * 70),
+    (None, 3, 2**16),
+    (None, 3, 5 * 70),
+    (9, 3, 2**16),
+]
+
+
+def _reference_sum(unit: torch.Tensor, kernel: PairKernel, half_space: bool) -> torch.Tensor:
+    """The kernel over the strict upper triangle of the full Gram matrix of ``[u; -u]`` (or ``u``)."""
+    x = torch.cat([unit[0], -unit[0]]) if half_space else unit[0]
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    value, _ = kernel((x @ x.T)[i, j].view(1, 1, -1), False)
+    return value.sum()
 
 
 def _sum(kernel: PairKernel, half_space: bool, chunk: int | None, world: int | None):
@@ -81,9 +99,13 @@ def test_pair_sum_on_one_thread_equals_all_threads_and_float64(
     from lightning_hsu.functional import pairwise
 
     monkeypatch.setattr(pairwise, "KERNEL_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(pairwise, "MIN_KERNEL_BLOCK_ROWS", 1)
     unit64 = torch.nn.functional.normalize(_weights(70, 12, torch.float64), dim=-1).unsqueeze(0)
     fn = _sum(kernel, half_space, chunk, world)
     (v64, g64), (p64, pg64) = _both_paths(fn, unit64, monkeypatch)
+    ref, ref_grad = value_and_grad(lambda u: _reference_sum(u, kernel, half_space), unit64)
+    torch.testing.assert_close(v64, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g64, ref_grad, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(v64, p64, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(g64, pg64, rtol=1e-12, atol=1e-12)
     (v32, g32), (p32, pg32) = _both_paths(fn, unit64.float(), monkeypatch)
