@@ -3,7 +3,7 @@
 :class:`BusyCore` spawns one process that sets its affinity to a single core
 (``os.sched_setaffinity``) and spins pure Python there while switched on, so the benchmarked
 process shares that core with a runnable competitor, as on a busy host. It sleeps while switched
-off, exits when closed, and exits by itself after ``max_seconds`` whatever happens to its parent.
+off, exits when closed, when its parent dies, and by itself after ``max_seconds``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from types import TracebackType
 
 def _spin(core: int, switch: mp.synchronize.Event, stop: mp.synchronize.Event, max_seconds: float) -> None:
     os.sched_setaffinity(0, {core})
+    parent = os.getppid()
     deadline = time.monotonic() + max_seconds
     x = 0
-    while not stop.is_set() and time.monotonic() < deadline:
+    while not stop.is_set() and time.monotonic() < deadline and os.getppid() == parent:  # parent killed: exit
         if not switch.wait(0.1):
             continue
         for _ in range(20000):  # ~1 ms of spinning between checks of the switch

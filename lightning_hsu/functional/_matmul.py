@@ -37,8 +37,9 @@ ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 GRAM_STRIP_ROWS = 128
 #: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
 GRAM_STRIP_MIN_COLUMNS = 2048
-#: Rows of the output per oneDNN product in :func:`matmul_into` (bounds its temporary).
-MATMUL_INTO_ROWS = 1024
+#: Entries of the output per oneDNN product in :func:`matmul_into` (bounds its temporary to
+#: 16 MiB of float32; fewer, larger products than a fixed 1024 rows, each a barrier of the pool).
+MATMUL_INTO_ELEMENTS = 2**22
 #: Largest weight operand of one oneDNN call (16 MiB of float32), which oneDNN copies per call.
 WEIGHT_BLOCK_ELEMENTS = 2**22
 #: Whether :func:`passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
@@ -185,15 +186,16 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; returns ``out``.
 
     ``out`` may be a view (a block of rows of a larger tensor); it is written in place. The oneDNN
-    product is not in place: it runs on at most :data:`MATMUL_INTO_ROWS` rows of ``out`` at a
-    time, so its temporary stays that small whatever ``out``'s size (a strip's column product
-    covers every later row of a 100,000-neuron layer).
+    product is not in place: it runs on at most :data:`MATMUL_INTO_ELEMENTS` entries of ``out``
+    (whole rows) at a time, so its temporary stays that small whatever ``out``'s size (a strip's
+    column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b):
         with _all_threads():
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
-    for start in range(0, out.shape[1], MATMUL_INTO_ROWS):
-        stop = min(start + MATMUL_INTO_ROWS, out.shape[1])
+    step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
+    for start in range(0, out.shape[1], step):
+        stop = min(start + step, out.shape[1])
         product = batched_matmul(a[:, start:stop], b)
         if accumulate:
             out[:, start:stop].add_(product)
