@@ -18,12 +18,12 @@ Methods, per case:
   it, without the mirroring) and the gradient product ``C W``, with the library's products.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
-4096 x 512 (``--large``); the exact full-space MHE of a large classifier (``--huge-n``, default
+4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
 10,000 x 512, scaled down from the 100,000 of ``bench_huge.py`` to fit the time); one training
 step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``).
 
-Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--large] [--huge-n 10000] [--step]
-[--skip-kernels]``.
+Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--kernels half,full,large]
+[--huge-n 10000] [--step]``.
 """
 
 from __future__ import annotations
@@ -148,11 +148,12 @@ def _load() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
-def kernel_cases(args: argparse.Namespace) -> list[tuple[str, int, int, bool, bool]]:
-    cases = [("half-space MHE", 512, 4608, True, True), ("full-space MHE", 512, 4608, False, True)]
-    if args.large:
-        cases.append(("half-space MHE", 4096, 512, True, False))  # official: 8192^2 autograd, skipped
-    return cases
+#: --kernels name: (title, n, d, half space, with the official port)
+KERNEL_CASES = {
+    "half": ("half-space MHE", 512, 4608, True, True),
+    "full": ("full-space MHE", 512, 4608, False, True),
+    "large": ("half-space MHE", 4096, 512, True, False),  # official: an 8192^2 autograd graph, skipped
+}
 
 
 def main() -> None:
@@ -160,8 +161,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the many-thread setting")
     parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
-    parser.add_argument("--skip-kernels", action="store_true")
-    parser.add_argument("--large", action="store_true", help="also half-space MHE at 4096 x 512")
+    parser.add_argument(
+        "--kernels", default="half,full", help="comma-separated subset of half, full, large (4096 x 512); '' for none"
+    )
     parser.add_argument("--huge-n", type=int, default=0, help="exact full-space MHE of n x 512 (0: skip)")
     parser.add_argument("--huge-rounds", type=int, default=2)
     parser.add_argument("--step", action="store_true", help="the ResNet-18 training step")
@@ -169,20 +171,23 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"Machine: {machine()}; competing process pinned to core {args.core}\n")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - set(KERNEL_CASES))
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from {sorted(KERNEL_CASES)}")
     with BusyCore(args.core) as busy:
-        if not args.skip_kernels:
-            for title, n, d, half, official in kernel_cases(args):
-                torch.manual_seed(0)
-                w = torch.randn(n, d, requires_grad=True)
-                methods: dict[str, Method] = {"ours": (_mhe(w, half), True)}
-                methods["ours, parallel passes"] = (_mhe(w, half), False)
-                if official:
-                    methods["official"] = (_official(w, half), True)
-                methods["products"] = (_products(w), True)
-                load = _load()
-                times = measure(methods, busy, args.rounds, args.threads)
-                load = f"{load} before, {_load()} after"
-                report(f"{title}, {n} x {d}, forward + backward", times, args.threads, load)
+        for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
+            torch.manual_seed(0)
+            w = torch.randn(n, d, requires_grad=True)
+            methods: dict[str, Method] = {"ours": (_mhe(w, half), True)}
+            methods["ours, parallel passes"] = (_mhe(w, half), False)
+            if official:
+                methods["official"] = (_official(w, half), True)
+            methods["products"] = (_products(w), True)
+            load = _load()
+            times = measure(methods, busy, args.rounds, args.threads)
+            load = f"{load} before, {_load()} after"
+            report(f"{title}, {n} x {d}, forward + backward", times, args.threads, load)
         if args.huge_n:
             from bench_huge import _weight
 
