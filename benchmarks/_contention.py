@@ -1,6 +1,6 @@
 """A competing busy process pinned to one core, started and stopped by the benchmark itself.
 
-:class:`BusyCore` spawns one process that sets its affinity to a single core
+`BusyCore` spawns one process that sets its affinity to a single core
 (``os.sched_setaffinity``) and spins pure Python there while switched on, so the benchmarked
 process shares that core with a runnable competitor, as on a busy host. It sleeps while switched
 off, exits when closed, when its parent dies, and by itself after ``max_seconds``.

@@ -1,20 +1,20 @@
 """The penalty on a busy CPU: one intra-op thread against all, with a competing process on one core.
 
-A :class:`~_contention.BusyCore` process spins on core 0 during the *busy* half of each round and
+A `_contention.BusyCore` process spins on core 0 during the *busy* half of each round and
 sleeps during the *idle* half; the benchmarked process is not pinned. Every round times each
 method at 1 thread and at the default thread count, idle and busy, in a rotating order, so that
 all conditions share the minute of a shared machine; per-round ratios give the paired medians
-and 95% bootstrap intervals (:func:`~_common.paired_ratio`).
+and 95% bootstrap intervals (`_common.paired_ratio`).
 
 Methods, per case:
 
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
-  products on all: :func:`lightning_hsu.functional._matmul.passes_on_one_thread`);
+  products on all: `lightning_hsu.functional._matmul.passes_on_one_thread`);
 - **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
   the code before the change);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
-  of 128 rows, as :func:`~lightning_hsu.functional._matmul.gram` and the strip schedule compute
+  of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
   it, without the mirroring) and the gradient product ``C W``, with the library's products.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at

@@ -37,12 +37,12 @@ ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 GRAM_STRIP_ROWS = 128
 #: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
 GRAM_STRIP_MIN_COLUMNS = 2048
-#: Entries of the output per oneDNN product in :func:`matmul_into` (bounds its temporary to
+#: Entries of the output per oneDNN product in `matmul_into` (bounds its temporary to
 #: 16 MiB of float32; fewer, larger products than a fixed 1024 rows, each a barrier of the pool).
 MATMUL_INTO_ELEMENTS = 2**22
 #: Largest weight operand of one oneDNN call (16 MiB of float32), which oneDNN copies per call.
 WEIGHT_BLOCK_ELEMENTS = 2**22
-#: Whether :func:`passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
+#: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
 
@@ -57,7 +57,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     dozens of short passes (the kernel, its slope, the folded projection, sums, copies) and a few
     long products: on a core shared with another process each pass waits for the descheduled
     pool thread (milliseconds per pass), while a product is split once. Inside this context the
-    pool has one thread, and :func:`batched_matmul`, :func:`matmul_into` and :func:`gram` widen it
+    pool has one thread, and `batched_matmul`, `matmul_into` and `gram` widen it
     again for their products only. Nothing changes on other devices, at one thread, or under
     ``torch.compile`` tracing. Nested use keeps the outer setting.
     """
@@ -82,7 +82,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _all_threads() -> Iterator[None]:
-    """The caller's threads back for one product inside :func:`passes_on_one_thread`."""
+    """The caller's threads back for one product inside `passes_on_one_thread`."""
     threads = getattr(_scope, "threads", None)
     if threads is None:
         yield
@@ -186,7 +186,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; returns ``out``.
 
     ``out`` may be a view (a block of rows of a larger tensor); it is written in place. The oneDNN
-    product is not in place: it runs on at most :data:`MATMUL_INTO_ELEMENTS` entries of ``out``
+    product is not in place: it runs on at most `MATMUL_INTO_ELEMENTS` entries of ``out``
     (whole rows) at a time, so its temporary stays that small whatever ``out``'s size (a strip's
     column product covers every later row of a 100,000-neuron layer).
     """

@@ -28,10 +28,11 @@ above the dense threshold:
   unordered pair is visited once. The Gram product and the kernel evaluations are halved
   (:math:`n^2 d` multiply-adds instead of :math:`2 n^2 d`); the gradient needs two products per
   strip, :math:`F_{IJ}\hat W_J` for the rows and :math:`F_{IJ}^\top\hat W_I` for the columns, in
-  all as many multiply-adds as the dense :math:`F\hat W`. On the CPU a layer with many neurons
-  is cut into strips of about :data:`STRIP_ELEMENTS` entries (:func:`symmetric_block_rows`): the
-  kernel's elementwise passes then run from cache, and the symmetry halves them. On a GPU,
-  bound by launches rather than caches, a layer is one block up to 4096 neurons.
+  all as many multiply-adds as the dense :math:`F\hat W`. On the CPU a layer past one block is
+  cut into about `STRIPS_PER_LAYER` strips (`symmetric_block_rows`), few enough that each
+  product is large, and the kernel's elementwise passes run over cache-sized row blocks of each
+  strip (`_strip_passes`); the symmetry halves them. On a GPU, bound by launches rather than
+  caches, a layer is one block up to 4096 neurons.
 - **Full rows** (used with ``shard``). Row block :math:`I` meets all :math:`n` columns, so the
   rows' gradient is complete after their own block: the sum over the rows of a shard is the
   partial value, and the gradient it returns is the full gradient restricted to those rows.
@@ -61,11 +62,9 @@ from lightning_hsu.functional.kernels import PairKernel
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
 DENSE_BLOCK_ELEMENTS = 4096 * 4096
-#: Gram entries per strip in the automatic choice of the upper-strip schedule (1 MiB of float32):
-#: small enough for the kernel's elementwise passes to run from cache, which is what limits a
-#: layer with small ``d``; a layer whose strip would be larger is cut into strips. Measured in
-#: ``benchmarks/bench_kernels.py``: 2048 x 64 runs ~5x faster in strips of 128 rows than dense,
-#: while 512 x 4608 (matrix-multiply bound) stays dense.
+#: On the CPU a layer whose Gram matrix has at most this many entries (n <= 512) is one block;
+#: a larger one is cut into strips (`symmetric_block_rows`), its kernel passes run in blocks of
+#: `KERNEL_BLOCK_ELEMENTS` (see docs/performance.md, items 4, 8 and 27).
 STRIP_ELEMENTS = 2**18
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
@@ -100,10 +99,10 @@ def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu
     """Rows per strip of the upper-strip schedule.
 
     ``chunk_size`` if given; otherwise, on the CPU, one block while the Gram matrix has at most
-    :data:`STRIP_ELEMENTS` entries, else :data:`STRIPS_PER_LAYER` strips, at least
-    :data:`MIN_STRIP_ROWS` and at most :data:`MAX_STRIP_ELEMENTS` ``/ n`` rows, and never more than
-    :func:`block_rows_for` allows (the kernel's passes over a strip run in cache-sized blocks,
-    :func:`_strip_passes`). Elsewhere (a GPU) as many rows as :func:`block_rows_for` allows: on a
+    `STRIP_ELEMENTS` entries, else `STRIPS_PER_LAYER` strips, at least
+    `MIN_STRIP_ROWS` and at most `MAX_STRIP_ELEMENTS` ``/ n`` rows, and never more than
+    `block_rows_for` allows (the kernel's passes over a strip run in cache-sized blocks,
+    `_strip_passes`). Elsewhere (a GPU) as many rows as `block_rows_for` allows: on a
     GPU each strip's dozen launches cost more than its passes (measured on an H200: 2048 x 512 in
     16 strips took 5.9x the matrix-multiply bound even replayed from a CUDA graph, 512 x 4608 in
     one block 2.8x).
@@ -244,7 +243,7 @@ def _row_block_sum(
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
     Every block holds whole rows, so with ``row_scale`` the projection is folded into each block.
-    As in the strips, the kernel's passes run on row blocks of about :data:`KERNEL_BLOCK_ELEMENTS`
+    As in the strips, the kernel's passes run on row blocks of about `KERNEL_BLOCK_ELEMENTS`
     entries on the CPU, each block's coefficients written over its cosines.
     """
     batch, n, _ = unit.shape
@@ -336,7 +335,7 @@ def _strip_passes(
 
     Returns the sum of its pair terms, that of its leading ``width`` columns (the tile), the
     antipodal sum and the coefficients. On the CPU the passes run on row blocks of about
-    :data:`KERNEL_BLOCK_ELEMENTS` entries, from cache, and the coefficients are written over
+    `KERNEL_BLOCK_ELEMENTS` entries, from cache, and the coefficients are written over
     ``cos`` (which is returned as them); elsewhere the strip is one block.
     """
     batch, rows, m = cos.shape
