@@ -29,6 +29,25 @@ class Timing:
     wall: float
     cpu: float
     peak_bytes: int | None = None
+    walls: list[float] | None = None  # every repeat, in round order (for paired ratios)
+
+
+def half_gram_products(x: torch.Tensor, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """The upper strips ``X_I X_{J >= I}^T`` (128 rows) of the Gram matrix of ``[batch, n, d]`` rows:
+    the Gram products the pair sums compute (``gram`` and the strip schedule), without mirroring.
+
+    ``mm``: a product of two matrices (``torch.mm``); default the library's ``batched_matmul``.
+    """
+    from lightning_hsu.functional._matmul import GRAM_STRIP_ROWS, batched_matmul
+
+    n = x.shape[-2]
+    for start in range(0, n, GRAM_STRIP_ROWS):
+        stop = min(start + GRAM_STRIP_ROWS, n)
+        if mm is None:
+            batched_matmul(x[:, start:stop], x[:, start:].transpose(1, 2))
+        else:
+            for i in range(x.shape[0]):
+                mm(x[i, start:stop], x[i, start:].T)
 
 
 def sync(device: torch.device) -> None:
@@ -63,7 +82,7 @@ def time_methods(
             sync(device)
             walls[name].append(time.perf_counter() - t0)
             cpus[name].append(time.process_time() - c0)
-    return {k: Timing(statistics.median(walls[k]), statistics.median(cpus[k]), peaks[k]) for k in names}
+    return {k: Timing(statistics.median(walls[k]), statistics.median(cpus[k]), peaks[k], walls[k]) for k in names}
 
 
 def paired_ratio(
@@ -125,8 +144,9 @@ def add_common_args(parser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="intra-op threads (CPU). 1 is robust on a shared, oversubscribed machine: with 2 threads "
-        "every elementwise op ends in a barrier that waits for a descheduled thread",
+        help="intra-op threads (CPU; default: PyTorch's). The pair sums run their elementwise passes on "
+        "one thread and only their products on all (docs/performance.md, a busy CPU); the official "
+        "port and other code still end every parallel op at the pool's barrier",
     )
 
 

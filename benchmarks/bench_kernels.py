@@ -4,8 +4,10 @@ matrix-multiply lower bound.
 - **ours**: the library function, value and gradient (``.backward()`` through the normaliser).
 - **official**: a direct PyTorch port of the official TF code (Liu et al. 2018/2021, Lin et al.
   2020): half-space by concatenating ``[W; -W]``, the full ``2n x 2n`` matrix, autograd.
-- **lower bound**: the matrix products any exact method needs: the Gram product ``W Wᵀ`` and the
-  gradient product ``G W`` (MHS: the Gram only, its gradient is sparse; MGD: plus its Cholesky
+- **lower bound**: the matrix products the package itself must do. MHE: the upper half of the
+  Gram matrix (its strips of 128 rows, n²d/2 multiply-adds plus a strip's) and the gradient
+  product ``G W``; before 2026-12 the full ``W Wᵀ`` was used, which the package never computes
+  (MHS: the Gram only, its gradient is sparse; MGD: plus its Cholesky
   factorisations and their inverses, which any exact gradient of a log-determinant needs; CoMHE:
   the projections forward and backward plus ``K`` Gram and gradient products).
   On the CPU each product is timed both with ``torch.mm`` (MKL) and with oneDNN's float32 product
@@ -25,7 +27,18 @@ import math
 import time
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, mib, ms, table, time_methods
+from _common import (
+    add_common_args,
+    apply_threads,
+    device_arg,
+    half_gram_products,
+    machine,
+    mib,
+    ms,
+    paired_ratio,
+    table,
+    time_methods,
+)
 
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional import (
@@ -135,7 +148,11 @@ def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch
             mm(gp_p.transpose(0, 1).reshape(n, count * dim), stacked)  # and backward
 
         return run
-    return lambda: (mm(x, x.T), mm(g, x))
+    # MHE: the products the package itself must do, the upper half of the Gram matrix in strips
+    # and the gradient product (the full W Wᵀ of earlier tables is not its floor)
+    strips_mm = None if mm is onednn_mm else mm
+    x_batch = x.unsqueeze(0)
+    return lambda: (half_gram_products(x_batch, strips_mm), mm(g, x))
 
 
 def methods_for(kind: str, w: torch.Tensor, half_space: bool, projections: torch.Tensor | None):
@@ -198,12 +215,22 @@ def bench_case(kind: str, n: int, d: int, half_space: bool, device: torch.device
         **{f"{k}_wall": t.wall for k, t in timings.items()},
         **{f"{k}_cpu": t.cpu for k, t in timings.items()},
         **{f"{k}_peak": t.peak_bytes for k, t in timings.items()},
+        **{f"{k}_walls": t.walls for k, t in timings.items()},
     }
+
+
+def _paired(r: dict, num: str, den: str) -> str:
+    """Median of the per-repeat ratios and its 95% bootstrap interval (one repeat: the ratio)."""
+    a, b = r.get(f"{num}_walls"), r.get(f"{den}_walls")
+    if not a or not b or len(a) < 3:
+        return f"{r[f'{num}_wall'] / r[f'{den}_wall']:.3g}"
+    median, low, high = paired_ratio(a, b)
+    return f"{median:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def rows_of(results: list[dict], device: torch.device) -> tuple[list[str], list[list[object]]]:
     header = ["regulariser", "space", "n", "d", "ours ms", "official ms", "lower bound ms"]
-    header += ["official / ours", "ours / bound"]
+    header += ["official / ours [95%]", "ours / bound [95%]"]
     if device.type == "cpu":
         header += ["CPU-time official / ours", "CPU-time ours / bound"]
     else:
@@ -212,7 +239,7 @@ def rows_of(results: list[dict], device: torch.device) -> tuple[list[str], list[
     rows = []
     for r in results:
         row = [r["kind"].upper(), r["space"], r["n"], r["d"], ms(r["ours_wall"]), ms(r["official_wall"])]
-        row += [ms(r["lower bound_wall"]), r["official_wall"] / r["ours_wall"], r["ours_wall"] / r["lower bound_wall"]]
+        row += [ms(r["lower bound_wall"]), _paired(r, "official", "ours"), _paired(r, "ours", "lower bound")]
         if device.type == "cpu":
             row += [r["official_cpu"] / r["ours_cpu"], r["ours_cpu"] / r["lower bound_cpu"]]
         else:

@@ -19,9 +19,12 @@ everywhere (values then differ in the last float32 bits only).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+import threading
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -34,10 +37,61 @@ ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 GRAM_STRIP_ROWS = 128
 #: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
 GRAM_STRIP_MIN_COLUMNS = 2048
-#: Rows of the output per oneDNN product in :func:`matmul_into` (bounds its temporary).
-MATMUL_INTO_ROWS = 1024
+#: Entries of the output per oneDNN product in `matmul_into` (bounds its temporary to
+#: 16 MiB of float32; fewer, larger products than a fixed 1024 rows, each a barrier of the pool).
+MATMUL_INTO_ELEMENTS = 2**22
 #: Largest weight operand of one oneDNN call (16 MiB of float32), which oneDNN copies per call.
 WEIGHT_BLOCK_ELEMENTS = 2**22
+#: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
+#: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
+SERIAL_PASSES = True
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def passes_on_one_thread(device: torch.device) -> Iterator[None]:
+    """Run the elementwise passes inside on the calling thread; the products here keep every thread.
+
+    On the CPU each parallel ATen operation ends at the intra-op pool's barrier. A pair sum is
+    dozens of short passes (the kernel, its slope, the folded projection, sums, copies) and a few
+    long products: on a core shared with another process each pass waits for the descheduled
+    pool thread (milliseconds per pass), while a product is split once. Inside this context the
+    pool has one thread, and `batched_matmul`, `matmul_into` and `gram` widen it
+    again for their products only. Nothing changes on other devices, at one thread, or under
+    ``torch.compile`` tracing. Nested use keeps the outer setting.
+    """
+    threads = torch.get_num_threads()
+    if (
+        not SERIAL_PASSES
+        or device.type != "cpu"
+        or threads == 1
+        or getattr(_scope, "threads", None) is not None
+        or torch.compiler.is_compiling()
+    ):
+        yield
+        return
+    torch.set_num_threads(1)
+    _scope.threads = threads
+    try:
+        yield
+    finally:
+        _scope.threads = None
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _all_threads() -> Iterator[None]:
+    """The caller's threads back for one product inside `passes_on_one_thread`."""
+    threads = getattr(_scope, "threads", None)
+    if threads is None:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 @functools.cache
@@ -114,13 +168,17 @@ def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
     if not _takes_onednn(a, b):
-        return torch.bmm(a, b)
+        with _all_threads():
+            return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
-        return _onednn_product(a[0], weight[0]).unsqueeze(0)
+        with _all_threads():
+            return _onednn_product(a[0], weight[0]).unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
-        out[i] = _onednn_product(a[i], weight[i])
+        with _all_threads():
+            product = _onednn_product(a[i], weight[i])
+        out[i] = product
     return out
 
 
@@ -128,14 +186,16 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     """``out = a @ b``, or ``out += a @ b`` with ``accumulate``; returns ``out``.
 
     ``out`` may be a view (a block of rows of a larger tensor); it is written in place. The oneDNN
-    product is not in place: it runs on at most :data:`MATMUL_INTO_ROWS` rows of ``out`` at a
-    time, so its temporary stays that small whatever ``out``'s size (a strip's column product
-    covers every later row of a 100,000-neuron layer).
+    product is not in place: it runs on at most `MATMUL_INTO_ELEMENTS` entries of ``out``
+    (whole rows) at a time, so its temporary stays that small whatever ``out``'s size (a strip's
+    column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b):
-        return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
-    for start in range(0, out.shape[1], MATMUL_INTO_ROWS):
-        stop = min(start + MATMUL_INTO_ROWS, out.shape[1])
+        with _all_threads():
+            return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
+    step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
+    for start in range(0, out.shape[1], step):
+        stop = min(start + step, out.shape[1])
         product = batched_matmul(a[:, start:stop], b)
         if accumulate:
             out[:, start:stop].add_(product)

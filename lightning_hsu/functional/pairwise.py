@@ -28,10 +28,11 @@ above the dense threshold:
   unordered pair is visited once. The Gram product and the kernel evaluations are halved
   (:math:`n^2 d` multiply-adds instead of :math:`2 n^2 d`); the gradient needs two products per
   strip, :math:`F_{IJ}\hat W_J` for the rows and :math:`F_{IJ}^\top\hat W_I` for the columns, in
-  all as many multiply-adds as the dense :math:`F\hat W`. On the CPU a layer with many neurons
-  is cut into strips of about :data:`STRIP_ELEMENTS` entries (:func:`symmetric_block_rows`): the
-  kernel's elementwise passes then run from cache, and the symmetry halves them. On a GPU,
-  bound by launches rather than caches, a layer is one block up to 4096 neurons.
+  all as many multiply-adds as the dense :math:`F\hat W`. On the CPU a layer past one block is
+  cut into about `STRIPS_PER_LAYER` strips (`symmetric_block_rows`), few enough that each
+  product is large, and the kernel's elementwise passes run over cache-sized row blocks of each
+  strip (`_strip_passes`); the symmetry halves them. On a GPU, bound by launches rather than
+  caches, a layer is one block up to 4096 neurons.
 - **Full rows** (used with ``shard``). Row block :math:`I` meets all :math:`n` columns, so the
   rows' gradient is complete after their own block: the sum over the rows of a shard is the
   partial value, and the gradient it returns is the full gradient restricted to those rows.
@@ -55,20 +56,24 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread
 from lightning_hsu.functional.kernels import PairKernel
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
 DENSE_BLOCK_ELEMENTS = 4096 * 4096
-#: Gram entries per strip in the automatic choice of the upper-strip schedule (1 MiB of float32):
-#: small enough for the kernel's elementwise passes to run from cache, which is what limits a
-#: layer with small ``d``; a layer whose strip would be larger is cut into strips. Measured in
-#: ``benchmarks/bench_kernels.py``: 2048 x 64 runs ~5x faster in strips of 128 rows than dense,
-#: while 512 x 4608 (matrix-multiply bound) stays dense.
+#: On the CPU a layer whose Gram matrix has at most this many entries (n <= 512) is one block;
+#: a larger one is cut into strips (`symmetric_block_rows`), its kernel passes run in blocks of
+#: `KERNEL_BLOCK_ELEMENTS` (see docs/performance.md, items 4, 8 and 27).
 STRIP_ELEMENTS = 2**18
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
+#: A layer past one block is cut into about this many strips on the CPU: each strip is a few
+#: products, each product a barrier of the thread pool, which a busy core stretches by
+#: milliseconds; eight strips compute 1/16 more than half the Gram matrix.
+STRIPS_PER_LAYER = 8
+#: Largest strip on the CPU, in Gram entries (16 MiB of float32 per temporary of a strip).
+MAX_STRIP_ELEMENTS = 2**22
 #: Gram entries whose kernel passes run together in the one-block schedule (256 KiB of float32
 #: per temporary: the few a block needs stay in a core's cache, where a whole 512 x 512 matrix,
 #: 1 MiB each, did not). Measured at 2 threads, forward + backward, with the closed-form
@@ -93,17 +98,20 @@ def block_rows_for(n: int, chunk_size: int | None) -> int:
 def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu") -> int:
     """Rows per strip of the upper-strip schedule.
 
-    ``chunk_size`` if given; otherwise, on the CPU, about :data:`STRIP_ELEMENTS` Gram entries per
-    strip, at least :data:`MIN_STRIP_ROWS` rows, and never more than :func:`block_rows_for`
-    allows. Elsewhere (a GPU) as many rows as :func:`block_rows_for` allows: strips exist for the
-    CPU's caches, and on a GPU each strip's dozen launches cost more than its passes (measured on
-    an H200: 2048 x 512 in 16 strips took 5.9x the matrix-multiply bound even replayed from a
-    CUDA graph, 512 x 4608 in one block 2.8x).
+    ``chunk_size`` if given; otherwise, on the CPU, one block while the Gram matrix has at most
+    `STRIP_ELEMENTS` entries, else `STRIPS_PER_LAYER` strips, at least
+    `MIN_STRIP_ROWS` and at most `MAX_STRIP_ELEMENTS` ``/ n`` rows, and never more than
+    `block_rows_for` allows (the kernel's passes over a strip run in cache-sized blocks,
+    `_strip_passes`). Elsewhere (a GPU) as many rows as `block_rows_for` allows: on a
+    GPU each strip's dozen launches cost more than its passes (measured on an H200: 2048 x 512 in
+    16 strips took 5.9x the matrix-multiply bound even replayed from a CUDA graph, 512 x 4608 in
+    one block 2.8x).
     """
     rows = block_rows_for(n, chunk_size)
-    if chunk_size is not None or device_type != "cpu":
+    if chunk_size is not None or device_type != "cpu" or n * n <= STRIP_ELEMENTS:
         return rows
-    return max(1, min(rows, max(STRIP_ELEMENTS // max(n, 1), MIN_STRIP_ROWS)))
+    strip = max(MIN_STRIP_ROWS, min(-(-n // STRIPS_PER_LAYER), MAX_STRIP_ELEMENTS // n))
+    return max(1, min(rows, strip))
 
 
 def pair_count(n: int, half_space: bool) -> int:
@@ -235,25 +243,34 @@ def _row_block_sum(
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
     Every block holds whole rows, so with ``row_scale`` the projection is folded into each block.
+    As in the strips, the kernel's passes run on row blocks of about `KERNEL_BLOCK_ELEMENTS`
+    entries on the CPU, each block's coefficients written over its cosines.
     """
-    batch = unit.shape[0]
+    batch, n, _ = unit.shape
     total = unit.new_zeros(batch)
     grad = torch.zeros_like(unit) if with_grad else None
     transposed = unit.transpose(1, 2)
     first, last = row_range
+    step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(n, 1)) if unit.device.type == "cpu" else block_rows
     for start in range(first, last, block_rows):
         stop = min(start + block_rows, last)
         cos = batched_matmul(unit[:, start:stop], transposed)  # [batch, rows, n]
-        sq = sq_norm[:, start:stop]
-        pair, anti, coeff = _kernel_block(cos, start, kernel, half_space, sq, with_grad, decide_on_host)
-        # summing over ordered pairs counts each unordered pair twice: exactly the half-space
-        # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
-        total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+        for low in range(start, stop, step):
+            high = min(low + step, stop)
+            block = cos[:, low - start : high - start]
+            sq = sq_norm[:, low:high]
+            pair, anti, coeff = _kernel_block(block, low, kernel, half_space, sq, with_grad, decide_on_host)
+            # summing over ordered pairs counts each unordered pair twice: exactly the half-space
+            # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
+            total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
+            if coeff is None:
+                continue
+            if row_scale is not None:  # written over the block's cosines: no copy
+                _fold_projection(coeff, block, low, sq, row_scale[:, low:high], out=block)
+            else:
+                block.copy_(coeff)
         if grad is not None:
-            assert coeff is not None
-            if row_scale is not None:
-                _fold_projection(coeff, cos, start, sq, row_scale[:, start:stop])
-            matmul_into(grad[:, start:stop], coeff, unit)
+            matmul_into(grad[:, start:stop], cos, unit)
     return total, grad
 
 
@@ -305,6 +322,44 @@ def _dense_sum(
     return total, batched_matmul(cos, rows)
 
 
+def _strip_passes(
+    cos: Tensor,
+    width: int,
+    kernel: PairKernel,
+    half_space: bool,
+    sq: Tensor,
+    with_grad: bool,
+    decide_on_host: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The kernel over a strip whose self pairs lie on the diagonal from column 0.
+
+    Returns the sum of its pair terms, that of its leading ``width`` columns (the tile), the
+    antipodal sum and the coefficients. On the CPU the passes run on row blocks of about
+    `KERNEL_BLOCK_ELEMENTS` entries, from cache, and the coefficients are written over
+    ``cos`` (which is returned as them); elsewhere the strip is one block.
+    """
+    batch, rows, m = cos.shape
+    step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(m, 1)) if cos.device.type == "cpu" else rows
+    if step >= rows:
+        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq, with_grad, decide_on_host)
+        return pair.sum((1, 2)), pair[:, :, :width].sum((1, 2)), anti, coeff
+    pair_total = cos.new_zeros(batch)
+    tile_total = cos.new_zeros(batch)
+    anti_total = cos.new_zeros(batch)
+    for first in range(0, rows, step):
+        last = min(first + step, rows)
+        block = cos[:, first:last]
+        pair, anti, coeff = _kernel_block(
+            block, first, kernel, half_space, sq[:, first:last], with_grad, decide_on_host
+        )
+        pair_total += pair.sum((1, 2))
+        tile_total += pair[:, :, :width].sum((1, 2))
+        anti_total += anti
+        if coeff is not None:  # a row's cosines are needed by that row only
+            block.copy_(coeff)
+    return pair_total, tile_total, anti_total, cos if with_grad else None
+
+
 def _upper_strip_sum(
     unit: Tensor,
     kernel: PairKernel,
@@ -333,11 +388,12 @@ def _upper_strip_sum(
         rows = unit[:, start:stop]
         cols = unit[:, start:]
         cos = batched_matmul(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
-        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq_norm[:, start:stop], with_grad, decide_on_host)
+        sq = sq_norm[:, start:stop]
+        pair_total, tile_total, anti, coeff = _strip_passes(
+            cos, width, kernel, half_space, sq, with_grad, decide_on_host
+        )
         # a pair past the tile stands once for its unordered pair; a pair in the tile is there
         # twice, as (i, j) and (j, i): the full-row weights of _row_block_sum, re-weighted
-        pair_total = pair.sum((1, 2))
-        tile_total = pair[:, :, :width].sum((1, 2))
         if half_space:
             total += 2.0 * pair_total - tile_total + anti
         else:
@@ -440,11 +496,12 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
         return None
     scale = grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
-    if len(saved) == 1:
-        return saved[0] * scale
-    coefficients, rows, divisor = saved
-    grad = batched_matmul(coefficients * scale, rows)
-    return grad if divisor is None else grad.div_(divisor)
+    with passes_on_one_thread(grad_total.device):
+        if len(saved) == 1:
+            return saved[0] * scale
+        coefficients, rows, divisor = saved
+        grad = batched_matmul(coefficients * scale, rows)
+        return grad if divisor is None else grad.div_(divisor)
 
 
 class _PairwiseKernelSum(torch.autograd.Function):
@@ -458,8 +515,9 @@ class _PairwiseKernelSum(torch.autograd.Function):
         row_range: tuple[int, int] | None,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
-        _save_gradient(ctx, grad)
+        with passes_on_one_thread(unit.device):
+            total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
+            _save_gradient(ctx, grad)
         return total
 
     @staticmethod
@@ -496,12 +554,13 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         check_finite: bool,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
-        # check_finite: the call makes host decisions anyway, so the kernel may too
-        total, grad = _block_sums(
-            rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
-        )
-        _save_gradient(ctx, grad, divisor)
+        with passes_on_one_thread(neurons.device):
+            rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
+            # check_finite: the call makes host decisions anyway, so the kernel may too
+            total, grad = _block_sums(
+                rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
+            )
+            _save_gradient(ctx, grad, divisor)
         return total
 
     @staticmethod

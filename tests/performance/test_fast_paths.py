@@ -32,7 +32,10 @@ def test_energy_matches_concatenation(half_space: bool, power: float, n: int, ch
 
 def test_automatic_strips_cut_large_layers_and_keep_small_ones_dense() -> None:
     assert symmetric_block_rows(512, None) == 512
-    assert symmetric_block_rows(2048, None) == 128
+    assert symmetric_block_rows(513, None) == 128  # past one block: about 8 strips, >= 128 rows
+    assert symmetric_block_rows(2048, None) == 256
+    assert symmetric_block_rows(4096, None) == 512
+    assert symmetric_block_rows(8192, None) == 512  # at most 2**22 entries per strip
     assert symmetric_block_rows(100_000, None) == 128
     assert symmetric_block_rows(300, 7) == 7
     # a GPU is launch-bound: the largest blocks the memory bound allows, strips only past 4096

@@ -60,12 +60,12 @@ def test_large_weights_go_to_onednn_in_blocks_and_equal_the_float64_product(
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
-@pytest.mark.parametrize("rows_per_product", [1024, 4])
+@pytest.mark.parametrize("rows_per_product", [2**16, 4])
 def test_matmul_into_writes_or_accumulates_into_a_row_block(
     accumulate: bool, rows_per_product: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With 4 rows per product the 11 output rows take three products (4 + 4 + 3)."""
-    monkeypatch.setattr(_matmul, "MATMUL_INTO_ROWS", rows_per_product)
+    """With 4 rows (of 64 entries) per product the 11 output rows take three products (4 + 4 + 3)."""
+    monkeypatch.setattr(_matmul, "MATMUL_INTO_ELEMENTS", rows_per_product * 64)
     a, b = _randn(2, 11, 40), _randn(2, 40, 64, seed=1)
     big = _randn(2, 30, 64, seed=2)
     expected = big.double().clone()

@@ -1,0 +1,233 @@
+"""The penalty on a busy CPU: one intra-op thread against all, with a competing process on one core.
+
+A `_contention.BusyCore` process spins on core 0 during the *busy* half of each round and
+sleeps during the *idle* half; the benchmarked process is not pinned. Every round times each
+method at 1 thread and at the default thread count, idle and busy, in a rotating order, so that
+all conditions share the minute of a shared machine; per-round ratios give the paired medians
+and 95% bootstrap intervals (`_common.paired_ratio`).
+
+Methods, per case:
+
+- **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
+  products on all: `lightning_hsu.functional._matmul.passes_on_one_thread`);
+- **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
+  the code before the change);
+- **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
+- **products**: the products the package itself must do, half the Gram matrix (its upper strips
+  of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
+  it, without the mirroring) and the gradient product ``C W``, with the library's products.
+
+Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
+4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
+10,000 x 512, scaled down from the 100,000 of ``bench_huge.py`` to fit the time); one training
+step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``).
+
+Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--kernels half,full,large]
+[--huge-n 10000] [--step]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _common import half_gram_products, machine, ms, paired_ratio, table
+from _contention import BusyCore
+
+from lightning_hsu.functional import _matmul, hyperspherical_energy
+from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
+
+Method = tuple[Callable[[], object], bool]  # (call, elementwise passes on one thread)
+
+
+def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
+    def run() -> None:
+        w.grad = None
+        hyperspherical_energy(w, half_space=half_space).backward()
+
+    return run
+
+
+def _official(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
+    from bench_kernels import official_mhe
+
+    def run() -> None:
+        w.grad = None
+        official_mhe(w, half_space).backward()
+
+    return run
+
+
+def _products(w: torch.Tensor) -> Callable[[], object]:
+    """The package's own floor: the upper strips of the Gram matrix and the gradient product."""
+    x = w.detach().unsqueeze(0)
+    coeff = torch.randn(1, x.shape[1], x.shape[1])
+
+    def run() -> None:
+        with passes_on_one_thread(x.device):  # as inside the pair sums: products on all threads
+            half_gram_products(x)
+            batched_matmul(coeff, x)
+
+    return run
+
+
+def measure(
+    methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int
+) -> dict[tuple[str, int, str], list[float]]:
+    """Seconds per call, keyed by (``idle``/``busy``, threads, method), one call each per round."""
+    counts = sorted({1, threads})
+    times: dict[tuple[str, int, str], list[float]] = {}
+    names = list(methods)
+    for count in counts:  # warm-up: oneDNN primitives, allocator
+        torch.set_num_threads(count)
+        for name in names:
+            call, serial = methods[name]
+            _matmul.SERIAL_PASSES = serial
+            call()
+    for rnd in range(rounds):
+        states = ("idle", "busy") if rnd % 2 == 0 else ("busy", "idle")
+        for state in states:
+            busy.on() if state == "busy" else busy.off()
+            order = counts if rnd % 2 == 0 else counts[::-1]
+            for count in order:
+                torch.set_num_threads(count)
+                for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+                    call, serial = methods[name]
+                    _matmul.SERIAL_PASSES = serial
+                    t0 = time.perf_counter()
+                    call()
+                    times.setdefault((state, count, name), []).append(time.perf_counter() - t0)
+    busy.off()
+    _matmul.SERIAL_PASSES = True
+    torch.set_num_threads(threads)
+    return times
+
+
+def _interval(num: list[float], den: list[float]) -> str:
+    median, low, high = paired_ratio(num, den)
+    return f"{median:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: int, load: str) -> None:
+    names = list(dict.fromkeys(k[2] for k in times))
+    print(f"### {title}\n\n{load}\n")
+    header = ["method"]
+    header += [f"{s} {t}t ms" for s in ("idle", "busy") for t in (1, threads)]
+    header += [f"idle {threads}t / 1t", f"busy {threads}t / 1t", f"busy {threads}t / idle 1t"]
+    rows = []
+    for name in names:
+        row: list[object] = [name]
+        row += [ms(statistics.median(times[(s, t, name)])) for s in ("idle", "busy") for t in (1, threads)]
+        row += [_interval(times[(s, threads, name)], times[(s, 1, name)]) for s in ("idle", "busy")]
+        row.append(_interval(times[("busy", threads, name)], times[("idle", 1, name)]))
+        rows.append(row)
+    print(table(header, rows))
+    ratios = []
+    for other in ("official", "products", "ours, parallel passes"):
+        if other not in names:
+            continue
+        for s in ("idle", "busy"):
+            for t in (1, threads):
+                num, den = (times[(s, t, other)], times[(s, t, "ours")])
+                if other == "products":
+                    num, den = den, num
+                label = "ours / products" if other == "products" else f"{other} / ours"
+                ratios.append([label, f"{s} {t}t", _interval(num, den)])
+    if ratios:
+        print()
+        print(table(["ratio (paired, per round)", "condition", "median [95% interval]"], ratios))
+    print()
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
+
+
+#: --kernels name: (title, n, d, half space, with the official port)
+KERNEL_CASES = {
+    "half": ("half-space MHE", 512, 4608, True, True),
+    "full": ("full-space MHE", 512, 4608, False, True),
+    "large": ("half-space MHE", 4096, 512, True, False),  # official: an 8192^2 autograd graph, skipped
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="the many-thread setting")
+    parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
+    parser.add_argument(
+        "--kernels", default="half,full", help="comma-separated subset of half, full, large (4096 x 512); '' for none"
+    )
+    parser.add_argument("--huge-n", type=int, default=0, help="exact full-space MHE of n x 512 (0: skip)")
+    parser.add_argument("--huge-rounds", type=int, default=2)
+    parser.add_argument("--step", action="store_true", help="the ResNet-18 training step")
+    parser.add_argument("--step-rounds", type=int, default=5)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    print(f"Machine: {machine()}; competing process pinned to core {args.core}\n")
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    unknown = sorted(set(kernels) - set(KERNEL_CASES))
+    if unknown:
+        parser.error(f"--kernels: unknown {unknown}; choose from {sorted(KERNEL_CASES)}")
+    with BusyCore(args.core) as busy:
+        for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
+            torch.manual_seed(0)
+            w = torch.randn(n, d, requires_grad=True)
+            methods: dict[str, Method] = {"ours": (_mhe(w, half), True)}
+            methods["ours, parallel passes"] = (_mhe(w, half), False)
+            if official:
+                methods["official"] = (_official(w, half), True)
+            methods["products"] = (_products(w), True)
+            load = _load()
+            times = measure(methods, busy, args.rounds, args.threads)
+            load = f"{load} before, {_load()} after"
+            report(f"{title}, {n} x {d}, forward + backward", times, args.threads, load)
+        if args.huge_n:
+            from bench_huge import _weight
+
+            w = _weight(args.huge_n, 512, "cpu")
+            methods = {"ours": (_mhe(w, False), True), "ours, parallel passes": (_mhe(w, False), False)}
+            load = _load()
+            times = measure(methods, busy, args.huge_rounds, args.threads)
+            report(
+                f"exact full-space MHE, {args.huge_n} x 512, forward + backward",
+                times,
+                args.threads,
+                f"{load} before, {_load()} after",
+            )
+        if args.step:
+            from bench_training_step import ResNet18, make_step, penalty_per_layer
+
+            torch.manual_seed(0)
+            model = ResNet18()
+            x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+            methods = {
+                "no penalty": (make_step(model, None, x, y), True),
+                "ours": (make_step(model, penalty_per_layer, x, y), True),
+                "ours, parallel passes": (make_step(model, penalty_per_layer, x, y), False),
+            }
+            load = _load()
+            times = measure(methods, busy, args.step_rounds, args.threads)
+            load = f"{load} before, {_load()} after"
+            report("ResNet-18 training step, batch 64, MHE penalty", times, args.threads, load)
+            growth = []
+            for s in ("idle", "busy"):
+                for t in sorted({1, args.threads}):
+                    base = times[(s, t, "no penalty")]
+                    for name in ("ours", "ours, parallel passes"):
+                        median, low, high = paired_ratio(times[(s, t, name)], base)
+                        cell = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
+                        growth.append([name, f"{s} {t}t", cell])
+            print(table(["step with penalty vs without", "condition", "paired growth [95% interval]"], growth))
+            print()
+    print(f"Total benchmark time {time.perf_counter() - start:.0f} s.")
+
+
+if __name__ == "__main__":
+    main()

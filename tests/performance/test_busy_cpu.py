@@ -1,0 +1,233 @@
+"""The pair sums' elementwise passes on one thread, products on all (issue 20: a busy CPU).
+
+``passes_on_one_thread`` only changes how many threads run each pass, not what is computed: the
+values and gradients must equal those with every pass on all threads (``SERIAL_PASSES = False``,
+the path before) and the float64 references, for every kernel and schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from lightning_hsu.functional import _matmul, hyperspherical_energy, pairwise_kernel_sum, uniformity
+from lightning_hsu.functional._matmul import passes_on_one_thread
+from lightning_hsu.functional.kernels import AngularKernel, GaussianKernel, PairKernel, RieszKernel
+from lightning_hsu.functional.pairwise import sharded_scale
+
+from .reference import concat_energy, value_and_grad
+
+KERNELS = [
+    RieszKernel(0.0),
+    RieszKernel(1.0),
+    RieszKernel(2.0),
+    AngularKernel(0.0),
+    AngularKernel(2.0),
+    GaussianKernel(2.0),
+]
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Two intra-op threads whatever the machine's default, so that the narrowing happens."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _both_paths(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, monkeypatch: pytest.MonkeyPatch):
+    """(value, gradient) with the passes on one thread, then with every pass on all threads."""
+    monkeypatch.setattr(_matmul, "SERIAL_PASSES", True)
+    serial = value_and_grad(fn, w)
+    monkeypatch.setattr(_matmul, "SERIAL_PASSES", False)
+    parallel = value_and_grad(fn, w)
+    assert torch.get_num_threads() == 2
+    return serial, parallel
+
+
+def _weights(n: int, d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+# (chunk_size, shard world size, kernel block elements) on 70 neurons: one block in kernel row
+# blocks (37 rows and a 33-row tail), upper strips of 16 rows (a 6-row tail), strips of 40 rows
+# in kernel blocks of 7 rows (the 30-row strip in blocks of 16), full rows of 3 shards, alone and
+# in kernel blocks of 5 rows, and in strips of 9
+SCHEDULES = [
+    (None, None, 37 * 70),
+    (None, None, 2**16),
+    (16, None, 2**16),
+    (40, None, 7 * 70),
+    (None, 3, 2**16),
+    (None, 3, 5 * 70),
+    (9, 3, 2**16),
+]
+
+
+def _reference_sum(unit: torch.Tensor, kernel: PairKernel, half_space: bool) -> torch.Tensor:
+    """The kernel over the strict upper triangle of the full Gram matrix of ``[u; -u]`` (or ``u``)."""
+    x = torch.cat([unit[0], -unit[0]]) if half_space else unit[0]
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    value, _ = kernel((x @ x.T)[i, j].view(1, 1, -1), False)
+    return value.sum()
+
+
+def _sum(kernel: PairKernel, half_space: bool, chunk: int | None, world: int | None):
+    def fn(u: torch.Tensor) -> torch.Tensor:
+        if world is None:
+            return pairwise_kernel_sum(u, kernel, half_space=half_space, chunk_size=chunk).sum()
+        shares = [
+            pairwise_kernel_sum(u, kernel, half_space=half_space, chunk_size=chunk, shard=(r, world))
+            for r in range(world)
+        ]
+        return torch.stack(shares).sum()
+
+    return fn
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize("kernel", KERNELS, ids=repr)
+@pytest.mark.parametrize(("chunk", "world", "block"), SCHEDULES)
+def test_pair_sum_on_one_thread_equals_all_threads_and_float64(
+    kernel: PairKernel, half_space: bool, chunk: int | None, world: int | None, block: int, monkeypatch
+) -> None:
+    from lightning_hsu.functional import pairwise
+
+    monkeypatch.setattr(pairwise, "KERNEL_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(pairwise, "MIN_KERNEL_BLOCK_ROWS", 1)
+    unit64 = torch.nn.functional.normalize(_weights(70, 12, torch.float64), dim=-1).unsqueeze(0)
+    fn = _sum(kernel, half_space, chunk, world)
+    (v64, g64), (p64, pg64) = _both_paths(fn, unit64, monkeypatch)
+    ref, ref_grad = value_and_grad(lambda u: _reference_sum(u, kernel, half_space), unit64)
+    torch.testing.assert_close(v64, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g64, ref_grad, rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(v64, p64, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(g64, pg64, rtol=1e-12, atol=1e-12)
+    (v32, g32), (p32, pg32) = _both_paths(fn, unit64.float(), monkeypatch)
+    torch.testing.assert_close(v32, p32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g32, pg32, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v32.double(), v64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g32.double(), g64, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("half_space", [False, True])
+@pytest.mark.parametrize("power", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("distance", ["euclidean", "angular"])
+@pytest.mark.parametrize(("n", "chunk"), [(600, None), (300, None), (300, 64)])
+def test_energy_on_one_thread_equals_all_threads(
+    half_space: bool, power: float, distance: str, n: int, chunk: int | None, monkeypatch
+) -> None:
+    """The normalising Function, float32 through oneDNN: one block in 2**16-entry kernel blocks
+    (300: blocks of 218 rows and a tail), upper strips (600: 436 rows and a 164-row tail),
+    explicit strips of 64 rows."""
+    w = _weights(n, 20, torch.float32, seed=1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return hyperspherical_energy(x, power=power, distance=distance, half_space=half_space, chunk_size=chunk)
+
+    (value, grad), (par_value, par_grad) = _both_paths(fn, w, monkeypatch)
+    torch.testing.assert_close(value, par_value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad, par_grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+    if distance == "euclidean":
+        ref, ref_grad = value_and_grad(lambda x: concat_energy(x, power, half_space), w.double())
+        torch.testing.assert_close(value.double(), ref, rtol=1e-4, atol=0.0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-4 * ref_grad.abs().max().item())
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("half_space", [False, True])
+def test_sharded_energy_on_one_thread_sums_to_the_whole(half_space: bool, monkeypatch) -> None:
+    w = _weights(150, 9, torch.float64, seed=2)
+    monkeypatch.setattr(_matmul, "SERIAL_PASSES", True)
+    whole, whole_grad = value_and_grad(lambda x: hyperspherical_energy(x, half_space=half_space), w)
+    shares = [
+        value_and_grad(lambda x, r=r: hyperspherical_energy(x, half_space=half_space, shard=(r, 4)), w)
+        for r in range(4)
+    ]
+    torch.testing.assert_close(sum(v for v, _ in shares), whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(sum(g for _, g in shares), whole_grad, rtol=1e-10, atol=1e-14)
+    assert sharded_scale(4) == 4.0
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("half_space", [False, True])
+def test_uniformity_on_one_thread_equals_all_threads(half_space: bool, monkeypatch) -> None:
+    w = _weights(90, 7, torch.float64, seed=3)
+    (value, grad), (par_value, par_grad) = _both_paths(lambda x: uniformity(x, half_space=half_space), w, monkeypatch)
+    torch.testing.assert_close(value, par_value, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grad, par_grad, rtol=1e-12, atol=1e-13)
+
+
+class _Recording(PairKernel):
+    """Riesz s = 2, recording the intra-op thread count each time it is evaluated."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self, cos: torch.Tensor, with_derivative: bool):
+        self.threads.append(torch.get_num_threads())
+        return RieszKernel(2.0)(cos, with_derivative)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_kernel_runs_on_one_thread_and_products_on_all(dtype, chunk, monkeypatch) -> None:
+    """float32 takes oneDNN (``_onednn_product``), float64 ``torch.bmm``/``baddbmm_``: both on 2 threads."""
+    products: list[int] = []
+
+    def spy(original):
+        def wrapped(*args, **kwargs):
+            products.append(torch.get_num_threads())
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(_matmul, "_onednn_product", spy(_matmul._onednn_product))
+    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", spy(torch.Tensor.baddbmm_))
+    kernel = _Recording()
+    unit = torch.nn.functional.normalize(_weights(40, 6, dtype), dim=-1).unsqueeze(0).requires_grad_()
+    pairwise_kernel_sum(unit, kernel, half_space=True, chunk_size=chunk).sum().backward()
+    assert kernel.threads and set(kernel.threads) == {1}
+    assert products and set(products) == {2}
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_thread_count_restored_after_an_error() -> None:
+    class Failing(PairKernel):
+        def __call__(self, cos: torch.Tensor, with_derivative: bool):
+            raise RuntimeError("kernel failed")
+
+    unit = torch.nn.functional.normalize(_weights(10, 3, torch.float64), dim=-1).unsqueeze(0)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        pairwise_kernel_sum(unit, Failing())
+    assert torch.get_num_threads() == 2
+    assert getattr(_matmul._scope, "threads", None) is None
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> None:
+    with passes_on_one_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+        with passes_on_one_thread(torch.device("cpu")):  # nested: the outer setting stays
+            assert torch.get_num_threads() == 1
+            with _matmul._all_threads():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with passes_on_one_thread(torch.device("meta")):  # another device: nothing changes
+        assert torch.get_num_threads() == 2
+    monkeypatch.setattr(_matmul, "SERIAL_PASSES", False)
+    with passes_on_one_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 2
+    with _matmul._all_threads():  # outside the context: nothing to widen
+        assert torch.get_num_threads() == 2
