@@ -60,7 +60,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,7 +162,7 @@ def merge_tied(neurons: Mapping[str, Tensor]) -> dict[str, Tensor]:
     brackets: `transformer.wte (= lm_head)`; order is that of the first names.
     """
     groups: list[list[str]] = []
-    keys: dict[tuple[object, ...], int] = {}
+    keys: dict[Hashable, int] = {}
     by_shape: dict[tuple[object, ...], list[int]] = {}
     for name, tensor in neurons.items():
         key = storage_key(tensor)

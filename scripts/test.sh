@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command of the README: installs what it needs into .venv, lints, runs the suite.
+# The test command of the README: installs what it needs into .venv, lints, checks types, runs the suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test,examples,docs
@@ -11,4 +11,5 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 . .venv/bin/activate
 ruff check lightning_hsu tests examples benchmarks scripts
+mypy lightning_hsu
 python -m pytest -q "$@"

@@ -607,7 +607,7 @@ class NeuronDiversityMonitor(Callback):
                 for name, p in profiles.items()
                 if p.pairs > 0
             }
-            logger.log_metrics(histograms, step=step)  # type: ignore[arg-type]
+            logger.log_metrics(histograms, step=step)
         if self._draw_figures:
             self._write_figure(logger, experiment, profiles, step)
 

@@ -88,7 +88,7 @@ def check_finite_neurons(neurons: Tensor, what: str = "neurons") -> None:
         )
 
 
-def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS, *, decide_on_host: bool = True) -> Tensor:
+def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS, *, host_sync: bool = True) -> Tensor:
     r"""Project neurons onto the unit sphere as the official code does.
 
     \(\hat w_i = w_i / \sqrt{\lVert w_i\rVert^2 + \epsilon}\) (Liu et al., NeurIPS 2018,
@@ -102,13 +102,13 @@ def normalize_neurons(neurons: Tensor, eps: float = DEFAULT_EPS, *, decide_on_ho
     underflow to zero and they map to (near) the origin, as in the official code.
 
     Whether any row needs the rescaling is decided on the host (one device sync); with
-    ``decide_on_host=False`` every row is divided by its divisor (1 for all but huge rows), which
+    ``host_sync=False`` every row is divided by its divisor (1 for all but huge rows), which
     gives the same values with no sync, at the cost of one more pass.
     """
     huge = torch.finfo(neurons.dtype).max ** 0.25
     scale = neurons.detach().abs().amax(dim=-1, keepdim=True)
     too_large = scale > huge
-    if not decide_on_host or bool(too_large.any()):
+    if not host_sync or bool(too_large.any()):
         divisor = torch.where(too_large, scale, torch.ones_like(scale))
         neurons = neurons / divisor
         return neurons * torch.rsqrt((neurons * neurons).sum(dim=-1, keepdim=True) + eps / (divisor * divisor))

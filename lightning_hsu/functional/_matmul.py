@@ -7,7 +7,7 @@ less than half of the float32 peak that oneDNN reaches there (the 512 × 4608 Gr
 against 10.4 ms on one thread), so a penalty made of MKL products costs twice what it should next
 to the network it regularises. oneDNN's float32 matrix product is the one PyTorch's inductor
 emits for ``Linear`` (``torch.ops.mkldnn._linear_pointwise``); it computes in float32 (its error
-against float64 is that of ``torch.mm``, checked in ``tests/performance/test_matmul.py``).
+against float64 is that of ``torch.mm``, checked in ``tests/functional/test_matmul.py``).
 
 The products here are used only inside the pair-sum Functions, which form their gradient in
 closed form, so they never need autograd. Anything the oneDNN path does not take — another device,
@@ -31,11 +31,11 @@ from torch import Tensor
 
 #: Environment variable that turns the oneDNN path off when set to ``0``.
 ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
-#: Rows per strip of :func:`gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
+#: Rows per strip of `gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
 #: (``benchmarks/bench_kernels.py``, 2 threads): 512 x 4608 in strips of 128 rows takes 0.70 of the
 #: full product, 256 x 2304 0.87, 256 x 1152 and 128 x 1152 gain nothing.
 GRAM_STRIP_ROWS = 128
-#: Smallest row length for which :func:`gram` works in strips (below it the product is too small).
+#: Smallest row length for which `gram` works in strips (below it the product is too small).
 GRAM_STRIP_MIN_COLUMNS = 2048
 #: Entries of the output per oneDNN product in `matmul_into` (bounds its temporary to
 #: 16 MiB of float32; fewer, larger products than a fixed 1024 rows, each a barrier of the pool).
@@ -141,7 +141,7 @@ def _dense(t: Tensor) -> Tensor:
 
 def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
     """``x @ weight.T`` for matrices, by oneDNN, over weight blocks of at most
-    :data:`WEIGHT_BLOCK_ELEMENTS` entries.
+    `WEIGHT_BLOCK_ELEMENTS` entries.
 
     oneDNN copies (reorders) the weight of each call into its own layout; on a 100,000-neuron
     layer that copy was the size of the layer (195 MiB at d = 512, twice at the peak). A weight
@@ -205,11 +205,11 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
 
 
 def gram(rows: Tensor) -> Tensor:
-    r"""The Gram matrix :math:`X X^\top` of ``[batch, n, d]`` rows, exactly symmetric.
+    r"""The Gram matrix \(X X^\top\) of ``[batch, n, d]`` rows, exactly symmetric.
 
     On the CPU, for rows long enough to be bound by the product, the upper strips
-    :math:`X_I X_{J \ge I}^\top` are computed and mirrored: :math:`n^2 d/2` multiply-adds plus a
-    strip's worth instead of :math:`n^2 d`. Elsewhere (GPU: fewer, larger launches pay more) one
+    \(X_I X_{J \ge I}^\top\) are computed and mirrored: \(n^2 d/2\) multiply-adds plus a
+    strip's worth instead of \(n^2 d\). Elsewhere (GPU: fewer, larger launches pay more) one
     product.
     """
     batch, n, d = rows.shape

@@ -1,9 +1,9 @@
-r"""Pair kernels :math:`f(c)` of the cosine :math:`c = \hat w_i\cdot\hat w_j` of two unit neurons.
+r"""Pair kernels \(f(c)\) of the cosine \(c = \hat w_i\cdot\hat w_j\) of two unit neurons.
 
 Every pairwise energy of the papers is a sum of one such kernel over pairs of neurons, written
 as a function of the cosine because both distances follow from it:
-:math:`d^2 = 2 - 2c` (chordal) and :math:`\theta = \arccos c` (geodesic). Each kernel returns the
-value and, on request, the derivative :math:`f'(c)`; :func:`~lightning_hsu.functional.pairwise.
+\(d^2 = 2 - 2c\) (chordal) and \(\theta = \arccos c\) (geodesic). Each kernel returns the
+value and, on request, the derivative \(f'(c)\); `
 pairwise_kernel_sum` uses the derivative to form the gradient in closed form, block by block.
 """
 
@@ -29,19 +29,19 @@ class PairKernel:
     """A function of the cosine between two unit neurons, with its derivative.
 
     Kernels are called on ``[batch, rows, m]`` blocks of cosines and on ``[batch, rows]`` squared
-    norms; a parameter given as a ``[batch]`` tensor applies per batch element (:func:`per_batch`).
+    norms; a parameter given as a ``[batch]`` tensor applies per batch element (`per_batch`).
     """
 
     def __call__(self, cos: Tensor, with_derivative: bool) -> tuple[Tensor, Tensor | None]:
         raise NotImplementedError
 
     def antipodal_sum(
-        self, cos: Tensor, with_derivative: bool, *, derivative_scale: float = 1.0, decide_on_host: bool = False
+        self, cos: Tensor, with_derivative: bool, *, derivative_scale: float = 1.0, host_sync: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        r"""The half-space term of a pair, :math:`f(c) + f(-c)`, and ``derivative_scale`` times its
-        derivative :math:`f'(c) - f'(-c)` (Liu et al. 2018: the pair :math:`(i, j)` with :math:`(i, -j)`).
+        r"""The half-space term of a pair, \(f(c) + f(-c)\), and ``derivative_scale`` times its
+        derivative \(f'(c) - f'(-c)\) (Liu et al. 2018: the pair \((i, j)\) with \((i, -j)\)).
 
-        ``decide_on_host``: a kernel may then take a faster formula after checking the data on the
+        ``host_sync``: a kernel may then take a faster formula after checking the data on the
         host (free on the CPU); without it no decision is made on the data (CUDA-graph safe).
         """
         value, deriv = self(cos, with_derivative)
@@ -64,10 +64,10 @@ def per_batch(parameter: float | Tensor, like: Tensor) -> float | Tensor:
 
 @dataclass(frozen=True)
 class RieszKernel(PairKernel):
-    r"""Euclidean Riesz kernel :math:`f_s = (d^2)^{-s/2}` for :math:`s > 0`, and
-    :math:`f_0 = -\log d^2` for :math:`s = 0` (the official ``'0'``, twice the log energy).
+    r"""Euclidean Riesz kernel \(f_s = (d^2)^{-s/2}\) for \(s > 0\), and
+    \(f_0 = -\log d^2\) for \(s = 0\) (the official ``'0'``, twice the log energy).
 
-    :math:`d^2 = \max(2 - 2c, 10^{-6})`.
+    \(d^2 = \max(2 - 2c, 10^{-6})\).
     """
 
     power: float
@@ -92,19 +92,19 @@ class RieszKernel(PairKernel):
         return value, deriv
 
     def antipodal_sum(
-        self, cos: Tensor, with_derivative: bool, *, derivative_scale: float = 1.0, decide_on_host: bool = False
+        self, cos: Tensor, with_derivative: bool, *, derivative_scale: float = 1.0, host_sync: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        r"""For :math:`s = 2` and :math:`s = 0` on the CPU, :math:`f(c) + f(-c)` in closed form.
+        r"""For \(s = 2\) and \(s = 0\) on the CPU, \(f(c) + f(-c)\) in closed form.
 
-        With :math:`q = (1 - c)(1 + c)` (no cancellation near :math:`c = \pm 1`, unlike
-        :math:`1 - c^2`): :math:`s = 2` gives :math:`\frac{1}{2-2c} + \frac{1}{2+2c} = 1/q` with
-        derivative :math:`2c/q^2`; :math:`s = 0` gives :math:`-\log(2-2c) - \log(2+2c) = -\log 4q`
-        with derivative :math:`2c/q`. About 8 passes over the block instead of 18, the same values
-        to float rounding, used when no pair reaches the clamp :math:`d^2 \le 10^{-6}` on either
+        With \(q = (1 - c)(1 + c)\) (no cancellation near \(c = \pm 1\), unlike
+        \(1 - c^2\)): \(s = 2\) gives \(\frac{1}{2-2c} + \frac{1}{2+2c} = 1/q\) with
+        derivative \(2c/q^2\); \(s = 0\) gives \(-\log(2-2c) - \log(2+2c) = -\log 4q\)
+        with derivative \(2c/q\). About 8 passes over the block instead of 18, the same values
+        to float rounding, used when no pair reaches the clamp \(d^2 \le 10^{-6}\) on either
         side (checked on the host; otherwise, and on a GPU, where that check would be a device
         sync, the two clamped evaluations).
         """
-        fast = decide_on_host and self.power in (0.0, 2.0) and cos.device.type == "cpu" and cos.numel() > 0
+        fast = host_sync and self.power in (0.0, 2.0) and cos.device.type == "cpu" and cos.numel() > 0
         if not fast:
             return super().antipodal_sum(cos, with_derivative, derivative_scale=derivative_scale)
         q = torch.rsub(cos, 1.0).mul_(torch.add(cos, 1.0))
@@ -121,10 +121,10 @@ class RieszKernel(PairKernel):
 
 @dataclass(frozen=True)
 class AngularKernel(PairKernel):
-    r"""Angular kernel on :math:`\tilde\theta = \arccos(c)/\pi + 10^{-4}` (official ``'a0' 'a1' 'a2'``):
-    :math:`-\log\tilde\theta` for :math:`s = 0`, :math:`\tilde\theta^{-s}` for :math:`s > 0`.
+    r"""Angular kernel on \(\tilde\theta = \arccos(c)/\pi + 10^{-4}\) (official ``'a0' 'a1' 'a2'``):
+    \(-\log\tilde\theta\) for \(s = 0\), \(\tilde\theta^{-s}\) for \(s > 0\).
 
-    Unlike the official code, :math:`c` is clamped to :math:`[-1 + 10^{-6}, 1 - 10^{-6}]` first.
+    Unlike the official code, \(c\) is clamped to \([-1 + 10^{-6}, 1 - 10^{-6}]\) first.
     """
 
     power: float
@@ -148,9 +148,9 @@ class AngularKernel(PairKernel):
 
 @dataclass(frozen=True)
 class GaussianKernel(PairKernel):
-    r"""Gaussian kernel :math:`\exp(-t\,d^2 - m) = \exp(2t(c - 1) - m)`.
+    r"""Gaussian kernel \(\exp(-t\,d^2 - m) = \exp(2t(c - 1) - m)\).
 
-    ``shift`` (:math:`m`) is a constant subtracted in the exponent so that a log-sum-exp of the
+    ``shift`` (\(m\)) is a constant subtracted in the exponent so that a log-sum-exp of the
     kernel never underflows; callers add it back after the log (Wang & Isola, ICML 2020). A tensor
     shift (0-d, or ``[batch]``: one per batch element) stays on the device (no host sync).
     """
@@ -165,14 +165,14 @@ class GaussianKernel(PairKernel):
 
 @dataclass(frozen=True)
 class ClosestPairsKernel(PairKernel):
-    r"""Hard MHS as a pair kernel: :math:`f(c) = -d^2 = 2c - 2` for the pairs whose cosine reaches
+    r"""Hard MHS as a pair kernel: \(f(c) = -d^2 = 2c - 2\) for the pairs whose cosine reaches
     ``threshold`` (the closest pairs and their ties), 0 for the others.
 
-    Its pair sum is :math:`-\sum_{\text{closest pairs}} d^2`, with the official multiplicities in
+    Its pair sum is \(-\sum_{\text{closest pairs}} d^2\), with the official multiplicities in
     half space. The threshold is a tensor (0-d, or ``[batch]``: one per batch element) that
     stays on the device: the sum then needs no host decision (CUDA-graph safe), at the price of a
     dense gradient product that the sparse closed form of
-    :func:`~lightning_hsu.functional.hyperspherical_separation` avoids.
+    `hyperspherical_separation` avoids.
     """
 
     threshold: Tensor

@@ -1,50 +1,54 @@
 r"""Sums over pairs of neurons, block by block, with the gradient in closed form.
 
-For unit neurons :math:`\hat W \in \mathbb{R}^{n\times d}` and a pair kernel :math:`f` of the
-cosine (:mod:`~lightning_hsu.functional.kernels`), the **full-space** sum is
+For unit neurons \(\hat W \in \mathbb{R}^{n\times d}\) and a pair kernel \(f\) of the
+cosine (`kernels`), the **full-space** sum is
 
-.. math:: S = \sum_{i<j} f(c_{ij}), \qquad \partial S/\partial \hat w_k = \sum_{j\ne k} f'(c_{kj})\,\hat w_j.
+\[
+S = \sum_{i<j} f(c_{ij}), \qquad \partial S/\partial \hat w_k = \sum_{j\ne k} f'(c_{kj})\,\hat w_j.
+\]
 
-The **half-space** sum (Liu et al., NeurIPS 2018) runs over the :math:`2n` vectors
-:math:`\{\hat w_i\}\cup\{-\hat w_i\}` without building them: the pairs :math:`(i,j)` and
-:math:`(-i,-j)` have cosine :math:`c_{ij}`, the pairs :math:`(i,-j)` and :math:`(j,-i)` have
-:math:`-c_{ij}`, and :math:`(i,-i)` has :math:`-\lVert\hat w_i\rVert^2`, hence
+The **half-space** sum (Liu et al., NeurIPS 2018) runs over the \(2n\) vectors
+\(\{\hat w_i\}\cup\{-\hat w_i\}\) without building them: the pairs \((i,j)\) and
+\((-i,-j)\) have cosine \(c_{ij}\), the pairs \((i,-j)\) and \((j,-i)\) have
+\(-c_{ij}\), and \((i,-i)\) has \(-\lVert\hat w_i\rVert^2\), hence
 
-.. math:: S_{half} = 2\sum_{i<j}\big[f(c_{ij}) + f(-c_{ij})\big] + \sum_i f(-\lVert\hat w_i\rVert^2)
+\[
+S_{half} = 2\sum_{i<j}\big[f(c_{ij}) + f(-c_{ij})\big] + \sum_i f(-\lVert\hat w_i\rVert^2)
+\]
 
-over :math:`n(2n-1)` pairs, all from the :math:`n\times n` Gram matrix.
+over \(n(2n-1)\) pairs, all from the \(n\times n\) Gram matrix.
 
 Three schedules visit the pairs; all form the gradient in the forward pass (the backward pass is
-a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never :math:`O(n^2)`
+a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never \(O(n^2)\)
 above the dense threshold:
 
 - **One block** (a layer whose Gram matrix fits one strip: by default up to 512 neurons on the
   CPU, 4096 on a GPU). The whole Gram matrix, from the raw rows with the normalisation factors applied to it; the
-  normalisation's chain rule is folded into the coefficients (:func:`_fold_projection`), so the
+  normalisation's chain rule is folded into the coefficients (`_fold_projection`), so the
   gradient with respect to the raw weights is one product and nothing but the two products
   touches ``[n, d]``.
-- **Upper strips** (the default). Row block :math:`I` is paired with the columns
-  :math:`j \ge \min I` only, the strict lower triangle of its leading tile masked out, so every
+- **Upper strips** (the default). Row block \(I\) is paired with the columns
+  \(j \ge \min I\) only, the strict lower triangle of its leading tile masked out, so every
   unordered pair is visited once. The Gram product and the kernel evaluations are halved
-  (:math:`n^2 d` multiply-adds instead of :math:`2 n^2 d`); the gradient needs two products per
-  strip, :math:`F_{IJ}\hat W_J` for the rows and :math:`F_{IJ}^\top\hat W_I` for the columns, in
-  all as many multiply-adds as the dense :math:`F\hat W`. On the CPU a layer past one block is
+  (\(n^2 d\) multiply-adds instead of \(2 n^2 d\)); the gradient needs two products per
+  strip, \(F_{IJ}\hat W_J\) for the rows and \(F_{IJ}^\top\hat W_I\) for the columns, in
+  all as many multiply-adds as the dense \(F\hat W\). On the CPU a layer past one block is
   cut into about `STRIPS_PER_LAYER` strips (`symmetric_block_rows`), few enough that each
   product is large, and the kernel's elementwise passes run over cache-sized row blocks of each
   strip (`_strip_passes`); the symmetry halves them. On a GPU, bound by launches rather than
   caches, a layer is one block up to 4096 neurons.
-- **Full rows** (used with ``shard``). Row block :math:`I` meets all :math:`n` columns, so the
+- **Full rows** (used with ``shard``). Row block \(I\) meets all \(n\) columns, so the
   rows' gradient is complete after their own block: the sum over the rows of a shard is the
   partial value, and the gradient it returns is the full gradient restricted to those rows.
 
 **Sharding across ranks.** With ``shard=(rank, world_size)`` a rank handles the rows
-:func:`shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
-returns the partial sum :math:`S_r` with the gradient :math:`\partial S/\partial\hat W` on its own
-rows and zero elsewhere, so :math:`\sum_r S_r = S` and :math:`\sum_r \nabla_r = \nabla S`
+`shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
+returns the partial sum \(S_r\) with the gradient \(\partial S/\partial\hat W\) on its own
+rows and zero elsewhere, so \(\sum_r S_r = S\) and \(\sum_r \nabla_r = \nabla S\)
 exactly. Data-parallel strategies (DDP, FSDP) *average* gradients over ranks: multiply each
-rank's shard by :func:`sharded_scale` (``world_size``) before adding it to the loss, and the
-average of the scaled shards is the full gradient. The scaled value is then :math:`W S_r`, not
-:math:`S`: log an all-reduced sum of the unscaled shards if the value is wanted.
+rank's shard by `sharded_scale` (``world_size``) before adding it to the loss, and the
+average of the scaled shards is the full gradient. The scaled value is then \(W S_r\), not
+\(S\): log an all-reduced sum of the unscaled shards if the value is wanted.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu
 
 
 def pair_count(n: int, half_space: bool) -> int:
-    """Number of unordered pairs: :math:`n(n-1)/2`, or :math:`n(2n-1)` in half-space."""
+    """Number of unordered pairs: \\(n(n-1)/2\\), or \\(n(2n-1)\\) in half-space."""
     return n * (2 * n - 1) if half_space else n * (n - 1) // 2
 
 
@@ -164,29 +168,29 @@ def _kernel_block(
     half_space: bool,
     sq: Tensor,
     with_grad: bool,
-    decide_on_host: bool = False,
+    host_sync: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""Pair terms of a block of cosines and their gradient coefficients.
 
     ``cos``: ``[batch, rows, m]``, the self pairs of the rows on the diagonal from column ``diag``
     (zeroed here); ``sq``: ``[batch, rows]`` squared norms of the rows. Returns
 
-    - ``pair``: the term of each ordered pair, :math:`f(c) + f(-c)` in half space and :math:`f(c)`
+    - ``pair``: the term of each ordered pair, \(f(c) + f(-c)\) in half space and \(f(c)\)
       in full space, zero on the self pairs;
-    - ``anti``: ``[batch]`` sum over the rows of :math:`f(-\lVert\hat w_i\rVert^2)` (half space;
+    - ``anti``: ``[batch]`` sum over the rows of \(f(-\lVert\hat w_i\rVert^2)\) (half space;
       zero in full space);
-    - ``coeff``: the matrix :math:`C` with :math:`\partial S/\partial\hat w_i = \sum_j C_{ij}\hat w_j`
-      over the block: :math:`2(f'(c) - f'(-c))` and, on the diagonal, the antipodal pair's
-      :math:`-2 f'(-\lVert\hat w_i\rVert^2)` in half space; :math:`f'(c)` and a zero diagonal in
+    - ``coeff``: the matrix \(C\) with \(\partial S/\partial\hat w_i = \sum_j C_{ij}\hat w_j\)
+      over the block: \(2(f'(c) - f'(-c))\) and, on the diagonal, the antipodal pair's
+      \(-2 f'(-\lVert\hat w_i\rVert^2)\) in half space; \(f'(c)\) and a zero diagonal in
       full space. Folding the self term into the diagonal saves a pass over the ``[rows, d]``
       gradient.
 
-    ``decide_on_host``: the kernel may check the data on the host for a faster formula
-    (:meth:`~lightning_hsu.functional.kernels.PairKernel.antipodal_sum`).
+    ``host_sync``: the kernel may check the data on the host for a faster formula
+    (`antipodal_sum`).
     """
     _self_pairs(cos, diag).zero_()  # the kernel is evaluated at c = 0 there, then dropped
     if half_space:
-        pair, coeff = kernel.antipodal_sum(cos, with_grad, derivative_scale=2.0, decide_on_host=decide_on_host)
+        pair, coeff = kernel.antipodal_sum(cos, with_grad, derivative_scale=2.0, host_sync=host_sync)
         anti_value, anti_deriv = kernel(-sq, with_grad)
         anti = anti_value.sum(1)
         if coeff is not None:
@@ -206,13 +210,13 @@ def _fold_projection(
 ) -> Tensor:
     r"""Turn complete coefficient rows into those of the gradient with respect to the raw neurons.
 
-    With :math:`\hat w = r w` and :math:`g_i = \sum_j C_{ij}\hat w_j`,
-    :math:`\partial S/\partial w_i = r_i\,(g_i - (g_i\cdot\hat w_i)\,\hat w_i)` and
-    :math:`g_i\cdot\hat w_i = \sum_j C_{ij} c_{ij} =: \rho_i` (:math:`c_{ii} = \lVert\hat w_i\rVert^2`),
-    so the rows :math:`C'_{ij} = r_i\,(C_{ij} - \delta_{ij}\rho_i)` give it in the one product
-    :math:`C'\hat W`: the projection costs passes over the ``[rows, m]`` block, not over the
+    With \(\hat w = r w\) and \(g_i = \sum_j C_{ij}\hat w_j\),
+    \(\partial S/\partial w_i = r_i\,(g_i - (g_i\cdot\hat w_i)\,\hat w_i)\) and
+    \(g_i\cdot\hat w_i = \sum_j C_{ij} c_{ij} =: \rho_i\) (\(c_{ii} = \lVert\hat w_i\rVert^2\)),
+    so the rows \(C'_{ij} = r_i\,(C_{ij} - \delta_{ij}\rho_i)\) give it in the one product
+    \(C'\hat W\): the projection costs passes over the ``[rows, m]`` block, not over the
     ``[rows, d]`` gradient. Valid only when the block holds every column of its rows (``cos``'s
-    diagonal already zeroed by :func:`_kernel_block`). The rows :math:`C'` are written to ``out``
+    diagonal already zeroed by `_kernel_block`). The rows \(C'\) are written to ``out``
     if given (which may be ``cos``, no longer needed), else over ``coeff``.
     """
     self_coeff = _self_pairs(coeff, diag)
@@ -223,7 +227,7 @@ def _fold_projection(
 
 class GradientProduct(NamedTuple):
     """A gradient left as the product ``coefficients @ rows`` (``[batch, n, n]`` by ``[batch, n, d]``),
-    formed in backward: see :func:`_save_gradient`."""
+    formed in backward: see `_save_gradient`."""
 
     coefficients: Tensor
     rows: Tensor
@@ -238,7 +242,7 @@ def _row_block_sum(
     row_range: tuple[int, int],
     sq_norm: Tensor,
     row_scale: Tensor | None,
-    decide_on_host: bool = False,
+    host_sync: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Full-row schedule over rows ``row_range``: partial value, full gradient on those rows.
 
@@ -259,7 +263,7 @@ def _row_block_sum(
             high = min(low + step, stop)
             block = cos[:, low - start : high - start]
             sq = sq_norm[:, low:high]
-            pair, anti, coeff = _kernel_block(block, low, kernel, half_space, sq, with_grad, decide_on_host)
+            pair, anti, coeff = _kernel_block(block, low, kernel, half_space, sq, with_grad, host_sync)
             # summing over ordered pairs counts each unordered pair twice: exactly the half-space
             # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
             total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
@@ -281,18 +285,18 @@ def _dense_sum(
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
-    decide_on_host: bool = False,
+    host_sync: bool = False,
 ) -> tuple[Tensor, Tensor | GradientProduct | None]:
     r"""All pairs from one Gram matrix, for a layer whose whole Gram matrix fits one strip.
 
-    ``rows``: the unit neurons, or with ``row_scale`` = :math:`r` the rows :math:`w` of
-    :math:`\hat w = r w`, never formed: the Gram matrix is :math:`r_i r_j (w_i\cdot w_j)`, the
-    projection is folded into the coefficients (:func:`_fold_projection`) and the columns' factor
-    :math:`r_j` too, so the one product :math:`C'' W` is the gradient with respect to :math:`w`.
+    ``rows``: the unit neurons, or with ``row_scale`` = \(r\) the rows \(w\) of
+    \(\hat w = r w\), never formed: the Gram matrix is \(r_i r_j (w_i\cdot w_j)\), the
+    projection is folded into the coefficients (`_fold_projection`) and the columns' factor
+    \(r_j\) too, so the one product \(C'' W\) is the gradient with respect to \(w\).
     Every pass but the two products is over the ``[n, n]`` matrix, none over ``[n, d]``; on the
-    CPU those passes run on about :data:`KERNEL_BLOCK_ELEMENTS` entries at a time, from cache,
+    CPU those passes run on about `KERNEL_BLOCK_ELEMENTS` entries at a time, from cache,
     and each block's coefficients overwrite its rows of the Gram matrix (a row's cosines are
-    needed by that row only), so :math:`C''` costs no further ``[n, n]`` buffer.
+    needed by that row only), so \(C''\) costs no further ``[n, n]`` buffer.
     """
     cos = gram(rows)
     n = cos.shape[1]
@@ -305,13 +309,13 @@ def _dense_sum(
         stop = min(start + block_rows, n)
         block = cos[:, start:stop]
         sq = sq_norm[:, start:stop]
-        if row_scale is not None:
+        if row_scale is not None and col_scale is not None:
             block.mul_(row_scale[:, start:stop]).mul_(col_scale)
-        pair, anti, coeff = _kernel_block(block, start, kernel, half_space, sq, with_grad, decide_on_host)
+        pair, anti, coeff = _kernel_block(block, start, kernel, half_space, sq, with_grad, host_sync)
         total += (pair.sum((1, 2)) if half_space else 0.5 * pair.sum((1, 2))) + anti
         if coeff is None:
             continue
-        if row_scale is not None:  # written over the block's cosines: no copy
+        if row_scale is not None and col_scale is not None:  # written over the block's cosines: no copy
             _fold_projection(coeff, block, start, sq, row_scale[:, start:stop], out=block).mul_(col_scale)
         else:
             block.copy_(coeff)
@@ -329,7 +333,7 @@ def _strip_passes(
     half_space: bool,
     sq: Tensor,
     with_grad: bool,
-    decide_on_host: bool,
+    host_sync: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The kernel over a strip whose self pairs lie on the diagonal from column 0.
 
@@ -341,7 +345,7 @@ def _strip_passes(
     batch, rows, m = cos.shape
     step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(m, 1)) if cos.device.type == "cpu" else rows
     if step >= rows:
-        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq, with_grad, decide_on_host)
+        pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq, with_grad, host_sync)
         return pair.sum((1, 2)), pair[:, :, :width].sum((1, 2)), anti, coeff
     pair_total = cos.new_zeros(batch)
     tile_total = cos.new_zeros(batch)
@@ -349,9 +353,7 @@ def _strip_passes(
     for first in range(0, rows, step):
         last = min(first + step, rows)
         block = cos[:, first:last]
-        pair, anti, coeff = _kernel_block(
-            block, first, kernel, half_space, sq[:, first:last], with_grad, decide_on_host
-        )
+        pair, anti, coeff = _kernel_block(block, first, kernel, half_space, sq[:, first:last], with_grad, host_sync)
         pair_total += pair.sum((1, 2))
         tile_total += pair[:, :, :width].sum((1, 2))
         anti_total += anti
@@ -368,7 +370,7 @@ def _upper_strip_sum(
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
-    decide_on_host: bool = False,
+    host_sync: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Upper-strip schedule: each unordered pair once, gradient to both of its neurons.
 
@@ -389,9 +391,7 @@ def _upper_strip_sum(
         cols = unit[:, start:]
         cos = batched_matmul(rows, cols.transpose(1, 2))  # [batch, rows, n - start]; column 0 is row `start`
         sq = sq_norm[:, start:stop]
-        pair_total, tile_total, anti, coeff = _strip_passes(
-            cos, width, kernel, half_space, sq, with_grad, decide_on_host
-        )
+        pair_total, tile_total, anti, coeff = _strip_passes(cos, width, kernel, half_space, sq, with_grad, host_sync)
         # a pair past the tile stands once for its unordered pair; a pair in the tile is there
         # twice, as (i, j) and (j, i): the full-row weights of _row_block_sum, re-weighted
         if half_space:
@@ -418,20 +418,20 @@ def _block_sums(
     row_range: tuple[int, int] | None,
     sq_norm: Tensor | None = None,
     row_scale: Tensor | None = None,
-    decide_on_host: bool = False,
+    host_sync: bool = False,
 ) -> tuple[Tensor, Tensor | GradientProduct | None]:
     """Value and gradient: in one block, by upper strips (``row_range=None``), or by the full rows of a shard.
 
-    ``unit``: the unit neurons, or with ``row_scale`` the rows :math:`w` of :math:`\\hat w = r w`
-    (``row_scale`` = :math:`r`, ``[batch, n, 1]``); the gradient is then with respect to
-    :math:`w` (:func:`_fold_projection`), else to ``unit``. ``sq_norm``: the squared norms of the
-    unit neurons (computed if ``None``; required with ``row_scale``). ``decide_on_host``: the
-    kernel may check the data on the host for a faster formula (:func:`_kernel_block`).
+    ``unit``: the unit neurons, or with ``row_scale`` the rows \\(w\\) of \\(\\hat w = r w\\)
+    (``row_scale`` = \\(r\\), ``[batch, n, 1]``); the gradient is then with respect to
+    \\(w\\) (`_fold_projection`), else to ``unit``. ``sq_norm``: the squared norms of the
+    unit neurons (computed if ``None``; required with ``row_scale``). ``host_sync``: the
+    kernel may check the data on the host for a faster formula (`_kernel_block`).
     """
     if sq_norm is None:
         sq_norm = torch.linalg.vector_norm(unit, dim=-1).square_()
     if row_range is None and block_rows >= unit.shape[1]:
-        return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale, decide_on_host)
+        return _dense_sum(unit, kernel, half_space, with_grad, sq_norm, row_scale, host_sync)
     if unit.shape[0] > 1 and unit.device.type == "cpu":
         # strips are sized for the cache per batch element; a batch of them (CoMHE's K
         # projections) would be K times that: one element at a time (2-2.6x faster for
@@ -446,7 +446,7 @@ def _block_sums(
                 row_range,
                 sq_norm[i : i + 1],
                 None if row_scale is None else row_scale[i : i + 1],
-                decide_on_host,
+                host_sync,
             )
             for i in range(unit.shape[0])
         ]
@@ -457,10 +457,8 @@ def _block_sums(
     if row_scale is not None:
         unit = unit * row_scale
     if row_range is None:
-        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm, row_scale, decide_on_host)
-    return _row_block_sum(
-        unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale, decide_on_host
-    )
+        return _upper_strip_sum(unit, kernel, half_space, block_rows, with_grad, sq_norm, row_scale, host_sync)
+    return _row_block_sum(unit, kernel, half_space, block_rows, with_grad, row_range, sq_norm, row_scale, host_sync)
 
 
 def _save_gradient(
@@ -468,18 +466,19 @@ def _save_gradient(
     grad: Tensor | GradientProduct | None,
     divisor: Tensor | None = None,
 ) -> None:
-    """Keep the gradient for :func:`_saved_gradient`: formed in forward, or as the factors of its
-    product; rows rescaled by the normaliser's divisors :math:`s`
-    (:func:`~lightning_hsu.functional._common.row_normalization`) get their further :math:`1/s`.
+    """Keep the gradient for `_saved_gradient`: formed in forward, or as the factors of its
+    product; rows rescaled by the normaliser's divisors \\(s\\)
+    (`row_normalization`) get their further \\(1/s\\).
 
-    A :class:`GradientProduct` is multiplied out in backward, with ``grad_total`` folded into its
+    A `GradientProduct` is multiplied out in backward, with ``grad_total`` folded into its
     ``n x n`` coefficients: the ``[n, d]`` gradient is then written once, by the product, instead
     of being formed in forward, kept, read and scaled into a second ``[n, d]`` tensor.
     """
     if grad is None:
         return
     if isinstance(grad, GradientProduct):
-        ctx.save_for_backward(grad.coefficients, grad.rows, divisor)
+        # an absent divisor is saved as None (save_for_backward takes it), read back as such
+        ctx.save_for_backward(grad.coefficients, grad.rows, divisor)  # type: ignore[arg-type]
         return
     if divisor is not None:
         grad.div_(divisor)
@@ -487,7 +486,7 @@ def _save_gradient(
 
 
 def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> Tensor | None:
-    """Backward of the pair-sum Functions: the gradient kept by :func:`_save_gradient`, times ``grad_total``.
+    """Backward of the pair-sum Functions: the gradient kept by `_save_gradient`, times ``grad_total``.
 
     Out of place, so that a graph kept with ``retain_graph=True`` can be backpropagated again
     (``gradcheck``, Jacobians).
@@ -506,7 +505,7 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
 
 class _PairwiseKernelSum(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         unit: Tensor,
         kernel: PairKernel,
@@ -524,26 +523,26 @@ class _PairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    ) -> tuple[Tensor | None, None, None, None, None]:
         return _saved_gradient(ctx, grad_total), None, None, None, None
 
 
 class _NormalizedPairwiseKernelSum(torch.autograd.Function):
-    r""":class:`_PairwiseKernelSum` of the normalised rows of raw neurons, normalising inside.
+    r"""`_PairwiseKernelSum` of the normalised rows of raw neurons, normalising inside.
 
-    With :math:`\hat w = r w`, :math:`r = (\lVert w\rVert^2 + \epsilon)^{-1/2}` and
-    :math:`g = \partial S/\partial\hat w` from the block sums,
-    :math:`\partial\hat w/\partial w = r (I - \hat w\hat w^\top)` (using
-    :math:`\partial r/\partial w = -r^3 w`), hence
-    :math:`\partial S/\partial w = r\,(g - (g\cdot\hat w)\,\hat w)`, formed inside the block sums
-    (:func:`_fold_projection`) instead of by an autograd graph of the normalisation, with no host
-    sync but the one check of :func:`~lightning_hsu.functional._common.row_normalization`. Rows
-    rescaled there by :math:`s` (a constant, as in
-    :func:`~lightning_hsu.functional._common.normalize_neurons`) get a further :math:`1/s`.
+    With \(\hat w = r w\), \(r = (\lVert w\rVert^2 + \epsilon)^{-1/2}\) and
+    \(g = \partial S/\partial\hat w\) from the block sums,
+    \(\partial\hat w/\partial w = r (I - \hat w\hat w^\top)\) (using
+    \(\partial r/\partial w = -r^3 w\)), hence
+    \(\partial S/\partial w = r\,(g - (g\cdot\hat w)\,\hat w)\), formed inside the block sums
+    (`_fold_projection`) instead of by an autograd graph of the normalisation, with no host
+    sync but the one check of `row_normalization`. Rows
+    rescaled there by \(s\) (a constant, as in
+    `normalize_neurons`) get a further \(1/s\).
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         neurons: Tensor,
         eps: float,
@@ -558,7 +557,7 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
             rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
             # check_finite: the call makes host decisions anyway, so the kernel may too
             total, grad = _block_sums(
-                rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, decide_on_host=check_finite
+                rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, host_sync=check_finite
             )
             _save_gradient(ctx, grad, divisor)
         return total
@@ -567,7 +566,7 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None, None]:  # type: ignore[override]
+    ) -> tuple[Tensor | None, None, None, None, None, None, None]:
         return _saved_gradient(ctx, grad_total), None, None, None, None, None, None
 
 
@@ -594,13 +593,13 @@ def normalized_pairwise_kernel_sum(
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
 ) -> Tensor:
-    """:func:`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
+    """`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
 
     ``neurons``: ``[batch, n, d]`` raw float32/float64 neurons. The same value and gradient as the
     composition to float rounding, in fewer passes and with a single host sync (the NaN/inf check:
-    raises :class:`~lightning_hsu.functional._common.NonFiniteInputError`). With
+    raises `NonFiniteInputError`). With
     ``check_finite=False`` there is no host sync at all (CUDA-graph safe) and non-finite neurons
-    give a NaN sum instead (:func:`~lightning_hsu.functional._common.row_normalization`).
+    give a NaN sum instead (`row_normalization`).
     """
     block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard, neurons.device.type)
     return _NormalizedPairwiseKernelSum.apply(
@@ -624,12 +623,12 @@ def pairwise_kernel_sum(
     Args:
         unit: ``[batch, n, d]`` unit (or near-unit) neurons.
         kernel: the pair kernel and its derivative.
-        half_space: sum over the pairs of :math:`\\{\\pm\\hat w_i\\}`.
-        chunk_size: rows per block (``None``: strips of about :data:`STRIP_ELEMENTS` Gram
+        half_space: sum over the pairs of \\(\\{\\pm\\hat w_i\\}\\).
+        chunk_size: rows per block (``None``: strips of about `STRIP_ELEMENTS` Gram
             entries, i.e. dense for small layers; the same row counts with ``shard``).
-        shard: ``(rank, world_size)``: compute only this rank's rows (:func:`shard_rows`); the
+        shard: ``(rank, world_size)``: compute only this rank's rows (`shard_rows`); the
             ranks' values and gradients sum exactly to the unsharded ones. Under a strategy that
-            averages gradients multiply the result by :func:`sharded_scale`.
+            averages gradients multiply the result by `sharded_scale`.
     """
     block_rows, row_range = _schedule(unit.shape[1], chunk_size, shard, unit.device.type)
     return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range)
@@ -641,7 +640,7 @@ def extreme_pair_cosine(
 ) -> Tensor:
     """Largest (or smallest) cosine over all pairs, per batch element, without gradient.
 
-    In half-space the candidates are :math:`\\pm c_{ij}` and :math:`-\\lVert\\hat w_i\\rVert^2`.
+    In half-space the candidates are \\(\\pm c_{ij}\\) and \\(-\\lVert\\hat w_i\\rVert^2\\).
     ``gram_matrix``: the whole ``[batch, n, n]`` Gram matrix when the caller has it (one block;
     left unchanged).
     """

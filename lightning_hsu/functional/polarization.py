@@ -51,7 +51,7 @@ def pole_cosines(
         raise NonFiniteInputError(
             f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
         )
-    v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps, decide_on_host=False)[0]
+    v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps, host_sync=False)[0]
     cos = unit @ v
     return torch.cat([cos, -cos]) if half_space else cos
 

@@ -225,8 +225,8 @@ def soft_hyperspherical_separation(
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     x = check_neurons(neurons, check_finite=check_finite)
-    unit = normalize_neurons(x, eps, decide_on_host=check_finite)
+    unit = normalize_neurons(x, eps, host_sync=check_finite)
     inverse = 1.0 / temperature
     return temperature * log_mean_exp_pairs(
-        unit, inverse, half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite
+        unit, inverse, half_space=half_space, chunk_size=chunk_size, host_sync=check_finite
     )

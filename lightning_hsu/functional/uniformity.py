@@ -28,14 +28,14 @@ from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, p
 
 
 def log_mean_exp_pairs(
-    unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, shift_on_host: bool = True
+    unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, host_sync: bool = True
 ) -> Tensor:
     r"""\(\log \frac1P\sum_{pairs} e^{-t d^2}\) for ``[n, d]`` unit vectors (a scalar), or each
     of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
 
     The exponent is shifted by its maximum \(m = 2t(c_{max}-1)\) (a constant: the value does
     not depend on it, so neither does the gradient) before exponentiation, one shift per batch
-    element. ``shift_on_host=False`` keeps \(m\) a device tensor: no host sync (CUDA-graph
+    element. ``host_sync=False`` keeps \(m\) a device tensor: no host sync (CUDA-graph
     safe), the same value; so does a batch (its shifts differ per element).
     """
     batch, added = as_batched(unit)
@@ -45,7 +45,7 @@ def log_mean_exp_pairs(
     else:
         c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
         shift_tensor = 2.0 * t * (c_max - 1.0)
-        shift: float | Tensor = float(shift_tensor[0]) if shift_on_host and added else shift_tensor
+        shift: float | Tensor = float(shift_tensor[0]) if host_sync and added else shift_tensor
         total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)
         out = shift + torch.log(total) - math.log(pair_count(n, half_space))
     return out[0] if added else out
@@ -83,5 +83,5 @@ def uniformity(
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"t must be a finite number > 0, got {t!r}")
     x = check_neurons(features, "features", check_finite=check_finite)
-    unit = normalize_neurons(x, eps, decide_on_host=check_finite)
-    return log_mean_exp_pairs(unit, float(t), half_space=half_space, chunk_size=chunk_size, shift_on_host=check_finite)
+    unit = normalize_neurons(x, eps, host_sync=check_finite)
+    return log_mean_exp_pairs(unit, float(t), half_space=half_space, chunk_size=chunk_size, host_sync=check_finite)

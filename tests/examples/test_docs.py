@@ -8,6 +8,7 @@ why, when MkDocs is not installed.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,22 @@ def test_site_renders_its_formulas_offline_in_a_browser(tmp_path: Path):
     site = tmp_path / "site"
     build(site)
     assert check_docs_math.main(["--site", str(site)]) == 0
+
+
+# -- docstrings in the Markdown mkdocstrings renders ----------------------------------------------------
+ROLE = re.compile(r":(math|class|func|meth|attr|data|mod|exc|obj|ref):`|^\s*\.\. (math|note|warning)::", re.M)
+
+
+def test_no_rest_role_is_left_in_the_package_docstrings():
+    """mkdocstrings renders Markdown: a reST role would show literally on the API pages."""
+    leftovers = [
+        f"{path.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}: {match.group(0).strip()}"
+        for path in sorted((ROOT / "lightning_hsu").rglob("*.py"))
+        for text in [path.read_text(encoding="utf-8")]
+        for match in ROLE.finditer(text)
+    ]
+    assert not leftovers, "reST roles left (convert with scripts/convert_rest_roles.py):\n" + "\n".join(leftovers)
+
+
+def test_the_role_check_sees_a_role():
+    assert ROLE.search('"""The :class:`Rule` of a layer."""') and ROLE.search("    .. math:: x")

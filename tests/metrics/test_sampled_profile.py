@@ -99,7 +99,7 @@ def test_means_are_unbiased_estimates_of_the_whole_layer(half_space: bool) -> No
         stderr = float(values.std()) / math.sqrt(len(values))
         assert abs(float(values.mean()) - exact[name]) < 4 * stderr, name
     # Without the half-space reweighting the subset's antipodal pairs would weigh 1/(2m-1), not
-    # 1/(2n-1): far outside this tolerance (tests/performance/test_sampling.py shows it for MHE).
+    # 1/(2n-1): far outside this tolerance (tests/functional/test_sampling.py shows it for MHE).
 
     _, angles = pair_values(w, half_space)
     one = diversity_profile(w, metrics=["mean_angle"], max_neurons=150, seed=0, half_space=half_space)

@@ -113,7 +113,7 @@ def test_closed_form_half_space_term_equals_the_two_kernel_terms(power: float, m
         raise AssertionError("the closed form was not taken")
 
     monkeypatch.setattr(PairKernel, "antipodal_sum", generic)
-    value, deriv = RieszKernel(power).antipodal_sum(cos.view(1, 1, -1), True, derivative_scale=3.0, decide_on_host=True)
+    value, deriv = RieszKernel(power).antipodal_sum(cos.view(1, 1, -1), True, derivative_scale=3.0, host_sync=True)
     torch.testing.assert_close(value.view(-1), ref.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(deriv.view(-1), 3.0 * ref_deriv, rtol=1e-9, atol=1e-9)
 
@@ -123,7 +123,7 @@ def test_closed_form_half_space_term_equals_the_two_kernel_terms(power: float, m
 def test_half_space_term_at_the_clamp_keeps_the_clamped_values_and_zero_slope(power: float, edge: float) -> None:
     """A pair at (or past) d^2 = 1e-6 on either side: the clamped side is constant, the other keeps its slope."""
     cos = torch.tensor([[[0.3, edge, -0.5]]], dtype=torch.float64)
-    value, deriv = RieszKernel(power).antipodal_sum(cos, True, decide_on_host=True)
+    value, deriv = RieszKernel(power).antipodal_sum(cos, True, host_sync=True)
     leaf = cos.clone().requires_grad_()
     ref = _clamped_riesz_pair(leaf, power)
     (ref_deriv,) = torch.autograd.grad(ref.sum(), leaf)
@@ -155,11 +155,11 @@ def test_closed_form_half_space_term_is_as_accurate_in_float32_as_the_two_terms(
         slopes.append(slope)
     ref_value, ref_slope = terms[0] + terms[1], slopes[0] + slopes[1]
     value_scale, slope_scale = terms[0].abs() + terms[1].abs(), slopes[0].abs() + slopes[1].abs()
-    two_terms = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, decide_on_host=False)
+    two_terms = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, host_sync=False)
     from lightning_hsu.functional.kernels import PairKernel
 
     monkeypatch.setattr(PairKernel, "antipodal_sum", None)  # the closed form must not fall back
-    closed = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, decide_on_host=True)
+    closed = RieszKernel(power).antipodal_sum(cos32.view(1, 1, -1), True, host_sync=True)
 
     def worst(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
         return float(((got.view(-1).double() - want) / scale).abs().max())
