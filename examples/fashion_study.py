@@ -221,7 +221,7 @@ def run(job: Job) -> dict[str, Any]:
     trainer = pl.Trainer(
         max_epochs=job.epochs,
         accelerator="gpu" if job.device.startswith("cuda") else "cpu",
-        devices=1,
+        devices=[int(job.device.split(":")[1])] if job.device.startswith("cuda:") else 1,
         logger=False,
         callbacks=callbacks,
         enable_checkpointing=False,
