@@ -11,6 +11,7 @@ table (`<name>_table.md`) and plot (`<name>.png`) are regenerated from the CSV.
 
     python examples/fashion_study.py                   # the CPU study in docs/reproduction_fashion.md
     python examples/fashion_study.py --report-only     # table and plot again from the committed CSV
+    python examples/fashion_study.py --overhead        # step times of every configuration, measured apart
     python examples/fashion_study.py --device cuda --width full --workers 4 --name fashion_gpu  # on a GPU
     python examples/fashion_study.py --smoke --out /tmp/f    # seconds: 2 configurations, a few steps
 
@@ -253,6 +254,93 @@ def run(job: Job) -> dict[str, Any]:
     }
 
 
+def measure_overhead(args: argparse.Namespace, steps: int = 15, warmup: int = 3, rounds: int = 3) -> list[dict]:
+    """Seconds per training step of every configuration, measured in one process, interleaved.
+
+    The per-run fit times of the study mix the regulariser's cost with the load of a shared CPU;
+    here every round times `steps` steps (after `warmup`) of each configuration in turn on the
+    *n100* data, so that a configuration and the baseline see about the same load. A step is
+    timed from the first callback's `on_train_batch_start` to the last one's `on_train_batch_end`
+    (forward, penalties, backward, optimizer and pole steps). Returns one row per (round, config)
+    with the median step time.
+    """
+    import logging
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+    from fashion_mnist import CNN9, TensorBatches, stratified_split
+
+    from lightning_hsu import HypersphericalUniformity
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    data = splits(None if args.data is None else str(args.data), args.device, args.smoke)
+    images, labels = data["pool"]
+    chosen, _ = stratified_split(labels.cpu(), 20 if args.smoke else 100, seed=SPLIT_SEED)
+    images, labels = images[chosen.to(labels.device)], labels[chosen.to(labels.device)]
+    widths, hidden = WIDTHS[args.width]
+    times: list[float] = []
+    mark: dict[str, float] = {}
+
+    class First(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[override]
+            mark["start"] = time.perf_counter()
+
+    class Last(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[override]
+            if trainer.global_step > warmup:
+                times.append(time.perf_counter() - mark["start"])
+
+    configs = list(args.configs or CONFIGS)
+    rows = []
+    for round_ in range(rounds):
+        for config in configs:
+            pl.seed_everything(round_, verbose=False)
+            model = CNN9(widths=widths, hidden=hidden, lr=LR, max_steps_hint=warmup + steps, seed=round_)
+            rules = rules_for(config, args.scale, round_)
+            hsu = [HypersphericalUniformity(rules=rules, classifier=CLASSIFIER, log=False, verbose=False)]
+            trainer = pl.Trainer(
+                max_steps=warmup + steps,
+                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                devices=1,
+                logger=False,
+                callbacks=[First(), *(hsu if rules else []), Last()],
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+            )
+            times.clear()
+            trainer.fit(model, TensorBatches(images, labels, BATCH_SIZE, shuffle=True, seed=round_))
+            rows.append({"round": round_, "config": config, "seconds_per_step": statistics.median(times)})
+            print(f"round {round_} {config:14s} {1000 * rows[-1]['seconds_per_step']:.0f} ms/step", flush=True)
+    return rows
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> str:
+    """Median step time per configuration and its ratio to the baseline's in the same round."""
+    lines = [
+        "Step time, measured apart (`--overhead`): CNN-9 width small, batch 128, one thread; median over "
+        f"rounds of each round's median step time ({len({r['round'] for r in rows})} rounds, configurations "
+        "interleaved). Overhead: the ratio to the baseline's step time in the same round, median over rounds.",
+        "",
+        "| configuration | ms per step | overhead |",
+        "|---|---|---|",
+    ]
+    base = {r["round"]: r["seconds_per_step"] for r in rows if r["config"] == "baseline"}
+    for config in CONFIGS:
+        mine = [r for r in rows if r["config"] == config]
+        if not mine:
+            continue
+        ms = 1000 * statistics.median(r["seconds_per_step"] for r in mine)
+        ratios = [r["seconds_per_step"] / base[r["round"]] - 1 for r in mine if r["round"] in base]
+        over = "—" if config == "baseline" or not ratios else f"{100 * statistics.median(ratios):+.0f}%"
+        lines.append(f"| {config} | {ms:.0f} | {over} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 NUMERIC = set(FIELDS) - {"config", "regime", "width", "device"}
@@ -403,6 +491,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def write_report(rows: list[dict[str, Any]], out: Path, name: str) -> str:
     """Write `<name>_table.md` and `<name>.png` from the rows (nothing else); returns the table."""
     table = markdown_report(rows)
+    overhead_csv = out / f"{name}_overhead.csv"
+    if overhead_csv.exists():
+        with overhead_csv.open() as f:
+            overhead = [{**r, "round": int(r["round"]), "seconds_per_step": float(r["seconds_per_step"])}
+                        for r in csv.DictReader(f)]
+        table += "\n" + overhead_table(overhead)
     (out / f"{name}_table.md").write_text(table)
     plot(rows, out / f"{name}.png")
     return table
@@ -449,6 +543,9 @@ def main() -> None:
     parser.add_argument("--name", default="reproduction_fashion", help="prefix of the files written into --out")
     parser.add_argument("--smoke", action="store_true", help="20 images per class, 1 epoch, 1 seed, 3 configurations")
     parser.add_argument("--report-only", action="store_true", help="redraw table and plot from the CSV (no training)")
+    parser.add_argument(
+        "--overhead", action="store_true", help="time the steps of every configuration apart (<name>_overhead.csv)"
+    )
     args = parser.parse_args()
     unknown = [c for c in args.configs or () if c not in CONFIGS]
     if unknown:
@@ -464,6 +561,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"{args.name}_runs.csv"
     rows = read_rows(csv_path)
+    if args.overhead:
+        measured = measure_overhead(args, **({"steps": 2, "warmup": 1, "rounds": 1} if args.smoke else {}))
+        with (args.out / f"{args.name}_overhead.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["round", "config", "seconds_per_step"])
+            writer.writeheader()
+            writer.writerows(measured)
+        print(overhead_table(measured))
+        if not rows:
+            return
+        args.report_only = True
     if args.report_only:
         if not rows:
             parser.error(f"{csv_path} holds no runs")

@@ -127,3 +127,16 @@ def test_fashion_study_full_width_on_cpu(tmp_path: Path, fashion_writer):
     with (out_dir / "reproduction_fashion_runs.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert row["width"] == "full" and row["device"] == "cpu" and int(row["steps"]) == 2
+
+
+def test_fashion_study_overhead_smoke(tmp_path: Path, fashion_writer):
+    fashion_writer(tmp_path / "data", n_train=300, n_test=100)
+    out_dir = tmp_path / "docs"
+    out = run_example(
+        "fashion_study.py", "--smoke", "--overhead", "--configs", "baseline", "R-MHP",
+        "--data", str(tmp_path / "data"), "--out", str(out_dir), cwd=tmp_path,
+    )
+    assert "| R-MHP |" in out
+    with (out_dir / "reproduction_fashion_overhead.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["baseline", "R-MHP"] and all(float(r["seconds_per_step"]) > 0 for r in rows)
