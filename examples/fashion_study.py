@@ -489,6 +489,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if base:
             ax.axhline(statistics.fmean(base), color="grey", ls="--", lw=0.8)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_xlim(-0.8, max(len(names), 4) - 0.2)  # a regime with few configurations stays compact
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{regime} ({mine[0]['train_size']:,} images): mean ± sd, dots = seeds")
         ax = axes[1][j]
