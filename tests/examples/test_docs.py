@@ -50,7 +50,8 @@ def build(site: Path) -> None:
 def test_docs_build_strict(tmp_path: Path):
     site = tmp_path / "site"
     build(site)
-    for page in ("index.html", "reproduction/index.html", "api/lightning/index.html", "faq/index.html"):
+    pages = ("index.html", "reproduction/index.html", "reproduction_fashion/index.html", "api/lightning/index.html")
+    for page in (*pages, "faq/index.html"):
         assert (site / page).is_file(), f"{page} was not built"
     # the API reference really rendered the docstrings
     assert "HypersphericalUniformity" in (site / "api" / "lightning" / "index.html").read_text()

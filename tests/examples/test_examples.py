@@ -124,3 +124,71 @@ def test_gpt2_lm(tmp_path: Path):
         assert cells[1].startswith("mhe"), cells
         assert all(0 < float(angle) <= 180 for angle in cells[2:]), f"{layer}: {cells}"
     assert (tmp_path / "runs" / "mhe" / "version_0" / "metrics.csv").exists()
+
+
+def test_fashion_study_smoke(tmp_path: Path, fashion_writer):
+    # synthetic idx files (30 images per class): hermetic, nothing installed or downloaded
+    fashion_writer(tmp_path / "data", "torchvision", n_train=300, n_test=100)
+    out_dir = tmp_path / "docs"
+    common = ("--data", str(tmp_path / "data"), "--out", str(out_dir), "--name", "fashion")
+    run_example("fashion_study.py", "--smoke", *common, cwd=tmp_path)
+    with (out_dir / "fashion_runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["baseline", "MHE s=2 half", "MHP"]
+    assert all(0 <= float(r["test_acc"]) <= 1 and 0 < float(r["hidden_min_angle"]) <= 90 for r in rows)
+    table = (out_dir / "fashion_table.md").read_text()
+    assert "| baseline |" in table and "| MHP | 0.1 / 1 |" in table
+    assert (out_dir / "fashion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resumable: a second run finds every row done and trains nothing
+    out = run_example("fashion_study.py", "--smoke", *common, cwd=tmp_path)
+    assert "0 runs to do (3 already in" in out
+    # the table is regenerated from the CSV alone
+    (out_dir / "fashion_table.md").unlink()
+    run_example("fashion_study.py", "--report-only", "--out", str(out_dir), "--name", "fashion", cwd=tmp_path)
+    assert (out_dir / "fashion_table.md").read_text() == table
+
+
+def test_fashion_study_full_width_on_cpu(tmp_path: Path, fashion_writer):
+    # the GPU study's network (64/128/256 channels) constructs and trains a step with --device cpu
+    fashion_writer(tmp_path / "data", "debian", n_train=300, n_test=100)
+    out_dir = tmp_path / "docs"
+    run_example(
+        "fashion_study.py",
+        "--smoke",
+        "--width",
+        "full",
+        "--device",
+        "cpu",
+        "--configs",
+        "MHE s=2 half",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(out_dir),
+        cwd=tmp_path,
+    )
+    with (out_dir / "reproduction_fashion_runs.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["width"] == "full" and row["device"] == "cpu" and int(row["steps"]) == 2
+
+
+def test_fashion_study_overhead_smoke(tmp_path: Path, fashion_writer):
+    fashion_writer(tmp_path / "data", n_train=300, n_test=100)
+    out_dir = tmp_path / "docs"
+    out = run_example(
+        "fashion_study.py",
+        "--smoke",
+        "--overhead",
+        "--configs",
+        "baseline",
+        "R-MHP",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(out_dir),
+        cwd=tmp_path,
+    )
+    assert "| R-MHP |" in out
+    with (out_dir / "reproduction_fashion_overhead.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["baseline", "R-MHP"] and all(float(r["seconds_per_step"]) > 0 for r in rows)
