@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_hsu.functional.diversity import (
     DEFAULT_MAX_NEURONS,
@@ -42,6 +43,7 @@ from lightning_hsu.layers import (
     user_modules,
 )
 from lightning_hsu.lightning_adapter import attached_engines, overrides
+from lightning_hsu.validation import choice, int_at_least, integer, number_in, optional_positive_int, positive_int
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -278,21 +280,16 @@ class NeuronDiversityMonitor(Callback):
         def fail(option: str, message: str) -> None:
             raise ValueError(f"NeuronDiversityMonitor: `{option}` {message}")
 
-        if self.every_n_steps is not None and (
-            isinstance(self.every_n_steps, bool) or not isinstance(self.every_n_steps, int) or self.every_n_steps < 1
-        ):
-            fail("every_n_steps", f"must be a positive integer or None, got {self.every_n_steps!r}")
+        owner = "NeuronDiversityMonitor"
+        optional_positive_int(owner, "every_n_steps", self.every_n_steps)
         if self.every_n_steps is None and not self.log_at_epoch_end:
             fail("every_n_steps", "is None and `log_at_epoch_end` is False: the monitor would never log")
         if self.metrics is not None:
             unknown = [m for m in self.metrics if m not in DIVERSITY_METRICS]
             if unknown:
                 fail("metrics", f"has unknown name(s) {unknown}; choose from {list(DIVERSITY_METRICS)}")
-        if isinstance(self.histogram_bins, bool) or not isinstance(self.histogram_bins, int) or self.histogram_bins < 1:
-            fail("histogram_bins", f"must be a positive integer, got {self.histogram_bins!r}")
-        threshold = self.duplicate_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 180:
-            fail("duplicate_threshold", f"must be an angle in degrees in [0, 180], got {threshold!r}")
+        positive_int(owner, "histogram_bins", self.histogram_bins)
+        number_in(owner, "duplicate_threshold", self.duplicate_threshold, 0.0, 180.0)
         if not self.layer_types:
             fail("layer_types", "is empty: no layer could be selected")
         for t in self.layer_types:
@@ -304,18 +301,11 @@ class NeuronDiversityMonitor(Callback):
                     fail(option, f"entries must be non-empty glob strings, got {p!r}")
         if not isinstance(self.prefix, str) or not self.prefix:
             fail("prefix", f"must be a non-empty string, got {self.prefix!r}")
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1
-        ):
-            fail("chunk_size", f"must be a positive integer or None, got {self.chunk_size!r}")
-        if self.max_neurons is not None and (
-            isinstance(self.max_neurons, bool) or not isinstance(self.max_neurons, int) or self.max_neurons < 2
-        ):
-            fail("max_neurons", f"must be an integer >= 2 or None (exact), got {self.max_neurons!r}")
-        if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int):
-            fail("sample_seed", f"must be an integer, got {self.sample_seed!r}")
-        if self.figure_style not in ("auto", "panels", "heatmap"):
-            fail("figure_style", f"must be 'auto', 'panels' or 'heatmap', got {self.figure_style!r}")
+        optional_positive_int(owner, "chunk_size", self.chunk_size)
+        if self.max_neurons is not None:  # None: every layer exactly
+            int_at_least(owner, "max_neurons", self.max_neurons, 2)
+        integer(owner, "sample_seed", self.sample_seed)
+        choice(owner, "figure_style", self.figure_style, ("auto", "panels", "heatmap"))
 
     def _candidates(self, root: nn.Module, root_wrapper: nn.Module | None) -> dict[str, tuple[str, LayerView]]:
         """Name → (module path, view) of every set of neurons of a selected type, found as the
@@ -382,6 +372,7 @@ class NeuronDiversityMonitor(Callback):
 
     # -- hooks --------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -402,6 +393,7 @@ class NeuronDiversityMonitor(Callback):
         if not overrides(pl_module, "configure_model"):
             self._selected = self._resolve(pl_module)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the strategy wrapped the model (FSDP1 inserts wrapper modules): paths change.
         self._selected = self._resolve(pl_module, trainer.strategy.model)
@@ -409,6 +401,7 @@ class NeuronDiversityMonitor(Callback):
         self._initial = {}
         self._half = {}
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After every on_fit_start: the regulariser's engines are attached by now.
         self._half = self._spaces(pl_module)
@@ -422,6 +415,7 @@ class NeuronDiversityMonitor(Callback):
         if self.log_at_train_start:
             self._log(trainer, pl_module, "start")
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -429,6 +423,7 @@ class NeuronDiversityMonitor(Callback):
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             self._log(trainer, pl_module, "batch")
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_at_epoch_end:
             self._log(trainer, pl_module, "epoch")

@@ -82,6 +82,7 @@ from lightning_hsu.functional.kernels import GaussianKernel, energy_kernel
 from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
 from lightning_hsu.functional.sampling import subset_pair_mean
 from lightning_hsu.functional.uniformity import uniformity
+from lightning_hsu.validation import int_at_least, number_in
 
 #: Width in degrees of the fine bins behind `pairwise_angle_quantiles`: a quantile is
 #: exact to it (0.01°) while memory stays \(O(180/0.01)\) whatever ``n``.
@@ -470,8 +471,7 @@ def _condition_number_of(spectrum: Tensor, neurons: Tensor) -> Tensor:
 
 
 def _check_threshold(threshold: float) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 180:
-        raise ValueError(f"duplicate threshold must be an angle in degrees in [0, 180], got {threshold!r}")
+    number_in("diversity", "duplicate_threshold", threshold, 0.0, 180.0)  # an angle in degrees
 
 
 def _quantile_key(q: float) -> str:
@@ -495,10 +495,8 @@ def sample_neuron_indices(n: int, m: int, seed: int = 0) -> Tensor:
 
 
 def _check_max_neurons(max_neurons: int | None) -> None:
-    if max_neurons is None:
-        return
-    if isinstance(max_neurons, bool) or not isinstance(max_neurons, int) or max_neurons < 2:
-        raise ValueError(f"max_neurons must be an integer >= 2 (one pair) or None (exact), got {max_neurons!r}")
+    if max_neurons is not None:  # None: exact; else at least one pair
+        int_at_least("diversity", "max_neurons", max_neurons, 2)
 
 
 @dataclass

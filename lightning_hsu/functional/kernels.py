@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_hsu.validation import positive_float
+
 #: Smallest squared chordal distance a Riesz or log kernel sees. The official code adds 1 on the
 #: diagonal only, so duplicate neurons give inf there; clamping keeps value and gradient finite.
 MIN_SQUARED_DISTANCE = 1e-6
@@ -185,10 +187,7 @@ class ClosestPairsKernel(PairKernel):
 
 def energy_kernel(power: float, distance: str) -> PairKernel:
     """The MHE kernel for a Riesz ``power`` (0 = log) and ``distance`` ('euclidean'/'angular')."""
-    if not isinstance(power, (int, float)) or isinstance(power, bool) or not math.isfinite(power):
-        raise ValueError(f"power must be a finite number >= 0, got {power!r}")
-    if power < 0:
-        raise ValueError(f"power must be >= 0 (0 is the log energy), got {power}")
+    positive_float("energy_kernel", "power", power, allow_zero=True)  # 0 is the log energy
     if distance == "euclidean":
         return RieszKernel(float(power))
     if distance == "angular":

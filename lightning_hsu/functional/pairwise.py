@@ -62,6 +62,7 @@ from torch.autograd.function import once_differentiable
 from lightning_hsu.functional._common import row_normalization
 from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread
 from lightning_hsu.functional.kernels import PairKernel
+from lightning_hsu.validation import positive_int
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
@@ -93,9 +94,7 @@ MIN_KERNEL_BLOCK_ROWS = 32
 def block_rows_for(n: int, chunk_size: int | None) -> int:
     """Rows per block: ``chunk_size`` if given, else dense up to 4096 neurons, then chunked."""
     if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-        return min(chunk_size, max(n, 1))
+        return min(positive_int("pairwise_kernel_sum", "chunk_size", chunk_size), max(n, 1))
     return max(1, min(n, DENSE_BLOCK_ELEMENTS // max(n, 1)))
 
 
@@ -150,9 +149,7 @@ def sharded_scale(world_size: int) -> float:
     divides the sum of the ranks' gradients by ``W``; the shards sum to the full gradient, so
     ``W`` times each shard averages to it.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    return float(world_size)
+    return float(positive_int("sharded_scale", "world_size", world_size))
 
 
 def _self_pairs(block: Tensor, start: int) -> Tensor:
