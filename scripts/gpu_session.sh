@@ -3,7 +3,7 @@
 #   bench   the CUDA tests (pytest -m gpu: CUDA graphs, no host sync, callback vs hand-written),
 #           then every benchmark (benchmarks/run_all_gpu.sh), the training step first: about
 #           3 minutes on an H200 (runs 3-6 of docs/performance.md);
-#   checks  the strategy checks (scripts/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3,
+#   checks  the strategy checks (tests/lightning/gpu_checks.py: AMP, DDP/NCCL, FSDP, DeepSpeed ZeRO-2/3,
 #           two processes per check): 4.5 minutes there;
 #   all     both (the default): about 8 minutes by those times, but each part has its own time
 #           limit (bench up to 10 minutes, checks 5.5): a slow machine may need two calls.
@@ -37,7 +37,7 @@ PY="${PYTHON:-python3}"
   fi
   if [ "$PART" != bench ]; then
     echo "## strategy checks"
-    timeout 330 "$PY" scripts/gpu_checks.py --out "$DEST/gpu_checks.md" 2>&1 | tail -30
+    timeout 330 "$PY" tests/lightning/gpu_checks.py --out "$DEST/gpu_checks.md" 2>&1 | tail -30
   fi
   date -u
 } 2>&1 | tee "$DEST/session.log"

@@ -1,4 +1,4 @@
-"""CUDA runs of the callback (skipped without a GPU; the full matrix is scripts/gpu_checks.py)."""
+"""CUDA runs of the callback (skipped without a GPU; the full matrix is tests/lightning/gpu_checks.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "gpu_checks.py"
+SCRIPT = Path(__file__).parent / "gpu_checks.py"
 
 
 @pytest.mark.parametrize("check", ["single-fp32", "single-fp16-mixed (GradScaler)", "fsdp1 (1 process)"])

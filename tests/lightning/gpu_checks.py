@@ -4,9 +4,9 @@ Runs each check in its own process (DeepSpeed and process groups keep global sta
 markdown table; with ``--out FILE`` the table is also written there. Needs one CUDA device;
 DeepSpeed rows need the ``deepspeed`` package (they are reported as skipped without it).
 
-    python scripts/gpu_checks.py --out gpu_checks_table.md   # then record the table in docs/gpu_checks.md
+    python tests/lightning/gpu_checks.py --out gpu_checks_table.md   # then record the table in docs/gpu_checks.md
 
-Every run trains ``TinyNet`` (tests/lightning/models.py) for a few steps with the MHE preset of
+Every run trains ``TinyNet`` (``models.py`` beside this file) for a few steps with the MHE preset of
 the papers. The reference is the penalty written by hand into ``training_step`` on a single
 device in the same precision (fp32 for strategies; for ZeRO-3 and FSDP the hand-written form
 would see weight shards, which is exactly what the callback avoids).
@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "lightning"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # models.py beside it
 sys.path.insert(0, str(ROOT))
 
 CHECKS = {
