@@ -35,25 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `fashion_mnist` next to this script, also in workers
-
-#: name → (regularizer, options of both rules, extra options of the hidden rule, λ_hidden, λ_classifier),
-#: the papers' coefficients (MHE NeurIPS 2018, HU AISTATS 2021, CoMHE CVPR 2020) before `--scale`.
-CONFIGS: dict[str, tuple[str | None, dict[str, Any], dict[str, Any], float, float]] = {
-    "baseline": (None, {}, {}, 0.0, 0.0),
-    "MHE s=0 full": ("mhe", {"power": 0.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=0 half": ("mhe", {"power": 0.0}, {"half_space": True}, 1.0, 10.0),
-    "MHE s=1 full": ("mhe", {"power": 1.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=1 half": ("mhe", {"power": 1.0}, {"half_space": True}, 1.0, 10.0),
-    "MHE s=2 full": ("mhe", {"power": 2.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=2 half": ("mhe", {"power": 2.0}, {"half_space": True}, 1.0, 10.0),
-    "MHS": ("mhs", {}, {"half_space": True}, 0.1, 1.0),
-    "MHP": ("mhp", {}, {"half_space": True}, 1.0, 10.0),
-    "MHC": ("mhc", {}, {"half_space": True}, 0.01, 0.1),
-    "MGD": ("mgd", {}, {"half_space": True}, 0.01, 0.1),
-    "R-MHP": ("rmhp", {}, {}, 0.01, 0.1),  # closed form on the raw weights: no half-space variant
-    "CoMHE": ("comhe", {"projection_dim": 40, "projections": 20}, {"half_space": True}, 1.0, 10.0),
-    "uniformity": ("uniformity", {"t": 2.0}, {"half_space": True}, 1.0, 10.0),
-}
+from study import CONFIGS, rules_for
 
 
 @dataclass(frozen=True)
@@ -123,23 +105,6 @@ class Job:
     device: str
     data: str | None  # a directory of idx files (tests); None: the standard places
     smoke: bool
-
-
-def rules_for(config: str, scale: float, seed: int = 0) -> list:
-    """The two rules of a configuration: hidden layers (half- or full space) and classifier (full space).
-
-    The poles of MHP and MHC are initialised from the run's seed (they are part of the initialisation).
-    """
-    from lightning_hsu import Rule
-
-    name, shared, hidden, lam_hidden, lam_classifier = CONFIGS[config]
-    if name is None:
-        return []
-    shared = {**shared, "seed": seed} if name in ("mhp", "mhc") else shared
-    return [
-        Rule(name, lam_hidden * scale, options={**shared, **hidden}, target="hidden", name=f"{name}_hidden"),
-        Rule(name, lam_classifier * scale, options=dict(shared), target="classifier", name=f"{name}_classifier"),
-    ]
 
 
 def diversity(model) -> dict[str, float]:

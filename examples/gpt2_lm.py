@@ -27,7 +27,6 @@ Needs `transformers` (`pip install transformers`) on top of the examples' requir
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sysconfig
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from study import last_logged
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hsu import HypersphericalUniformity
@@ -138,17 +138,6 @@ class GPT2LM(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def last_logged(metrics_csv: Path) -> dict[str, float]:
-    """The last value of every column of a CSVLogger file (rows are sparse: one per log call)."""
-    last: dict[str, float] = {}
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if value not in ("", None):
-                    last[key] = float(value)
-    return last
 
 
 def quiet() -> None:

@@ -14,7 +14,6 @@ prints test accuracy, the penalty and the minimum pairwise angle of each layer f
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from digits import DigitsCNN, loaders, quiet_lightning, quiet_trainer_kwargs
 from lightning.pytorch.loggers import CSVLogger
+from study import last_logged
 
 from lightning_hsu import HypersphericalUniformity
 
@@ -31,17 +31,6 @@ except ImportError:  # pragma: no cover
     NeuronDiversityMonitor = None  # type: ignore[assignment,misc]
 
 LAYERS = ("conv1", "conv2", "fc", "classifier")
-
-
-def last_logged(metrics_csv: Path) -> dict[str, float]:
-    """The last value of every column of a CSVLogger file (rows are sparse: one per log call)."""
-    last: dict[str, float] = {}
-    with metrics_csv.open() as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if value not in ("", None):
-                    last[key] = float(value)
-    return last
 
 
 def train(regularised: bool, args: argparse.Namespace, root: Path) -> dict[str, float]:

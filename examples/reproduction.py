@@ -33,19 +33,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: name → (regularizer, options shared by both rules, hidden options, λ_hidden, λ_classifier)
-CONFIGS: dict[str, tuple[str | None, dict[str, Any], dict[str, Any], float, float]] = {
-    "baseline": (None, {}, {}, 0.0, 0.0),
-    "MHE s=0 full": ("mhe", {"power": 0.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=0 half": ("mhe", {"power": 0.0}, {"half_space": True}, 1.0, 10.0),
-    "MHE s=1 full": ("mhe", {"power": 1.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=1 half": ("mhe", {"power": 1.0}, {"half_space": True}, 1.0, 10.0),
-    "MHE s=2 full": ("mhe", {"power": 2.0}, {"half_space": False}, 1.0, 10.0),
-    "MHE s=2 half": ("mhe", {"power": 2.0}, {"half_space": True}, 1.0, 10.0),
-    "MHS": ("mhs", {}, {"half_space": True}, 0.1, 1.0),
-    "MGD": ("mgd", {}, {"half_space": True}, 0.01, 0.1),
-    "CoMHE": ("comhe", {"projection_dim": 40, "projections": 20}, {"half_space": True}, 1.0, 10.0),
-    "uniformity": ("uniformity", {"t": 2.0}, {"half_space": True}, 1.0, 10.0),
+from study import CONFIGS as ALL_CONFIGS
+from study import rules_for
+
+#: The configurations of the digits study (`study.CONFIGS` holds their options and coefficients).
+CONFIGS = {
+    name: ALL_CONFIGS[name]
+    for name in (
+        "baseline",
+        "MHE s=0 full",
+        "MHE s=0 half",
+        "MHE s=1 full",
+        "MHE s=1 half",
+        "MHE s=2 full",
+        "MHE s=2 half",
+        "MHS",
+        "MGD",
+        "CoMHE",
+        "uniformity",
+    )
 }
 SMOKE_CONFIGS = ("baseline", "MHE s=2 half")
 HIDDEN = ("conv1", "conv2", "fc")
@@ -59,19 +65,6 @@ class Job:
     epochs: int
     scale: float
     limit: int | None
-
-
-def rules_for(config: str, scale: float) -> list:
-    """The two rules of a configuration: hidden layers (half- or full space), classifier (full space)."""
-    from lightning_hsu import Rule
-
-    name, shared, hidden, lam_hidden, lam_classifier = CONFIGS[config]
-    if name is None:
-        return []
-    return [
-        Rule(name, lam_hidden * scale, options={**shared, **hidden}, target="hidden", name=f"{name}_hidden"),
-        Rule(name, lam_classifier * scale, options=dict(shared), target="classifier", name=f"{name}_classifier"),
-    ]
 
 
 def diversity(model) -> dict[str, float]:
