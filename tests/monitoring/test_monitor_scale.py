@@ -40,17 +40,21 @@ class RecordingLogger:
         self.metrics.update(metrics)
 
 
-def log_once(monitor: NeuronDiversityMonitor, model: nn.Module) -> RecordingLogger:
-    logger = RecordingLogger()
-    trainer = SimpleNamespace(
+def single_process_trainer(model: nn.Module, logger: RecordingLogger) -> SimpleNamespace:
+    """What the monitor reads of a one-process Trainer."""
+    return SimpleNamespace(
         global_step=1,
         current_epoch=0,
         is_global_zero=True,
         loggers=[logger],
         strategy=SimpleNamespace(model=model, broadcast=lambda obj, src=0: obj),
     )
+
+
+def log_once(monitor: NeuronDiversityMonitor, model: nn.Module) -> RecordingLogger:
+    logger = RecordingLogger()
     monitor._selected = monitor._resolve(model)
-    monitor._profile_and_write(trainer, model, step=1)  # type: ignore[arg-type]
+    monitor._profile_and_write(single_process_trainer(model, logger), model, step=1)  # type: ignore[arg-type]
     return logger
 
 
@@ -147,12 +151,7 @@ def test_the_figure_shows_each_layers_first_profile_beside_the_current_one() -> 
     model = WideNet()
     monitor = NeuronDiversityMonitor(figure_style="panels", metrics=["min_angle"])
     logger = RecordingLogger()
-    trainer = SimpleNamespace(
-        current_epoch=0,
-        is_global_zero=True,
-        loggers=[logger],
-        strategy=SimpleNamespace(model=model, broadcast=lambda obj, src=0: obj),
-    )
+    trainer = single_process_trainer(model, logger)
     monitor._selected = monitor._resolve(model)
     monitor._profile_and_write(trainer, model, step=0)  # type: ignore[arg-type]
     with torch.no_grad():
