@@ -279,16 +279,17 @@ def lora_update(module: nn.Module) -> Tensor:
     return total
 
 
-def _in_attention(name: str, root_modules: dict[str, nn.Module]) -> bool:
+def ancestors(name: str, modules: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """The modules that contain the module named ``name``, nearest first (the root left out)."""
     parts = name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
-        parent = root_modules.get(".".join(parts[:depth]))
-        if parent is None:
-            continue
-        cls = type(parent).__name__.lower()
-        if "attention" in cls or "attn" in cls:
-            return True
-    return False
+        parent = modules.get(".".join(parts[:depth]))
+        if parent is not None:
+            yield parent
+
+
+def _in_attention(name: str, modules: dict[str, nn.Module]) -> bool:
+    return any("attention" in (cls := type(a).__name__.lower()) or "attn" in cls for a in ancestors(name, modules))
 
 
 def _role(name: str, module: nn.Module, modules: dict[str, nn.Module]) -> Role:
@@ -415,8 +416,7 @@ def is_candidate_type(module: nn.Module, types: Sequence[str | type]) -> bool:
 
 def within_lora_layer(name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether ``name`` is a part of a PEFT LoRA layer (its ``base_layer`` or an adapter factor)."""
-    parts = name.split(".")
-    return any(is_lora_layer(modules.get(".".join(parts[:depth]), nn.Identity())) for depth in range(1, len(parts)))
+    return any(is_lora_layer(a) for a in ancestors(name, modules))
 
 
 def lazy(view: LayerView) -> bool:

@@ -20,6 +20,7 @@ from lightning_hsu.layers import (
     DEFAULT_LAYER_TYPES,
     SUPPORTED_KINDS,
     LayerView,
+    ancestors,
     is_candidate_type,
     is_depthwise,
     is_hf_conv1d,
@@ -213,8 +214,7 @@ def find_classifier(root: nn.Module, classifier: str | None) -> str | None:
 
 
 def _in_block_stack(name: str, modules: dict[str, nn.Module]) -> bool:
-    parts = name.split(".")
-    return any(isinstance(modules.get(".".join(parts[:depth])), nn.ModuleList) for depth in range(1, len(parts)))
+    return any(isinstance(a, nn.ModuleList) for a in ancestors(name, modules))
 
 
 def _some(modules: dict[str, nn.Module], limit: int = 12) -> str:
