@@ -24,7 +24,8 @@ import functools
 import os
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -47,6 +48,8 @@ WEIGHT_BLOCK_ELEMENTS = 2**22
 SERIAL_PASSES = True
 
 _scope = threading.local()
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -61,14 +64,11 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     again for their products only. Nothing changes on other devices, at one thread, or under
     ``torch.compile`` tracing. Nested use keeps the outer setting.
     """
+    if not SERIAL_PASSES or device.type != "cpu" or torch.compiler.is_compiling():
+        yield
+        return
     threads = torch.get_num_threads()
-    if (
-        not SERIAL_PASSES
-        or device.type != "cpu"
-        or threads == 1
-        or getattr(_scope, "threads", None) is not None
-        or torch.compiler.is_compiling()
-    ):
+    if threads == 1 or getattr(_scope, "threads", None) is not None:
         yield
         return
     torch.set_num_threads(1)
@@ -78,6 +78,25 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     finally:
         _scope.threads = None
         torch.set_num_threads(threads)
+
+
+def serial_passes(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` inside `passes_on_one_thread`, on the device of its first tensor argument.
+
+    For the regularisers' own passes outside the pair sums (normalisations, the searches for the
+    closest pair, the float64 kernels of MGD, the pole's steps): on a busy core each of them would
+    wait at the pool's barrier as the pair sums' passes did.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        tensor = next((a for a in args if isinstance(a, Tensor)), None)
+        if tensor is None:
+            return fn(*args, **kwargs)
+        with passes_on_one_thread(tensor.device):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @contextlib.contextmanager

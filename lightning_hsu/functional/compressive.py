@@ -27,7 +27,7 @@ from lightning_hsu.functional._common import (
     check_neurons,
     full_precision,
 )
-from lightning_hsu.functional._matmul import batched_matmul
+from lightning_hsu.functional._matmul import batched_matmul, serial_passes
 from lightning_hsu.functional.energy import Distance, hyperspherical_energy
 from lightning_hsu.validation import positive_int
 
@@ -98,6 +98,7 @@ class _Projection(torch.autograd.Function):
 
 
 @full_precision
+@serial_passes
 def compressive_energy(
     neurons: Tensor,
     projections: Tensor,

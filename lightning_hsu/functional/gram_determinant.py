@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
-from lightning_hsu.functional._matmul import batched_matmul, gram
+from lightning_hsu.functional._matmul import batched_matmul, gram, serial_passes
 
 
 def _cholesky_pd(matrix: Tensor, what: str) -> Tensor:
@@ -94,6 +94,7 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @serial_passes
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor) -> tuple[Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             return None, None, None
@@ -104,6 +105,7 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
 
 
 @full_precision
+@serial_passes
 def gram_determinant_penalty(
     neurons: Tensor,
     *,

@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread, serial_passes
 from lightning_hsu.functional.kernels import PairKernel
 from lightning_hsu.validation import positive_int
 
@@ -632,6 +632,7 @@ def pairwise_kernel_sum(
 
 
 @torch.no_grad()
+@serial_passes
 def extreme_pair_cosine(
     unit: Tensor, *, half_space: bool, chunk_size: int | None, largest: bool, gram_matrix: Tensor | None = None
 ) -> Tensor:

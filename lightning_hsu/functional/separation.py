@@ -24,7 +24,7 @@ from lightning_hsu.functional._common import (
     normalize_neurons,
     row_normalization,
 )
-from lightning_hsu.functional._matmul import batched_matmul, gram
+from lightning_hsu.functional._matmul import batched_matmul, gram, serial_passes
 from lightning_hsu.functional.kernels import ClosestPairsKernel
 from lightning_hsu.functional.pairwise import (
     _save_gradient,
@@ -148,6 +148,7 @@ class _HardSeparation(torch.autograd.Function):
 
 
 @full_precision
+@serial_passes
 def hyperspherical_separation(
     neurons: Tensor,
     *,
@@ -207,6 +208,7 @@ def _closest_pairs_sum_on_device(
 
 
 @full_precision
+@serial_passes
 def soft_hyperspherical_separation(
     neurons: Tensor,
     *,

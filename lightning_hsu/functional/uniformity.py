@@ -23,6 +23,7 @@ from lightning_hsu.functional._common import (
     full_precision,
     normalize_neurons,
 )
+from lightning_hsu.functional._matmul import serial_passes
 from lightning_hsu.functional.kernels import GaussianKernel
 from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, pairwise_kernel_sum
 
@@ -52,6 +53,7 @@ def log_mean_exp_pairs(
 
 
 @full_precision
+@serial_passes
 def uniformity(
     features: Tensor,
     *,

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons, row_normalization
+from lightning_hsu.functional._matmul import serial_passes
 from lightning_hsu.regularizers.base import Regularizer
 from lightning_hsu.validation import flag, integer, positive_float, positive_int
 
@@ -134,6 +135,7 @@ class PoleRegularizer(Regularizer):
         assert divisor is not None  # always given with check_finite=False
         return (grad / divisor[0]).to(pole.dtype)
 
+    @serial_passes  # the pole's steps are dozens of small operations, each a barrier of the pool
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         # The pole moves once per training step (official: before the weights' update), not once
         # per micro-batch under gradient accumulation nor again when a shared layer recurs.

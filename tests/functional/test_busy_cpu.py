@@ -231,3 +231,74 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
         assert torch.get_num_threads() == 2
     with _matmul._all_threads():  # outside the context: nothing to widen
         assert torch.get_num_threads() == 2
+
+
+def _regularizer_penalties() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every regulariser whose own passes lie outside the pair sums, as a function of the neurons
+    (a fresh pole per call, so both paths start from the same pole)."""
+    from lightning_hsu.functional import (
+        compressive_energy,
+        gram_determinant_penalty,
+        hyperspherical_separation,
+        soft_hyperspherical_separation,
+    )
+    from lightning_hsu.regularizers import MHC, MHP
+
+    g = torch.Generator().manual_seed(5)
+    projections = torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    return {
+        "mhs half": lambda x: hyperspherical_separation(x, half_space=True),
+        "mhs full, 2 blocks": lambda x: hyperspherical_separation(x, chunk_size=16),
+        "soft mhs": lambda x: soft_hyperspherical_separation(x, half_space=True),
+        "mgd half": lambda x: gram_determinant_penalty(x, half_space=True),
+        "mgd full": lambda x: gram_determinant_penalty(x),
+        "comhe": lambda x: compressive_energy(x, projections, half_space=True),
+        "mhp": lambda x: MHP(half_space=True, seed=1).penalty(x, step=0),
+        "mhc": lambda x: MHC(seed=1).penalty(x, step=0),
+    }
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("name", list(_regularizer_penalties()))
+def test_regularizers_on_one_thread_equal_all_threads(name: str, monkeypatch) -> None:
+    fn = _regularizer_penalties()[name]
+    w = _weights(40, 7, torch.float64, seed=4)
+    (value, grad), (par_value, par_grad) = _both_paths(fn, w, monkeypatch)
+    torch.testing.assert_close(value, par_value, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(grad, par_grad, rtol=1e-10, atol=1e-12)
+
+
+def _thread_spy(calls: list[int], original: Callable) -> Callable:
+    def wrapped(*args, **kwargs):
+        calls.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
+    """A pass inside each regulariser (MHS's search for tied pairs, MGD's Cholesky, the pole's
+    slope, uniformity's normalisation) sees one thread; the intra-op pool is whole afterwards."""
+    import importlib
+
+    from lightning_hsu.functional import gram_determinant, separation
+    from lightning_hsu.regularizers import MHP
+
+    uniformity_module = importlib.import_module("lightning_hsu.functional.uniformity")  # the package exports the function
+
+    seen: dict[str, list[int]] = {"tied pairs": [], "cholesky": [], "pole slope": [], "normalise": []}
+    monkeypatch.setattr(separation, "_tied_pairs", _thread_spy(seen["tied pairs"], separation._tied_pairs))
+    monkeypatch.setattr(gram_determinant, "_cholesky_pd", _thread_spy(seen["cholesky"], gram_determinant._cholesky_pd))
+    monkeypatch.setattr(
+        uniformity_module, "normalize_neurons", _thread_spy(seen["normalise"], uniformity_module.normalize_neurons)
+    )
+    pole = MHP(seed=0)
+    monkeypatch.setattr(pole, "pole_slope", _thread_spy(seen["pole slope"], pole.pole_slope))
+    w = _weights(30, 7, torch.float32).requires_grad_()
+    for fn in _regularizer_penalties().values():
+        fn(w).backward()
+    uniformity(w).backward()
+    pole.penalty(w, step=0).backward()
+    assert all(calls and set(calls) == {1} for calls in seen.values()), seen
+    assert torch.get_num_threads() == 2
