@@ -10,12 +10,15 @@ Methods, per case:
 
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
   products on all: `lightning_hsu.functional._matmul.passes_on_one_thread`);
-- **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
-  the code before the change);
+- **ours, one-call products**: the same with each product one oneDNN call split statically
+  over the threads (``DYNAMIC_PRODUCTS = False``, the code before the dynamic split);
+- **ours, parallel passes**: the same with every pass on all threads as well
+  (``SERIAL_PASSES = False``, the code before the passes went to one thread);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
-  it, without the mirroring) and the gradient product ``C W``, with the library's products.
+  it, without the mirroring) and the gradient product ``C W``, with the library's products
+  (split dynamically, as shipped; *products, one call*: without the dynamic split).
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
@@ -41,7 +44,13 @@ from _contention import BusyCore
 from lightning_hsu.functional import _matmul, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 
-Method = tuple[Callable[[], object], bool]  # (call, elementwise passes on one thread)
+Method = tuple[Callable[[], object], str]  # (call, one of MODES)
+#: mode → (`_matmul.SERIAL_PASSES`, `_matmul.DYNAMIC_PRODUCTS`)
+MODES = {"shipped": (True, True), "one-call products": (True, False), "parallel passes": (False, False)}
+
+
+def _set_mode(mode: str) -> None:
+    _matmul.SERIAL_PASSES, _matmul.DYNAMIC_PRODUCTS = MODES[mode]
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -85,8 +94,8 @@ def measure(
     for count in counts:  # warm-up: oneDNN primitives, allocator
         torch.set_num_threads(count)
         for name in names:
-            call, serial = methods[name]
-            _matmul.SERIAL_PASSES = serial
+            call, mode = methods[name]
+            _set_mode(mode)
             call()
     for rnd in range(rounds):
         states = ("idle", "busy") if rnd % 2 == 0 else ("busy", "idle")
@@ -96,13 +105,13 @@ def measure(
             for count in order:
                 torch.set_num_threads(count)
                 for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
-                    call, serial = methods[name]
-                    _matmul.SERIAL_PASSES = serial
+                    call, mode = methods[name]
+                    _set_mode(mode)
                     t0 = time.perf_counter()
                     call()
                     times.setdefault((state, count, name), []).append(time.perf_counter() - t0)
     busy.off()
-    _matmul.SERIAL_PASSES = True
+    _set_mode("shipped")
     torch.set_num_threads(threads)
     return times
 
@@ -127,7 +136,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    for other in ("official", "products", "ours, parallel passes"):
+    for other in ("official", "products", "ours, one-call products", "ours, parallel passes"):
         if other not in names:
             continue
         for s in ("idle", "busy"):
@@ -179,11 +188,13 @@ def main() -> None:
         for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
             torch.manual_seed(0)
             w = torch.randn(n, d, requires_grad=True)
-            methods: dict[str, Method] = {"ours": (_mhe(w, half), True)}
-            methods["ours, parallel passes"] = (_mhe(w, half), False)
+            methods: dict[str, Method] = {"ours": (_mhe(w, half), "shipped")}
+            methods["ours, one-call products"] = (_mhe(w, half), "one-call products")
+            methods["ours, parallel passes"] = (_mhe(w, half), "parallel passes")
             if official:
-                methods["official"] = (_official(w, half), True)
-            methods["products"] = (_products(w), True)
+                methods["official"] = (_official(w, half), "shipped")
+            methods["products"] = (_products(w), "shipped")
+            methods["products, one call"] = (_products(w), "one-call products")
             load = _load()
             times = measure(methods, busy, args.rounds, args.threads)
             load = f"{load} before, {_load()} after"
@@ -192,7 +203,11 @@ def main() -> None:
             from bench_huge import _weight
 
             w = _weight(args.huge_n, 512, "cpu")
-            methods = {"ours": (_mhe(w, False), True), "ours, parallel passes": (_mhe(w, False), False)}
+            methods = {
+                "ours": (_mhe(w, False), "shipped"),
+                "ours, one-call products": (_mhe(w, False), "one-call products"),
+                "ours, parallel passes": (_mhe(w, False), "parallel passes"),
+            }
             load = _load()
             times = measure(methods, busy, args.huge_rounds, args.threads)
             report(
@@ -208,9 +223,10 @@ def main() -> None:
             model = ResNet18()
             x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
             methods = {
-                "no penalty": (make_step(model, None, x, y), True),
-                "ours": (make_step(model, penalty_per_layer, x, y), True),
-                "ours, parallel passes": (make_step(model, penalty_per_layer, x, y), False),
+                "no penalty": (make_step(model, None, x, y), "shipped"),
+                "ours": (make_step(model, penalty_per_layer, x, y), "shipped"),
+                "ours, one-call products": (make_step(model, penalty_per_layer, x, y), "one-call products"),
+                "ours, parallel passes": (make_step(model, penalty_per_layer, x, y), "parallel passes"),
             }
             load = _load()
             times = measure(methods, busy, args.step_rounds, args.threads)
@@ -220,7 +236,7 @@ def main() -> None:
             for s in ("idle", "busy"):
                 for t in sorted({1, args.threads}):
                     base = times[(s, t, "no penalty")]
-                    for name in ("ours", "ours, parallel passes"):
+                    for name in ("ours", "ours, one-call products", "ours, parallel passes"):
                         median, low, high = paired_ratio(times[(s, t, name)], base)
                         cell = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
                         growth.append([name, f"{s} {t}t", cell])

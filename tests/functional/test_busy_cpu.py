@@ -302,3 +302,69 @@ def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     pole.penalty(w, step=0).backward()
     assert all(calls and set(calls) == {1} for calls in seen.values()), seen
     assert torch.get_num_threads() == 2
+
+
+needs_onednn = pytest.mark.skipif(not _matmul.onednn_matmul_enabled(), reason="float32 products through oneDNN only")
+
+
+@pytest.fixture
+def small_dynamic_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Split products of test size dynamically (the threshold is for real layers)."""
+    monkeypatch.setattr(_matmul, "DYNAMIC_MIN_MACS", 1)
+    monkeypatch.setattr(_matmul, "DYNAMIC_MIN_BLOCK_COLUMNS", 3)
+
+
+@needs_onednn
+@pytest.mark.usefixtures("two_threads", "small_dynamic_products")
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 50, 101), (128, 64, 512), (5, 9, 7)])
+def test_dynamic_product_equals_one_call_and_float64(m: int, k: int, n: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    a, b = torch.randn(1, m, k, generator=g), torch.randn(1, k, n, generator=g)
+    with passes_on_one_thread(a.device):
+        dynamic = _matmul.batched_matmul(a, b)
+    one_call = _matmul.batched_matmul(a, b)
+    torch.testing.assert_close(dynamic, one_call, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dynamic.double(), a.double() @ b.double(), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.usefixtures("two_threads", "small_dynamic_products")
+def test_dynamic_blocks_run_in_single_threaded_workers(monkeypatch) -> None:
+    import threading
+
+    calls: list[tuple[str, int]] = []
+    original = _matmul._onednn_product
+
+    def spy(x, weight):
+        calls.append((threading.current_thread().name, torch.get_num_threads()))
+        return original(x, weight)
+
+    monkeypatch.setattr(_matmul, "_onednn_product", spy)
+    w = _weights(120, 40, torch.float32).requires_grad_()
+    hyperspherical_energy(w, half_space=True).backward()
+    assert len(calls) > 2
+    assert all(name.startswith("lightning_hsu_product") and threads == 1 for name, threads in calls), calls
+    # the process-wide setting a new thread starts from is the caller's again
+    seen: list[int] = []
+    probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    assert torch.get_num_threads() == 2 and seen == [2]
+
+
+@needs_onednn
+@pytest.mark.usefixtures("two_threads", "small_dynamic_products")
+@pytest.mark.parametrize("half_space", [False, True])
+def test_energy_with_dynamic_products_equals_one_call_per_product(half_space: bool, monkeypatch) -> None:
+    w = _weights(300, 24, torch.float32, seed=6)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return hyperspherical_energy(x, half_space=half_space, chunk_size=64)
+
+    value, grad = value_and_grad(fn, w)
+    monkeypatch.setattr(_matmul, "DYNAMIC_PRODUCTS", False)
+    static_value, static_grad = value_and_grad(fn, w)
+    torch.testing.assert_close(value, static_value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad, static_grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+    ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w.double())
+    torch.testing.assert_close(value.double(), ref, rtol=1e-4, atol=0.0)
