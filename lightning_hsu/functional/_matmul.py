@@ -209,6 +209,10 @@ def _workers(count: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(count, thread_name_prefix="lightning_hsu_product", initializer=_single_threaded_worker)
 
 
+# a forked child inherits the cached pool but not its threads: it starts its own
+os.register_at_fork(after_in_child=_workers.cache_clear)
+
+
 def _dynamic_product(x: Tensor, weight: Tensor, threads: int) -> Tensor:
     """``x @ weight.T`` in column blocks taken from a queue by ``threads`` single-threaded workers.
 

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from polarization_game import min_angle_degrees, play, simplex_bound  # noqa: E402
+from polarization_game import min_angle_degrees, play, simplex_bound
 
 
 def test_official_pole_lets_the_classifier_collapse():

@@ -285,7 +285,8 @@ def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     from lightning_hsu.functional import gram_determinant, separation
     from lightning_hsu.regularizers import MHP
 
-    uniformity_module = importlib.import_module("lightning_hsu.functional.uniformity")  # the package exports the function
+    # the package exports the function under the module's name
+    uniformity_module = importlib.import_module("lightning_hsu.functional.uniformity")
 
     seen: dict[str, list[int]] = {"tied pairs": [], "cholesky": [], "pole slope": [], "normalise": []}
     monkeypatch.setattr(separation, "_tied_pairs", _thread_spy(seen["tied pairs"], separation._tied_pairs))
@@ -368,3 +369,26 @@ def test_energy_with_dynamic_products_equals_one_call_per_product(half_space: bo
     torch.testing.assert_close(grad, static_grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
     ref, ref_grad = value_and_grad(lambda x: concat_energy(x, 2.0, half_space), w.double())
     torch.testing.assert_close(value.double(), ref, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-4 * ref_grad.abs().max().item())
+
+
+@needs_onednn
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.usefixtures("two_threads", "small_dynamic_products")
+def test_dynamic_products_work_in_a_forked_child() -> None:
+    """A child forked after the workers started (Lightning's ``ddp_fork``, a forking DataLoader)
+    inherits the cached pool without its threads; it must start its own instead of waiting forever."""
+    import multiprocessing
+
+    w = _weights(64, 16, torch.float32)
+    hyperspherical_energy(w, half_space=True)  # the parent's workers exist now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        child = pool.apply_async(_energy_in_child, (w,)).get(timeout=120)
+    torch.testing.assert_close(child, hyperspherical_energy(w, half_space=True))
+
+
+def _energy_in_child(w: torch.Tensor) -> torch.Tensor:
+    _matmul.DYNAMIC_MIN_MACS, _matmul.DYNAMIC_MIN_BLOCK_COLUMNS = 1, 3
+    torch.set_num_threads(2)
+    return hyperspherical_energy(w, half_space=True)
