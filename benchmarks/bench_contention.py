@@ -23,10 +23,11 @@ Methods, per case:
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
 10,000 x 512, scaled down from the 100,000 of ``bench_huge.py`` to fit the time); one training
-step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``).
+step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``); the
+other regularisers at 512 x 4608 in half space (``--others mhs,uniformity,mgd,mhp,comhe``).
 
 Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--kernels half,full,large]
-[--huge-n 10000] [--step]``.
+[--others mhs,uniformity] [--huge-n 10000] [--step]``.
 """
 
 from __future__ import annotations
@@ -165,6 +166,25 @@ KERNEL_CASES = {
 }
 
 
+def _regularizer(name: str, w: torch.Tensor) -> Callable[[], object]:
+    """One training step's penalty of a regulariser other than MHE (half space), forward + backward."""
+    from lightning_hsu.regularizers.registry import make_regularizer
+
+    options = {"half_space": True} if name != "rmhp" else {}
+    regularizer = make_regularizer(name, **options)
+    step = iter(range(10**9))
+
+    def run() -> None:
+        w.grad = None
+        regularizer(w, step=next(step)).backward()
+
+    return run
+
+
+#: --others: regularisers whose own passes lie outside the pair sums (item 28)
+OTHER_REGULARIZERS = ("mhs", "uniformity", "mgd", "mhp", "comhe")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
@@ -172,6 +192,9 @@ def main() -> None:
     parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
     parser.add_argument(
         "--kernels", default="half,full", help="comma-separated subset of half, full, large (4096 x 512); '' for none"
+    )
+    parser.add_argument(
+        "--others", default="", help=f"comma-separated subset of {','.join(OTHER_REGULARIZERS)} at 512 x 4608"
     )
     parser.add_argument("--huge-n", type=int, default=0, help="exact full-space MHE of n x 512 (0: skip)")
     parser.add_argument("--huge-rounds", type=int, default=2)
@@ -199,6 +222,22 @@ def main() -> None:
             times = measure(methods, busy, args.rounds, args.threads)
             load = f"{load} before, {_load()} after"
             report(f"{title}, {n} x {d}, forward + backward", times, args.threads, load)
+        for name in (o.strip() for o in args.others.split(",") if o.strip()):
+            torch.manual_seed(0)
+            w = torch.randn(512, 4608, requires_grad=True)
+            methods = {
+                "ours": (_regularizer(name, w), "shipped"),
+                "ours, one-call products": (_regularizer(name, w), "one-call products"),
+                "ours, parallel passes": (_regularizer(name, w), "parallel passes"),
+            }
+            load = _load()
+            times = measure(methods, busy, args.rounds, args.threads)
+            report(
+                f"{name}, half space, 512 x 4608, forward + backward",
+                times,
+                args.threads,
+                f"{load} before, {_load()} after",
+            )
         if args.huge_n:
             from bench_huge import _weight
 
