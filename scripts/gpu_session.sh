@@ -12,8 +12,9 @@
 #           eager path and float64, CUDA-graph replay, no host sync), the per-layer table
 #           (benchmarks/bench_fused.py --part layers: fused / eager path / products / official, eager
 #           and replayed, 64-4096 neurons), the Lightning ResNet-18 step at batch 64 and 256 with the
-#           settings rotating within one fit (--part step), then the official formulations under
-#           torch.compile (--part compile, row by row: a timeout keeps the rows done).
+#           settings rotating within one fit (--part step), the errors and times of TF32/bfloat16
+#           products (bench_precision.py), then the official formulations under torch.compile
+#           (--part compile, row by row: a timeout keeps the rows done).
 # Results go to ${OUT:-gpu_out}/ (the lent machine's $OUT comes back): session.log, results_gpu.md,
 # gpu_checks.md, perf_kernels_gpu.png, results_fused.md. DeepSpeed wheels in .whl/ are installed
 # first if present (the lent machines cannot reach a package index; see docs/gpu_checks.md).
@@ -38,14 +39,20 @@ PY="${PYTHON:-python3}"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
   if [ "$PART" = fused ]; then
     echo "## CUDA tests of the fused kernel"
-    timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/functional/test_triton_pairs.py \
+    timeout 110 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/functional/test_triton_pairs.py \
       tests/lightning/test_cuda_graphs.py 2>&1 | tail -30
     FUSED="$DEST/results_fused.md"
     : >"$FUSED"
-    for part in layers step compile; do
-      case "$part" in layers) limit=150 ;; step) limit=120 ;; compile) limit=140 ;; esac
-      echo "## bench_fused --part $part (limit ${limit} s)" | tee -a "$FUSED"
-      (cd benchmarks && timeout "$limit" "$PY" bench_fused.py --device cuda --part "$part" 2>&1) |
+    # time limits: 110 + 140 + 110 + 50 + 120 s, under 9 minutes with the start; compile last (slowest)
+    for part in layers step precision compile; do
+      case "$part" in
+        layers) limit=140; run=(bench_fused.py --device cuda --part layers) ;;
+        step) limit=110; run=(bench_fused.py --device cuda --part step) ;;
+        precision) limit=50; run=(bench_precision.py --device cuda --time) ;;
+        compile) limit=120; run=(bench_fused.py --device cuda --part compile) ;;
+      esac
+      echo "## ${run[*]} (limit ${limit} s)" | tee -a "$FUSED"
+      (cd benchmarks && timeout "$limit" "$PY" "${run[@]}" 2>&1) |
         grep -v "Warning\|warn\|^  \|^W1\|^GPU avail\|^TPU avail\|Tip:\|LOCAL_RANK\|set(s) of neurons\|max_epochs" |
         tee -a "$FUSED"
     done

@@ -69,9 +69,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread
+from lightning_hsu.functional._matmul import (
+    PRODUCT_PRECISIONS,
+    ProductPrecision,
+    batched_matmul,
+    gram,
+    matmul_into,
+    passes_on_one_thread,
+    product_precision,
+)
 from lightning_hsu.functional.kernels import PairKernel
-from lightning_hsu.validation import positive_int
+from lightning_hsu.validation import choice, positive_int
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
@@ -578,7 +586,9 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
         return None
     scale = grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
-    with passes_on_one_thread(grad_total.device):
+    # the forward's products' precision (`product_precision`); float32 for Functions that set none
+    precision: ProductPrecision = getattr(ctx, "precision", "float32")
+    with passes_on_one_thread(grad_total.device), product_precision(precision):
         if len(saved) == 1:
             return saved[0] * scale
         coefficients, rows, divisor = saved
@@ -595,9 +605,11 @@ class _PairwiseKernelSum(torch.autograd.Function):
         half_space: bool,
         block_rows: int,
         row_range: tuple[int, int] | None,
+        precision: ProductPrecision,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        with passes_on_one_thread(unit.device):
+        ctx.precision = precision  # type: ignore[attr-defined]
+        with passes_on_one_thread(unit.device), product_precision(precision):
             total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
             _save_gradient(ctx, grad)
         return total
@@ -606,8 +618,8 @@ class _PairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_total), None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None
 
 
 class _NormalizedPairwiseKernelSum(torch.autograd.Function):
@@ -634,9 +646,11 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         block_rows: int,
         row_range: tuple[int, int] | None,
         check_finite: bool,
+        precision: ProductPrecision,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        with passes_on_one_thread(neurons.device):
+        ctx.precision = precision  # type: ignore[attr-defined]
+        with passes_on_one_thread(neurons.device), product_precision(precision):
             rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
             # check_finite: the call makes host decisions anyway, so the kernel may too
             total, grad = _block_sums(
@@ -649,8 +663,8 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None, None, None]:
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None, None
 
 
 def _schedule(
@@ -675,6 +689,7 @@ def normalized_pairwise_kernel_sum(
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
 
@@ -682,11 +697,12 @@ def normalized_pairwise_kernel_sum(
     composition to float rounding, in fewer passes and with a single host sync (the NaN/inf check:
     raises `NonFiniteInputError`). With
     ``check_finite=False`` there is no host sync at all (CUDA-graph safe) and non-finite neurons
-    give a NaN sum instead (`row_normalization`).
+    give a NaN sum instead (`row_normalization`). ``precision``: as in `pairwise_kernel_sum`.
     """
+    choice("normalized_pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
     block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard, neurons.device.type)
     return _NormalizedPairwiseKernelSum.apply(
-        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite)
+        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite), precision
     )
 
 
@@ -697,6 +713,7 @@ def pairwise_kernel_sum(
     half_space: bool = False,
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """Sum of ``kernel`` over all pairs of the unit neurons ``unit`` (``[batch, n, d]``).
 
@@ -712,9 +729,13 @@ def pairwise_kernel_sum(
         shard: ``(rank, world_size)``: compute only this rank's rows (`shard_rows`); the
             ranks' values and gradients sum exactly to the unsharded ones. Under a strategy that
             averages gradients multiply the result by `sharded_scale`.
+        precision: operands of the Gram and gradient products (float32 tensors only):
+            ``"float32"``, ``"tf32"`` or ``"bfloat16"``, accumulated in float32 either way
+            (`_matmul.product_precision`; errors and when they are safe in `docs/performance.md`).
     """
+    choice("pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
     block_rows, row_range = _schedule(unit.shape[1], chunk_size, shard, unit.device.type)
-    return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range)
+    return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range, precision)
 
 
 @torch.no_grad()
