@@ -33,8 +33,9 @@ recomputed.
 `kernels.ClosestPairsKernel` are restated below, because a Triton kernel can only call Triton
 functions; the same clamps (`kernels.MIN_SQUARED_DISTANCE`), the same order of operations
 where it matters (the scaled cosine \((g_{ij} r_i) r_j\), the clamp that keeps a NaN), and
-the parity tests (`tests/functional/test_triton_pairs.py`, value and gradient against the eager
-path and a float64 statement of the formula) are the guarantee that they agree. Only float32 is
+the parity tests (`tests/functional/triton_interpreted.py`, run by `test_triton_pairs.py`: value
+and gradient against the eager path and a float64 statement of the formula) are the guarantee
+that they agree. Only float32 is
 fused; the sums differ from the eager path's in their order, i.e. in float32 rounding. A Riesz
 power other than 0, 1 and 2 is evaluated as \(2^{-(s/2)\log_2 d^2}\) (no ``pow`` in Triton's
 core language), a relative error of a few float32 ulps times \(s \lvert\log_2 d^2\rvert\).
@@ -45,7 +46,7 @@ take the eager path.
 
 Nothing here synchronises with the host or branches on the data, so the launch can be captured in
 a CUDA graph (`lightning_hsu.cuda_graphs`). This module imports Triton; `pairwise` imports it only
-when a fused block is about to run (`fused_pairs_apply`).
+when a fused block is about to run (`pairwise._fused_pairs`).
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ from lightning_hsu.functional.kernels import (
     RieszKernel,
 )
 
-#: Kernel families (a ``tl.constexpr`` of the launch: each compiles its own kernel).
+#: Kernel families, the ``KIND`` of a launch (a ``tl.constexpr``: each compiles its own kernel; the
+#: Triton functions compare with the literals, as they cannot read module-level Python ints).
 RIESZ, GAUSSIAN, CLOSEST_PAIRS = 0, 1, 2
-#: Riesz powers with their own formula, as in `RieszKernel`: s = 0 (log), s = 2, s = 1 (rsqrt), else.
+#: Riesz powers with their own formula, the ``POWER_CASE`` of a launch: s = 0 (log), s = 2, s = 1, else.
 LOG_POWER, INVERSE_SQUARE, INVERSE, OTHER_POWER = 0, 1, 2, 3
 #: Columns per tile of a program's walk along its rows.
 BLOCK_N = 128
@@ -81,26 +83,26 @@ _MIN_SQ: tl.constexpr = tl.constexpr(MIN_SQUARED_DISTANCE)
 @triton.jit
 def _kernel_terms(c, param, power, two_t, KIND: tl.constexpr, POWER_CASE: tl.constexpr):
     """f(c) and f'(c): `RieszKernel`, `GaussianKernel` or `ClosestPairsKernel`, restated for Triton."""
-    if KIND == 0:  # Riesz: d^2 = max(2 - 2c, 1e-6); the comparison keeps a NaN, as clamp_min does
+    if KIND == 0:  # RIESZ: d^2 = max(2 - 2c, 1e-6); the comparison keeps a NaN, as clamp_min does
         raw = 2.0 - 2.0 * c
         sq = tl.where(raw < _MIN_SQ, _MIN_SQ, raw)
-        if POWER_CASE == 0:
+        if POWER_CASE == 0:  # LOG_POWER
             value = -tl.log(sq)
             slope = (1.0 / sq) * 2.0
-        elif POWER_CASE == 1:
+        elif POWER_CASE == 1:  # INVERSE_SQUARE
             value = 1.0 / sq
             slope = value * value * 2.0
-        elif POWER_CASE == 2:
+        elif POWER_CASE == 2:  # INVERSE
             value = tl.rsqrt(sq)
             slope = value / sq * power
-        else:
+        else:  # OTHER_POWER: no pow in Triton's core language
             value = tl.exp2(tl.log2(sq) * (-0.5 * power))
             slope = value / sq * power
         slope = tl.where(raw > _MIN_SQ, slope, 0.0)  # no slope where the clamp holds
-    elif KIND == 1:  # Gaussian: exp(2t (c - 1) - shift)
+    elif KIND == 1:  # GAUSSIAN: exp(2t (c - 1) - shift)
         value = tl.exp((c - 1.0) * two_t - param)
         slope = value * two_t
-    else:  # closest pairs: 2c - 2 where c reaches the threshold (times the mask: a NaN stays NaN)
+    else:  # CLOSEST_PAIRS: 2c - 2 where c reaches the threshold (times the mask: a NaN stays NaN)
         closest = (c >= param).to(tl.float32)
         value = (1.0 - c) * -2.0 * closest
         slope = closest * 2.0
