@@ -242,12 +242,13 @@ def lightning_steps(
     return timer.times
 
 
-def fit(device: torch.device, batches: int, callbacks: list, module) -> None:
-    """One epoch of ``batches`` random CIFAR-shaped batches of 64 (no logger, checkpoint or bar)."""
+def fit(device: torch.device, batches: int, callbacks: list, module, batch_size: int = 64) -> None:
+    """One epoch of ``batches`` random CIFAR-shaped batches (no logger, checkpoint or bar)."""
     import lightning.pytorch as pl
 
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)))
+    count = batch_size * batches
+    data = torch.utils.data.TensorDataset(torch.randn(count, 3, 32, 32), torch.randint(0, 10, (count,)))
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
@@ -260,7 +261,7 @@ def fit(device: torch.device, batches: int, callbacks: list, module) -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=64))
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=batch_size))
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class Rule:
         >>> from lightning_hsu import Rule, LinearWarmup
         >>> rule = Rule("mhe", 1.0, options={"half_space": True}, target="hidden", schedule=LinearWarmup(500))
         >>> rule.label, rule.build_regularizer()
-        ('mhe', MHE(power=2.0, distance='euclidean', half_space=True, eps=0.0001, chunk_size=None))
+        ('mhe', MHE(power=2.0, distance='euclidean', half_space=True, eps=0.0001, chunk_size=None, precision='float32'))
     """
 
     regularizer: str | Regularizer = "mhe"

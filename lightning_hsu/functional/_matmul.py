@@ -26,7 +26,7 @@ import platform
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import Literal, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -56,6 +56,10 @@ DYNAMIC_MIN_BLOCK_COLUMNS = 16
 #: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
+
+#: Operand precisions of the pair sums' products (`product_precision`).
+ProductPrecision = Literal["float32", "tf32", "bfloat16"]
+PRODUCT_PRECISIONS: tuple[ProductPrecision, ...] = ("float32", "tf32", "bfloat16")
 
 _scope = threading.local()
 P = ParamSpec("P")
@@ -123,6 +127,80 @@ def _all_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def product_precision(precision: ProductPrecision) -> Iterator[None]:
+    r"""Float32 products of `batched_matmul`, `matmul_into` and `gram` inside, with reduced operands.
+
+    - ``"float32"``: unchanged (the default; on CUDA, TF32 only if the user enabled it globally).
+    - ``"tf32"``: operands rounded to TF32 (10 mantissa bits), products accumulated in float32: on
+      CUDA by cuBLAS with TF32 allowed for these products only (tensor cores on Ampere and later);
+      elsewhere emulated by rounding the operands (round to nearest even; the same numbers up to the
+      order of the sums, and slower than float32: useful to measure the error, not to save time).
+    - ``"bfloat16"``: operands rounded to bfloat16 (7 mantissa bits), products accumulated in
+      float32 and returned in float32: on CUDA by ``torch.bmm(..., out_dtype=torch.float32)`` where
+      this PyTorch has it; elsewhere emulated by rounding the operands.
+
+    The pair sums enter this for their own products only (`pairwise`, argument ``precision``);
+    nested use keeps the inner setting inside.
+    """
+    previous = getattr(_scope, "precision", "float32")
+    _scope.precision = precision
+    try:
+        yield
+    finally:
+        _scope.precision = previous
+
+
+def _reduced_precision(a: Tensor, b: Tensor) -> ProductPrecision | None:
+    """The precision of this product if reduced (float32 operands inside `product_precision`), else ``None``."""
+    precision = cast(ProductPrecision, getattr(_scope, "precision", "float32"))
+    if precision == "float32" or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return None
+    return precision
+
+
+def round_operand(x: Tensor, precision: ProductPrecision) -> Tensor:
+    """``x`` (float32) rounded to the operand precision, as a float32 tensor (round to nearest even)."""
+    if precision == "bfloat16":
+        return x.to(torch.bfloat16).to(torch.float32)
+    if precision == "tf32":
+        bits = x.contiguous().view(torch.int32)
+        # drop the 13 low mantissa bits, rounding to nearest even (a carry may reach the exponent: correct)
+        rounded = (bits + (0x0FFF + ((bits >> 13) & 1))) & ~0x1FFF
+        return rounded.view(torch.float32).view_as(x)
+    return x
+
+
+@contextlib.contextmanager
+def _tf32_products() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@functools.cache
+def _bf16_products_in_float32(device: torch.device) -> bool:
+    """Whether ``torch.bmm`` takes bfloat16 operands with a float32 result on ``device`` (tried once)."""
+    try:
+        ones = torch.ones(1, 2, 2, device=device, dtype=torch.bfloat16)
+        return torch.bmm(ones, ones, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _reduced_product(a: Tensor, b: Tensor, precision: ProductPrecision) -> Tensor:
+    """``a @ b`` (``[batch, m, k]`` by ``[batch, k, n]``) with operands of ``precision``, in float32."""
+    if a.is_cuda and precision == "tf32":
+        with _tf32_products():
+            return torch.bmm(a, b)
+    if a.is_cuda and precision == "bfloat16" and _bf16_products_in_float32(a.device):
+        return torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16), out_dtype=torch.float32)
+    return torch.bmm(round_operand(a, precision), round_operand(b, precision))
 
 
 @functools.cache
@@ -247,6 +325,10 @@ def _product(x: Tensor, weight: Tensor) -> Tensor:
 
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
+    precision = _reduced_precision(a, b)
+    if precision is not None:
+        with _all_threads():
+            return _reduced_product(a, b, precision)
     if not _takes_onednn(a, b):
         with _all_threads():
             return torch.bmm(a, b)
@@ -267,7 +349,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     (whole rows) at a time, so its temporary stays that small whatever ``out``'s size (a strip's
     column product covers every later row of a 100,000-neuron layer).
     """
-    if not _takes_onednn(a, b):
+    if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
         with _all_threads():
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))

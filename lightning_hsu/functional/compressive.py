@@ -27,7 +27,7 @@ from lightning_hsu.functional._common import (
     check_neurons,
     full_precision,
 )
-from lightning_hsu.functional._matmul import batched_matmul, serial_passes
+from lightning_hsu.functional._matmul import ProductPrecision, batched_matmul, serial_passes
 from lightning_hsu.functional.energy import Distance, hyperspherical_energy
 from lightning_hsu.validation import positive_int
 
@@ -110,6 +110,7 @@ def compressive_energy(
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """Mean MHE of the neurons ``[n, d]`` under each projection in ``projections`` ``[K, p, d]``; of
     each matrix of a ``[batch, n, d]`` stack under its own ``[batch, K, p, d]`` projections
@@ -119,7 +120,8 @@ def compressive_energy(
     (see `pairwise_kernel_sum`). ``check_finite=False``
     makes no host sync, as in `hyperspherical_energy`: NaN/inf
     neurons or projections give NaN instead of raising
-    `NonFiniteInputError`.
+    `NonFiniteInputError`. ``precision``: the operands of the pair sums' products, as in
+    `hyperspherical_energy` (the projections themselves stay float32).
     """
     x = check_neurons(neurons, check_finite=check_finite)
     batch, added = as_batched(x)
@@ -149,6 +151,7 @@ def compressive_energy(
         chunk_size=chunk_size,
         shard=shard,
         check_finite=check_finite,
+        precision=precision,
     )
     out = energy.view(-1, count).mean(1)
     return out[0] if added else out

@@ -26,6 +26,7 @@ from lightning_hsu.functional._common import (
     full_precision,
     normalize_neurons,
 )
+from lightning_hsu.functional._matmul import ProductPrecision
 from lightning_hsu.functional.kernels import PairKernel, energy_kernel
 from lightning_hsu.functional.pairwise import normalized_pairwise_kernel_sum, pair_count, pairwise_kernel_sum
 
@@ -41,6 +42,7 @@ def mean_pair_kernel(
     shard: tuple[int, int] | None = None,
     eps: float | None = None,
     check_finite: bool = True,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """Mean of ``kernel`` over all pairs of ``[batch, n, d]`` unit neurons; 0 when n < 2.
 
@@ -49,7 +51,7 @@ def mean_pair_kernel(
     as by `normalize_neurons` with that ``eps``, in one
     fused pass (`normalized_pairwise_kernel_sum`);
     ``check_finite=False`` (with ``eps``) skips that check, and its host sync: non-finite neurons
-    then give NaN.
+    then give NaN. ``precision``: the operands of its products (`pairwise_kernel_sum`).
     """
     n = unit.shape[1]
     if n < 2:
@@ -68,9 +70,12 @@ def mean_pair_kernel(
             chunk_size=chunk_size,
             shard=shard,
             check_finite=check_finite,
+            precision=precision,
         )
     else:
-        total = pairwise_kernel_sum(unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard)
+        total = pairwise_kernel_sum(
+            unit, kernel, half_space=half_space, chunk_size=chunk_size, shard=shard, precision=precision
+        )
     return total / pair_count(n, half_space)
 
 
@@ -85,6 +90,7 @@ def hyperspherical_energy(
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     r"""Hyperspherical energy of the neurons (rows) of ``neurons``.
 
@@ -105,6 +111,10 @@ def hyperspherical_energy(
             neurons (one host sync). ``False``: no host sync and no decision on the data, so the
             call can be captured in a CUDA graph; NaN/inf neurons then give a NaN energy (and
             gradient), for the caller to check once for many layers.
+        precision: operands of the Gram and gradient products, ``"float32"`` (exact to float32
+            rounding), ``"tf32"`` or ``"bfloat16"`` (faster on a GPU's tensor cores; accumulated in
+            float32; measured errors and when they are safe: `docs/performance.md`, "TF32 and
+            bfloat16 products"). Float64 neurons ignore it.
 
     Returns:
         The mean pair energy (a scalar, or ``[batch]``); 0 for fewer than two neurons.
@@ -134,6 +144,7 @@ def hyperspherical_energy(
             shard=shard,
             eps=eps,
             check_finite=check_finite,
+            precision=precision,
         )
     except NonFiniteInputError:
         check_finite_neurons(neurons)  # raises again, with the caller's shape

@@ -41,6 +41,12 @@ above the dense threshold:
   rows' gradient is complete after their own block: the sum over the rows of a shard is the
   partial value, and the gradient it returns is the full gradient restricted to those rows.
 
+**On a GPU with Triton** every block's elementwise passes (kernel values and slopes, clamps,
+half-space pairing, self pairs, the folded projection) are one fused launch
+(`_triton_pairs.pair_block_sums`, switched by the environment variable `TRITON_ENV`) instead of
+about 65 small ones; float64, the angular kernel and ``torch.compile`` tracing keep the eager
+passes, which are also the fallback without Triton.
+
 **Sharding across ranks.** With ``shard=(rank, world_size)`` a rank handles the rows
 `shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
 returns the partial sum \(S_r\) with the gradient \(\partial S/\partial\hat W\) on its own
@@ -53,6 +59,9 @@ average of the scaled shards is the full gradient. The scaled value is then \(W 
 
 from __future__ import annotations
 
+import functools
+import os
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -60,9 +69,18 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, passes_on_one_thread, serial_passes
+from lightning_hsu.functional._matmul import (
+    PRODUCT_PRECISIONS,
+    ProductPrecision,
+    batched_matmul,
+    gram,
+    matmul_into,
+    passes_on_one_thread,
+    product_precision,
+    serial_passes,
+)
 from lightning_hsu.functional.kernels import PairKernel
-from lightning_hsu.validation import positive_int
+from lightning_hsu.validation import choice, positive_int
 
 #: Largest number of Gram entries (per batch element) held at once by the automatic choice of
 #: block size: a layer with n <= 4096 is done in one dense block.
@@ -89,6 +107,11 @@ MAX_STRIP_ELEMENTS = 2**22
 KERNEL_BLOCK_ELEMENTS = 2**16
 #: Blocks of the one-block schedule are never thinner than this (per-block fixed costs).
 MIN_KERNEL_BLOCK_ROWS = 32
+#: Environment variable choosing the fused Triton kernel for a block's pair terms
+#: (`lightning_hsu.functional._triton_pairs`): ``0`` never; unset or ``auto`` for float32 CUDA
+#: tensors when Triton is importable; ``always`` for CPU tensors too, which Triton runs only in its
+#: interpreter (``TRITON_INTERPRET=1``, set before Triton is imported: the parity tests).
+TRITON_ENV = "LIGHTNING_HSU_TRITON"
 
 
 def block_rows_for(n: int, chunk_size: int | None) -> int:
@@ -150,6 +173,39 @@ def sharded_scale(world_size: int) -> float:
     ``W`` times each shard averages to it.
     """
     return float(positive_int("sharded_scale", "world_size", world_size))
+
+
+@functools.cache
+def _triton_pairs_module() -> ModuleType | None:
+    """The fused kernel's module, imported on first use (it imports Triton); ``None`` without Triton."""
+    try:
+        from lightning_hsu.functional import _triton_pairs
+    except Exception:  # absent, or an install that fails to import: the eager passes stay correct
+        return None
+    return _triton_pairs
+
+
+def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
+    """The fused kernel's module if it takes this block (`TRITON_ENV`), else ``None``: the eager passes.
+
+    Not under ``torch.compile`` tracing (inductor fuses the eager passes itself), not for float64,
+    not for kernels without a fused form (the angular one, subclasses). The first use on a device
+    launches a probe (`_triton_pairs.ready`); during a CUDA graph capture an untried device keeps
+    the eager path (a capture is preceded by warm-up calls, which try it).
+    """
+    mode = os.environ.get(TRITON_ENV, "auto").strip().lower()
+    if mode == "0" or block.dtype != torch.float32 or torch.compiler.is_compiling():
+        return None
+    device = block.device
+    if device.type != "cuda":
+        interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+        if mode != "always" or not interpreted:
+            return None
+    module = _triton_pairs_module()
+    if module is None or not module.supports(kernel):
+        return None
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return module if module.ready(device, may_probe=not capturing) else None
 
 
 def _self_pairs(block: Tensor, start: int) -> Tensor:
@@ -260,6 +316,14 @@ def _row_block_sum(
             high = min(low + step, stop)
             block = cos[:, low - start : high - start]
             sq = sq_norm[:, low:high]
+            fused = _fused_pairs(block, kernel)
+            if fused is not None:  # values, coefficients and the folded projection in one launch
+                scale = None if row_scale is None else row_scale[:, low:high, 0]
+                pair_sum, _, anti = fused.pair_block_sums(
+                    block, low, kernel, half_space=half_space, sq=sq, with_grad=with_grad, row_scale=scale
+                )
+                total += (pair_sum if half_space else 0.5 * pair_sum) + anti
+                continue
             pair, anti, coeff = _kernel_block(block, low, kernel, half_space, sq, with_grad, host_sync)
             # summing over ordered pairs counts each unordered pair twice: exactly the half-space
             # weight (pairs (i, j), (-i, -j) [c] and (i, -j), (j, -i) [-c]), twice the full-space one
@@ -275,27 +339,17 @@ def _row_block_sum(
     return total, grad
 
 
-def _dense_sum(
-    rows: Tensor,
+def _dense_passes(
+    cos: Tensor,
     kernel: PairKernel,
     half_space: bool,
     with_grad: bool,
     sq_norm: Tensor,
     row_scale: Tensor | None,
-    host_sync: bool = False,
-) -> tuple[Tensor, Tensor | GradientProduct | None]:
-    r"""All pairs from one Gram matrix, for a layer whose whole Gram matrix fits one strip.
-
-    ``rows``: the unit neurons, or with ``row_scale`` = \(r\) the rows \(w\) of
-    \(\hat w = r w\), never formed: the Gram matrix is \(r_i r_j (w_i\cdot w_j)\), the
-    projection is folded into the coefficients (`_fold_projection`) and the columns' factor
-    \(r_j\) too, so the one product \(C'' W\) is the gradient with respect to \(w\).
-    Every pass but the two products is over the ``[n, n]`` matrix, none over ``[n, d]``; on the
-    CPU those passes run on about `KERNEL_BLOCK_ELEMENTS` entries at a time, from cache,
-    and each block's coefficients overwrite its rows of the Gram matrix (a row's cosines are
-    needed by that row only), so \(C''\) costs no further ``[n, n]`` buffer.
-    """
-    cos = gram(rows)
+    host_sync: bool,
+) -> Tensor:
+    """The eager kernel passes of `_dense_sum` over its Gram matrix ``cos`` (raw products with
+    ``row_scale``), in row blocks on the CPU; returns the sum, writes the coefficients over ``cos``."""
     n = cos.shape[1]
     total = cos.new_zeros(cos.shape[0])
     col_scale = None if row_scale is None else row_scale.transpose(1, 2)
@@ -316,6 +370,41 @@ def _dense_sum(
             _fold_projection(coeff, block, start, sq, row_scale[:, start:stop], out=block).mul_(col_scale)
         else:
             block.copy_(coeff)
+    return total
+
+
+def _dense_sum(
+    rows: Tensor,
+    kernel: PairKernel,
+    half_space: bool,
+    with_grad: bool,
+    sq_norm: Tensor,
+    row_scale: Tensor | None,
+    host_sync: bool = False,
+) -> tuple[Tensor, Tensor | GradientProduct | None]:
+    r"""All pairs from one Gram matrix, for a layer whose whole Gram matrix fits one strip.
+
+    ``rows``: the unit neurons, or with ``row_scale`` = \(r\) the rows \(w\) of
+    \(\hat w = r w\), never formed: the Gram matrix is \(r_i r_j (w_i\cdot w_j)\), the
+    projection is folded into the coefficients (`_fold_projection`) and the columns' factor
+    \(r_j\) too, so the one product \(C'' W\) is the gradient with respect to \(w\).
+    Every pass but the two products is over the ``[n, n]`` matrix, none over ``[n, d]``; on the
+    CPU those passes run on about `KERNEL_BLOCK_ELEMENTS` entries at a time, from cache,
+    and each block's coefficients overwrite its rows of the Gram matrix (a row's cosines are
+    needed by that row only), so \(C''\) costs no further ``[n, n]`` buffer. With the fused
+    kernel (`_fused_pairs`) those passes are one launch over the whole matrix.
+    """
+    cos = gram(rows)
+    n = cos.shape[1]
+    fused = _fused_pairs(cos, kernel)
+    if fused is not None:  # the whole matrix in one launch, the factors r_i r_j applied inside
+        scale = None if row_scale is None else row_scale[..., 0]
+        pair_sum, _, anti = fused.pair_block_sums(
+            cos, 0, kernel, half_space=half_space, sq=sq_norm, with_grad=with_grad, row_scale=scale, col_scale=scale
+        )
+        total = (pair_sum if half_space else 0.5 * pair_sum) + anti
+    else:
+        total = _dense_passes(cos, kernel, half_space, with_grad, sq_norm, row_scale, host_sync)
     if not with_grad:
         return total, None
     if n <= rows.shape[2]:  # the [n, n] coefficients are no larger than the [n, d] gradient
@@ -340,6 +429,12 @@ def _strip_passes(
     ``cos`` (which is returned as them); elsewhere the strip is one block.
     """
     batch, rows, m = cos.shape
+    fused = _fused_pairs(cos, kernel)
+    if fused is not None:  # one launch for the strip, coefficients written over its cosines
+        pair, tile, anti = fused.pair_block_sums(
+            cos, 0, kernel, half_space=half_space, sq=sq, with_grad=with_grad, width=width
+        )
+        return pair, tile, anti, cos if with_grad else None
     step = max(MIN_KERNEL_BLOCK_ROWS, KERNEL_BLOCK_ELEMENTS // max(m, 1)) if cos.device.type == "cpu" else rows
     if step >= rows:
         pair, anti, coeff = _kernel_block(cos, 0, kernel, half_space, sq, with_grad, host_sync)
@@ -492,7 +587,9 @@ def _saved_gradient(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
         return None
     scale = grad_total.reshape(*grad_total.shape, 1, 1)  # [batch] or [] against [..., n, d]
     saved = ctx.saved_tensors  # type: ignore[attr-defined]
-    with passes_on_one_thread(grad_total.device):
+    # the forward's products' precision (`product_precision`); float32 for Functions that set none
+    precision: ProductPrecision = getattr(ctx, "precision", "float32")
+    with passes_on_one_thread(grad_total.device), product_precision(precision):
         if len(saved) == 1:
             return saved[0] * scale
         coefficients, rows, divisor = saved
@@ -509,9 +606,11 @@ class _PairwiseKernelSum(torch.autograd.Function):
         half_space: bool,
         block_rows: int,
         row_range: tuple[int, int] | None,
+        precision: ProductPrecision,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        with passes_on_one_thread(unit.device):
+        ctx.precision = precision  # type: ignore[attr-defined]
+        with passes_on_one_thread(unit.device), product_precision(precision):
             total, grad = _block_sums(unit, kernel, half_space, block_rows, with_grad, row_range)
             _save_gradient(ctx, grad)
         return total
@@ -520,8 +619,8 @@ class _PairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_total), None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None
 
 
 class _NormalizedPairwiseKernelSum(torch.autograd.Function):
@@ -548,9 +647,11 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         block_rows: int,
         row_range: tuple[int, int] | None,
         check_finite: bool,
+        precision: ProductPrecision,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        with passes_on_one_thread(neurons.device):
+        ctx.precision = precision  # type: ignore[attr-defined]
+        with passes_on_one_thread(neurons.device), product_precision(precision):
             rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
             # check_finite: the call makes host decisions anyway, so the kernel may too
             total, grad = _block_sums(
@@ -563,8 +664,8 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None, None, None]:
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None, None
 
 
 def _schedule(
@@ -589,6 +690,7 @@ def normalized_pairwise_kernel_sum(
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
 
@@ -596,11 +698,12 @@ def normalized_pairwise_kernel_sum(
     composition to float rounding, in fewer passes and with a single host sync (the NaN/inf check:
     raises `NonFiniteInputError`). With
     ``check_finite=False`` there is no host sync at all (CUDA-graph safe) and non-finite neurons
-    give a NaN sum instead (`row_normalization`).
+    give a NaN sum instead (`row_normalization`). ``precision``: as in `pairwise_kernel_sum`.
     """
+    choice("normalized_pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
     block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard, neurons.device.type)
     return _NormalizedPairwiseKernelSum.apply(
-        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite)
+        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite), precision
     )
 
 
@@ -611,6 +714,7 @@ def pairwise_kernel_sum(
     half_space: bool = False,
     chunk_size: int | None = None,
     shard: tuple[int, int] | None = None,
+    precision: ProductPrecision = "float32",
 ) -> Tensor:
     """Sum of ``kernel`` over all pairs of the unit neurons ``unit`` (``[batch, n, d]``).
 
@@ -626,9 +730,13 @@ def pairwise_kernel_sum(
         shard: ``(rank, world_size)``: compute only this rank's rows (`shard_rows`); the
             ranks' values and gradients sum exactly to the unsharded ones. Under a strategy that
             averages gradients multiply the result by `sharded_scale`.
+        precision: operands of the Gram and gradient products (float32 tensors only):
+            ``"float32"``, ``"tf32"`` or ``"bfloat16"``, accumulated in float32 either way
+            (`_matmul.product_precision`; errors and when they are safe in `docs/performance.md`).
     """
+    choice("pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
     block_rows, row_range = _schedule(unit.shape[1], chunk_size, shard, unit.device.type)
-    return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range)
+    return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range, precision)
 
 
 @torch.no_grad()

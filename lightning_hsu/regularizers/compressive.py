@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_hsu.functional import compressive_energy, gaussian_projections
 from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.functional._matmul import PRODUCT_PRECISIONS, ProductPrecision
 from lightning_hsu.regularizers.base import Capturable, Regularizer
 from lightning_hsu.validation import choice, flag, integer, positive_float, positive_int
 
@@ -24,6 +25,7 @@ class CoMHE(Capturable):
         resample: draw fresh projections every training step (official) or keep one draw.
         seed: base seed; the draw for step ``k`` of layer ``name`` depends only on
             ``(seed, name, k)``, so all ranks agree and a resumed run draws the same matrices.
+        precision: operands of the pair sums' products, as for `MHE`.
     """
 
     name = "comhe"
@@ -42,6 +44,7 @@ class CoMHE(Capturable):
         resample: bool = True,
         seed: int = 0,
         eps: float = DEFAULT_EPS,
+        precision: ProductPrecision = "float32",
     ) -> None:
         super().__init__()
         self.projection_dim = positive_int("CoMHE", "projection_dim", projection_dim)
@@ -52,6 +55,7 @@ class CoMHE(Capturable):
         self.resample = flag("CoMHE", "resample", resample)
         self.seed = integer("CoMHE", "seed", seed)
         self.eps = positive_float("CoMHE", "eps", eps)
+        self.precision = choice("CoMHE", "precision", precision, PRODUCT_PRECISIONS)
         self._calls = 0
         self._graph_projections: Tensor | None = None
 
@@ -115,6 +119,7 @@ class CoMHE(Capturable):
             eps=self.eps,
             shard=self._shard,
             check_finite=check_finite,
+            precision=self.precision,  # type: ignore[arg-type]
         )
 
     def state_dict(self) -> dict[str, Any]:

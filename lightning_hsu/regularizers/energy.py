@@ -8,6 +8,7 @@ from torch import Tensor
 
 from lightning_hsu.functional import hyperspherical_energy
 from lightning_hsu.functional._common import DEFAULT_EPS
+from lightning_hsu.functional._matmul import PRODUCT_PRECISIONS, ProductPrecision
 from lightning_hsu.regularizers.base import Capturable
 from lightning_hsu.validation import choice, flag, optional_positive_int, positive_float
 
@@ -22,6 +23,9 @@ class MHE(Capturable):
         half_space: use the neurons and their negations (papers: hidden layers).
         eps: normaliser of the official code.
         chunk_size: rows per block (``None``: automatic).
+        precision: operands of the Gram and gradient products: ``"float32"`` (default),
+            ``"tf32"`` or ``"bfloat16"`` (faster on a GPU; errors and when they are safe in
+            `docs/performance.md`). Through the callback: ``options={"precision": "tf32"}``.
 
     Examples:
         >>> import torch
@@ -43,6 +47,7 @@ class MHE(Capturable):
         half_space: bool = False,
         eps: float = DEFAULT_EPS,
         chunk_size: int | None = None,
+        precision: ProductPrecision = "float32",
     ) -> None:
         super().__init__()
         self.power = positive_float("MHE", "power", power, allow_zero=True)
@@ -50,6 +55,7 @@ class MHE(Capturable):
         self.half_space = flag("MHE", "half_space", half_space)
         self.eps = positive_float("MHE", "eps", eps)
         self.chunk_size = optional_positive_int("MHE", "chunk_size", chunk_size)
+        self.precision = choice("MHE", "precision", precision, PRODUCT_PRECISIONS)
 
     def penalty(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
         return hyperspherical_energy(
@@ -61,4 +67,5 @@ class MHE(Capturable):
             chunk_size=self.chunk_size,
             shard=self._shard,
             check_finite=check_finite,
+            precision=self.precision,  # type: ignore[arg-type]
         )
