@@ -158,6 +158,16 @@ def _load() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
+#: (suffix of the method's name, mode): the library as shipped and its two ablations
+ARMS = (("", "shipped"), (", one-call products", "one-call products"), (", parallel passes", "parallel passes"))
+
+
+def _measure_and_report(title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int) -> None:
+    load = _load()
+    times = measure(methods, busy, rounds, threads)
+    report(f"{title}, forward + backward", times, threads, f"{load} before, {_load()} after")
+
+
 #: --kernels name: (title, n, d, half space, with the official port)
 KERNEL_CASES = {
     "half": ("half-space MHE", 512, 4608, True, True),
@@ -218,43 +228,19 @@ def main() -> None:
                 methods["official"] = (_official(w, half), "shipped")
             methods["products"] = (_products(w), "shipped")
             methods["products, one call"] = (_products(w), "one-call products")
-            load = _load()
-            times = measure(methods, busy, args.rounds, args.threads)
-            load = f"{load} before, {_load()} after"
-            report(f"{title}, {n} x {d}, forward + backward", times, args.threads, load)
+            _measure_and_report(f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads)
         for name in (o.strip() for o in args.others.split(",") if o.strip()):
             torch.manual_seed(0)
             w = torch.randn(512, 4608, requires_grad=True)
-            methods = {
-                "ours": (_regularizer(name, w), "shipped"),
-                "ours, one-call products": (_regularizer(name, w), "one-call products"),
-                "ours, parallel passes": (_regularizer(name, w), "parallel passes"),
-            }
-            load = _load()
-            times = measure(methods, busy, args.rounds, args.threads)
-            report(
-                f"{name}, half space, 512 x 4608, forward + backward",
-                times,
-                args.threads,
-                f"{load} before, {_load()} after",
-            )
+            methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in ARMS}
+            _measure_and_report(f"{name}, half space, 512 x 4608", methods, busy, args.rounds, args.threads)
         if args.huge_n:
             from bench_huge import _weight
 
             w = _weight(args.huge_n, 512, "cpu")
-            methods = {
-                "ours": (_mhe(w, False), "shipped"),
-                "ours, one-call products": (_mhe(w, False), "one-call products"),
-                "ours, parallel passes": (_mhe(w, False), "parallel passes"),
-            }
-            load = _load()
-            times = measure(methods, busy, args.huge_rounds, args.threads)
-            report(
-                f"exact full-space MHE, {args.huge_n} x 512, forward + backward",
-                times,
-                args.threads,
-                f"{load} before, {_load()} after",
-            )
+            methods = {f"ours{label}": (_mhe(w, False), mode) for label, mode in ARMS}
+            title = f"exact full-space MHE, {args.huge_n} x 512"
+            _measure_and_report(title, methods, busy, args.huge_rounds, args.threads)
         if args.step:
             from bench_training_step import ResNet18, make_step, penalty_per_layer
 
