@@ -305,7 +305,9 @@ def _dynamic_product(x: Tensor, weight: Tensor, threads: int) -> Tensor:
     x = _dense(x)
 
     def block(start: int) -> None:
-        out[:, start : start + step] = _onednn_product(x, weight[start : start + step])
+        # grad mode and autocast are per thread: a worker starts with both on, the caller has them off
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            out[:, start : start + step] = _onednn_product(x, weight[start : start + step])
 
     for _ in _workers(threads).map(block, range(0, rows, step)):
         pass

@@ -356,8 +356,11 @@ def test_dynamic_blocks_run_in_single_threaded_workers(monkeypatch) -> None:
 @needs_onednn
 @pytest.mark.usefixtures("two_threads", "small_dynamic_products")
 @pytest.mark.parametrize("half_space", [False, True])
-def test_energy_with_dynamic_products_equals_one_call_per_product(half_space: bool, monkeypatch) -> None:
-    w = _weights(300, 24, torch.float32, seed=6)
+@pytest.mark.parametrize(("n", "d"), [(300, 24), (64, 100)])  # n <= d: the gradient product runs in backward
+def test_energy_with_dynamic_products_equals_one_call_per_product(
+    half_space: bool, n: int, d: int, monkeypatch
+) -> None:
+    w = _weights(n, d, torch.float32, seed=6)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return hyperspherical_energy(x, half_space=half_space, chunk_size=64)
