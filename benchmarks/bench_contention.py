@@ -10,15 +10,12 @@ Methods, per case:
 
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
   products on all: `lightning_hsu.functional._matmul.passes_on_one_thread`);
-- **ours, one-call products**: the same with each product one oneDNN call split statically
-  over the threads (``DYNAMIC_PRODUCTS = False``, the code before the dynamic split);
-- **ours, parallel passes**: the same with every pass on all threads as well
-  (``SERIAL_PASSES = False``, the code before the passes went to one thread);
+- **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
+  the code before the passes went to one thread);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
-  it, without the mirroring) and the gradient product ``C W``, with the library's products
-  (split dynamically, as shipped; *products, one call*: without the dynamic split).
+  it, without the mirroring) and the gradient product ``C W``, with the library's products.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
@@ -46,12 +43,12 @@ from lightning_hsu.functional import _matmul, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
-#: mode → (`_matmul.SERIAL_PASSES`, `_matmul.DYNAMIC_PRODUCTS`)
-MODES = {"shipped": (True, True), "one-call products": (True, False), "parallel passes": (False, False)}
+#: mode → `_matmul.SERIAL_PASSES`
+MODES = {"shipped": True, "parallel passes": False}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, _matmul.DYNAMIC_PRODUCTS = MODES[mode]
+    _matmul.SERIAL_PASSES = MODES[mode]
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -137,7 +134,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    for other in ("official", "products", "ours, one-call products", "ours, parallel passes"):
+    for other in ("official", "products", "ours, parallel passes"):
         if other not in names:
             continue
         for s in ("idle", "busy"):
@@ -158,8 +155,8 @@ def _load() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
-#: (suffix of the method's name, mode): the library as shipped and its two ablations
-ARMS = (("", "shipped"), (", one-call products", "one-call products"), (", parallel passes", "parallel passes"))
+#: (suffix of the method's name, mode): the library as shipped and its ablation
+ARMS = (("", "shipped"), (", parallel passes", "parallel passes"))
 
 
 def _measure_and_report(title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int) -> None:
@@ -222,12 +219,10 @@ def main() -> None:
             torch.manual_seed(0)
             w = torch.randn(n, d, requires_grad=True)
             methods: dict[str, Method] = {"ours": (_mhe(w, half), "shipped")}
-            methods["ours, one-call products"] = (_mhe(w, half), "one-call products")
             methods["ours, parallel passes"] = (_mhe(w, half), "parallel passes")
             if official:
                 methods["official"] = (_official(w, half), "shipped")
             methods["products"] = (_products(w), "shipped")
-            methods["products, one call"] = (_products(w), "one-call products")
             _measure_and_report(f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads)
         for name in (o.strip() for o in args.others.split(",") if o.strip()):
             torch.manual_seed(0)
@@ -250,7 +245,6 @@ def main() -> None:
             methods = {
                 "no penalty": (make_step(model, None, x, y), "shipped"),
                 "ours": (make_step(model, penalty_per_layer, x, y), "shipped"),
-                "ours, one-call products": (make_step(model, penalty_per_layer, x, y), "one-call products"),
                 "ours, parallel passes": (make_step(model, penalty_per_layer, x, y), "parallel passes"),
             }
             load = _load()
@@ -261,7 +255,7 @@ def main() -> None:
             for s in ("idle", "busy"):
                 for t in sorted({1, args.threads}):
                     base = times[(s, t, "no penalty")]
-                    for name in ("ours", "ours, one-call products", "ours, parallel passes"):
+                    for name in ("ours", "ours, parallel passes"):
                         median, low, high = paired_ratio(times[(s, t, name)], base)
                         cell = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
                         growth.append([name, f"{s} {t}t", cell])

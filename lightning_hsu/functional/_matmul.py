@@ -25,7 +25,6 @@ import os
 import platform
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, ParamSpec, TypeVar, cast
 
 import torch
@@ -44,15 +43,6 @@ GRAM_STRIP_MIN_COLUMNS = 2048
 MATMUL_INTO_ELEMENTS = 2**22
 #: Largest weight operand of one oneDNN call (16 MiB of float32), which oneDNN copies per call.
 WEIGHT_BLOCK_ELEMENTS = 2**22
-#: Whether a large product inside `passes_on_one_thread` is split dynamically (`_dynamic_product`;
-#: ``False``: one statically split call, as before; kept for ``benchmarks/bench_contention.py``).
-DYNAMIC_PRODUCTS = True
-#: Smallest product (multiply-adds) split dynamically: below it the round trip through the
-#: workers (tens of microseconds) is not worth it.
-DYNAMIC_MIN_MACS = 2**23
-#: Column blocks per worker of a dynamically split product, and the fewest columns in a block.
-DYNAMIC_BLOCKS_PER_THREAD = 8
-DYNAMIC_MIN_BLOCK_COLUMNS = 16
 #: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
@@ -74,10 +64,8 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     dozens of short passes (the kernel, its slope, the folded projection, sums, copies) and a few
     long products: on a core shared with another process each pass waits for the descheduled
     pool thread (milliseconds per pass), while a product is split once. Inside this context the
-    pool has one thread; `batched_matmul`, `matmul_into` and `gram` split a large float32
-    product into column blocks that one single-threaded worker per thread takes from a queue
-    (`_dynamic_product`: a free core takes more of them), and widen the pool again for the
-    other products. Nothing changes on other devices, at one thread, or under
+    pool has one thread, and `batched_matmul`, `matmul_into` and `gram` widen it
+    again for their products only. Nothing changes on other devices, at one thread, or under
     ``torch.compile`` tracing. Nested use keeps the outer setting.
     """
     if not SERIAL_PASSES or device.type != "cpu" or torch.compiler.is_compiling():
@@ -274,53 +262,8 @@ def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _single_threaded_worker() -> None:
-    # get_num_threads first: it runs the thread's lazy initialisation, which would otherwise set
-    # the pool's size back to the process-wide value at the worker's first parallel operation
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-@functools.cache
-def _workers(count: int) -> ThreadPoolExecutor:
-    """``count`` threads that each run their operations on one intra-op thread (daemon, reused)."""
-    return ThreadPoolExecutor(count, thread_name_prefix="lightning_hsu_product", initializer=_single_threaded_worker)
-
-
-# a forked child inherits the cached pool but not its threads: it starts its own
-os.register_at_fork(after_in_child=_workers.cache_clear)
-
-
-def _dynamic_product(x: Tensor, weight: Tensor, threads: int) -> Tensor:
-    """``x @ weight.T`` in column blocks taken from a queue by ``threads`` single-threaded workers.
-
-    oneDNN splits one call statically between the pool's threads: when another process holds one
-    core, the half on that core finishes last and the product takes about its one-thread time.
-    Here a worker on a free core takes more blocks. The result is the same product, blocked by
-    columns (each block's weight is reordered once, as in one call).
-    """
-    rows = weight.shape[0]
-    step = max(DYNAMIC_MIN_BLOCK_COLUMNS, -(-rows // (threads * DYNAMIC_BLOCKS_PER_THREAD)))
-    out = x.new_empty(x.shape[0], rows)
-    x = _dense(x)
-
-    def block(start: int) -> None:
-        # grad mode and autocast are per thread: a worker starts with both on, the caller has them off
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            out[:, start : start + step] = _onednn_product(x, weight[start : start + step])
-
-    for _ in _workers(threads).map(block, range(0, rows, step)):
-        pass
-    return out
-
-
 def _product(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight.T`` on the caller's threads: dynamically split inside `passes_on_one_thread`
-    when large enough, else one oneDNN call."""
-    threads = getattr(_scope, "threads", None)
-    large = x.shape[0] * x.shape[1] * weight.shape[0] >= DYNAMIC_MIN_MACS
-    if DYNAMIC_PRODUCTS and threads is not None and large and weight.shape[0] >= 2 * DYNAMIC_MIN_BLOCK_COLUMNS:
-        return _dynamic_product(x, weight, threads)
+    """``x @ weight.T`` by oneDNN on the caller's threads (all of them inside `passes_on_one_thread`)."""
     with _all_threads():
         return _onednn_product(x, weight)
 
