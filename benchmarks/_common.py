@@ -50,6 +50,28 @@ def half_gram_products(x: torch.Tensor, mm: Callable[[torch.Tensor, torch.Tensor
                 mm(x[i, start:stop], x[i, start:].T)
 
 
+def quiet_fit(module, loader, callbacks: list, device: torch.device) -> None:
+    """One epoch of ``loader`` through a Lightning ``Trainer`` without logger, checkpoint, bar,
+    model summary or warnings: only the callbacks' own measurements."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, loader)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

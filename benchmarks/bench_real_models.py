@@ -54,13 +54,12 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, sync, table
+from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, quiet_fit, sync, table
 from torch import nn
 
 #: Vocabulary of the token models (a real one would make the tied output layer dominate).
@@ -292,19 +291,7 @@ def measure(
     module = lightning_module(spec)
     batches = (rounds + 1) * 2 * block
     loader = torch.utils.data.DataLoader(Batches(spec, batches), batch_size=None)
-    trainer = pl.Trainer(
-        accelerator=device.type,
-        devices=1,
-        max_epochs=1,
-        callbacks=[Rotate(), hsu],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, loader)
+    quiet_fit(module, loader, [Rotate(), hsu], device)
     result.bindings = len(getattr(hsu.engine, "bindings", None) or [])
     for r in range(1, rounds + 1):
         result.off.append(per_round[(r, "off")])

@@ -28,10 +28,9 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, sync, table
+from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, quiet_fit, sync, table
 from torch import nn
 
 from lightning_hsu import MHE
@@ -244,24 +243,10 @@ def lightning_steps(
 
 def fit(device: torch.device, batches: int, callbacks: list, module, batch_size: int = 64) -> None:
     """One epoch of ``batches`` random CIFAR-shaped batches (no logger, checkpoint or bar)."""
-    import lightning.pytorch as pl
-
     torch.manual_seed(0)
     count = batch_size * batches
     data = torch.utils.data.TensorDataset(torch.randn(count, 3, 32, 32), torch.randint(0, 10, (count,)))
-    trainer = pl.Trainer(
-        accelerator=device.type,
-        devices=1,
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=batch_size))
+    quiet_fit(module, torch.utils.data.DataLoader(data, batch_size=batch_size), callbacks, device)
 
 
 def main() -> None:
