@@ -262,12 +262,6 @@ def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _product(x: Tensor, weight: Tensor) -> Tensor:
-    """``x @ weight.T`` by oneDNN on the caller's threads (all of them inside `passes_on_one_thread`)."""
-    with _all_threads():
-        return _onednn_product(x, weight)
-
-
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
     precision = _reduced_precision(a, b)
@@ -279,10 +273,13 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
-        return _product(a[0], weight[0]).unsqueeze(0)
+        with _all_threads():
+            return _onednn_product(a[0], weight[0]).unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
-        out[i] = _product(a[i], weight[i])
+        with _all_threads():
+            product = _onednn_product(a[i], weight[i])
+        out[i] = product
     return out
 
 

@@ -164,6 +164,16 @@ def test_uniformity_on_one_thread_equals_all_threads(half_space: bool, monkeypat
     torch.testing.assert_close(grad, par_grad, rtol=1e-12, atol=1e-13)
 
 
+def _thread_spy(calls: list[int], original: Callable) -> Callable:
+    """``original``, recording the intra-op thread count at each call into ``calls``."""
+
+    def wrapped(*args, **kwargs):
+        calls.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    return wrapped
+
+
 class _Recording(PairKernel):
     """Riesz s = 2, recording the intra-op thread count each time it is evaluated."""
 
@@ -181,17 +191,9 @@ class _Recording(PairKernel):
 def test_kernel_runs_on_one_thread_and_products_on_all(dtype, chunk, monkeypatch) -> None:
     """float32 takes oneDNN (``_onednn_product``), float64 ``torch.bmm``/``baddbmm_``: both on 2 threads."""
     products: list[int] = []
-
-    def spy(original):
-        def wrapped(*args, **kwargs):
-            products.append(torch.get_num_threads())
-            return original(*args, **kwargs)
-
-        return wrapped
-
-    monkeypatch.setattr(_matmul, "_onednn_product", spy(_matmul._onednn_product))
-    monkeypatch.setattr(torch, "bmm", spy(torch.bmm))
-    monkeypatch.setattr(torch.Tensor, "baddbmm_", spy(torch.Tensor.baddbmm_))
+    monkeypatch.setattr(_matmul, "_onednn_product", _thread_spy(products, _matmul._onednn_product))
+    monkeypatch.setattr(torch, "bmm", _thread_spy(products, torch.bmm))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", _thread_spy(products, torch.Tensor.baddbmm_))
     kernel = _Recording()
     unit = torch.nn.functional.normalize(_weights(40, 6, dtype), dim=-1).unsqueeze(0).requires_grad_()
     pairwise_kernel_sum(unit, kernel, half_space=True, chunk_size=chunk).sum().backward()
@@ -266,14 +268,6 @@ def test_regularizers_on_one_thread_equal_all_threads(name: str, monkeypatch) ->
     (value, grad), (par_value, par_grad) = _both_paths(fn, w, monkeypatch)
     torch.testing.assert_close(value, par_value, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(grad, par_grad, rtol=1e-10, atol=1e-12)
-
-
-def _thread_spy(calls: list[int], original: Callable) -> Callable:
-    def wrapped(*args, **kwargs):
-        calls.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    return wrapped
 
 
 @pytest.mark.usefixtures("two_threads")
