@@ -9,13 +9,21 @@ and 95% bootstrap intervals (`_common.paired_ratio`).
 Methods, per case:
 
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
-  products on all: `lightning_hsu.functional._matmul.passes_on_one_thread`);
-- **ours, parallel passes**: the same with every pass on all threads (``SERIAL_PASSES = False``,
+  `lightning_hsu.functional._matmul.passes_on_one_thread`; each product on all threads or one,
+  whichever `lightning_hsu.functional._product_threads` measured faster);
+- **ours, all-thread products**: the same with every product on all threads
+  (``LIGHTNING_HSU_PRODUCT_THREADS=all``, the code before the online choice);
+- **ours, parallel passes**: the same with every pass on all threads too (``SERIAL_PASSES = False``,
   the code before the passes went to one thread);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
-  it, without the mirroring) and the gradient product ``C W``, with the library's products.
+  it, without the mirroring) and the gradient product ``C W``, with the library's products on
+  all threads.
+
+Each timed call follows ``--settle`` untimed ones in its condition (a load that lasts);
+``--transitions N`` times N calls one by one after the competing process starts and after it
+stops, to show how many calls the products' thread choice takes to follow.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
@@ -23,8 +31,8 @@ Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), op
 step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``); the
 other regularisers at 512 x 4608 in half space (``--others mhs,uniformity,mgd,mhp,comhe``).
 
-Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--kernels half,full,large]
-[--others mhs,uniformity] [--huge-n 10000] [--step]``.
+Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--settle 8] [--kernels half,full,large]
+[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16]``.
 """
 
 from __future__ import annotations
@@ -41,14 +49,20 @@ from _contention import BusyCore
 
 from lightning_hsu.functional import _matmul, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
+from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
-#: mode → `_matmul.SERIAL_PASSES`
-MODES = {"shipped": True, "parallel passes": False}
+#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`)
+MODES = {
+    "shipped": (True, "adaptive"),
+    "all-thread products": (True, "all"),
+    "parallel passes": (False, "all"),
+}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES = MODES[mode]
+    _matmul.SERIAL_PASSES, threads = MODES[mode]
+    os.environ[PRODUCT_THREADS_ENV] = threads
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -83,9 +97,13 @@ def _products(w: torch.Tensor) -> Callable[[], object]:
 
 
 def measure(
-    methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int
+    methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int = 0
 ) -> dict[tuple[str, int, str], list[float]]:
-    """Seconds per call, keyed by (``idle``/``busy``, threads, method), one call each per round."""
+    """Seconds per call, keyed by (``idle``/``busy``, threads, method), one call each per round.
+
+    Each timed call follows ``settle`` untimed calls of the same method in the same condition, so
+    that the products' thread choice (`_product_threads`) has measured the condition, as under
+    a load that lasts; how fast it follows a change of load: `transitions`."""
     counts = sorted({1, threads})
     times: dict[tuple[str, int, str], list[float]] = {}
     names = list(methods)
@@ -105,6 +123,8 @@ def measure(
                 for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                     call, mode = methods[name]
                     _set_mode(mode)
+                    for _ in range(settle):
+                        call()
                     t0 = time.perf_counter()
                     call()
                     times.setdefault((state, count, name), []).append(time.perf_counter() - t0)
@@ -134,7 +154,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    for other in ("official", "products", "ours, parallel passes"):
+    for other in ("official", "products", "ours, all-thread products", "ours, parallel passes"):
         if other not in names:
             continue
         for s in ("idle", "busy"):
@@ -150,18 +170,55 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
     print()
 
 
+def transitions(call: Callable[[], object], busy: BusyCore, calls: int, repeats: int, threads: int) -> None:
+    """Per-call times after the competing process starts, then after it stops, per mode (medians over repeats)."""
+    sequences = {"busy from call 1": busy.on, "idle from call 1": busy.off}
+    arms = [("ours", "shipped", threads), ("ours, all-thread products", "all-thread products", threads)]
+    arms.append(("ours at 1 thread", "shipped", 1))
+    rows = []
+    for title, switch in sequences.items():
+        for name, mode, count in arms:
+            runs: list[list[float]] = []
+            for _ in range(repeats):
+                torch.set_num_threads(count)
+                _set_mode(mode)
+                (busy.off if switch is busy.on else busy.on)()
+                for _ in range(2 * calls):  # settled in the opposite condition
+                    call()
+                switch()
+                run = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    run.append(time.perf_counter() - t0)
+                runs.append(run)
+            medians = [statistics.median(r[i] for r in runs) for i in range(calls)]
+            rows.append([title, name, *(f"{1e3 * m:.0f}" for m in medians)])
+    busy.off()
+    _set_mode("shipped")
+    torch.set_num_threads(threads)
+    print(table(["load", "method", *(str(i + 1) for i in range(calls))], rows))
+    print()
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
 #: (suffix of the method's name, mode): the library as shipped and its ablation
-ARMS = (("", "shipped"), (", parallel passes", "parallel passes"))
+ARMS = (
+    ("", "shipped"),
+    (", all-thread products", "all-thread products"),
+    (", parallel passes", "parallel passes"),
+)
 
 
-def _measure_and_report(title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int) -> None:
+def _measure_and_report(
+    title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int
+) -> None:
     load = _load()
-    times = measure(methods, busy, rounds, threads)
+    times = measure(methods, busy, rounds, threads, settle)
     report(f"{title}, forward + backward", times, threads, f"{load} before, {_load()} after")
 
 
@@ -207,6 +264,12 @@ def main() -> None:
     parser.add_argument("--huge-rounds", type=int, default=2)
     parser.add_argument("--step", action="store_true", help="the ResNet-18 training step")
     parser.add_argument("--step-rounds", type=int, default=5)
+    parser.add_argument(
+        "--settle", type=int, default=8, help="untimed calls before each timed one (kernels and --others)"
+    )
+    parser.add_argument(
+        "--transitions", type=int, default=0, help="calls timed one by one after the load starts and stops (0: skip)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"Machine: {machine()}; competing process pinned to core {args.core}\n")
@@ -218,24 +281,24 @@ def main() -> None:
         for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
             torch.manual_seed(0)
             w = torch.randn(n, d, requires_grad=True)
-            methods: dict[str, Method] = {"ours": (_mhe(w, half), "shipped")}
-            methods["ours, parallel passes"] = (_mhe(w, half), "parallel passes")
+            methods: dict[str, Method] = {f"ours{label}": (_mhe(w, half), mode) for label, mode in ARMS}
             if official:
                 methods["official"] = (_official(w, half), "shipped")
-            methods["products"] = (_products(w), "shipped")
-            _measure_and_report(f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads)
+            methods["products"] = (_products(w), "all-thread products")
+            _measure_and_report(f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads, args.settle)
         for name in (o.strip() for o in args.others.split(",") if o.strip()):
             torch.manual_seed(0)
             w = torch.randn(512, 4608, requires_grad=True)
             methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in ARMS}
-            _measure_and_report(f"{name}, half space, 512 x 4608", methods, busy, args.rounds, args.threads)
+            title = f"{name}, half space, 512 x 4608"
+            _measure_and_report(title, methods, busy, args.rounds, args.threads, args.settle)
         if args.huge_n:
             from bench_huge import _weight
 
             w = _weight(args.huge_n, 512, "cpu")
             methods = {f"ours{label}": (_mhe(w, False), mode) for label, mode in ARMS}
             title = f"exact full-space MHE, {args.huge_n} x 512"
-            _measure_and_report(title, methods, busy, args.huge_rounds, args.threads)
+            _measure_and_report(title, methods, busy, args.huge_rounds, args.threads, 1)
         if args.step:
             from bench_training_step import ResNet18, make_step, penalty_per_layer
 
@@ -244,23 +307,27 @@ def main() -> None:
             x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
             methods = {
                 "no penalty": (make_step(model, None, x, y), "shipped"),
-                "ours": (make_step(model, penalty_per_layer, x, y), "shipped"),
-                "ours, parallel passes": (make_step(model, penalty_per_layer, x, y), "parallel passes"),
+                **{f"ours{label}": (make_step(model, penalty_per_layer, x, y), mode) for label, mode in ARMS},
             }
             load = _load()
-            times = measure(methods, busy, args.step_rounds, args.threads)
+            times = measure(methods, busy, args.step_rounds, args.threads, settle=2)
             load = f"{load} before, {_load()} after"
             report("ResNet-18 training step, batch 64, MHE penalty", times, args.threads, load)
             growth = []
             for s in ("idle", "busy"):
                 for t in sorted({1, args.threads}):
                     base = times[(s, t, "no penalty")]
-                    for name in ("ours", "ours, parallel passes"):
+                    for name in [f"ours{label}" for label, _ in ARMS]:
                         median, low, high = paired_ratio(times[(s, t, name)], base)
                         cell = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
                         growth.append([name, f"{s} {t}t", cell])
             print(table(["step with penalty vs without", "condition", "paired growth [95% interval]"], growth))
             print()
+        if args.transitions:
+            torch.manual_seed(0)
+            w = torch.randn(512, 4608, requires_grad=True)
+            print(f"### Following a change of load: half-space MHE, 512 x 4608, ms per call\n\n{_load()}\n")
+            transitions(_mhe(w, True), busy, args.transitions, args.rounds, args.threads)
     print(f"Total benchmark time {time.perf_counter() - start:.0f} s.")
 
 

@@ -30,6 +30,8 @@ from typing import Literal, ParamSpec, TypeVar, cast
 import torch
 from torch import Tensor
 
+from lightning_hsu.functional import _product_threads as _product_threads_module
+
 #: Environment variable that turns the oneDNN path off when set to ``0``.
 ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 #: Rows per strip of `gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
@@ -58,15 +60,16 @@ R = TypeVar("R")
 
 @contextlib.contextmanager
 def passes_on_one_thread(device: torch.device) -> Iterator[None]:
-    """Run the elementwise passes inside on the calling thread; the products here keep every thread.
+    """Run the elementwise passes inside on the calling thread; the products here choose their threads.
 
     On the CPU each parallel ATen operation ends at the intra-op pool's barrier. A pair sum is
     dozens of short passes (the kernel, its slope, the folded projection, sums, copies) and a few
     long products: on a core shared with another process each pass waits for the descheduled
     pool thread (milliseconds per pass), while a product is split once. Inside this context the
     pool has one thread, and `batched_matmul`, `matmul_into` and `gram` widen it
-    again for their products only. Nothing changes on other devices, at one thread, or under
-    ``torch.compile`` tracing. Nested use keeps the outer setting.
+    again for a product where that measured faster (`_product_threads`: on an idle machine, not
+    on a busy core, where the product library's static split waits too). Nothing changes on other
+    devices, at one thread, or under ``torch.compile`` tracing. Nested use keeps the outer setting.
     """
     if not SERIAL_PASSES or device.type != "cpu" or torch.compiler.is_compiling():
         yield
@@ -82,6 +85,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     finally:
         _scope.threads = None
         torch.set_num_threads(threads)
+        _record_pending_product()
 
 
 def serial_passes(fn: Callable[P, R]) -> Callable[P, R]:
@@ -104,17 +108,51 @@ def serial_passes(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @contextlib.contextmanager
-def _all_threads() -> Iterator[None]:
-    """The caller's threads back for one product inside `passes_on_one_thread`."""
+def _product_threads(work: int) -> Iterator[None]:
+    """Threads for one product of ``work`` multiply-adds inside `passes_on_one_thread`.
+
+    The caller's threads or one, whichever `_product_threads.CHOOSER` measured faster for
+    products of this size (on a busy core one thread is); elsewhere the threads are left as they are.
+    """
     threads = getattr(_scope, "threads", None)
     if threads is None:
         yield
         return
-    torch.set_num_threads(threads)
+    if not _product_threads_module.adaptive():
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+        return
+    _record_pending_product()
+    chooser = _product_threads_module.CHOOSER
+    wide = chooser.use_all_threads(work)
+    start = chooser.clock()
+    if wide:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.set_num_threads(1)
+        if wide:
+            torch.set_num_threads(1)
+    _scope.pending = (work, wide, start)
+
+
+def _record_pending_product() -> None:
+    """Give the chooser the last product's time, counted up to the next product or the context's end.
+
+    The one-thread passes after an all-thread product run slower while the pool's idle thread
+    spins on the other core (measured: 4.3 ms for the next strip instead of 8.3 with a busy core),
+    so that slowdown is charged to the product that caused it.
+    """
+    pending = getattr(_scope, "pending", None)
+    if pending is None:
+        return
+    _scope.pending = None
+    work, wide, start = pending
+    chooser = _product_threads_module.CHOOSER
+    chooser.record(work, wide, chooser.clock() - start)
 
 
 @contextlib.contextmanager
@@ -264,20 +302,21 @@ def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
 
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
+    work = a.shape[1] * a.shape[2] * b.shape[2]  # multiply-adds per matrix
     precision = _reduced_precision(a, b)
     if precision is not None:
-        with _all_threads():
+        with _product_threads(a.shape[0] * work):
             return _reduced_product(a, b, precision)
     if not _takes_onednn(a, b):
-        with _all_threads():
+        with _product_threads(a.shape[0] * work):
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
-        with _all_threads():
+        with _product_threads(work):
             return _onednn_product(a[0], weight[0]).unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
-        with _all_threads():
+        with _product_threads(work):
             product = _onednn_product(a[i], weight[i])
         out[i] = product
     return out
@@ -292,7 +331,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        with _all_threads():
+        with _product_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
     for start in range(0, out.shape[1], step):

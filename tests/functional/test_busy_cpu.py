@@ -1,4 +1,4 @@
-"""The pair sums' elementwise passes on one thread, products on all (issue 20: a busy CPU).
+"""The pair sums' elementwise passes on one thread, products on all or one (issue 20: a busy CPU).
 
 ``passes_on_one_thread`` only changes how many threads run each pass, not what is computed: the
 values and gradients must equal those with every pass on all threads (``SERIAL_PASSES = False``,
@@ -14,6 +14,7 @@ import torch
 
 from lightning_hsu.functional import _matmul, hyperspherical_energy, pairwise_kernel_sum, uniformity
 from lightning_hsu.functional._matmul import passes_on_one_thread
+from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 from lightning_hsu.functional.kernels import AngularKernel, GaussianKernel, PairKernel, RieszKernel
 from lightning_hsu.functional.pairwise import sharded_scale
 
@@ -189,7 +190,9 @@ class _Recording(PairKernel):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("chunk", [None, 16])
 def test_kernel_runs_on_one_thread_and_products_on_all(dtype, chunk, monkeypatch) -> None:
-    """float32 takes oneDNN (``_onednn_product``), float64 ``torch.bmm``/``baddbmm_``: both on 2 threads."""
+    """float32 takes oneDNN (``_onednn_product``), float64 ``torch.bmm``/``baddbmm_``: both on 2 threads
+    (with the products' threads fixed to all; their online choice: ``test_product_threads.py``)."""
+    monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
     products: list[int] = []
     monkeypatch.setattr(_matmul, "_onednn_product", _thread_spy(products, _matmul._onednn_product))
     monkeypatch.setattr(torch, "bmm", _thread_spy(products, torch.bmm))
@@ -221,7 +224,8 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
         assert torch.get_num_threads() == 1
         with passes_on_one_thread(torch.device("cpu")):  # nested: the outer setting stays
             assert torch.get_num_threads() == 1
-            with _matmul._all_threads():
+            monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
+            with _matmul._product_threads(10**9):
                 assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
@@ -231,7 +235,7 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
     monkeypatch.setattr(_matmul, "SERIAL_PASSES", False)
     with passes_on_one_thread(torch.device("cpu")):
         assert torch.get_num_threads() == 2
-    with _matmul._all_threads():  # outside the context: nothing to widen
+    with _matmul._product_threads(10**9):  # outside the context: nothing to widen
         assert torch.get_num_threads() == 2
 
 

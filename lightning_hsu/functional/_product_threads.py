@@ -1,0 +1,162 @@
+r"""How many intra-op threads a pair sum's matrix product gets on the CPU: all, or one, measured online.
+
+Inside `_matmul.passes_on_one_thread` the elementwise passes run on one thread and each product
+used to widen the pool to the caller's threads. That is the faster choice on an idle machine
+(about 1.8x on two cores), but the product library splits a product statically between its
+threads, so when another process holds one of the cores the product waits for the descheduled
+share and takes longer than on one thread (1.04-1.56x the one-thread time, measured in
+``docs/performance.md``). Which case holds changes while a job runs (data-loader workers, other
+jobs on a shared host), so it is measured, not configured:
+
+- products are grouped by size class, \(\lfloor\log_2(\text{multiply-adds})\rfloor\);
+- per class, each choice keeps its latest `WINDOW` measurements of seconds per multiply-add
+  (the first product takes all threads, the next two one thread);
+- a class uses the choice with the lower median (a descheduled time slice makes a single product
+  several times slower: one such product must not decide);
+- while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
+  one-thread time barely moves with load), and at once after an all-thread product
+  `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
+  themselves: two slow ones move the class to one thread, if one thread is faster now);
+- while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such
+  classes together: the load is the machine's, and each probe costs more than its own product
+  (after an all-thread product the pool's idle thread spins for a while on a core the next
+  one-thread work needs). A probe that beats the winner is repeated at the next product, and a
+  fast all-thread probe makes every class re-measure, so the machine freeing up is followed
+  within about `PROBE_ALL_SECONDS`.
+
+What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
+on a busy core, one all-thread product every `PROBE_ALL_SECONDS`.
+The result does not depend on the choice where the product library splits rows and columns only
+(oneDNN and MKL on the shapes of ``tests/functional/test_product_threads.py``: bit-identical); with
+``torch.use_deterministic_algorithms(True)`` every product takes the caller's threads, as does
+everything when the environment variable ``LIGHTNING_HSU_PRODUCT_THREADS=all`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+#: Environment variable choosing the products' threads: ``adaptive`` (the default) or ``all``.
+PRODUCT_THREADS_ENV = "LIGHTNING_HSU_PRODUCT_THREADS"
+PRODUCT_THREADS_CHOICES = ("adaptive", "all")
+#: Measurements kept per choice and size class; the choices compare their medians.
+WINDOW = 3
+#: An all-thread product this much slower than its class's median re-measures one thread next.
+SLOWDOWN = 1.5
+#: While all threads win in a size class, one of its products runs on one thread this often (s).
+PROBE_ONE_SECONDS = 2.0
+#: While one thread wins, one product (of any such class) runs on all threads this often (s).
+PROBE_ALL_SECONDS = 0.5
+
+
+def product_threads_mode() -> str:
+    """``"adaptive"`` or ``"all"``, from `PRODUCT_THREADS_ENV`; a clear error for anything else."""
+    value = os.environ.get(PRODUCT_THREADS_ENV, "adaptive").strip().lower()
+    if value not in PRODUCT_THREADS_CHOICES:
+        raise ValueError(f"{PRODUCT_THREADS_ENV}={value!r}: choose one of {', '.join(PRODUCT_THREADS_CHOICES)}")
+    return value
+
+
+@dataclass
+class _SizeClass:
+    # the latest seconds per multiply-add of each choice (a descheduled time slice makes single
+    # products several times slower, so the choices compare medians, not means)
+    all_threads: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    one_thread: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
+    probe_now: bool = False  # measure the losing choice at the next product
+
+    def all_threads_win(self) -> bool:
+        return statistics.median(self.all_threads) <= statistics.median(self.one_thread)
+
+
+class ProductThreadChooser:
+    """Per size class of product, the faster of all the caller's threads and one thread.
+
+    `use_all_threads` says which to use for the next product of ``work`` multiply-adds;
+    `record` takes its measured seconds. ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._classes: dict[int, _SizeClass] = {}
+        self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _class_of(work: int) -> int:
+        return max(work, 1).bit_length() - 1
+
+    def use_all_threads(self, work: int) -> bool:
+        with self._lock:
+            size = self._classes.setdefault(self._class_of(work), _SizeClass())
+            if not size.all_threads:
+                return True  # first product of the class: the caller's setting
+            now = self.clock()
+            if len(size.one_thread) < 2:  # two measurements, so that one slow product does not decide
+                return False
+            probe = size.probe_now
+            size.probe_now = False
+            if size.all_threads_win():
+                one_thread_due = probe or now - size.one_thread_probed >= PROBE_ONE_SECONDS
+                return not one_thread_due
+            # the load is the machine's: one all-thread probe per period for all classes together
+            if probe or now - self._all_threads_probed >= PROBE_ALL_SECONDS:
+                self._all_threads_probed = now  # the other classes wait for the next period
+                return True
+            return False
+
+    def record(self, work: int, all_threads: bool, seconds: float) -> None:
+        rate = seconds / max(work, 1)
+        with self._lock:
+            size = self._classes.setdefault(self._class_of(work), _SizeClass())
+            if not all_threads:
+                size.one_thread_probed = self.clock()
+            if not size.all_threads or len(size.one_thread) < 2:
+                (size.all_threads if all_threads else size.one_thread).append(rate)
+                return
+            winner_all = size.all_threads_win()
+            if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
+                size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
+            (size.all_threads if all_threads else size.one_thread).append(rate)
+            if all_threads == winner_all:
+                if winner_all and not size.all_threads_win():  # moved to one thread: probe a period on
+                    self._all_threads_probed = self.clock()
+                return
+            if rate < statistics.median(size.all_threads if winner_all else size.one_thread):
+                # a probe beat the winner: measure it again at once; a fast all-thread product
+                # means the machine has freed up, so every class that moved to one thread re-measures
+                if all_threads:
+                    for other in self._classes.values():
+                        ready = bool(other.all_threads) and len(other.one_thread) >= 2
+                        other.probe_now = ready and not other.all_threads_win()
+                else:
+                    size.probe_now = True
+
+    def one_thread_classes(self) -> list[int]:
+        """The size classes (log2 of multiply-adds) where one thread currently wins."""
+        with self._lock:
+            return sorted(
+                k for k, s in self._classes.items() if s.all_threads and s.one_thread and not s.all_threads_win()
+            )
+
+    def reset(self) -> None:
+        with self._lock:
+            self._classes.clear()
+
+
+#: The process's chooser, used by `_matmul` inside `_matmul.passes_on_one_thread`.
+CHOOSER = ProductThreadChooser()
+
+
+def adaptive() -> bool:
+    """Whether products choose their threads here (not with deterministic algorithms, nor ``=all``)."""
+    return not torch.are_deterministic_algorithms_enabled() and product_threads_mode() == "adaptive"

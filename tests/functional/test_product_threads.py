@@ -1,0 +1,297 @@
+"""The pair sums' products choose all threads or one by measuring both (issue 20: a busy core).
+
+The chooser's policy is checked against simulated costs (a fake clock): it must settle on the
+faster choice per size class, keep re-measuring the slower one at the stated rates, and follow a
+change of load. Inside the library the choice must only change thread counts, never results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
+from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
+from lightning_hsu.functional._product_threads import (
+    PROBE_ALL_SECONDS,
+    PROBE_ONE_SECONDS,
+    PRODUCT_THREADS_ENV,
+    ProductThreadChooser,
+)
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run(chooser: ProductThreadChooser, clock: _FakeClock, work: int, seconds: Callable[[bool], float], calls: int):
+    """``calls`` products of ``work`` multiply-adds taking ``seconds(all_threads)``; the choices made."""
+    choices = []
+    for _ in range(calls):
+        wide = chooser.use_all_threads(work)
+        start = clock()
+        clock.now += seconds(wide)
+        chooser.record(work, wide, clock() - start)
+        choices.append(wide)
+    return choices
+
+
+def _chooser() -> tuple[ProductThreadChooser, _FakeClock]:
+    clock = _FakeClock()
+    return ProductThreadChooser(clock), clock
+
+
+MS = 1e-3
+IDLE = {True: 5.5 * MS, False: 10 * MS}  # all threads 0.55x one thread: a free two-core machine
+BUSY = {True: 13 * MS, False: 10 * MS}  # a core shared with another process: the static split waits
+WORK = 10**8
+
+
+def _seconds(choices: list[bool], cost: dict[bool, float]) -> float:
+    return sum(cost[c] for c in choices)
+
+
+def test_idle_machine_keeps_all_threads_and_measures_one_thread_once_per_period() -> None:
+    chooser, clock = _chooser()
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 4000)
+    assert choices[:3] == [True, False, False]  # all threads measured once, one thread twice
+    steady = choices[3:]
+    probes = steady.count(False)
+    expected = _seconds(steady, IDLE) / PROBE_ONE_SECONDS
+    assert 0.95 * expected - 1 <= probes <= expected + 1
+    assert chooser.one_thread_classes() == []
+
+
+def test_busy_core_moves_products_to_one_thread_and_probes_all_threads_once_per_period() -> None:
+    chooser, clock = _chooser()
+    choices = _run(chooser, clock, WORK, BUSY.__getitem__, 4000)
+    steady = choices[5:]
+    probes = steady.count(True)
+    expected = _seconds(steady, BUSY) / PROBE_ALL_SECONDS
+    assert 0.95 * expected - 1 <= probes <= expected + 1  # a period ends at the next product
+    assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
+
+
+def test_a_new_load_moves_products_to_one_thread_within_a_few_products() -> None:
+    """The first slow all-thread product re-measures one thread; the second settles the median."""
+    chooser, clock = _chooser()
+    _run(chooser, clock, WORK, IDLE.__getitem__, 100)
+    choices = _run(chooser, clock, WORK, BUSY.__getitem__, 8)
+    assert choices[:2] == [True, False]
+    assert choices[4:] == [False] * 4
+    assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
+
+
+def test_the_load_ending_brings_all_threads_back_within_a_probe_period() -> None:
+    chooser, clock = _chooser()
+    _run(chooser, clock, WORK, BUSY.__getitem__, 500)
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 200)
+    first = choices.index(True)
+    assert _seconds(choices[:first], IDLE) <= PROBE_ALL_SECONDS
+    assert all(choices[first : first + 100])  # repeated at once, then kept
+
+
+def test_one_descheduled_product_does_not_switch_the_choice() -> None:
+    """A product slowed 5x once (a time slice lost to another process) costs one re-measurement on
+    one thread, and the idle choice stays."""
+    chooser, clock = _chooser()
+    _run(chooser, clock, WORK, IDLE.__getitem__, 20)
+    _run(chooser, clock, WORK, {True: 5 * IDLE[True], False: IDLE[False]}.__getitem__, 1)
+    assert _run(chooser, clock, WORK, IDLE.__getitem__, 5) == [False] + [True] * 4
+
+
+def test_a_fast_all_thread_probe_makes_every_class_re_measure() -> None:
+    """The load is the machine's: when one class sees it gone, the others try all threads at once."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    for _ in range(200):
+        _run(chooser, clock, small, {True: 1.3 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, {True: 130 * MS, False: 100 * MS}.__getitem__, 1)
+    assert len(chooser.one_thread_classes()) == 2
+    freed_small = {True: 0.55 * MS, False: 1 * MS}.__getitem__
+    freed_large = {True: 55 * MS, False: 100 * MS}.__getitem__
+    while not _run(chooser, clock, small, freed_small, 1)[0]:  # the small class's probe comes first ...
+        pass
+    assert _run(chooser, clock, large, freed_large, 1) == [True]  # ... and the large one follows at once
+
+
+def test_a_class_that_keeps_all_threads_does_not_hold_back_the_others_probes() -> None:
+    """Under load a large class may still win on all threads; a small one on one thread must still
+    probe all threads once per period and come back when the load ends."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    large_cost = {True: 50 * MS, False: 100 * MS}.__getitem__  # wins on all threads, loaded or not
+    for _ in range(100):
+        _run(chooser, clock, small, {True: 1.3 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, large_cost, 1)
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+    start = clock()
+    for _ in range(100):
+        if _run(chooser, clock, small, {True: 0.55 * MS, False: 1 * MS}.__getitem__, 1)[0]:
+            break
+        _run(chooser, clock, large, large_cost, 1)
+    assert clock() - start <= PROBE_ALL_SECONDS + 0.1
+
+
+def test_size_classes_choose_separately() -> None:
+    """Small products may lose on all threads (start-up of the pool) while large ones win."""
+    chooser, clock = _chooser()
+    small, large = 10**5, 10**9
+    small_choices = _run(chooser, clock, small, {True: 2e-5, False: 1e-5}.__getitem__, 40)
+    large_choices = _run(chooser, clock, large, IDLE.__getitem__, 40)
+    assert small_choices[-5:] == [False] * 5
+    assert large_choices[-5:] == [True] * 5
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+
+
+def test_rates_are_per_multiply_add_within_a_class() -> None:
+    """Two sizes of one class (a factor < 2 apart) compare their seconds per multiply-add."""
+    chooser = ProductThreadChooser()
+    a, b = 2**27, 2**27 + 2**26
+    chooser.record(a, True, 1.0 * a)  # all threads: 1 second per multiply-add ...
+    chooser.record(b, False, 1.5 * b)  # ... one thread: 1.5, measured on a larger product
+    chooser.record(b, False, 1.5 * b)
+    assert chooser.one_thread_classes() == []
+    assert chooser.use_all_threads(a) is True
+
+
+def test_bad_setting_names_the_environment_variable(monkeypatch) -> None:
+    monkeypatch.setenv(PRODUCT_THREADS_ENV, "some")
+    with pytest.raises(ValueError, match=PRODUCT_THREADS_ENV):
+        _product_threads.product_threads_mode()
+
+
+# ---- inside the library ---------------------------------------------------------------------------
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class _Forced(ProductThreadChooser):
+    """A chooser that always answers ``all_threads`` and records what it was told."""
+
+    def __init__(self, all_threads: bool, clock: Callable[[], float] | None = None) -> None:
+        super().__init__() if clock is None else super().__init__(clock)
+        self.answer = all_threads
+        self.recorded: list[tuple[int, bool]] = []
+        self.seconds: list[float] = []
+
+    def use_all_threads(self, work: int) -> bool:
+        return self.answer
+
+    def record(self, work: int, all_threads: bool, seconds: float) -> None:
+        self.recorded.append((work, all_threads))
+        self.seconds.append(seconds)
+
+
+def _product_thread_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    counts: list[int] = []
+    original = _matmul._onednn_product if _matmul.onednn_matmul_enabled() else torch.bmm
+
+    def spy(*args, **kwargs):
+        counts.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    if _matmul.onednn_matmul_enabled():
+        monkeypatch.setattr(_matmul, "_onednn_product", spy)
+    else:
+        monkeypatch.setattr(torch, "bmm", spy)
+    return counts
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("all_threads", [True, False])
+def test_products_run_on_the_chosen_threads_and_report_their_size(all_threads, monkeypatch) -> None:
+    chooser = _Forced(all_threads)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    counts = _product_thread_counts(monkeypatch)
+    a, b = torch.randn(1, 64, 300), torch.randn(1, 300, 40)
+    with passes_on_one_thread(a.device):
+        batched_matmul(a, b)
+        assert torch.get_num_threads() == 1
+    assert counts == [2 if all_threads else 1]
+    assert chooser.recorded == [(64 * 300 * 40, all_threads)]
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_product_is_charged_the_passes_up_to_the_next_product(monkeypatch) -> None:
+    """After an all-thread product the pool's idle thread slows the one-thread passes that follow:
+    each product's time runs to the next product, or to the end of the context."""
+    clock = _FakeClock()
+    chooser = _Forced(True, clock)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    a = torch.randn(1, 8, 8)
+    with passes_on_one_thread(a.device):
+        batched_matmul(a, a)
+        clock.now += 0.25  # the passes after the first product
+        batched_matmul(a, a)
+        assert chooser.seconds == [0.25]
+        clock.now += 0.5
+    assert chooser.seconds == [0.25, 0.5]
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("half_space", [True, False])
+@pytest.mark.parametrize("chunk", [None, 128])
+def test_energy_and_gradient_are_the_same_on_either_choice(half_space, chunk, monkeypatch) -> None:
+    """Whatever the chooser picks, the penalty equals the float64 statement to float32 rounding and the
+    two choices agree with each other to the last bits (the product library splits rows, not sums)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 2304, generator=g)
+    results = {}
+    for all_threads in (True, False):
+        monkeypatch.setattr(_product_threads, "CHOOSER", _Forced(all_threads))
+        leaf = w.clone().requires_grad_()
+        value = hyperspherical_energy(leaf, half_space=half_space, chunk_size=chunk)
+        value.backward()
+        results[all_threads] = (value.detach(), leaf.grad)
+    (v2, g2), (v1, g1) = results[True], results[False]
+    torch.testing.assert_close(v1, v2, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
+    # an independent float64 statement: mean of 1/||u_i - u_j||^2 over the distinct pairs
+    u = w.double() / torch.sqrt((w.double() ** 2).sum(-1, keepdim=True) + 1e-4)
+    x = torch.cat([u, -u]) if half_space else u
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    dist2 = (2 - 2 * (x @ x.T)[i, j]).clamp_min(1e-6)
+    torch.testing.assert_close(v1.double(), (1 / dist2).mean(), rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_library_products_feed_the_process_chooser(monkeypatch) -> None:
+    """Wired in: a penalty's products are measured by the process's chooser (both choices, at first)."""
+    chooser = ProductThreadChooser()
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    w = torch.randn(256, 2304, requires_grad=True)
+    for _ in range(3):
+        hyperspherical_energy(w, half_space=True).backward()
+    sizes = chooser._classes
+    assert sizes and all(s.all_threads == s.all_threads and s.one_thread == s.one_thread for s in sizes.values())
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("switch", ["environment", "deterministic"])
+def test_all_threads_when_the_user_fixes_them(switch, monkeypatch) -> None:
+    chooser = _Forced(False)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    counts = _product_thread_counts(monkeypatch)
+    if switch == "environment":
+        monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(switch == "deterministic")
+    try:
+        with passes_on_one_thread(torch.device("cpu")):
+            batched_matmul(torch.randn(1, 8, 8), torch.randn(1, 8, 8))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert counts == [2]
+    assert chooser.recorded == []
