@@ -29,6 +29,7 @@ from typing import Literal, ParamSpec, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional import _product_threads as _product_threads_module
 
@@ -105,6 +106,53 @@ def serial_passes(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
 
     return wrapped
+
+
+class _OneThreadGraph(torch.autograd.Function):
+    """``fn(x)`` with its autograd graph kept inside: forward and backward in `passes_on_one_thread`."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        leaf = x.detach().requires_grad_()
+        with torch.enable_grad(), passes_on_one_thread(x.device):
+            out = fn(leaf)
+        ctx.graph = (leaf, out)  # type: ignore[attr-defined]
+        return out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[None, Tensor | None]:
+        leaf, out = ctx.graph  # type: ignore[attr-defined]
+        if not out.requires_grad:
+            return None, None
+        with passes_on_one_thread(grad.device):
+            # retain_graph: a caller's retain_graph=True may backpropagate again; the graph goes with ctx
+            (result,) = torch.autograd.grad(out, leaf, grad, retain_graph=True, allow_unused=True)
+        return None, result
+
+
+def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn(x)``, with the passes of its forward **and of its backward** on one thread (CPU).
+
+    `passes_on_one_thread` covers what runs inside a call; a penalty's autograd backward runs
+    later, inside ``loss.backward()``, on all threads, each pass a barrier of the pool (MHP's
+    penalty took 3.5x its one-thread time at 2 threads with a busy core). Here the forward keeps its
+    own graph from ``x`` and the backward replays it inside the context. For penalties of ``x``
+    alone: other tensors that require a gradient get none (the regularizers detach the pole and
+    their buffers), and it is not twice differentiable. Elsewhere (other devices, one thread,
+    no gradient, ``torch.compile`` tracing, inside the context already) it is ``fn(x)``.
+    """
+    direct = (
+        not SERIAL_PASSES
+        or x.device.type != "cpu"
+        or not (torch.is_grad_enabled() and x.requires_grad)
+        or torch.get_num_threads() == 1
+        or getattr(_scope, "threads", None) is not None
+        or torch.compiler.is_compiling()
+    )
+    if direct:
+        return fn(x)
+    return cast(Tensor, _OneThreadGraph.apply(fn, x))
 
 
 @contextlib.contextmanager
@@ -312,12 +360,15 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
+        x, w = a[0], weight[0]  # views taken on one thread, like every pass around the product
         with _product_threads(work):
-            return _onednn_product(a[0], weight[0]).unsqueeze(0)
+            product = _onednn_product(x, w)
+        return product.unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
+        x, w = a[i], weight[i]
         with _product_threads(work):
-            product = _onednn_product(a[i], weight[i])
+            product = _onednn_product(x, w)
         out[i] = product
     return out
 

@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
+from lightning_hsu.functional._matmul import one_thread_graph
+
 
 class Regularizer:
     """Base class: ``penalty = regularizer(neurons, step=global_step)``."""
@@ -29,6 +31,9 @@ class Regularizer:
     capturable: ClassVar[bool] = False
     #: Whether `Capturable.graph_penalties` batches layers of one shape (capturable ones only).
     batchable: ClassVar[bool] = False
+    #: Whether the penalty depends on the neurons alone (no other tensor gets a gradient from it), so
+    #: its backward may run on one CPU thread (`one_thread_graph`); set by the built-in regularizers.
+    neurons_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -38,6 +43,10 @@ class Regularizer:
         overrides = any(name in cls.__dict__ for name in ("penalty", "graph_penalty", "graph_penalties"))
         if overrides and "batchable" not in cls.__dict__:
             cls.batchable = False
+        # a subclass's own penalty may read learnable tensors besides the neurons: not unless it says so
+        own_penalty = any(name in cls.__dict__ for name in ("penalty", "neuron_penalty"))
+        if own_penalty and "neurons_only" not in cls.__dict__:
+            cls.neurons_only = False
 
     def __init__(self) -> None:
         self.salt = 0
@@ -54,6 +63,11 @@ class Regularizer:
         self._shard = shard
 
     def __call__(self, neurons: Tensor, *, step: int | None = None, check_finite: bool = True) -> Tensor:
+        if self.neurons_only:  # on a CPU with several threads: forward and backward passes on one
+            return one_thread_graph(lambda x: self._penalty(x, step, check_finite), neurons)
+        return self._penalty(neurons, step, check_finite)
+
+    def _penalty(self, neurons: Tensor, step: int | None, check_finite: bool) -> Tensor:
         if check_finite:  # (a regularizer written before `check_finite` existed takes no such argument)
             return self.penalty(neurons, step=step)
         if not self.capturable:

@@ -28,6 +28,8 @@ class CoMHE(Capturable):
         precision: operands of the pair sums' products, as for `MHE`.
     """
 
+    neurons_only = True
+
     name = "comhe"
     stateful = True
     supports_sharding = True

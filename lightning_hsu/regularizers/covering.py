@@ -16,6 +16,8 @@ class MHC(PoleRegularizer):
     neuron \\(S(v)\\), the neurons minimise it (see
     `pole_covering_distance`); ``gamma`` = 10 officially."""
 
+    neurons_only = True
+
     name = "mhc"
 
     def __init__(

@@ -35,6 +35,8 @@ class MHE(Capturable):
         0.5833
     """
 
+    neurons_only = True
+
     name = "mhe"
     supports_sharding = True
     capturable = True

@@ -15,6 +15,8 @@ from lightning_hsu.validation import flag, positive_float
 class MGD(Regularizer):
     """Maximum Gram determinant, \\(-\\log\\det(e^{-d^2} + 10^{-6} I)\\) (Liu et al., AISTATS 2021)."""
 
+    neurons_only = True
+
     name = "mgd"
 
     def __init__(self, half_space: bool = False, jitter: float = 1e-6, eps: float = DEFAULT_EPS) -> None:

@@ -19,6 +19,8 @@ class MHP(PoleRegularizer):
     \\(E(v)\\), and the neurons minimise \\(-E(v)\\) (see
     `pole_energy`)."""
 
+    neurons_only = True
+
     name = "mhp"
 
     def pole_objective(self, neurons: Tensor, pole: Tensor, *, normalized: bool = False) -> Tensor:
@@ -34,6 +36,8 @@ class MHP(PoleRegularizer):
 class RMHP(Capturable):
     """Relaxed polarization \\(\\lVert\\sum_i w_i\\rVert_2\\) on unnormalised weights (Liu et al.,
     AISTATS 2021). It has no half-space form (a neuron and its negation cancel)."""
+
+    neurons_only = True
 
     name = "rmhp"
     capturable = True

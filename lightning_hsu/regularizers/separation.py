@@ -27,6 +27,8 @@ class MHS(Capturable):
         -9.0
     """
 
+    neurons_only = True
+
     name = "mhs"
     capturable = True
     batchable = True

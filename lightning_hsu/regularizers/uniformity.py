@@ -14,6 +14,8 @@ class Uniformity(Capturable):
     """Wang–Isola uniformity of the neurons, \\(\\log\\) mean \\(e^{-t d^2}\\); see
     `uniformity`."""
 
+    neurons_only = True
+
     name = "uniformity"
     capturable = True
     batchable = True

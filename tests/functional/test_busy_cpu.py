@@ -301,3 +301,113 @@ def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     pole.penalty(w, step=0).backward()
     assert all(calls and set(calls) == {1} for calls in seen.values()), seen
     assert torch.get_num_threads() == 2
+
+
+# ---- the regularisers' backward (`one_thread_graph`) ------------------------------------------------
+#: what may still run on all threads inside ``penalty.backward()``: the autograd engine's own seed and
+#: accumulation into ``w.grad``, and the products (which choose their threads: test_product_threads.py)
+_ENGINE_AND_PRODUCTS = {
+    "aten.ones_like.default",
+    "aten.detach.default",
+    "aten.new_empty_strided.default",
+    "aten.copy_.default",
+    "aten.bmm.default",
+    "aten.mm.default",
+    "aten.baddbmm.default",
+    "mkldnn._linear_pointwise.default",
+}
+
+
+def _backward_ops_on_all_threads(penalty: torch.Tensor) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if torch.get_num_threads() > 1:
+                self.wide.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as recording:
+        penalty.backward()
+    return [op for op in recording.wide if op not in _ENGINE_AND_PRODUCTS]
+
+
+BUILT_IN = ["mhe", "mhs", "uniformity", "mgd", "mhp", "mhc", "comhe", "rmhp"]
+
+
+def _built_in(name: str):
+    from lightning_hsu.regularizers.registry import make_regularizer
+
+    return make_regularizer(name, **({"half_space": True} if name in ("mhe", "mhs", "mhp", "comhe") else {}))
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_regularizer_backward_passes_run_on_one_thread(name, monkeypatch) -> None:
+    """``loss.backward()`` runs each built-in penalty's backward passes on one thread (MHP's autograd
+    backward took 3.5x its one-thread time on a busy core), and gives the pool back whole."""
+    monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")  # every product widens: only products may
+    w = _weights(30, 7, torch.float32).requires_grad_()
+    assert _backward_ops_on_all_threads(_built_in(name)(w, step=0)) == []
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_the_backward_check_can_fail(monkeypatch) -> None:
+    """Without the wrapper MHP's backward passes are seen on all threads (the check above is live)."""
+    from lightning_hsu.regularizers import MHP
+
+    monkeypatch.setattr(MHP, "neurons_only", False)
+    w = _weights(30, 7, torch.float32).requires_grad_()
+    assert _backward_ops_on_all_threads(_built_in("mhp")(w, step=0)) != []
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_regularizer_value_and_gradient_unchanged_by_the_one_thread_graph(name, monkeypatch) -> None:
+    """Against the same penalty computed without the wrapper (float64: the same numbers to rounding),
+    with a fresh regulariser each time (the pole's game starts from the same pole)."""
+    w = _weights(40, 9, torch.float64)
+    wrapped = value_and_grad(lambda x: _built_in(name)(x, step=0), w)
+    monkeypatch.setattr(type(_built_in(name)), "neurons_only", False)
+    direct = value_and_grad(lambda x: _built_in(name)(x, step=0), w)
+    torch.testing.assert_close(wrapped[0], direct[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(wrapped[1], direct[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_penalty_backpropagates_twice_with_retain_graph() -> None:
+    w = _weights(20, 5, torch.float32).requires_grad_()
+    penalty = _built_in("mhs")(w, step=0)
+    penalty.backward(retain_graph=True)
+    first = w.grad.clone()
+    penalty.backward()
+    torch.testing.assert_close(w.grad, 2 * first)
+
+
+def test_a_user_subclass_with_its_own_penalty_keeps_the_plain_graph() -> None:
+    """A subclass's penalty may read learnable tensors besides the neurons: they must get their
+    gradients, so the wrapper is off unless the subclass says ``neurons_only = True``."""
+    from lightning_hsu.regularizers import MHE
+
+    class Scaled(MHE):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.tensor(2.0, requires_grad=True)
+
+        def penalty(self, neurons, *, step=None, check_finite=True):
+            return self.scale * super().penalty(neurons, step=step, check_finite=check_finite)
+
+    assert MHE.neurons_only and not Scaled.neurons_only
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        regularizer = Scaled()
+        regularizer(_weights(10, 4, torch.float32).requires_grad_(), step=0).backward()
+    finally:
+        torch.set_num_threads(before)
+    assert regularizer.scale.grad is not None
