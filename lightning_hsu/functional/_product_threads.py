@@ -20,9 +20,12 @@ jobs on a shared host), so it is measured, not configured:
 - while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such
   classes together: the load is the machine's, and each probe costs more than its own product
   (after an all-thread product the pool's idle thread spins for a while on a core the next
-  one-thread work needs). A probe that beats the winner is repeated at the next product, and a
-  fast all-thread probe makes every class re-measure, so the machine freeing up is followed
-  within about `PROBE_ALL_SECONDS`.
+  one-thread work needs). A probe that beats the winner is repeated at the next product; when
+  two all-thread probes in a row win a class back (one may be a lucky time slice), every class
+  on one thread re-measures at its next product, so the machine freeing up is followed within
+  about `PROBE_ALL_SECONDS`;
+- each product's time runs to the start of the next product (or the end of the pair sum), so
+  that the slowdown of the passes after an all-thread product is charged to it.
 
 What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
 on a busy core, one all-thread product every `PROBE_ALL_SECONDS`.
@@ -127,19 +130,19 @@ class ProductThreadChooser:
             if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
                 size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
             (size.all_threads if all_threads else size.one_thread).append(rate)
-            if all_threads == winner_all:
-                if winner_all and not size.all_threads_win():  # moved to one thread: probe a period on
-                    self._all_threads_probed = self.clock()
-                return
-            if rate < statistics.median(size.all_threads if winner_all else size.one_thread):
-                # a probe beat the winner: measure it again at once; a fast all-thread product
-                # means the machine has freed up, so every class that moved to one thread re-measures
-                if all_threads:
-                    for other in self._classes.values():
-                        ready = bool(other.all_threads) and len(other.one_thread) >= 2
-                        other.probe_now = ready and not other.all_threads_win()
-                else:
-                    size.probe_now = True
+            all_win = size.all_threads_win()
+            if winner_all and not all_win:  # moved to one thread: the first probe a period on
+                self._all_threads_probed = self.clock()
+            elif all_win and not winner_all:
+                # all threads won back (two fast probes in a row): the machine has freed up, so every
+                # class on one thread re-measures; one fast probe alone may be a lucky time slice
+                for other in self._classes.values():
+                    ready = bool(other.all_threads) and len(other.one_thread) >= 2
+                    other.probe_now = ready and not other.all_threads_win()
+            elif all_threads != winner_all and rate < statistics.median(
+                size.all_threads if winner_all else size.one_thread
+            ):
+                size.probe_now = True  # a probe beat the winner: measure it again at once
 
     def one_thread_classes(self) -> list[int]:
         """The size classes (log2 of multiply-adds) where one thread currently wins."""

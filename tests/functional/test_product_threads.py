@@ -106,8 +106,9 @@ def test_one_descheduled_product_does_not_switch_the_choice() -> None:
     assert _run(chooser, clock, WORK, IDLE.__getitem__, 5) == [False] + [True] * 4
 
 
-def test_a_fast_all_thread_probe_makes_every_class_re_measure() -> None:
-    """The load is the machine's: when one class sees it gone, the others try all threads at once."""
+def test_a_class_won_back_by_all_threads_makes_every_class_re_measure() -> None:
+    """The load is the machine's: when one class sees it gone (two fast probes), the others try all
+    threads at once."""
     chooser, clock = _chooser()
     small, large = 10**7, 10**9
     for _ in range(200):
@@ -116,9 +117,33 @@ def test_a_fast_all_thread_probe_makes_every_class_re_measure() -> None:
     assert len(chooser.one_thread_classes()) == 2
     freed_small = {True: 0.55 * MS, False: 1 * MS}.__getitem__
     freed_large = {True: 55 * MS, False: 100 * MS}.__getitem__
-    while not _run(chooser, clock, small, freed_small, 1)[0]:  # the small class's probe comes first ...
+    while not _run(chooser, clock, small, freed_small, 1)[0]:  # the small class's probe comes first,
         pass
+    assert _run(chooser, clock, small, freed_small, 1) == [True]  # is confirmed at once ...
+    assert chooser.one_thread_classes() == [large.bit_length() - 1]
     assert _run(chooser, clock, large, freed_large, 1) == [True]  # ... and the large one follows at once
+
+
+def test_one_lucky_all_thread_probe_does_not_wake_the_other_classes() -> None:
+    """Under load an all-thread product sometimes gets both cores for its whole length; the probe is
+    confirmed in its own class before every class spends a probe."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    busy_small = {True: 1.3 * MS, False: 1 * MS}.__getitem__
+    busy_large = {True: 130 * MS, False: 100 * MS}.__getitem__
+    for _ in range(200):
+        _run(chooser, clock, small, busy_small, 1)
+        _run(chooser, clock, large, busy_large, 1)
+    lucky = iter([0.55 * MS])
+
+    def once_lucky(all_threads: bool) -> float:
+        return next(lucky, 1.3 * MS) if all_threads else 1 * MS
+
+    while not _run(chooser, clock, small, once_lucky, 1)[0]:
+        pass
+    assert _run(chooser, clock, small, once_lucky, 1) == [True]  # the confirmation: slow
+    assert _run(chooser, clock, large, busy_large, 1) == [False]
+    assert len(chooser.one_thread_classes()) == 2
 
 
 def test_a_class_that_keeps_all_threads_does_not_hold_back_the_others_probes() -> None:
