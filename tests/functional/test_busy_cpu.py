@@ -7,7 +7,7 @@ the path before) and the float64 references, for every kernel and schedule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -28,15 +28,6 @@ KERNELS = [
     AngularKernel(2.0),
     GaussianKernel(2.0),
 ]
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    """Two intra-op threads whatever the machine's default, so that the narrowing happens."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def _both_paths(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, monkeypatch: pytest.MonkeyPatch):

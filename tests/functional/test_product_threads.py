@@ -7,7 +7,7 @@ change of load. Inside the library the choice must only change thread counts, ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -193,14 +193,6 @@ def test_bad_setting_names_the_environment_variable(monkeypatch) -> None:
 
 
 # ---- inside the library ---------------------------------------------------------------------------
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Forced(ProductThreadChooser):
     """A chooser that always answers ``all_threads`` and records what it was told."""
 
