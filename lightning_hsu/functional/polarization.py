@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import (
     DEFAULT_EPS,
@@ -24,6 +25,7 @@ from lightning_hsu.functional._common import (
     check_neurons,
     full_precision,
     normalize_neurons,
+    row_normalization,
 )
 from lightning_hsu.functional.kernels import RieszKernel
 
@@ -63,11 +65,57 @@ def pole_energy(
     r"""MHP energy at the pole, \(E(v)=\frac1N\sum_i (\max(2-2c_i, 10^{-6}))^{-1}\).
 
     \(N = n\) (or \(2n\) in half-space). The neurons' penalty is \(-E(v)\).
-    ``normalized``: see `pole_cosines`.
+    ``normalized``: see `pole_cosines`. For a fixed pole (one that does not require a gradient,
+    as the neurons' penalty of `MHP` uses it) the gradient with respect to the neurons is formed
+    in closed form in the forward pass, as the pair sums form theirs:
+    \(\partial E/\partial w_i = r_i\,s_i\,(\hat v - c_i\hat w_i)\) with
+    \(s_i = \partial E/\partial c_i\) (`pole_energy_slope`; \(s_i - s_{i+n}\) in half space)
+    and \(r_i = (\lVert w_i\rVert^2+\epsilon)^{-1/2}\): one pass over the neurons instead of an
+    autograd graph of the normalisation.
     """
+    if not normalized and not pole.requires_grad and neurons.dim() == 2:
+        unit = check_neurons(neurons, check_finite=False)
+        if pole.shape != (unit.shape[1],):
+            raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
+        if not bool(torch.isfinite(pole).all()):
+            raise NonFiniteInputError(
+                f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
+            )
+        return _PoleEnergyOfNeurons.apply(unit, pole.to(unit.dtype), half_space, eps)
     cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     value, _ = _POLE_KERNEL(cos, False)
     return value.mean()
+
+
+class _PoleEnergyOfNeurons(torch.autograd.Function):
+    """`pole_energy` of ``[n, d]`` neurons against a fixed pole, its gradient formed in the forward."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, pole: Tensor, half_space: bool, eps: float
+    ) -> Tensor:
+        rows, r, _, divisor = row_normalization(neurons, eps)  # raises for NaN/inf neurons
+        unit = rows * r
+        v = normalize_neurons(pole.unsqueeze(0), eps, host_sync=False)[0]
+        cos = unit @ v
+        value, slope = _POLE_KERNEL(torch.cat([cos, -cos]) if half_space else cos, True)
+        assert slope is not None
+        n = cos.shape[0]
+        slope = slope / slope.shape[0]
+        if half_space:
+            slope = slope[:n] - slope[n:]
+        coefficient = (slope.unsqueeze(-1) * r).to(unit.dtype)  # [n, 1]
+        grad = coefficient * (v - cos.unsqueeze(-1) * unit)
+        if divisor is not None:
+            grad = grad / divisor
+        ctx.save_for_backward(grad)
+        return value.mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor, None, None, None]:
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * grad_total, None, None, None
 
 
 def pole_energy_slope(cos: Tensor) -> Tensor:
