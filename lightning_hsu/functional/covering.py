@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._common import DEFAULT_EPS, full_precision
-from lightning_hsu.functional.polarization import pole_cosines
+from lightning_hsu.functional.polarization import fixed_pole_of_neurons, fixed_pole_penalty, pole_cosines
 
 
 @full_precision
@@ -34,13 +34,22 @@ def pole_covering_distance(
 ) -> Tensor:
     """Smooth nearest-neuron squared distance \\(S(v)\\) of the pole (log-sum-exp form).
 
-    ``normalized``: see `pole_cosines`.
+    ``normalized``: see `pole_cosines`. For a fixed pole (the neurons' penalty of `MHC`) the
+    gradient with respect to the neurons is formed in closed form in the forward pass
+    (`fixed_pole_penalty`, with `pole_covering_slope`).
     """
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
-    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
-    sq = 2.0 - 2.0 * cos
-    return -(torch.logsumexp(-gamma * sq, dim=0) - math.log(sq.shape[0])) / gamma
+
+    def value(cos: Tensor) -> Tensor:
+        sq = 2.0 - 2.0 * cos
+        return -(torch.logsumexp(-gamma * sq, dim=0) - math.log(sq.shape[0])) / gamma
+
+    if fixed_pole_of_neurons(neurons, pole, normalized):
+        return fixed_pole_penalty(
+            neurons, pole, half_space, eps, lambda cos: (value(cos), pole_covering_slope(cos, gamma))
+        )
+    return value(pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized))
 
 
 def pole_covering_slope(cos: Tensor, gamma: float) -> Tensor:

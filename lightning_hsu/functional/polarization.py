@@ -15,6 +15,9 @@ R-MHP replaces the game by the closed form \(\lVert\sum_i w_i\rVert_2\) on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -67,55 +70,82 @@ def pole_energy(
     \(N = n\) (or \(2n\) in half-space). The neurons' penalty is \(-E(v)\).
     ``normalized``: see `pole_cosines`. For a fixed pole (one that does not require a gradient,
     as the neurons' penalty of `MHP` uses it) the gradient with respect to the neurons is formed
-    in closed form in the forward pass, as the pair sums form theirs:
-    \(\partial E/\partial w_i = r_i\,s_i\,(\hat v - c_i\hat w_i)\) with
-    \(s_i = \partial E/\partial c_i\) (`pole_energy_slope`; \(s_i - s_{i+n}\) in half space)
-    and \(r_i = (\lVert w_i\rVert^2+\epsilon)^{-1/2}\): one pass over the neurons instead of an
-    autograd graph of the normalisation.
+    in closed form in the forward pass (`fixed_pole_penalty`, with `pole_energy_slope`).
     """
-    if not normalized and not pole.requires_grad and neurons.dim() == 2:
-        unit = check_neurons(neurons, check_finite=False)
-        if pole.shape != (unit.shape[1],):
-            raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
-        if not bool(torch.isfinite(pole).all()):
-            raise NonFiniteInputError(
-                f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
-            )
-        return _PoleEnergyOfNeurons.apply(unit, pole.to(unit.dtype), half_space, eps)
+    if fixed_pole_of_neurons(neurons, pole, normalized):
+        return fixed_pole_penalty(neurons, pole, half_space, eps, _pole_energy_value_and_slope)
     cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
     value, _ = _POLE_KERNEL(cos, False)
     return value.mean()
 
 
-class _PoleEnergyOfNeurons(torch.autograd.Function):
-    """`pole_energy` of ``[n, d]`` neurons against a fixed pole, its gradient formed in the forward."""
+def _pole_energy_value_and_slope(cos: Tensor) -> tuple[Tensor, Tensor]:
+    value, _ = _POLE_KERNEL(cos, False)
+    return value.mean(), pole_energy_slope(cos)
+
+
+def fixed_pole_of_neurons(neurons: Tensor, pole: Tensor, normalized: bool) -> bool:
+    """Whether a pole objective of raw ``[n, d]`` neurons takes `fixed_pole_penalty` (no pole gradient)."""
+    return not normalized and not pole.requires_grad and neurons.dim() == 2
+
+
+def fixed_pole_penalty(
+    neurons: Tensor,
+    pole: Tensor,
+    half_space: bool,
+    eps: float,
+    value_and_slope: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> Tensor:
+    r"""A pole objective \(f(c)\) of the cosines of `pole_cosines` against a fixed pole, as a
+    function of the raw neurons, with its gradient formed in closed form in the forward pass:
+    \(\partial f/\partial w_i = r_i\,s_i\,(\hat v - c_i\hat w_i)\), with
+    \(s_i = \partial f/\partial c_i\) (\(s_i - s_{i+n}\) in half space) and
+    \(r_i = (\lVert w_i\rVert^2+\epsilon)^{-1/2}\): one pass over the neurons instead of an
+    autograd graph of the normalisation. ``value_and_slope`` maps the ``[N]`` cosines to
+    \((f, \partial f/\partial c)\).
+    """
+    unit = check_neurons(neurons, check_finite=False)
+    if pole.shape != (unit.shape[1],):
+        raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
+    if not bool(torch.isfinite(pole).all()):
+        raise NonFiniteInputError(
+            f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
+        )
+    return cast(Tensor, _FixedPolePenalty.apply(unit, pole.to(unit.dtype), half_space, eps, value_and_slope))
+
+
+class _FixedPolePenalty(torch.autograd.Function):
+    """`fixed_pole_penalty`: value and saved gradient in the forward, the gradient scaled in the backward."""
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, pole: Tensor, half_space: bool, eps: float
+        ctx: torch.autograd.function.FunctionCtx,
+        neurons: Tensor,
+        pole: Tensor,
+        half_space: bool,
+        eps: float,
+        value_and_slope: Callable[[Tensor], tuple[Tensor, Tensor]],
     ) -> Tensor:
         rows, r, _, divisor = row_normalization(neurons, eps)  # raises for NaN/inf neurons
         unit = rows * r
         v = normalize_neurons(pole.unsqueeze(0), eps, host_sync=False)[0]
         cos = unit @ v
-        value, slope = _POLE_KERNEL(torch.cat([cos, -cos]) if half_space else cos, True)
-        assert slope is not None
-        n = cos.shape[0]
-        slope = slope / slope.shape[0]
-        if half_space:
-            slope = slope[:n] - slope[n:]
-        coefficient = (slope.unsqueeze(-1) * r).to(unit.dtype)  # [n, 1]
-        grad = coefficient * (v - cos.unsqueeze(-1) * unit)
-        if divisor is not None:
-            grad = grad / divisor
-        ctx.save_for_backward(grad)
-        return value.mean()
+        value, slope = value_and_slope(torch.cat([cos, -cos]) if half_space else cos)
+        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            n = cos.shape[0]
+            if half_space:
+                slope = slope[:n] - slope[n:]
+            coefficient = (slope.unsqueeze(-1) * r).to(unit.dtype)  # [n, 1]
+            # in place on the unit rows (not needed after): each new [n, d] tensor costs a pass
+            grad = unit.mul_(-cos.unsqueeze(-1)).add_(v).mul_(coefficient)
+            ctx.save_for_backward(grad if divisor is None else grad.div_(divisor))
+        return value
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor, None, None, None, None]:
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_total, None, None, None
+        return grad * grad_total, None, None, None, None
 
 
 def pole_energy_slope(cos: Tensor) -> Tensor:

@@ -198,19 +198,33 @@ def test_mhp_pole_energy_equals_mean_inverse_squared_distance_to_pole(half_space
     assert_close(got, official.mhp_pole_energy(w, pole, half_space))
 
 
+#: (ours, the official formula) of the neurons against a fixed pole
+POLE_OBJECTIVES = {
+    "mhp": (F.pole_energy, official.mhp_pole_energy),
+    "mhc": (
+        lambda w, v, half_space: F.pole_covering_distance(w, v, gamma=10.0, half_space=half_space),
+        lambda w, v, half_space: official.mhc_covering(w, v, 10.0, half_space),
+    ),
+}
+
+
+@pytest.mark.parametrize("objective", sorted(POLE_OBJECTIVES))
 @pytest.mark.parametrize("half_space", SPACES)
 @pytest.mark.parametrize("scale", [1.0, 1e15])
-def test_mhp_closed_form_neuron_gradient_equals_autograd_of_the_official_formula(half_space, scale) -> None:
+def test_pole_objectives_closed_form_neuron_gradient_equals_autograd_of_the_official_formula(
+    objective, half_space, scale
+) -> None:
     """With a fixed pole (the neurons' penalty) the gradient is formed in closed form; it must equal
     autograd through the official formula, also for float32 rows large enough to be rescaled."""
+    ours_fn, official_fn = POLE_OBJECTIVES[objective]
     w = fixed_weights(n=17, d=6, seed=11) * scale
     pole = torch.randn(6, generator=torch.Generator().manual_seed(110), dtype=torch.float64)
     dtype = torch.float32 if scale > 1 else torch.float64
     ours = w.to(dtype).clone().requires_grad_()
-    value = F.pole_energy(ours, pole.to(dtype), half_space=half_space)
+    value = ours_fn(ours, pole.to(dtype), half_space=half_space)
     value.backward()
     reference = w.clone().requires_grad_()
-    expected = official.mhp_pole_energy(reference, pole, half_space)
+    expected = official_fn(reference, pole, half_space=half_space)
     expected.backward()
     tol = {"rtol": 1e-5, "atol": 0.0} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-14}
     assert_close(value.double(), expected, **tol)
