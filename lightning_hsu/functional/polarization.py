@@ -36,6 +36,16 @@ from lightning_hsu.functional.kernels import RieszKernel
 _POLE_KERNEL = RieszKernel(2.0)
 
 
+def _check_pole(pole: Tensor, dim: int, *, check_finite: bool) -> None:
+    """A ``[dim]`` pole, with finite entries (``check_finite``: one host sync)."""
+    if pole.shape != (dim,):
+        raise ValueError(f"pole must have shape [{dim}] to match the neurons, got {tuple(pole.shape)}")
+    if check_finite and not bool(torch.isfinite(pole.detach()).all()):
+        raise NonFiniteInputError(
+            f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
+        )
+
+
 def pole_cosines(
     neurons: Tensor, pole: Tensor, *, half_space: bool, eps: float = DEFAULT_EPS, normalized: bool = False
 ) -> Tensor:
@@ -50,12 +60,7 @@ def pole_cosines(
     unit = neurons if normalized else normalize_neurons(check_neurons(neurons), eps)
     if unit.dim() != 2:
         raise ValueError(f"pole penalties take neurons of shape [n, d], got {tuple(unit.shape)}")
-    if pole.shape != (unit.shape[1],):
-        raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
-    if not normalized and not bool(torch.isfinite(pole.detach()).all()):
-        raise NonFiniteInputError(
-            f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
-        )
+    _check_pole(pole, unit.shape[1], check_finite=not normalized)
     v = normalize_neurons(pole.to(unit.dtype).unsqueeze(0), eps, host_sync=False)[0]
     cos = unit @ v
     return torch.cat([cos, -cos]) if half_space else cos
@@ -105,12 +110,7 @@ def fixed_pole_penalty(
     \((f, \partial f/\partial c)\).
     """
     unit = check_neurons(neurons, check_finite=False)
-    if pole.shape != (unit.shape[1],):
-        raise ValueError(f"pole must have shape [{unit.shape[1]}] to match the neurons, got {tuple(pole.shape)}")
-    if not bool(torch.isfinite(pole).all()):
-        raise NonFiniteInputError(
-            f"pole contains NaN or inf entries (shape {tuple(pole.shape)}); the penalty is undefined"
-        )
+    _check_pole(pole, unit.shape[1], check_finite=True)
     return cast(Tensor, _FixedPolePenalty.apply(unit, pole.to(unit.dtype), half_space, eps, value_and_slope))
 
 
