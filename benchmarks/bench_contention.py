@@ -173,20 +173,20 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
 
 def transitions(call: Callable[[], object], busy: BusyCore, calls: int, repeats: int, threads: int) -> None:
     """Per-call times after the competing process starts, then after it stops, per mode (medians over repeats)."""
-    sequences = {"busy from call 1": busy.on, "idle from call 1": busy.off}
+    sequences = {"busy from call 1": True, "idle from call 1": False}  # title: busy after the switch
     arms = [("ours", "shipped", threads), ("ours, all-thread products", "all-thread products", threads)]
     arms.append(("ours at 1 thread", "shipped", 1))
     rows = []
-    for title, switch in sequences.items():
+    for title, busy_after in sequences.items():
         for name, mode, count in arms:
             runs: list[list[float]] = []
             for _ in range(repeats):
                 torch.set_num_threads(count)
                 _set_mode(mode)
-                (busy.off if switch is busy.on else busy.on)()
+                busy.off() if busy_after else busy.on()
                 for _ in range(2 * calls):  # settled in the opposite condition
                     call()
-                switch()
+                busy.on() if busy_after else busy.off()
                 run = []
                 for _ in range(calls):
                     t0 = time.perf_counter()
