@@ -166,16 +166,11 @@ def _product_threads(work: int) -> Iterator[None]:
     if threads is None:
         yield
         return
-    if not _product_threads_module.adaptive():
-        torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
-        return
-    _record_pending_product()
     chooser = _product_threads_module.CHOOSER
-    wide = chooser.use_all_threads(work)
+    adaptive = _product_threads_module.adaptive()
+    if adaptive:
+        _record_pending_product()
+    wide = chooser.use_all_threads(work) if adaptive else True
     start = chooser.clock()
     if wide:
         torch.set_num_threads(threads)
@@ -184,7 +179,8 @@ def _product_threads(work: int) -> Iterator[None]:
     finally:
         if wide:
             torch.set_num_threads(1)
-    _scope.pending = (work, wide, start)
+    if adaptive:
+        _scope.pending = (work, wide, start)
 
 
 def _record_pending_product() -> None:

@@ -151,10 +151,6 @@ class ProductThreadChooser:
                 k for k, s in self._classes.items() if s.all_threads and s.one_thread and not s.all_threads_win()
             )
 
-    def reset(self) -> None:
-        with self._lock:
-            self._classes.clear()
-
 
 #: The process's chooser, used by `_matmul` inside `_matmul.passes_on_one_thread`.
 CHOOSER = ProductThreadChooser()
