@@ -19,6 +19,7 @@ from lightning_hsu.functional.kernels import AngularKernel, GaussianKernel, Pair
 from lightning_hsu.functional.pairwise import sharded_scale
 
 from .reference import concat_energy, value_and_grad
+from .threads import thread_spy
 
 KERNELS = [
     RieszKernel(0.0),
@@ -156,16 +157,6 @@ def test_uniformity_on_one_thread_equals_all_threads(half_space: bool, monkeypat
     torch.testing.assert_close(grad, par_grad, rtol=1e-12, atol=1e-13)
 
 
-def _thread_spy(calls: list[int], original: Callable) -> Callable:
-    """``original``, recording the intra-op thread count at each call into ``calls``."""
-
-    def wrapped(*args, **kwargs):
-        calls.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
-    return wrapped
-
-
 class _Recording(PairKernel):
     """Riesz s = 2, recording the intra-op thread count each time it is evaluated."""
 
@@ -185,9 +176,9 @@ def test_kernel_runs_on_one_thread_and_products_on_all(dtype, chunk, monkeypatch
     (with the products' threads fixed to all; their online choice: ``test_product_threads.py``)."""
     monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
     products: list[int] = []
-    monkeypatch.setattr(_matmul, "_onednn_product", _thread_spy(products, _matmul._onednn_product))
-    monkeypatch.setattr(torch, "bmm", _thread_spy(products, torch.bmm))
-    monkeypatch.setattr(torch.Tensor, "baddbmm_", _thread_spy(products, torch.Tensor.baddbmm_))
+    monkeypatch.setattr(_matmul, "_onednn_product", thread_spy(products, _matmul._onednn_product))
+    monkeypatch.setattr(torch, "bmm", thread_spy(products, torch.bmm))
+    monkeypatch.setattr(torch.Tensor, "baddbmm_", thread_spy(products, torch.Tensor.baddbmm_))
     kernel = _Recording()
     unit = torch.nn.functional.normalize(_weights(40, 6, dtype), dim=-1).unsqueeze(0).requires_grad_()
     pairwise_kernel_sum(unit, kernel, half_space=True, chunk_size=chunk).sum().backward()
@@ -278,13 +269,13 @@ def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     uniformity_module = importlib.import_module("lightning_hsu.functional.uniformity")
 
     seen: dict[str, list[int]] = {"tied pairs": [], "cholesky": [], "pole slope": [], "normalise": []}
-    monkeypatch.setattr(separation, "_tied_pairs", _thread_spy(seen["tied pairs"], separation._tied_pairs))
-    monkeypatch.setattr(gram_determinant, "_cholesky_pd", _thread_spy(seen["cholesky"], gram_determinant._cholesky_pd))
+    monkeypatch.setattr(separation, "_tied_pairs", thread_spy(seen["tied pairs"], separation._tied_pairs))
+    monkeypatch.setattr(gram_determinant, "_cholesky_pd", thread_spy(seen["cholesky"], gram_determinant._cholesky_pd))
     monkeypatch.setattr(
-        uniformity_module, "normalize_neurons", _thread_spy(seen["normalise"], uniformity_module.normalize_neurons)
+        uniformity_module, "normalize_neurons", thread_spy(seen["normalise"], uniformity_module.normalize_neurons)
     )
     pole = MHP(seed=0)
-    monkeypatch.setattr(pole, "pole_slope", _thread_spy(seen["pole slope"], pole.pole_slope))
+    monkeypatch.setattr(pole, "pole_slope", thread_spy(seen["pole slope"], pole.pole_slope))
     w = _weights(30, 7, torch.float32).requires_grad_()
     for fn in _regularizer_penalties().values():
         fn(w).backward()

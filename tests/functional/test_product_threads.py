@@ -21,6 +21,8 @@ from lightning_hsu.functional._product_threads import (
     ProductThreadChooser,
 )
 
+from .threads import thread_spy
+
 
 class _FakeClock:
     def __init__(self) -> None:
@@ -212,16 +214,10 @@ class _Forced(ProductThreadChooser):
 
 def _product_thread_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counts: list[int] = []
-    original = _matmul._onednn_product if _matmul.onednn_matmul_enabled() else torch.bmm
-
-    def spy(*args, **kwargs):
-        counts.append(torch.get_num_threads())
-        return original(*args, **kwargs)
-
     if _matmul.onednn_matmul_enabled():
-        monkeypatch.setattr(_matmul, "_onednn_product", spy)
+        monkeypatch.setattr(_matmul, "_onednn_product", thread_spy(counts, _matmul._onednn_product))
     else:
-        monkeypatch.setattr(torch, "bmm", spy)
+        monkeypatch.setattr(torch, "bmm", thread_spy(counts, torch.bmm))
     return counts
 
 
