@@ -21,7 +21,6 @@ from lightning_hsu.functional._common import (
     check_finite_neurons,
     check_neurons,
     full_precision,
-    normalize_neurons,
     row_normalization,
 )
 from lightning_hsu.functional._matmul import batched_matmul, gram, serial_passes
@@ -226,9 +225,8 @@ def soft_hyperspherical_separation(
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    x = check_neurons(neurons, check_finite=check_finite)
-    unit = normalize_neurons(x, eps, host_sync=check_finite)
+    x = check_neurons(neurons, check_finite=False)  # checked when normalised
     inverse = 1.0 / temperature
     return temperature * log_mean_exp_pairs(
-        unit, inverse, half_space=half_space, chunk_size=chunk_size, host_sync=check_finite
+        x, inverse, eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=check_finite
     )

@@ -6,7 +6,9 @@ Alignment and Uniformity on the Hypersphere*, ICML 2020.
 \]
 
 a Gaussian-kernel energy (lower is more uniform; its optimum in high dimension is about
-\(-2t\)), computed as a log-sum-exp so it never underflows, whatever ``t``.
+\(-2t\)). It is one pair sum of the raw rows, normalised inside, as MHE is; for a ``t`` so large
+that a kernel value could underflow, a log-sum-exp shifted by its largest term, so it never
+underflows, whatever ``t``.
 """
 
 from __future__ import annotations
@@ -19,36 +21,69 @@ from torch import Tensor
 from lightning_hsu.functional._common import (
     DEFAULT_EPS,
     as_batched,
+    check_finite_neurons,
     check_neurons,
     full_precision,
-    normalize_neurons,
+    row_normalization,
 )
 from lightning_hsu.functional._matmul import serial_passes
 from lightning_hsu.functional.kernels import GaussianKernel
-from lightning_hsu.functional.pairwise import extreme_pair_cosine, pair_count, pairwise_kernel_sum
+from lightning_hsu.functional.pairwise import extreme_pair_cosine, normalized_pairwise_kernel_sum, pair_count
+
+
+def gaussian_shift_needed(t: float, dtype: torch.dtype) -> bool:
+    r"""Whether \(e^{-t d^2}\) of unit vectors may underflow in ``dtype``, so that
+    `log_mean_exp_pairs` must shift its exponent.
+
+    \(d^2 \le 4\) on the unit sphere, so every kernel value is at least \(e^{-4t}\); when that
+    is a normal number with \(2^{16}\) to spare (float32: \(t \le 19\), float64: \(t \le 174\)),
+    no term underflows and the shift (a search over all pairs, as costly as the Gram product) is
+    not needed.
+    """
+    return -4.0 * t < math.log(torch.finfo(dtype).tiny) + 16.0 * math.log(2.0)
 
 
 def log_mean_exp_pairs(
-    unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None, host_sync: bool = True
+    neurons: Tensor,
+    t: float,
+    *,
+    eps: float,
+    half_space: bool,
+    chunk_size: int | None,
+    check_finite: bool = True,
 ) -> Tensor:
-    r"""\(\log \frac1P\sum_{pairs} e^{-t d^2}\) for ``[n, d]`` unit vectors (a scalar), or each
-    of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
+    r"""\(\log \frac1P\sum_{pairs} e^{-t d^2}\) of the normalised rows of raw ``[n, d]`` neurons
+    (a scalar), or of each of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
 
-    The exponent is shifted by its maximum \(m = 2t(c_{max}-1)\) (a constant: the value does
-    not depend on it, so neither does the gradient) before exponentiation, one shift per batch
-    element. ``host_sync=False`` keeps \(m\) a device tensor: no host sync (CUDA-graph
-    safe), the same value; so does a batch (its shifts differ per element).
+    One pair sum of the raw rows, normalised inside (`normalized_pairwise_kernel_sum`).
+    Where a term could underflow (`gaussian_shift_needed`: large ``t``) the exponent is
+    shifted by its maximum \(m = 2t(c_{max}-1)\), one shift per batch element: a constant, so
+    neither the value nor the gradient depends on it. ``check_finite=False``: no host sync (CUDA-graph
+    safe), the shift then stays a device tensor; NaN/inf rows give NaN.
     """
-    batch, added = as_batched(unit)
+    batch, added = as_batched(neurons)
     n = batch.shape[1]
-    if n < 2:
+    if n < 2:  # no pair: nothing is normalised, so the check is here
+        if check_finite:
+            check_finite_neurons(batch)
         out = batch.sum((1, 2)) * 0.0
-    else:
-        c_max = extreme_pair_cosine(batch, half_space=half_space, chunk_size=chunk_size, largest=True)
+        return out[0] if added else out
+    shift: float | Tensor = 0.0
+    if gaussian_shift_needed(t, batch.dtype):
+        with torch.no_grad():
+            rows, r, _, _ = row_normalization(batch, eps, check_finite=check_finite)
+            c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
         shift_tensor = 2.0 * t * (c_max - 1.0)
-        shift: float | Tensor = float(shift_tensor[0]) if host_sync and added else shift_tensor
-        total = pairwise_kernel_sum(batch, GaussianKernel(t, shift), half_space=half_space, chunk_size=chunk_size)
-        out = shift + torch.log(total) - math.log(pair_count(n, half_space))
+        shift = float(shift_tensor[0]) if check_finite and added else shift_tensor
+    total = normalized_pairwise_kernel_sum(
+        batch,
+        GaussianKernel(t, shift),
+        eps=eps,
+        half_space=half_space,
+        chunk_size=chunk_size,
+        check_finite=check_finite,
+    )
+    out = shift + torch.log(total) - math.log(pair_count(n, half_space))
     return out[0] if added else out
 
 
@@ -84,6 +119,7 @@ def uniformity(
     """
     if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
         raise ValueError(f"t must be a finite number > 0, got {t!r}")
-    x = check_neurons(features, "features", check_finite=check_finite)
-    unit = normalize_neurons(x, eps, host_sync=check_finite)
-    return log_mean_exp_pairs(unit, float(t), half_space=half_space, chunk_size=chunk_size, host_sync=check_finite)
+    x = check_neurons(features, "features", check_finite=False)  # checked when normalised
+    return log_mean_exp_pairs(
+        x, float(t), eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=check_finite
+    )

@@ -260,20 +260,14 @@ def test_regularizers_on_one_thread_equal_all_threads(name: str, monkeypatch) ->
 def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     """A pass inside each regulariser (MHS's search for tied pairs, MGD's Cholesky, the pole's
     slope, uniformity's normalisation) sees one thread; the intra-op pool is whole afterwards."""
-    import importlib
-
-    from lightning_hsu.functional import gram_determinant, separation
+    from lightning_hsu.functional import gram_determinant, pairwise, separation
     from lightning_hsu.regularizers import MHP
-
-    # the package exports the function under the module's name
-    uniformity_module = importlib.import_module("lightning_hsu.functional.uniformity")
 
     seen: dict[str, list[int]] = {"tied pairs": [], "cholesky": [], "pole slope": [], "normalise": []}
     monkeypatch.setattr(separation, "_tied_pairs", thread_spy(seen["tied pairs"], separation._tied_pairs))
     monkeypatch.setattr(gram_determinant, "_cholesky_pd", thread_spy(seen["cholesky"], gram_determinant._cholesky_pd))
-    monkeypatch.setattr(
-        uniformity_module, "normalize_neurons", thread_spy(seen["normalise"], uniformity_module.normalize_neurons)
-    )
+    # uniformity's rows are normalised inside its pair sum
+    monkeypatch.setattr(pairwise, "row_normalization", thread_spy(seen["normalise"], pairwise.row_normalization))
     pole = MHP(seed=0)
     monkeypatch.setattr(pole, "pole_slope", thread_spy(seen["pole slope"], pole.pole_slope))
     w = _weights(30, 7, torch.float32).requires_grad_()

@@ -8,6 +8,7 @@ pairwise penalties; ``arccos`` at +-1 gives no NaN. bf16/fp16 weights are promot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -299,3 +300,51 @@ def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(ha
     expected = tangential / scale
     assert w.grad is not None
     torch.testing.assert_close(w.grad.double() * scale, expected * scale, rtol=2e-4, atol=2e-5)
+
+
+# ---- uniformity without its shift: the largest t for which no kernel value underflows ---------
+def _lse_uniformity_float64(w: torch.Tensor, t: float, half_space: bool) -> torch.Tensor:
+    """The Wang–Isola uniformity in float64 by ``torch.logsumexp`` over the pairs, with d^2 = 2 - 2c."""
+    x = w.to(torch.float64)
+    unit = x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)  # eps=1e-6 below
+    if half_space:
+        unit = torch.cat([unit, -unit])
+    cos = unit @ unit.T
+    i, j = torch.triu_indices(len(unit), len(unit), offset=1)
+    return torch.logsumexp(-t * (2.0 - 2.0 * cos[i, j]), dim=0) - math.log(len(i))
+
+
+def test_gaussian_shift_is_needed_exactly_where_exp_of_minus_4t_leaves_the_normal_range() -> None:
+    from lightning_hsu.functional.uniformity import gaussian_shift_needed
+
+    # e^{-4t} >= 2^16 * tiny: float32 tiny = 2^-126, so 4t <= 110 ln 2 = 76.25
+    assert not gaussian_shift_needed(19.0, torch.float32)
+    assert gaussian_shift_needed(19.1, torch.float32)
+    # float64 tiny = 2^-1022: 4t <= 1006 ln 2 = 697.3
+    assert not gaussian_shift_needed(174.0, torch.float64)
+    assert gaussian_shift_needed(174.4, torch.float64)
+
+
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+@pytest.mark.parametrize("t", [2.0, 19.0, 19.5, 60.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_uniformity_on_either_side_of_the_shift_equals_float64_logsumexp(
+    t: float, half_space: bool, dtype: torch.dtype
+) -> None:
+    # antipodal rows: the far pairs' kernel e^{-4t} is the smallest a unit vector can give
+    w = _base(6, seed=3)
+    w = torch.cat([w, -w[:2] * 1.5]).to(dtype).requires_grad_()
+    w64 = w.detach().to(torch.float64).requires_grad_()
+    expected = _lse_uniformity_float64(w64, t, half_space)
+    expected.backward()
+    got = F.uniformity(w, t=t, half_space=half_space, eps=1e-6)
+    got.backward()
+    assert got.dtype == dtype and torch.isfinite(got)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(w.grad, w64.grad, rtol=1e-9, atol=1e-12)
+        return
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    if t < 19.1:  # unshifted (beyond, the far pairs' gradients cancel to float32 rounding either way)
+        scale = float(w64.grad.abs().max())
+        torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4 * scale)
