@@ -176,18 +176,20 @@ def test_hard_separation_matches_eager_and_float64(n: int, case: str, half_space
 
 
 @pytest.mark.parametrize("check_finite", [True, False], ids=["shift-number", "shift-tensor"])
+@pytest.mark.parametrize("t", [2.0, 25.0], ids=["unshifted", "shifted"])
 @pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("n", [37, 130])
 def test_uniformity_matches_eager_and_float64(
-    n: int, case: str, half_space: bool, check_finite: bool, launches: list[int]
+    n: int, case: str, half_space: bool, t: float, check_finite: bool, launches: list[int]
 ) -> None:
-    """Wang-Isola uniformity (t = 2): the Gaussian kernel with its shift a number or a device tensor."""
+    """Wang-Isola uniformity: the Gaussian kernel unshifted (t = 2) and, where a value could
+    underflow in float32 (t = 25), with its shift a number or a device tensor."""
 
     def value(x: torch.Tensor) -> torch.Tensor:
-        return uniformity(x, t=2.0, half_space=half_space, check_finite=check_finite)
+        return uniformity(x, t=t, half_space=half_space, check_finite=check_finite)
 
-    assert_matches(value, lambda x: pairwise_uniformity(x, 2.0, half_space), neurons(case, n))
+    assert_matches(value, lambda x: pairwise_uniformity(x, t, half_space), neurons(case, n))
     assert launches
 
 
@@ -196,9 +198,9 @@ def test_batched_uniformity_has_one_shift_per_layer(launches: list[int]) -> None
     w[1] *= torch.linspace(0.1, 3.0, 5, dtype=torch.float64)  # a layer with other distances
 
     def value(x: torch.Tensor) -> torch.Tensor:
-        return uniformity(x, t=2.0, check_finite=False)
+        return uniformity(x, t=25.0, check_finite=False)  # shifted: t > 19 could underflow in float32
 
-    assert_matches(value, lambda x: pairwise_uniformity(x, 2.0, False), w)
+    assert_matches(value, lambda x: pairwise_uniformity(x, 25.0, False), w)
     assert len(launches) == 1
 
 
