@@ -11,10 +11,6 @@ Methods, per case:
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
   `lightning_hsu.functional._matmul.passes_on_one_thread`; each product on all threads or one,
   whichever `lightning_hsu.functional._product_threads` measured faster);
-- **ours, no load hint**: the same without the operating system's report of other processes on
-  the cores (`lightning_hsu.functional._product_threads.CoreLoad`, item 35);
-- **ours, item 31**: the choice by measurement alone, without that report and without the margin
-  by which all threads must win a class back (`_product_threads.WIN_BACK_MARGIN`, item 36);
 - **ours, all-thread products**: the same with every product on all threads
   (``LIGHTNING_HSU_PRODUCT_THREADS=all``, the code before the online choice);
 - **ours, parallel passes**: the same with every pass on all threads too (``SERIAL_PASSES = False``,
@@ -52,28 +48,22 @@ import torch
 from _common import half_gram_products, machine, ms, paired_ratio, table
 from _contention import BusyCore
 
-from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
+from lightning_hsu.functional import _matmul, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
-#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
-#: whether the chooser asks the operating system's hint `_product_threads.CoreLoad`, and its
-#: `_product_threads.WIN_BACK_MARGIN`)
+#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`)
 MODES = {
-    "shipped": (True, "adaptive", True, _product_threads.WIN_BACK_MARGIN),
-    "no load hint": (True, "adaptive", False, _product_threads.WIN_BACK_MARGIN),
-    "item 31": (True, "adaptive", False, 0.0),
-    "all-thread products": (True, "all", True, _product_threads.WIN_BACK_MARGIN),
-    "parallel passes": (False, "all", True, _product_threads.WIN_BACK_MARGIN),
+    "shipped": (True, "adaptive"),
+    "all-thread products": (True, "all"),
+    "parallel passes": (False, "all"),
 }
-_LOAD_HINT = _product_threads.CHOOSER.load
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads, hint, _product_threads.WIN_BACK_MARGIN = MODES[mode]
+    _matmul.SERIAL_PASSES, threads = MODES[mode]
     os.environ[PRODUCT_THREADS_ENV] = threads
-    _product_threads.CHOOSER.load = _LOAD_HINT if hint else None
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -165,8 +155,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    others = ("official", "products", "ours, no load hint", "ours, item 31", "ours, all-thread products")
-    for other in (*others, "ours, parallel passes"):
+    for other in ("official", "products", "ours, all-thread products", "ours, parallel passes"):
         if other not in names:
             continue
         for s in ("idle", "busy"):
@@ -185,9 +174,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
 def transitions(call: Callable[[], object], busy: BusyCore, calls: int, repeats: int, threads: int) -> None:
     """Per-call times after the competing process starts, then after it stops, per mode (medians over repeats)."""
     sequences = {"busy from call 1": True, "idle from call 1": False}  # title: busy after the switch
-    arms = [("ours", "shipped", threads), ("ours, no load hint", "no load hint", threads)]
-    arms.append(("ours, item 31", "item 31", threads))
-    arms.append(("ours, all-thread products", "all-thread products", threads))
+    arms = [("ours", "shipped", threads), ("ours, all-thread products", "all-thread products", threads)]
     arms.append(("ours at 1 thread", "shipped", 1))
     rows = []
     for title, busy_after in sequences.items():
@@ -223,8 +210,6 @@ def _load() -> str:
 #: (suffix of the method's name, mode): the library as shipped and its ablation
 ARMS = (
     ("", "shipped"),
-    (", no load hint", "no load hint"),
-    (", item 31", "item 31"),
     (", all-thread products", "all-thread products"),
     (", parallel passes", "parallel passes"),
 )

@@ -170,7 +170,7 @@ def _product_threads(work: int) -> Iterator[None]:
     adaptive = _product_threads_module.adaptive()
     if adaptive:
         _record_pending_product()
-    wide = chooser.use_all_threads(work, threads) if adaptive else True
+    wide = chooser.use_all_threads(work) if adaptive else True
     start = chooser.clock()
     if wide:
         torch.set_num_threads(threads)

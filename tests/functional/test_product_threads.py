@@ -7,10 +7,6 @@ change of load. Inside the library the choice must only change thread counts, ne
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 
 import pytest
@@ -19,13 +15,9 @@ import torch
 from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 from lightning_hsu.functional._product_threads import (
-    LOAD_WINDOW_SECONDS,
-    PROBE_ALL_CONTENDED_SECONDS,
     PROBE_ALL_SECONDS,
     PROBE_ONE_SECONDS,
     PRODUCT_THREADS_ENV,
-    WIN_BACK_MARGIN,
-    CoreLoad,
     ProductThreadChooser,
 )
 
@@ -105,29 +97,6 @@ def test_the_load_ending_brings_all_threads_back_within_a_probe_period() -> None
     first = choices.index(True)
     assert _seconds(choices[:first], IDLE) <= PROBE_ALL_SECONDS
     assert all(choices[first : first + 100])  # repeated at once, then kept
-
-
-def test_a_near_tie_under_load_keeps_one_thread_instead_of_flapping() -> None:
-    """Under load a large product may take about as long on all threads as on one; all threads win
-    the class back only when faster by `WIN_BACK_MARGIN`, so the probes stay one per period."""
-    chooser, clock = _chooser()
-    _run(chooser, clock, WORK, BUSY.__getitem__, 100)
-    flips = iter(range(10**6))
-    tie = {True: lambda: (9.4 if next(flips) % 2 else 10.4) * MS, False: lambda: 10 * MS}
-    choices = _run(chooser, clock, WORK, lambda wide: tie[wide](), 3000)
-    assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
-    expected = 3000 * 10 * MS / PROBE_ALL_SECONDS
-    assert choices.count(True) <= expected + 2  # one probe per period, none repeated (without the margin: 115)
-    assert WIN_BACK_MARGIN * 10 > 10 - 9.4  # the fast samples are within the margin
-
-
-def test_all_threads_win_back_a_class_when_clearly_faster() -> None:
-    chooser, clock = _chooser()
-    _run(chooser, clock, WORK, BUSY.__getitem__, 100)
-    almost = {True: (1 - 1.5 * WIN_BACK_MARGIN) * 10 * MS, False: 10 * MS}
-    choices = _run(chooser, clock, WORK, almost.__getitem__, 200)
-    assert all(choices[-50:])
-    assert chooser.one_thread_classes() == []
 
 
 def test_one_descheduled_product_does_not_switch_the_choice() -> None:
@@ -219,151 +188,6 @@ def test_rates_are_per_multiply_add_within_a_class() -> None:
     assert chooser.use_all_threads(a) is True
 
 
-# ---- the operating system's hint: other processes on this process's cores -----------------------
-class _FakeStat:
-    """``/proc/stat`` of two CPUs whose busy ticks the test advances."""
-
-    def __init__(self) -> None:
-        self.busy = {0: 0, 1: 0}
-        self.total = 0
-
-    def advance(self, seconds: float, busy_cores: dict[int, float], hz: float = 100.0) -> None:
-        ticks = round(seconds * hz)
-        self.total += ticks
-        for cpu, share in busy_cores.items():
-            self.busy[cpu] += round(share * ticks)
-
-    def __call__(self) -> dict[int, tuple[int, int]]:
-        return {cpu: (busy, self.total) for cpu, busy in self.busy.items()}
-
-
-def _core_load() -> tuple[CoreLoad, _FakeClock, _FakeStat, list[float]]:
-    clock, stat, own = _FakeClock(), _FakeStat(), [0.0]
-    load = CoreLoad(clock, stat, lambda: own[0], lambda: {0, 1}, ticks_per_second=100.0)
-    return load, clock, stat, own
-
-
-def _window(clock: _FakeClock, stat: _FakeStat, own: list[float], others: float, mine: float) -> None:
-    """One load window (0.5 s): other processes use ``others`` cores, this process ``mine``."""
-    clock.now += 0.5
-    stat.advance(0.5, {0: min(others + mine, 1.0), 1: max(others + mine - 1.0, 0.0)})
-    own[0] += 0.5 * mine
-
-
-def test_core_load_is_the_cpus_busy_time_less_this_process_own() -> None:
-    load, clock, stat, own = _core_load()
-    assert load.contended(2) is None  # the first reading only starts a window
-    _window(clock, stat, own, others=0.0, mine=1.6)  # this process alone, on both cores
-    assert load.contended(2) is False and load.others == pytest.approx(0.0, abs=0.03)
-    _window(clock, stat, own, others=1.0, mine=0.9)  # a competitor spinning on one core
-    assert load.contended(2) is True and load.others == pytest.approx(1.0, abs=0.03)
-    # one thread leaves a core free: the competitor does not contend with it
-    _window(clock, stat, own, others=1.0, mine=0.9)
-    assert load.contended(1) is False
-
-
-def test_core_load_holds_its_state_between_the_thresholds_and_reads_once_per_window() -> None:
-    load, clock, stat, own = _core_load()
-    load.contended(2)
-    _window(clock, stat, own, others=0.4, mine=1.0)
-    assert load.contended(2) is False  # below the threshold
-    _window(clock, stat, own, others=0.6, mine=1.0)
-    assert load.contended(2) is True
-    _window(clock, stat, own, others=0.4, mine=1.0)
-    assert load.contended(2) is True  # within the hysteresis: still contended
-    _window(clock, stat, own, others=0.1, mine=1.0)
-    assert load.contended(2) is False
-    stat.advance(0.5 * LOAD_WINDOW_SECONDS, {0: 1.0, 1: 1.0})  # a competitor on both cores ...
-    clock.now += 0.5 * LOAD_WINDOW_SECONDS
-    assert load.contended(2) is False  # ... read again only after LOAD_WINDOW_SECONDS
-    clock.now += 0.5 * LOAD_WINDOW_SECONDS
-    assert load.contended(2) is True
-
-
-def test_core_load_gives_no_hint_without_an_accounting_of_these_cpus() -> None:
-    load = CoreLoad(_FakeClock(), lambda: None, lambda: 0.0, lambda: {0, 1})
-    assert load.contended(2) is None
-    other_cpus = CoreLoad(_FakeClock(), _FakeStat(), lambda: 0.0, lambda: {0, 5})
-    assert other_cpus.contended(2) is None
-
-
-@pytest.mark.skipif(
-    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/stat"),
-    reason="needs Linux's CPU accounting and two CPUs",
-)
-def test_core_load_sees_a_real_competitor_on_one_core() -> None:
-    core = min(os.sched_getaffinity(0))
-    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass"
-    competitor = subprocess.Popen([sys.executable, "-c", spin])
-    try:
-        load = CoreLoad()
-        cpus = len(os.sched_getaffinity(0))
-        time.sleep(0.3)
-        load.contended(cpus)
-        seen = []
-        for _ in range(8):  # more load on a shared host only adds to what is seen
-            time.sleep(LOAD_WINDOW_SECONDS)
-            seen.append((load.contended(cpus), load.others))
-        assert any(contended for contended, _ in seen), seen
-        assert max(others for _, others in seen if others is not None) > 0.7, seen
-    finally:
-        competitor.kill()
-        competitor.wait()
-
-
-def _hinted_chooser() -> tuple[ProductThreadChooser, _FakeClock, list[bool]]:
-    clock, hint = _FakeClock(), [False]
-    return ProductThreadChooser(clock, load=lambda threads: hint[0]), clock, hint
-
-
-def _run_hinted(chooser, clock, work, seconds, calls):
-    choices = []
-    for _ in range(calls):
-        wide = chooser.use_all_threads(work, 2)
-        start = clock()
-        clock.now += seconds(wide)
-        chooser.record(work, wide, clock() - start)
-        choices.append(wide)
-    return choices
-
-
-def test_a_contended_hint_probes_all_threads_once_per_long_period() -> None:
-    """While the operating system reports the competitor, an isolated all-thread probe (optimistic:
-    a thread that slept gets the shared core first) is rare."""
-    chooser, clock, hint = _hinted_chooser()
-    hint[0] = True
-    steady = _run_hinted(chooser, clock, WORK, BUSY.__getitem__, 4000)[5:]
-    expected = _seconds(steady, BUSY) / PROBE_ALL_CONTENDED_SECONDS
-    assert 0.95 * expected - 1 <= steady.count(True) <= expected + 1
-    assert PROBE_ALL_CONTENDED_SECONDS > 4 * PROBE_ALL_SECONDS
-
-
-def test_the_hint_turning_free_probes_all_threads_at_the_next_product() -> None:
-    chooser, clock, hint = _hinted_chooser()
-    hint[0] = True
-    _run_hinted(chooser, clock, WORK, BUSY.__getitem__, 500)
-    hint[0] = False
-    assert _run_hinted(chooser, clock, WORK, IDLE.__getitem__, 3) == [True, True, True]  # probed, confirmed, kept
-
-
-def test_the_hint_turning_contended_re_measures_one_thread_at_the_next_product() -> None:
-    chooser, clock, hint = _hinted_chooser()
-    _run_hinted(chooser, clock, WORK, IDLE.__getitem__, 20)
-    hint[0] = True
-    choices = _run_hinted(chooser, clock, WORK, BUSY.__getitem__, 8)
-    assert choices[0] is False  # at once, not after a slow all-thread product
-    assert choices[5:] == [False] * 3  # settled when two all-thread products were slow
-    assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
-
-
-def test_without_the_callers_threads_the_hint_is_not_asked() -> None:
-    asked: list[int] = []
-    chooser = ProductThreadChooser(_FakeClock(), load=lambda threads: asked.append(threads) or True)
-    chooser.use_all_threads(WORK)
-    chooser.use_all_threads(WORK, 4)
-    assert asked == [4]
-
-
 def test_bad_setting_names_the_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv(PRODUCT_THREADS_ENV, "some")
     with pytest.raises(ValueError, match=PRODUCT_THREADS_ENV):
@@ -380,8 +204,7 @@ class _Forced(ProductThreadChooser):
         self.recorded: list[tuple[int, bool]] = []
         self.seconds: list[float] = []
 
-    def use_all_threads(self, work: int, threads: int | None = None) -> bool:
-        self.threads = threads
+    def use_all_threads(self, work: int) -> bool:
         return self.answer
 
     def record(self, work: int, all_threads: bool, seconds: float) -> None:
@@ -410,7 +233,6 @@ def test_products_run_on_the_chosen_threads_and_report_their_size(all_threads, m
         assert torch.get_num_threads() == 1
     assert counts == [2 if all_threads else 1]
     assert chooser.recorded == [(64 * 300 * 40, all_threads)]
-    assert chooser.threads == 2  # the caller's threads, for the operating system's hint
     assert torch.get_num_threads() == 2
 
 
