@@ -46,6 +46,8 @@ GRAM_STRIP_MIN_COLUMNS = 2048
 MATMUL_INTO_ELEMENTS = 2**22
 #: Largest weight operand of one oneDNN call (16 MiB of float32), which oneDNN copies per call.
 WEIGHT_BLOCK_ELEMENTS = 2**22
+#: The product kind (`_product_threads`) of oneDNN's float32 products.
+ONEDNN_KIND = "torch.float32 onednn"
 #: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
@@ -156,11 +158,12 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def _product_threads(work: int) -> Iterator[None]:
+def _product_threads(work: int, kind: str) -> Iterator[None]:
     """Threads for one product of ``work`` multiply-adds inside `passes_on_one_thread`.
 
     The caller's threads or one, whichever `_product_threads.CHOOSER` measured faster for
-    products of this size (on a busy core one thread is); elsewhere the threads are left as they are.
+    products of this size and ``kind`` (dtype and library; on a busy core one thread is);
+    elsewhere the threads are left as they are.
     """
     threads = getattr(_scope, "threads", None)
     if threads is None:
@@ -170,7 +173,7 @@ def _product_threads(work: int) -> Iterator[None]:
     adaptive = _product_threads_module.adaptive()
     if adaptive:
         _record_pending_product()
-    wide = chooser.use_all_threads(work) if adaptive else True
+    wide = chooser.use_all_threads(work, kind) if adaptive else True
     start = chooser.clock()
     if wide:
         torch.set_num_threads(threads)
@@ -180,7 +183,7 @@ def _product_threads(work: int) -> Iterator[None]:
         if wide:
             torch.set_num_threads(1)
     if adaptive:
-        _scope.pending = (work, wide, start)
+        _scope.pending = (work, wide, start, kind)
 
 
 def _record_pending_product() -> None:
@@ -194,9 +197,9 @@ def _record_pending_product() -> None:
     if pending is None:
         return
     _scope.pending = None
-    work, wide, start = pending
+    work, wide, start, kind = pending
     chooser = _product_threads_module.CHOOSER
-    chooser.record(work, wide, chooser.clock() - start)
+    chooser.record(work, wide, chooser.clock() - start, kind)
 
 
 @contextlib.contextmanager
@@ -349,21 +352,21 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     work = a.shape[1] * a.shape[2] * b.shape[2]  # multiply-adds per matrix
     precision = _reduced_precision(a, b)
     if precision is not None:
-        with _product_threads(a.shape[0] * work):
+        with _product_threads(a.shape[0] * work, f"{precision} bmm"):
             return _reduced_product(a, b, precision)
     if not _takes_onednn(a, b):
-        with _product_threads(a.shape[0] * work):
+        with _product_threads(a.shape[0] * work, f"{a.dtype} bmm"):
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
         x, w = a[0], weight[0]  # views taken on one thread, like every pass around the product
-        with _product_threads(work):
+        with _product_threads(work, ONEDNN_KIND):
             product = _onednn_product(x, w)
         return product.unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
         x, w = a[i], weight[i]
-        with _product_threads(work):
+        with _product_threads(work, ONEDNN_KIND):
             product = _onednn_product(x, w)
         out[i] = product
     return out
@@ -378,7 +381,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        with _product_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]):
+        with _product_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], f"{a.dtype} bmm"):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
     for start in range(0, out.shape[1], step):

@@ -8,7 +8,9 @@ share and takes longer than on one thread (1.04-1.56x the one-thread time, measu
 ``docs/performance.md``). Which case holds changes while a job runs (data-loader workers, other
 jobs on a shared host), so it is measured, not configured:
 
-- products are grouped by size class, \(\lfloor\log_2(\text{multiply-adds})\rfloor\);
+- products are grouped by kind (dtype and library: a float64 product takes twice a float32 one's
+  time per multiply-add, MKL's another than oneDNN's) and size class,
+  \(\lfloor\log_2(\text{multiply-adds})\rfloor\);
 - per class, each choice keeps its latest `WINDOW` measurements of seconds per multiply-add
   (the first product takes all threads, the next two one thread);
 - a class uses the choice with the lower median (a descheduled time slice makes a single product
@@ -90,17 +92,19 @@ class ProductThreadChooser:
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
-        self._classes: dict[int, _SizeClass] = {}
+        self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
         self._lock = threading.Lock()
 
     @staticmethod
-    def _class_of(work: int) -> int:
-        return max(work, 1).bit_length() - 1
+    def _class_of(work: int, kind: str) -> tuple[str, int]:
+        return kind, max(work, 1).bit_length() - 1
 
-    def use_all_threads(self, work: int) -> bool:
+    def use_all_threads(self, work: int, kind: str = "") -> bool:
+        """Whether the next product of ``work`` multiply-adds runs on all the caller's threads.
+        ``kind`` names what computes it (dtype and library): kinds keep separate measurements."""
         with self._lock:
-            size = self._classes.setdefault(self._class_of(work), _SizeClass())
+            size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
             if not size.all_threads:
                 return True  # first product of the class: the caller's setting
             now = self.clock()
@@ -117,10 +121,10 @@ class ProductThreadChooser:
                 return True
             return False
 
-    def record(self, work: int, all_threads: bool, seconds: float) -> None:
+    def record(self, work: int, all_threads: bool, seconds: float, kind: str = "") -> None:
         rate = seconds / max(work, 1)
         with self._lock:
-            size = self._classes.setdefault(self._class_of(work), _SizeClass())
+            size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
             if not all_threads:
                 size.one_thread_probed = self.clock()
             if not size.all_threads or len(size.one_thread) < 2:
@@ -144,11 +148,13 @@ class ProductThreadChooser:
             ):
                 size.probe_now = True  # a probe beat the winner: measure it again at once
 
-    def one_thread_classes(self) -> list[int]:
-        """The size classes (log2 of multiply-adds) where one thread currently wins."""
+    def one_thread_classes(self, kind: str = "") -> list[int]:
+        """The size classes (log2 of multiply-adds) of products of ``kind`` where one thread currently wins."""
         with self._lock:
             return sorted(
-                k for k, s in self._classes.items() if s.all_threads and s.one_thread and not s.all_threads_win()
+                size
+                for (of_kind, size), s in self._classes.items()
+                if of_kind == kind and s.all_threads and s.one_thread and not s.all_threads_win()
             )
 
 

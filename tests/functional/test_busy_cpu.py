@@ -207,7 +207,7 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
         with passes_on_one_thread(torch.device("cpu")):  # nested: the outer setting stays
             assert torch.get_num_threads() == 1
             monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
-            with _matmul._product_threads(10**9):
+            with _matmul._product_threads(10**9, _matmul.ONEDNN_KIND):
                 assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
@@ -217,7 +217,7 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
     monkeypatch.setattr(_matmul, "SERIAL_PASSES", False)
     with passes_on_one_thread(torch.device("cpu")):
         assert torch.get_num_threads() == 2
-    with _matmul._product_threads(10**9):  # outside the context: nothing to widen
+    with _matmul._product_threads(10**9, _matmul.ONEDNN_KIND):  # outside the context: nothing to widen
         assert torch.get_num_threads() == 2
 
 

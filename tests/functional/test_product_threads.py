@@ -188,6 +188,19 @@ def test_rates_are_per_multiply_add_within_a_class() -> None:
     assert chooser.use_all_threads(a) is True
 
 
+def test_kinds_of_product_choose_separately() -> None:
+    """A float64 product of a size takes about twice a float32 one's time: their rates do not mix."""
+    chooser, clock = _chooser()
+    for _ in range(500):
+        for kind, cost in (("torch.float32 onednn", IDLE), ("torch.float64 bmm", BUSY)):
+            wide = chooser.use_all_threads(WORK, kind)
+            start = clock()
+            clock.now += cost[wide] * (2 if "float64" in kind else 1)
+            chooser.record(WORK, wide, clock() - start, kind)
+    assert chooser.one_thread_classes("torch.float32 onednn") == []
+    assert chooser.one_thread_classes("torch.float64 bmm") == [WORK.bit_length() - 1]
+
+
 def test_bad_setting_names_the_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv(PRODUCT_THREADS_ENV, "some")
     with pytest.raises(ValueError, match=PRODUCT_THREADS_ENV):
@@ -203,13 +216,15 @@ class _Forced(ProductThreadChooser):
         self.answer = all_threads
         self.recorded: list[tuple[int, bool]] = []
         self.seconds: list[float] = []
+        self.kinds: list[str] = []
 
-    def use_all_threads(self, work: int) -> bool:
+    def use_all_threads(self, work: int, kind: str = "") -> bool:
         return self.answer
 
-    def record(self, work: int, all_threads: bool, seconds: float) -> None:
+    def record(self, work: int, all_threads: bool, seconds: float, kind: str = "") -> None:
         self.recorded.append((work, all_threads))
         self.seconds.append(seconds)
+        self.kinds.append(kind)
 
 
 def _product_thread_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -234,6 +249,10 @@ def test_products_run_on_the_chosen_threads_and_report_their_size(all_threads, m
     assert counts == [2 if all_threads else 1]
     assert chooser.recorded == [(64 * 300 * 40, all_threads)]
     assert torch.get_num_threads() == 2
+    with passes_on_one_thread(a.device):
+        batched_matmul(a.double(), b.double())  # MKL's float64 product: another kind
+    float32 = _matmul.ONEDNN_KIND if _matmul.onednn_matmul_enabled() else "torch.float32 bmm"
+    assert chooser.kinds == [float32, "torch.float64 bmm"]
 
 
 @pytest.mark.usefixtures("two_threads")
@@ -280,6 +299,7 @@ def test_energy_and_gradient_are_the_same_on_either_choice(half_space, chunk, mo
 
 
 @pytest.mark.usefixtures("two_threads")
+@pytest.mark.usefixtures("two_threads")
 def test_library_products_feed_the_process_chooser(monkeypatch) -> None:
     """Wired in: a penalty's products are measured by the process's chooser (both choices, at first)."""
     chooser = ProductThreadChooser()
@@ -288,7 +308,9 @@ def test_library_products_feed_the_process_chooser(monkeypatch) -> None:
     for _ in range(3):
         hyperspherical_energy(w, half_space=True).backward()
     sizes = chooser._classes
-    assert sizes and all(s.all_threads == s.all_threads and s.one_thread == s.one_thread for s in sizes.values())
+    assert sizes and all(s.all_threads and s.one_thread for s in sizes.values())
+    kind = _matmul.ONEDNN_KIND if _matmul.onednn_matmul_enabled() else "torch.float32 bmm"
+    assert {of_kind for of_kind, _ in sizes} == {kind}
 
 
 @pytest.mark.usefixtures("two_threads")
