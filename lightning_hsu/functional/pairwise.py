@@ -648,11 +648,12 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
         row_range: tuple[int, int] | None,
         check_finite: bool,
         precision: ProductPrecision,
+        what: str,
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         ctx.precision = precision  # type: ignore[attr-defined]
         with passes_on_one_thread(neurons.device), product_precision(precision):
-            rows, r, sq_norm, divisor = row_normalization(neurons, eps, check_finite=check_finite)
+            rows, r, sq_norm, divisor = row_normalization(neurons, eps, what, check_finite=check_finite)
             # check_finite: the call makes host decisions anyway, so the kernel may too
             total, grad = _block_sums(
                 rows, kernel, half_space, block_rows, with_grad, row_range, sq_norm, r, host_sync=check_finite
@@ -664,8 +665,8 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None, None
+    ) -> tuple[Tensor | None, None, None, None, None, None, None, None, None]:
+        return _saved_gradient(ctx, grad_total), None, None, None, None, None, None, None, None
 
 
 def _schedule(
@@ -691,6 +692,7 @@ def normalized_pairwise_kernel_sum(
     shard: tuple[int, int] | None = None,
     check_finite: bool = True,
     precision: ProductPrecision = "float32",
+    what: str = "neurons",
 ) -> Tensor:
     """`pairwise_kernel_sum` of ``normalize_neurons(neurons, eps)``, differentiable w.r.t. ``neurons``.
 
@@ -699,11 +701,12 @@ def normalized_pairwise_kernel_sum(
     raises `NonFiniteInputError`). With
     ``check_finite=False`` there is no host sync at all (CUDA-graph safe) and non-finite neurons
     give a NaN sum instead (`row_normalization`). ``precision``: as in `pairwise_kernel_sum`.
+    ``what`` names the rows in that error.
     """
     choice("normalized_pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
     block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard, neurons.device.type)
     return _NormalizedPairwiseKernelSum.apply(
-        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite), precision
+        neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite), precision, what
     )
 
 

@@ -51,6 +51,7 @@ def log_mean_exp_pairs(
     half_space: bool,
     chunk_size: int | None,
     check_finite: bool = True,
+    what: str = "neurons",
 ) -> Tensor:
     r"""\(\log \frac1P\sum_{pairs} e^{-t d^2}\) of the normalised rows of raw ``[n, d]`` neurons
     (a scalar), or of each of ``[batch, n, d]`` (``[batch]``); 0 when n < 2.
@@ -59,19 +60,20 @@ def log_mean_exp_pairs(
     Where a term could underflow (`gaussian_shift_needed`: large ``t``) the exponent is
     shifted by its maximum \(m = 2t(c_{max}-1)\), one shift per batch element: a constant, so
     neither the value nor the gradient depends on it. ``check_finite=False``: no host sync (CUDA-graph
-    safe), the shift then stays a device tensor; NaN/inf rows give NaN.
+    safe), the shift then stays a device tensor; NaN/inf rows give NaN. ``what`` names the rows in
+    the error for NaN/inf rows.
     """
     batch, added = as_batched(neurons)
     n = batch.shape[1]
     if n < 2:  # no pair: nothing is normalised, so the check is here
         if check_finite:
-            check_finite_neurons(batch)
+            check_finite_neurons(batch, what)
         out = batch.sum((1, 2)) * 0.0
         return out[0] if added else out
     shift: float | Tensor = 0.0
     if gaussian_shift_needed(t, batch.dtype):
         with torch.no_grad():
-            rows, r, _, _ = row_normalization(batch, eps, check_finite=check_finite)
+            rows, r, _, _ = row_normalization(batch, eps, what, check_finite=check_finite)
             c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
         shift_tensor = 2.0 * t * (c_max - 1.0)
         shift = float(shift_tensor[0]) if check_finite and added else shift_tensor
@@ -82,6 +84,7 @@ def log_mean_exp_pairs(
         half_space=half_space,
         chunk_size=chunk_size,
         check_finite=check_finite,
+        what=what,
     )
     out = shift + torch.log(total) - math.log(pair_count(n, half_space))
     return out[0] if added else out
@@ -121,5 +124,5 @@ def uniformity(
         raise ValueError(f"t must be a finite number > 0, got {t!r}")
     x = check_neurons(features, "features", check_finite=False)  # checked when normalised
     return log_mean_exp_pairs(
-        x, float(t), eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=check_finite
+        x, float(t), eps=eps, half_space=half_space, chunk_size=chunk_size, check_finite=check_finite, what="features"
     )

@@ -348,3 +348,13 @@ def test_uniformity_on_either_side_of_the_shift_equals_float64_logsumexp(
     if t < 19.1:  # unshifted (beyond, the far pairs' gradients cancel to float32 rounding either way)
         scale = float(w64.grad.abs().max())
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_uniformity_of_non_finite_features_names_the_features(n: int) -> None:
+    from lightning_hsu.functional import NonFiniteInputError
+
+    x = _base(n)
+    x[0, 1] = math.nan
+    with pytest.raises(NonFiniteInputError, match=r"^features contain NaN"):
+        F.uniformity(x)
