@@ -61,6 +61,13 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def _narrows_pool(device: torch.device) -> bool:
+    """Whether `passes_on_one_thread` on ``device`` narrows the pool here (not already inside it)."""
+    if not SERIAL_PASSES or device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return torch.get_num_threads() > 1 and getattr(_scope, "threads", None) is None
+
+
 @contextlib.contextmanager
 def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     """Run the elementwise passes inside on the calling thread; the products here choose their threads.
@@ -74,13 +81,10 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     on a busy core, where the product library's static split waits too). Nothing changes on other
     devices, at one thread, or under ``torch.compile`` tracing. Nested use keeps the outer setting.
     """
-    if not SERIAL_PASSES or device.type != "cpu" or torch.compiler.is_compiling():
+    if not _narrows_pool(device):
         yield
         return
     threads = torch.get_num_threads()
-    if threads == 1 or getattr(_scope, "threads", None) is not None:
-        yield
-        return
     torch.set_num_threads(1)
     _scope.threads = threads
     try:
@@ -144,15 +148,7 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     their buffers), and it is not twice differentiable. Elsewhere (other devices, one thread,
     no gradient, ``torch.compile`` tracing, inside the context already) it is ``fn(x)``.
     """
-    direct = (
-        not SERIAL_PASSES
-        or x.device.type != "cpu"
-        or not (torch.is_grad_enabled() and x.requires_grad)
-        or torch.get_num_threads() == 1
-        or getattr(_scope, "threads", None) is not None
-        or torch.compiler.is_compiling()
-    )
-    if direct:
+    if not (torch.is_grad_enabled() and x.requires_grad and _narrows_pool(x.device)):
         return fn(x)
     return cast(Tensor, _OneThreadGraph.apply(fn, x))
 
