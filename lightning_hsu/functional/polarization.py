@@ -79,14 +79,16 @@ def pole_energy(
     """
     if fixed_pole_of_neurons(neurons, pole, normalized):
         return fixed_pole_penalty(neurons, pole, half_space, eps, _pole_energy_value_and_slope)
-    cos = pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized)
+    return _pole_energy_value(pole_cosines(neurons, pole, half_space=half_space, eps=eps, normalized=normalized))
+
+
+def _pole_energy_value(cos: Tensor) -> Tensor:
     value, _ = _POLE_KERNEL(cos, False)
     return value.mean()
 
 
 def _pole_energy_value_and_slope(cos: Tensor) -> tuple[Tensor, Tensor]:
-    value, _ = _POLE_KERNEL(cos, False)
-    return value.mean(), pole_energy_slope(cos)
+    return _pole_energy_value(cos), pole_energy_slope(cos)
 
 
 def fixed_pole_of_neurons(neurons: Tensor, pole: Tensor, normalized: bool) -> bool:
