@@ -79,9 +79,9 @@ from torch import Tensor
 from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, full_precision, normalize_neurons
 from lightning_hsu.functional.energy import hyperspherical_energy
 from lightning_hsu.functional.kernels import GaussianKernel, energy_kernel
-from lightning_hsu.functional.pairwise import block_rows_for, extreme_pair_cosine
+from lightning_hsu.functional.pairwise import block_rows_for
 from lightning_hsu.functional.sampling import subset_pair_mean
-from lightning_hsu.functional.uniformity import gaussian_shift_needed, uniformity
+from lightning_hsu.functional.uniformity import gaussian_shift, gaussian_shift_needed, uniformity
 from lightning_hsu.validation import int_at_least, number_in
 
 #: Width in degrees of the fine bins behind `pairwise_angle_quantiles`: a quantile is
@@ -548,8 +548,7 @@ def _sampled_uniformity(subset: Tensor, n: int, t: float, half_space: bool, chun
     unit = normalize_neurons(check_neurons(subset), DEFAULT_EPS)
     shift = 0.0
     if gaussian_shift_needed(t, unit.dtype):  # the largest kernel value sets it (any constant would do)
-        c_max = extreme_pair_cosine(unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True)
-        shift = float(2.0 * t * (c_max[0] - 1.0))
+        shift = float(gaussian_shift(unit.unsqueeze(0), t, half_space=half_space, chunk_size=chunk_size)[0])
     mean = subset_pair_mean(unit, n, GaussianKernel(float(t), shift), half_space=half_space, chunk_size=chunk_size)
     return shift + math.log(float(mean))
 

@@ -43,6 +43,13 @@ def gaussian_shift_needed(t: float, dtype: torch.dtype) -> bool:
     return -4.0 * t < math.log(torch.finfo(dtype).tiny) + 16.0 * math.log(2.0)
 
 
+def gaussian_shift(unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None) -> Tensor:
+    r"""The largest exponent \(m = 2t(c_{max}-1)\) of the Gaussian kernel over the pairs of each
+    ``[batch, n, d]`` unit-row matrix (``[batch]``, no gradient): the log-sum-exp's shift."""
+    c_max = extreme_pair_cosine(unit, half_space=half_space, chunk_size=chunk_size, largest=True)
+    return 2.0 * t * (c_max - 1.0)
+
+
 def log_mean_exp_pairs(
     neurons: Tensor,
     t: float,
@@ -72,10 +79,8 @@ def log_mean_exp_pairs(
         return out[0] if added else out
     shift: float | Tensor = 0.0
     if gaussian_shift_needed(t, batch.dtype):
-        with torch.no_grad():
-            rows, r, _, _ = row_normalization(batch, eps, what, check_finite=check_finite)
-            c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
-        shift_tensor = 2.0 * t * (c_max - 1.0)
+        rows, r, _, _ = row_normalization(batch, eps, what, check_finite=check_finite)
+        shift_tensor = gaussian_shift(rows * r, t, half_space=half_space, chunk_size=chunk_size)
         shift = float(shift_tensor[0]) if check_finite and added else shift_tensor
     total = normalized_pairwise_kernel_sum(
         batch,
