@@ -462,7 +462,10 @@ class NeuronDiversityMonitor(Callback):
     def _logger_step(trainer: pl.Trainer, hook: str) -> int:
         """The step Lightning gives the values that ``self.log`` writes from ``hook``: the batches
         stepped before this one in a batch hook, and the last batch's at epoch end (Lightning
-        steps back by one to write its epoch-end row)."""
+        steps back by one to write its epoch-end row).
+
+        Lightning keeps that count in a private attribute (its own `LearningRateMonitor` and
+        `DeviceStatsMonitor` log at it too); without it, the global step."""
         stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
         if not isinstance(stepped, int):
             stepped = trainer.global_step

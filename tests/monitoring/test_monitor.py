@@ -189,3 +189,18 @@ def test_early_stopping_on_a_diversity_metric_stops_every_rank_under_ddp(tmp_pat
     rows = [r for r in read_csv(Path(logger.log_dir) / "metrics.csv") if r.get("hsu/diversity/fc1/min_angle")]
     assert [r["epoch"] for r in rows] == ["0", "0", "1"]  # the start, then epochs 0 and 1: stopped
     assert "hsu/diversity/fc1/min_angle" in trainer.callback_metrics
+
+
+def test_logger_step_is_lightnings_count_of_stepped_batches_or_the_global_step_without_it() -> None:
+    """The step the monitor writes at: Lightning's batches-that-stepped count (which differs from
+    `global_step` with two optimizers), one less at epoch end; the global step on a Lightning
+    without that private count."""
+    from types import SimpleNamespace
+
+    with_count = SimpleNamespace(
+        global_step=10, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=5))
+    )
+    without = SimpleNamespace(global_step=10, fit_loop=SimpleNamespace())
+    step = NeuronDiversityMonitor._logger_step
+    assert (step(with_count, "batch"), step(with_count, "epoch"), step(with_count, "start")) == (5, 4, 5)
+    assert (step(without, "batch"), step(without, "epoch"), step(without, "start")) == (10, 9, 10)
