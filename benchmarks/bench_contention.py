@@ -33,7 +33,11 @@ step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (
 other regularisers at 512 x 4608 in half space (``--others mhs,uniformity,mgd,mhp,comhe``).
 
 Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--settle 16] [--kernels half,full,large]
-[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16]``.
+[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16] [--steady-heap]``.
+
+``--steady-heap`` keeps glibc's heap from returning its free top to the kernel between calls
+(`_common.steady_heap`): the page faults of regrowing it depend on the order of the allocations,
+which differs between the one-thread and the many-thread path (item 38 of ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import half_gram_products, machine, ms, paired_ratio, table
+from _common import half_gram_products, machine, ms, paired_ratio, steady_heap, table
 from _contention import BusyCore
 
 from lightning_hsu.functional import _matmul, hyperspherical_energy
@@ -271,9 +275,13 @@ def main() -> None:
     parser.add_argument(
         "--transitions", type=int, default=0, help="calls timed one by one after the load starts and stops (0: skip)"
     )
+    parser.add_argument(
+        "--steady-heap", action="store_true", help="keep glibc's heap from shrinking between calls (mallopt)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    print(f"Machine: {machine()}; competing process pinned to core {args.core}\n")
+    heap = steady_heap() if args.steady_heap else "glibc heap as configured (default: it shrinks and regrows)"
+    print(f"Machine: {machine()}; competing process pinned to core {args.core}; {heap}\n")
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(kernels) - set(KERNEL_CASES))
     if unknown:
