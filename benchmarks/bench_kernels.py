@@ -15,7 +15,12 @@ matrix-multiply lower bound.
 - on CUDA, for MHE and CoMHE, also **ours without the host sync** (``check_finite=False``, what
   the callback calls on a GPU) and the same **replayed from a CUDA graph** (what the callback runs).
 
-Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]``.
+``--steady-heap`` keeps glibc's heap from shrinking between calls (`_common.steady_heap`): the
+official port's large temporaries otherwise make the heap shrink and regrow, and the next method
+pays the page faults (``docs/performance.md``, item 38).
+
+Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]
+[--steady-heap]``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from _common import (
     mib,
     ms,
     paired_ratio,
+    steady_heap,
     table,
     time_methods,
 )
@@ -290,11 +296,15 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--plot", default=None, help="write a PNG of half-space MHE time vs n here")
+    parser.add_argument(
+        "--steady-heap", action="store_true", help="keep glibc's heap from shrinking between calls (mallopt)"
+    )
     args = parser.parse_args()
     apply_threads(args.threads)
     device = device_arg(args.device)
     start = time.perf_counter()
-    print(f"Machine: {machine()}\n")
+    heap = f"; {steady_heap()}" if args.steady_heap else ""
+    print(f"Machine: {machine()}{heap}\n")
 
     repeats = args.repeats or (3 if args.quick else 5)
     kinds = [k.strip() for k in args.kinds.split(",")]
