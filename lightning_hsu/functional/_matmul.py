@@ -154,12 +154,14 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def _product_threads(work: int, kind: str) -> Iterator[None]:
+def chosen_threads(work: int, kind: str) -> Iterator[None]:
     """Threads for one product of ``work`` multiply-adds inside `passes_on_one_thread`.
 
     The caller's threads or one, whichever `_product_threads.CHOOSER` measured faster for
     products of this size and ``kind`` (dtype and library; on a busy core one thread is);
-    elsewhere the threads are left as they are.
+    elsewhere the threads are left as they are. Also for other operations that the library
+    splits between threads as it does a product (MGD's Cholesky factorisations, with their
+    floating-point operations as ``work`` and a kind of their own).
     """
     threads = getattr(_scope, "threads", None)
     if threads is None:
@@ -348,21 +350,21 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     work = a.shape[1] * a.shape[2] * b.shape[2]  # multiply-adds per matrix
     precision = _reduced_precision(a, b)
     if precision is not None:
-        with _product_threads(a.shape[0] * work, f"{precision} bmm"):
+        with chosen_threads(a.shape[0] * work, f"{precision} bmm"):
             return _reduced_product(a, b, precision)
     if not _takes_onednn(a, b):
-        with _product_threads(a.shape[0] * work, f"{a.dtype} bmm"):
+        with chosen_threads(a.shape[0] * work, f"{a.dtype} bmm"):
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
     if a.shape[0] == 1:
         x, w = a[0], weight[0]  # views taken on one thread, like every pass around the product
-        with _product_threads(work, ONEDNN_KIND):
+        with chosen_threads(work, ONEDNN_KIND):
             product = _onednn_product(x, w)
         return product.unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
         x, w = a[i], weight[i]
-        with _product_threads(work, ONEDNN_KIND):
+        with chosen_threads(work, ONEDNN_KIND):
             product = _onednn_product(x, w)
         out[i] = product
     return out
@@ -377,7 +379,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        with _product_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], f"{a.dtype} bmm"):
+        with chosen_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], f"{a.dtype} bmm"):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
     for start in range(0, out.shape[1], step):

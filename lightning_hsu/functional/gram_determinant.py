@@ -26,12 +26,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
-from lightning_hsu.functional._matmul import batched_matmul, gram, serial_passes
+from lightning_hsu.functional._matmul import batched_matmul, chosen_threads, gram, serial_passes
+
+
+def _cubic_work(matrix: Tensor) -> int:
+    r"""\(n^3\) per matrix of a ``[batch, n, n]`` tensor, times the batch: the size of a factorisation."""
+    return matrix.shape[0] * matrix.shape[-1] ** 3
 
 
 def _cholesky_pd(matrix: Tensor, what: str) -> Tensor:
     """The Cholesky factor of a positive-definite kernel, or a clear error naming it (one host sync)."""
-    factor, info = torch.linalg.cholesky_ex(matrix)
+    # LAPACK splits a factorisation between threads as it does a product: all threads or one, measured
+    with chosen_threads(_cubic_work(matrix), f"{matrix.dtype} cholesky"):
+        factor, info = torch.linalg.cholesky_ex(matrix)
     if bool((info > 0).any()):
         raise ValueError(
             f"the MGD kernel ({what}) is not positive definite even with its 1e-6 jitter; "
@@ -69,7 +76,9 @@ def _neg_logdet_and_coefficients(
         return value, None
     coefficients = torch.zeros_like(cos)
     for factor, kernel_slope in factors:
-        coefficients.sub_(torch.cholesky_inverse(factor).mul_(kernel_slope))
+        with chosen_threads(_cubic_work(factor), f"{factor.dtype} cholesky_inverse"):
+            inverse = torch.cholesky_inverse(factor)
+        coefficients.sub_(inverse.mul_(kernel_slope))
     return value, coefficients
 
 

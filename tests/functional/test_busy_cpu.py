@@ -207,7 +207,7 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
         with passes_on_one_thread(torch.device("cpu")):  # nested: the outer setting stays
             assert torch.get_num_threads() == 1
             monkeypatch.setenv(PRODUCT_THREADS_ENV, "all")
-            with _matmul._product_threads(10**9, _matmul.ONEDNN_KIND):
+            with _matmul.chosen_threads(10**9, _matmul.ONEDNN_KIND):
                 assert torch.get_num_threads() == 2
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 1
@@ -217,7 +217,7 @@ def test_passes_on_one_thread_only_narrows_the_cpu_pool_once(monkeypatch) -> Non
     monkeypatch.setattr(_matmul, "SERIAL_PASSES", False)
     with passes_on_one_thread(torch.device("cpu")):
         assert torch.get_num_threads() == 2
-    with _matmul._product_threads(10**9, _matmul.ONEDNN_KIND):  # outside the context: nothing to widen
+    with _matmul.chosen_threads(10**9, _matmul.ONEDNN_KIND):  # outside the context: nothing to widen
         assert torch.get_num_threads() == 2
 
 
@@ -276,6 +276,31 @@ def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
     uniformity(w).backward()
     pole.penalty(w, step=0).backward()
     assert all(calls and set(calls) == {1} for calls in seen.values()), seen
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("choice", ["measured", "all threads win", "one thread wins"])
+def test_mgd_factorisations_take_the_threads_the_chooser_chose(choice, monkeypatch) -> None:
+    """MGD's Cholesky factorisations and their inverses are split between threads by LAPACK like a
+    product: they are measured under kinds of their own and run on the threads chosen for them."""
+    from lightning_hsu.functional import _product_threads, gram_determinant_penalty
+
+    chooser = _product_threads.ProductThreadChooser()
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    if choice != "measured":  # as on an idle machine / a busy core, every class decided
+        monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="": choice == "all threads win")
+    seen: dict[str, list[int]] = {"cholesky": [], "inverse": []}
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", thread_spy(seen["cholesky"], torch.linalg.cholesky_ex))
+    monkeypatch.setattr(torch, "cholesky_inverse", thread_spy(seen["inverse"], torch.cholesky_inverse))
+    w = _weights(40, 7, torch.float32).requires_grad_()
+    gram_determinant_penalty(w, half_space=True).backward()  # A + B and A - B: two of each
+    expected = {"measured": [2, 1], "all threads win": [2, 2], "one thread wins": [1, 1]}[choice]
+    # measured: the first of a size class takes the caller's threads, the next ones one thread
+    assert seen == {"cholesky": expected, "inverse": expected}
+    if choice == "measured":
+        recorded = {kind: (len(s.all_threads), len(s.one_thread)) for (kind, _), s in chooser._classes.items()}
+        assert recorded["torch.float64 cholesky"] == recorded["torch.float64 cholesky_inverse"] == (1, 1)
     assert torch.get_num_threads() == 2
 
 
