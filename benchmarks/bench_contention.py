@@ -11,6 +11,8 @@ Methods, per case:
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
   `lightning_hsu.functional._matmul.passes_on_one_thread`; each product on all threads or one,
   whichever `lightning_hsu.functional._product_threads` measured faster);
+- **ours, per-class choice**: the same with each size class choosing on its own measurements
+  (``_product_threads.MACHINE_WIDE = False``, the code before item 41);
 - **ours, all-thread products**: the same with every product on all threads
   (``LIGHTNING_HSU_PRODUCT_THREADS=all``, the code before the online choice);
 - **ours, parallel passes**: the same with every pass on all threads too (``SERIAL_PASSES = False``,
@@ -52,22 +54,27 @@ import torch
 from _common import half_gram_products, machine, ms, paired_ratio, steady_heap, table
 from _contention import BusyCore
 
-from lightning_hsu.functional import _matmul, hyperspherical_energy
+from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
-#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`)
+#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
+#: `_product_threads.MACHINE_WIDE`)
 MODES = {
-    "shipped": (True, "adaptive"),
-    "all-thread products": (True, "all"),
-    "parallel passes": (False, "all"),
+    "shipped": (True, "adaptive", True),
+    "per-class choice": (True, "adaptive", False),
+    "all-thread products": (True, "all", True),
+    "parallel passes": (False, "all", True),
 }
+#: each mode's own product chooser, so that one mode's measurements do not steer another's
+_CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads = MODES[mode]
+    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE = MODES[mode]
     os.environ[PRODUCT_THREADS_ENV] = threads
+    _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -159,7 +166,13 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    for other in ("official", "products", "ours, all-thread products", "ours, parallel passes"):
+    for other in (
+        "official",
+        "products",
+        "ours, per-class choice",
+        "ours, all-thread products",
+        "ours, parallel passes",
+    ):
         if other not in names:
             continue
         for s in ("idle", "busy"):
@@ -214,6 +227,7 @@ def _load() -> str:
 #: (suffix of the method's name, mode): the library as shipped and its ablation
 ARMS = (
     ("", "shipped"),
+    (", per-class choice", "per-class choice"),
     (", all-thread products", "all-thread products"),
     (", parallel passes", "parallel passes"),
 )

@@ -15,6 +15,11 @@ jobs on a shared host), so it is measured, not configured:
   (the first product takes all threads, the next two one thread);
 - a class uses the choice with the lower median (a descheduled time slice makes a single product
   several times slower: one such product must not decide);
+- once a class has moved to one thread, the load is taken as the machine's: until a class wins
+  all threads back, a class keeps all threads only where they take at most `DECISIVE` of one
+  thread's time. The choices are not independent: an all-thread product can leave the calling
+  thread on the busy core, which slows the one-thread work of every other class, so a marginal
+  winner costs more than its own product shows (``docs/performance.md``, item 41);
 - while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
   one-thread time barely moves with load), and at once after an all-thread product
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
@@ -22,7 +27,8 @@ jobs on a shared host), so it is measured, not configured:
 - while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such
   classes together: the load is the machine's, and each probe costs more than its own product
   (after an all-thread product the pool's idle thread spins for a while on a core the next
-  one-thread work needs). A probe that beats the winner is repeated at the next product; when
+  one-thread work needs). A probe that beats the winner (an all-thread probe: by the bar above) is
+  repeated at the next product; when
   two all-thread probes in a row win a class back (one may be a lucky time slice), every class
   on one thread re-measures at its next product, so the machine freeing up is followed within
   about `PROBE_ALL_SECONDS`;
@@ -60,6 +66,12 @@ SLOWDOWN = 1.5
 PROBE_ONE_SECONDS = 2.0
 #: While one thread wins, one product (of any such class) runs on all threads this often (s).
 PROBE_ALL_SECONDS = 0.5
+#: Under a machine-wide load, a class keeps all threads only if their median time is at most this
+#: fraction of one thread's (an idle two-core machine measures about 0.55).
+DECISIVE = 2 / 3
+#: Whether a class moving to one thread holds back the marginal all-thread winners of the others
+#: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
+MACHINE_WIDE = True
 
 
 def product_threads_mode() -> str:
@@ -79,8 +91,9 @@ class _SizeClass:
     one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
     probe_now: bool = False  # measure the losing choice at the next product
 
-    def all_threads_win(self) -> bool:
-        return statistics.median(self.all_threads) <= statistics.median(self.one_thread)
+    def all_threads_win(self, bar: float = 1.0) -> bool:
+        """Whether all threads' median time is at most ``bar`` times one thread's."""
+        return statistics.median(self.all_threads) <= bar * statistics.median(self.one_thread)
 
 
 class ProductThreadChooser:
@@ -94,7 +107,15 @@ class ProductThreadChooser:
         self.clock = clock
         self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
+        self._loaded = False  # a class moved to one thread and none has won all threads back since
         self._lock = threading.Lock()
+
+    def _bar(self) -> float:
+        """How much faster all threads must be to be kept (`DECISIVE` under a machine-wide load)."""
+        return DECISIVE if MACHINE_WIDE and self._loaded else 1.0
+
+    def _keeps_all_threads(self, size: _SizeClass) -> bool:
+        return size.all_threads_win(self._bar())
 
     @staticmethod
     def _class_of(work: int, kind: str) -> tuple[str, int]:
@@ -112,7 +133,7 @@ class ProductThreadChooser:
                 return False
             probe = size.probe_now
             size.probe_now = False
-            if size.all_threads_win():
+            if self._keeps_all_threads(size):
                 one_thread_due = probe or now - size.one_thread_probed >= PROBE_ONE_SECONDS
                 return not one_thread_due
             # the load is the machine's: one all-thread probe per period for all classes together
@@ -130,31 +151,34 @@ class ProductThreadChooser:
             if not size.all_threads or len(size.one_thread) < 2:
                 (size.all_threads if all_threads else size.one_thread).append(rate)
                 return
-            winner_all = size.all_threads_win()
+            winner_all = self._keeps_all_threads(size)
             if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
                 size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
             (size.all_threads if all_threads else size.one_thread).append(rate)
-            all_win = size.all_threads_win()
+            all_win = self._keeps_all_threads(size)
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
                 self._all_threads_probed = self.clock()
+                self._loaded = True  # the load is the machine's: marginal winners elsewhere yield too
             elif all_win and not winner_all:
                 # all threads won back (two fast probes in a row): the machine has freed up, so every
                 # class on one thread re-measures; one fast probe alone may be a lucky time slice
+                self._loaded = False
                 for other in self._classes.values():
                     ready = bool(other.all_threads) and len(other.one_thread) >= 2
                     other.probe_now = ready and not other.all_threads_win()
-            elif all_threads != winner_all and rate < statistics.median(
-                size.all_threads if winner_all else size.one_thread
-            ):
-                size.probe_now = True  # a probe beat the winner: measure it again at once
+            elif all_threads and not winner_all:
+                if rate < self._bar() * statistics.median(size.one_thread):
+                    size.probe_now = True  # a probe beat one thread by the bar: measure it again at once
+            elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
+                size.probe_now = True  # a probe beat all threads: measure it again at once
 
     def one_thread_classes(self, kind: str = "") -> list[int]:
-        """The size classes (log2 of multiply-adds) of products of ``kind`` where one thread currently wins."""
+        """The size classes (log2 of multiply-adds) of products of ``kind`` that currently take one thread."""
         with self._lock:
             return sorted(
                 size
                 for (of_kind, size), s in self._classes.items()
-                if of_kind == kind and s.all_threads and s.one_thread and not s.all_threads_win()
+                if of_kind == kind and s.all_threads and s.one_thread and not self._keeps_all_threads(s)
             )
 
 

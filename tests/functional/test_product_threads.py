@@ -166,6 +166,66 @@ def test_a_class_that_keeps_all_threads_does_not_hold_back_the_others_probes() -
     assert clock() - start <= PROBE_ALL_SECONDS + 0.1
 
 
+def _loaded_with_a_marginal_large_class(chooser, clock, small: int, large: int, large_cost) -> None:
+    """Products of two classes alternating, first on an idle machine, then under a load where the
+    small one loses on all threads (it moves to one thread) and the large one costs ``large_cost``."""
+    for _ in range(20):
+        _run(chooser, clock, small, {True: 0.55 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, {True: 55 * MS, False: 100 * MS}.__getitem__, 1)
+    for _ in range(100):
+        _run(chooser, clock, small, {True: 1.3 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, large_cost, 1)
+
+
+def test_under_a_machine_wide_load_a_marginal_all_thread_winner_takes_one_thread_too() -> None:
+    """Once a class has moved to one thread, another whose all-thread win is marginal (0.85 of one
+    thread's time, not `DECISIVE`) takes one thread too, probing all threads once per period: its
+    all-thread products would leave the calling thread on the busy core for the others."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    marginal = {True: 85 * MS, False: 100 * MS}.__getitem__
+    _loaded_with_a_marginal_large_class(chooser, clock, small, large, marginal)
+    assert chooser.one_thread_classes() == sorted([small.bit_length() - 1, large.bit_length() - 1])
+    choices = [_run(chooser, clock, large, marginal, 1)[0] for _ in range(40)]
+    assert choices.count(True) <= 40 * 100 * MS / PROBE_ALL_SECONDS + 1  # the period's probes only
+
+
+def test_under_a_machine_wide_load_a_decisive_all_thread_winner_keeps_all_threads() -> None:
+    """A large product still twice as fast on all threads under the load (more cores, one busy)
+    keeps them: the machine-wide rule holds back marginal winners only."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    decisive = {True: 50 * MS, False: 100 * MS}.__getitem__
+    _loaded_with_a_marginal_large_class(chooser, clock, small, large, decisive)
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+    choices = [_run(chooser, clock, large, decisive, 1)[0] for _ in range(40)]
+    assert choices.count(False) <= 1  # one-thread re-measurements only (one per PROBE_ONE_SECONDS)
+
+
+def test_the_marginal_winner_takes_all_threads_back_when_the_load_ends() -> None:
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    _loaded_with_a_marginal_large_class(chooser, clock, small, large, {True: 85 * MS, False: 100 * MS}.__getitem__)
+    freed_small = {True: 0.55 * MS, False: 1 * MS}.__getitem__
+    freed_large = {True: 55 * MS, False: 100 * MS}.__getitem__
+    start = clock()
+    for _ in range(20):
+        _run(chooser, clock, small, freed_small, 1)
+        _run(chooser, clock, large, freed_large, 1)
+    assert chooser.one_thread_classes() == []
+    assert _run(chooser, clock, large, freed_large, 3) == [True] * 3
+    assert clock() - start <= 2 * PROBE_ALL_SECONDS + 1.0
+
+
+def test_each_class_on_its_own_measurements_without_the_machine_wide_rule(monkeypatch) -> None:
+    """``MACHINE_WIDE = False`` (the benchmark's ablation): the marginal winner keeps all threads."""
+    monkeypatch.setattr(_product_threads, "MACHINE_WIDE", False)
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    _loaded_with_a_marginal_large_class(chooser, clock, small, large, {True: 85 * MS, False: 100 * MS}.__getitem__)
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+
+
 def test_size_classes_choose_separately() -> None:
     """Small products may lose on all threads (start-up of the pool) while large ones win."""
     chooser, clock = _chooser()
