@@ -79,8 +79,9 @@ def log_mean_exp_pairs(
         return out[0] if added else out
     shift: float | Tensor = 0.0
     if gaussian_shift_needed(t, batch.dtype):
-        rows, r, _, _ = row_normalization(batch, eps, what, check_finite=check_finite)
-        shift_tensor = gaussian_shift(rows * r, t, half_space=half_space, chunk_size=chunk_size)
+        with torch.no_grad():  # `rows` may be the neurons themselves: `rows * r` would be recorded
+            rows, r, _, _ = row_normalization(batch, eps, what, check_finite=check_finite)
+            shift_tensor = gaussian_shift(rows * r, t, half_space=half_space, chunk_size=chunk_size)
         shift = float(shift_tensor[0]) if check_finite and added else shift_tensor
     total = normalized_pairwise_kernel_sum(
         batch,
