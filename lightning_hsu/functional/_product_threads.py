@@ -165,7 +165,7 @@ class ProductThreadChooser:
                 self._loaded = False
                 for other in self._classes.values():
                     ready = bool(other.all_threads) and len(other.one_thread) >= 2
-                    other.probe_now = ready and not other.all_threads_win()
+                    other.probe_now = ready and not self._keeps_all_threads(other)
             elif all_threads and not winner_all:
                 if rate < self._bar() * statistics.median(size.one_thread):
                     size.probe_now = True  # a probe beat one thread by the bar: measure it again at once
