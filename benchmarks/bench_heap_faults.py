@@ -87,8 +87,8 @@ def main() -> None:
         out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         for line in out.splitlines():
             r = json.loads(line)
-            rows.append([r["case"], heap, r["threads"], r["round"], f"{r['forward']:.0f}", f"{r['backward']:.0f}"])
-            rows[-1].append(f"{r['ms']:.1f}")
+            counts = [f"{r['forward']:.0f}", f"{r['backward']:.0f}", f"{r['ms']:.1f}"]
+            rows.append([r["case"], heap, r["threads"], r["round"], *counts])
     header = ["penalty", "glibc heap", "threads", "round", "faults, forward", "faults, backward", "ms per call"]
     print(table(header, rows))
 
