@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import NamedTuple
 
@@ -77,7 +78,6 @@ from lightning_hsu.functional._matmul import (
     matmul_into,
     passes_on_one_thread,
     product_precision,
-    serial_passes,
 )
 from lightning_hsu.functional.kernels import PairKernel
 from lightning_hsu.validation import choice, positive_int
@@ -742,32 +742,39 @@ def pairwise_kernel_sum(
     return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range, precision)
 
 
-@torch.no_grad()
-@serial_passes
-def extreme_pair_cosine(
-    unit: Tensor, *, half_space: bool, chunk_size: int | None, largest: bool, gram_matrix: Tensor | None = None
-) -> Tensor:
-    """Largest (or smallest) cosine over all pairs, per batch element, without gradient.
-
-    In half-space the candidates are \\(\\pm c_{ij}\\) and \\(-\\lVert\\hat w_i\\rVert^2\\).
-    ``gram_matrix``: the whole ``[batch, n, n]`` Gram matrix when the caller has it (one block;
-    left unchanged).
-    """
-    batch, n, _ = unit.shape
-    rows = n if gram_matrix is not None else block_rows_for(n, chunk_size)
-    fill = -torch.inf if largest else torch.inf
-    best = unit.new_full((batch,), fill)
-    reduce = torch.amax if largest else torch.amin
-    pick = torch.maximum if largest else torch.minimum
+def cosine_blocks(unit: Tensor, chunk_size: int | None) -> Iterator[tuple[int, Tensor]]:
+    """The Gram matrix of ``[batch, n, d]`` unit rows in blocks of `block_rows_for` rows:
+    ``(start, unit[:, start:stop] @ unit.T)``, each ``[batch, rows, n]``, computed as iterated."""
+    n = unit.shape[1]
+    rows = block_rows_for(n, chunk_size)
     transposed = unit.transpose(1, 2)
     for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        cos = gram_matrix.clone() if gram_matrix is not None else batched_matmul(unit[:, start:stop], transposed)
-        _self_pairs(cos, start).fill_(fill)
-        best = pick(best, reduce(cos, dim=(1, 2)))
-        if half_space:
-            _self_pairs(cos, start).fill_(-fill)
-            best = pick(best, reduce(-cos, dim=(1, 2)))
-            sq_norm = (unit[:, start:stop] * unit[:, start:stop]).sum(-1)
-            best = pick(best, reduce(-sq_norm, dim=1))
+        yield start, batched_matmul(unit[:, start : start + rows], transposed)
+
+
+@torch.no_grad()
+def largest_pair_cosine(blocks: Iterable[tuple[int, Tensor]], *, half_space: bool) -> Tensor:
+    r"""Largest cosine over all pairs of unit rows, per batch element (``[batch]``, no gradient).
+
+    ``blocks``: the Gram matrix in row blocks ``(start, [batch, rows, n])`` (`cosine_blocks`, or
+    ``[(0, gram)]`` when the caller has it), each left unchanged. The candidates are \(c_{ij}\),
+    \(i \ne j\), and in half-space also \(-c_{ij}\) and the antipodal pairs' \(-c_{ii} =
+    -\lVert\hat w_i\rVert^2\), read from the diagonal: one pass over each block for its
+    minimum and maximum, and none over the ``[n, d]`` rows.
+    """
+    best: Tensor | None = None
+    for start, cos in blocks:
+        batch, rows, n = cos.shape
+        if n < 2:
+            raise ValueError("largest_pair_cosine needs at least two rows")
+        diagonal = _self_pairs(cos, start)
+        self_dots = diagonal.clone()
+        # an off-diagonal entry of the block stands in for the diagonal: neutral for both extremes
+        diagonal.copy_(cos[:, :1, 1 if start == 0 else 0].expand_as(diagonal))
+        low, high = torch.aminmax(cos.reshape(batch, rows * n), dim=1)
+        diagonal.copy_(self_dots)
+        largest = torch.maximum(high, -low).maximum(-self_dots.amin(1)) if half_space else high
+        best = largest if best is None else torch.maximum(best, largest)
+    if best is None:
+        raise ValueError("largest_pair_cosine got no blocks")
     return best

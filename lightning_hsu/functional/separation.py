@@ -10,6 +10,7 @@ hard value as \(\tau\to 0\).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -23,13 +24,12 @@ from lightning_hsu.functional._common import (
     full_precision,
     row_normalization,
 )
-from lightning_hsu.functional._matmul import batched_matmul, gram, serial_passes
+from lightning_hsu.functional._matmul import gram, passes_on_one_thread, serial_passes
 from lightning_hsu.functional.kernels import ClosestPairsKernel
 from lightning_hsu.functional.pairwise import (
-    _save_gradient,
-    _saved_gradient,
     block_rows_for,
-    extreme_pair_cosine,
+    cosine_blocks,
+    largest_pair_cosine,
     normalized_pairwise_kernel_sum,
 )
 from lightning_hsu.functional.uniformity import log_mean_exp_pairs
@@ -37,21 +37,19 @@ from lightning_hsu.functional.uniformity import log_mean_exp_pairs
 
 @torch.no_grad()
 def _tied_pairs(
-    unit: Tensor, threshold: float, *, half_space: bool, chunk_size: int | None, gram_matrix: Tensor | None = None
+    blocks: Iterable[tuple[int, Tensor]], threshold: float, *, half_space: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Index pairs whose cosine is at least ``threshold``: rows, cols, signs and multiplicity.
+    r"""Index pairs whose cosine is at least ``threshold``: rows, cols, signs and multiplicity.
 
-    In half-space, a tie of \\(c_{ij}\\) stands twice in the \\(2n\times 2n\\) matrix
-    (\\((i,j)\\) and \\((-i,-j)\\)), a tie of \\(-c_{ij}\\) twice (\\((i,-j)\\),
-    \\((j,-i)\\)) and the antipodal pair \\((i,-i)\\) once: the official code sums all.
-    ``gram_matrix``: the whole ``unit @ unit.T`` when already computed (one block).
+    ``blocks``: the Gram matrix of one matrix's unit rows, ``(start, [1, rows, n])`` as for
+    `largest_pair_cosine`. In half-space, a tie of \(c_{ij}\) stands twice in the
+    \(2n\times 2n\) matrix (\((i,j)\) and \((-i,-j)\)), a tie of \(-c_{ij}\) twice
+    (\((i,-j)\), \((j,-i)\)) and the antipodal pair \((i,-i)\), of cosine \(-c_{ii}\) (the
+    diagonal), once: the official code sums all.
     """
-    n = unit.shape[0]
-    rows_per_block = n if gram_matrix is not None else block_rows_for(n, chunk_size)
     found: list[tuple[Tensor, Tensor, float, float]] = []
-    for start in range(0, n, rows_per_block):
-        stop = min(start + rows_per_block, n)
-        cos = gram_matrix if gram_matrix is not None else batched_matmul(unit[None, start:stop], unit.T[None])[0]
+    for start, block in blocks:
+        cos = block[0]
         upper = torch.ones_like(cos, dtype=torch.bool).triu(start + 1)
         signs = (1.0, -1.0) if half_space else (1.0,)
         for sign in signs:
@@ -59,57 +57,56 @@ def _tied_pairs(
             i, j = hit.nonzero(as_tuple=True)
             found.append((i + start, j, sign, 2.0 if half_space else 1.0))
         if half_space:
-            anti = -(unit[start:stop] * unit[start:stop]).sum(-1)
-            (i,) = (anti >= threshold).nonzero(as_tuple=True)
+            (i,) = (-torch.diagonal(cos, offset=start) >= threshold).nonzero(as_tuple=True)
             found.append((i + start, i + start, -1.0, 1.0))
+    dtype = block.dtype
     rows = torch.cat([f[0] for f in found])
     cols = torch.cat([f[1] for f in found])
-    signs_t = torch.cat([torch.full_like(f[0], 0, dtype=unit.dtype) + f[2] for f in found])
-    mult = torch.cat([torch.full_like(f[0], 0, dtype=unit.dtype) + f[3] for f in found])
+    signs_t = torch.cat([torch.full_like(f[0], 0, dtype=dtype) + f[2] for f in found])
+    mult = torch.cat([torch.full_like(f[0], 0, dtype=dtype) + f[3] for f in found])
     return rows, cols, signs_t, mult
 
 
 def _closest_pairs_sum(
-    unit: Tensor, row_scale: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    r"""\(-\sum d^2\) over the tied closest pairs of the unit rows \(\hat w = r w\), and its
-    gradient with respect to the rows \(w\) (``row_scale`` = \(r\)).
+    rows: Tensor, r: Tensor, *, half_space: bool, chunk_size: int | None, tie_rtol: float, with_grad: bool
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    r"""\(-\sum d^2\) over the tied closest pairs of the unit rows \(\hat w = r w\) (``rows`` =
+    \(w\), ``r`` = \(r\), ``[n, 1]``), and its gradient with respect to \(w\) as the rows it
+    adds to: ``(index, contributions)``, \(\partial R/\partial w\) being the sum of the
+    contributions at their indices.
 
     With \(R = -\sum_t m_t (2 - 2 s_t\,\hat w_{i_t}\cdot\hat w_{j_t})\) (multiplicity
     \(m\), sign \(s\)), \(\partial R/\partial\hat w_{i_t} = 2 m_t s_t \hat w_{j_t}\) and
     symmetrically. The chain through the normalisation, \(r_i (g - (g\cdot\hat w_i)\hat w_i)\),
     is linear in \(g\), so it is applied to each pair's contribution, with
-    \(\hat w_j\cdot\hat w_i\) already at hand: the gradient is formed on the rows of the tied
-    pairs only.
+    \(\hat w_j\cdot\hat w_i\) already at hand. In one block the unit rows are never formed:
+    the Gram matrix of \(w\) scaled by \(r_i r_j\) (a pass over \(n^2\) entries instead of
+    \(n d\)) serves both the search for the maximum and for the ties.
     """
-    one_block = block_rows_for(unit.shape[0], chunk_size) >= unit.shape[0]
-    # one block: one Gram matrix serves both the search for the maximum and for the ties
-    cos_all = gram(unit.unsqueeze(0)) if one_block else None
-    c_max = float(
-        extreme_pair_cosine(
-            unit.unsqueeze(0), half_space=half_space, chunk_size=chunk_size, largest=True, gram_matrix=cos_all
-        )[0]
-    )
+    n = rows.shape[0]
+    unit: Tensor | None = None
+    gram_blocks: list[tuple[int, Tensor]] | None = None
+    if block_rows_for(n, chunk_size) >= n:
+        gram_blocks = [(0, gram(rows.unsqueeze(0)).mul_(r).mul_(r.mT))]
+    else:
+        unit = (rows * r).unsqueeze(0)
+
+    def blocks() -> Iterable[tuple[int, Tensor]]:
+        return gram_blocks if gram_blocks is not None else cosine_blocks(unit, chunk_size)  # type: ignore[arg-type]
+
+    c_max = float(largest_pair_cosine(blocks(), half_space=half_space)[0])
     min_sq = 2.0 - 2.0 * c_max
     threshold = c_max - 0.5 * (tie_rtol * abs(min_sq) + 1e-12)
-    rows, cols, signs, mult = _tied_pairs(
-        unit,
-        threshold,
-        half_space=half_space,
-        chunk_size=chunk_size,
-        gram_matrix=None if cos_all is None else cos_all[0],
-    )
-    first, second = unit[rows], unit[cols]
+    i, j, signs, mult = _tied_pairs(blocks(), threshold, half_space=half_space)
+    first, second = rows[i] * r[i], rows[j] * r[j]
     dot = (first * second).sum(-1)
     value = -(mult * (2.0 - 2.0 * signs * dot)).sum()
     if not with_grad:
         return value, None
     weight = (2.0 * mult * signs).unsqueeze(-1)
     dot = dot.unsqueeze(-1)
-    grad = torch.zeros_like(unit)
-    grad.index_add_(0, rows, weight * row_scale[rows] * (second - dot * first))
-    grad.index_add_(0, cols, weight * row_scale[cols] * (first - dot * second))
-    return value, grad
+    contributions = torch.cat([weight * r[i] * (second - dot * first), weight * r[j] * (first - dot * second)])
+    return value, (torch.cat([i, j]), contributions)
 
 
 class _HardSeparation(torch.autograd.Function):
@@ -117,8 +114,10 @@ class _HardSeparation(torch.autograd.Function):
 
     The gradient lives on the rows of the tied pairs only, and so does its chain through
     \(\hat w = r w\) (`_closest_pairs_sum`; the same formula as
-    `_NormalizedPairwiseKernelSum`): no autograd graph of
-    the normalisation over all ``[n, d]`` entries.
+    `_NormalizedPairwiseKernelSum`): no autograd graph of the normalisation, and the only
+    ``[n, d]`` tensor of a step is the gradient itself, written in backward (the unit rows, a
+    gradient kept from forward and its scaled copy would each be one more: on a busy core the
+    heap's page faults for them cost more than their passes, ``docs/performance.md`` item 42).
     """
 
     @staticmethod
@@ -132,10 +131,15 @@ class _HardSeparation(torch.autograd.Function):
     ) -> Tensor:
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
         rows, r, _, divisor = row_normalization(neurons, eps)
-        value, grad = _closest_pairs_sum(
-            rows * r, r, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
+        value, gradient = _closest_pairs_sum(
+            rows, r, half_space=half_space, chunk_size=chunk_size, tie_rtol=tie_rtol, with_grad=with_grad
         )
-        _save_gradient(ctx, grad, divisor)
+        if gradient is not None:
+            index, contributions = gradient
+            if divisor is not None:  # rows = w / s for rescaled rows: a further 1 / s
+                contributions.div_(divisor[index])
+            ctx.save_for_backward(index, contributions)
+            ctx.neurons_shape = neurons.shape  # type: ignore[attr-defined]
         return value
 
     @staticmethod
@@ -143,7 +147,13 @@ class _HardSeparation(torch.autograd.Function):
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor
     ) -> tuple[Tensor | None, None, None, None, None]:
-        return _saved_gradient(ctx, grad_value), None, None, None, None
+        if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
+            return None, None, None, None, None
+        index, contributions = ctx.saved_tensors  # type: ignore[attr-defined]
+        with passes_on_one_thread(grad_value.device):
+            grad = contributions.new_zeros(ctx.neurons_shape)  # type: ignore[attr-defined]
+            grad.index_add_(0, index, contributions * grad_value)
+        return grad, None, None, None, None
 
 
 @full_precision
@@ -176,14 +186,17 @@ def hyperspherical_separation(
         >>> round(float(hyperspherical_separation(tri)), 3)  # the 3 pairs tie at d^2 = 3 (official: their sum)
         -9.0
     """
-    batched, added = as_batched(check_neurons(neurons, check_finite=False))  # checked when normalised
+    x = check_neurons(neurons, check_finite=False)  # checked when normalised
+    batched, added = as_batched(x)
     if batched.shape[1] < 2:
         if check_finite:
             check_finite_neurons(batched)
         out = (batched * 0.0).sum((1, 2))  # NaN exactly for a NaN or inf neuron
     elif check_finite:
+        # one matrix directly: iterating the batch would stack its gradient into one more [n, d] copy
+        matrices = [x] if added else list(batched)
         out = torch.stack(
-            [_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)) for matrix in batched]
+            [_HardSeparation.apply(matrix, float(eps), half_space, chunk_size, float(tie_rtol)) for matrix in matrices]
         )
     else:  # the whole batch at once: one call's kernels, whatever the batch (CUDA graphs of many layers)
         out = _closest_pairs_sum_on_device(batched, eps, half_space, chunk_size, tie_rtol)
@@ -197,7 +210,7 @@ def _closest_pairs_sum_on_device(
     `hyperspherical_separation`); each batch element has its own tie threshold."""
     with torch.no_grad():
         rows, r, _, _ = row_normalization(neurons, eps, check_finite=False)
-        c_max = extreme_pair_cosine(rows * r, half_space=half_space, chunk_size=chunk_size, largest=True)
+        c_max = largest_pair_cosine(cosine_blocks(rows * r, chunk_size), half_space=half_space)
         # the tolerance of _closest_pairs_sum, as a device tensor
         threshold = c_max - 0.5 * (tie_rtol * (2.0 - 2.0 * c_max).abs() + 1e-12)
     kernel = ClosestPairsKernel(threshold)

@@ -28,7 +28,12 @@ from lightning_hsu.functional._common import (
 )
 from lightning_hsu.functional._matmul import serial_passes
 from lightning_hsu.functional.kernels import GaussianKernel
-from lightning_hsu.functional.pairwise import extreme_pair_cosine, normalized_pairwise_kernel_sum, pair_count
+from lightning_hsu.functional.pairwise import (
+    cosine_blocks,
+    largest_pair_cosine,
+    normalized_pairwise_kernel_sum,
+    pair_count,
+)
 
 
 def gaussian_shift_needed(t: float, dtype: torch.dtype) -> bool:
@@ -43,10 +48,11 @@ def gaussian_shift_needed(t: float, dtype: torch.dtype) -> bool:
     return -4.0 * t < math.log(torch.finfo(dtype).tiny) + 16.0 * math.log(2.0)
 
 
+@serial_passes
 def gaussian_shift(unit: Tensor, t: float, *, half_space: bool, chunk_size: int | None) -> Tensor:
     r"""The largest exponent \(m = 2t(c_{max}-1)\) of the Gaussian kernel over the pairs of each
     ``[batch, n, d]`` unit-row matrix (``[batch]``, no gradient): the log-sum-exp's shift."""
-    c_max = extreme_pair_cosine(unit, half_space=half_space, chunk_size=chunk_size, largest=True)
+    c_max = largest_pair_cosine(cosine_blocks(unit, chunk_size), half_space=half_space)
     return 2.0 * t * (c_max - 1.0)
 
 

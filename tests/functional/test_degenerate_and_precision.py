@@ -284,18 +284,27 @@ def test_normaliser_is_continuous_across_its_overflow_guard() -> None:
 
 
 @pytest.mark.parametrize("half_space", [False, True])
-def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(half_space: bool) -> None:
+@pytest.mark.parametrize("penalty", ["mhe", "hard mhs"])
+def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(penalty: str, half_space: bool) -> None:
     # The penalty depends on directions only, so for w_i = s_i u_i (unit u_i) its gradient is
     # the unit rows' tangential gradient divided by s_i (norms >= 50: eps = 1e-4 is negligible).
     # Rows of 1e30 go through the normaliser's overflow guard (its divisor), the others do not.
-    # n <= d: the layer's gradient is one product, formed in backward.
+    # n <= d: MHE's gradient is one product, formed in backward. Rows 1 and 3 (both of 1e30) are
+    # the closest pair, so hard MHS's gradient lies on rescaled rows only.
+    fn = {
+        "mhe": lambda x, **kw: F.hyperspherical_energy(x, half_space=half_space, **kw),
+        "hard mhs": lambda x, **kw: F.hyperspherical_separation(x, half_space=half_space, **kw),
+    }[penalty]
     g = torch.Generator().manual_seed(21)
-    u = torch.nn.functional.normalize(torch.randn(6, 10, generator=g, dtype=torch.float64), dim=1)
+    raw = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    raw[3] = raw[1] + 0.05 * torch.randn(10, generator=g, dtype=torch.float64)
+    u = torch.nn.functional.normalize(raw, dim=1)
     scale = torch.tensor([100.0, 1e30, 300.0, 1e30, 50.0, 200.0], dtype=torch.float64).unsqueeze(1)
     w = (u * scale).float().requires_grad_(True)
-    F.hyperspherical_energy(w, half_space=half_space).backward()
+    fn(w).backward()
     x = u.clone().requires_grad_(True)
-    F.hyperspherical_energy(x, half_space=half_space, eps=1e-300).backward()
+    fn(x, eps=1e-300).backward()
+    assert x.grad is not None and x.grad[[1, 3]].abs().amax() > 0
     tangential = x.grad - (x.grad * u).sum(1, keepdim=True) * u
     expected = tangential / scale
     assert w.grad is not None
