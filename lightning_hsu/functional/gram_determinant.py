@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, normalize_neurons
+from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, row_normalization
 from lightning_hsu.functional._matmul import batched_matmul, chosen_threads, gram, serial_passes
+from lightning_hsu.functional.pairwise import _fold_projection
 
 
 def _cubic_work(matrix: Tensor) -> int:
@@ -83,34 +84,53 @@ def _neg_logdet_and_coefficients(
 
 
 class _NegLogDetGaussianKernel(torch.autograd.Function):
-    r"""\(-\log\det K\) of the Gaussian kernel of unit rows ``[batch, n, d]``, per batch entry.
+    r"""\(-\log\det K\) of the Gaussian kernel of the normalised rows of raw neurons
+    ``[batch, n, d]``, per batch entry.
 
-    Computed in float64: the kernel's smallest eigenvalue may be the jitter, and float32 cosines
-    (errors ~1e-7) change \(\log\det\) of near-duplicate neurons by 0.5% or break its positive
-    definiteness. The gradient \(2 D \hat W\) is a float64 product for the same reason: with
-    near-duplicates the rows of \(D\) cancel to a few digits (in float32 the gradient of 512
-    neurons in \(\mathbb{R}^3\) came out 100% wrong).
+    Computed in float64, the normalisation included: the kernel's smallest eigenvalue may be the
+    jitter, and float32 cosines (errors ~1e-7) change \(\log\det\) of near-duplicate neurons by
+    0.5% or break its positive definiteness. The gradient is a float64 product for the same
+    reason: with near-duplicates the rows of \(D\) cancel to a few digits (in float32 the
+    gradient of 512 neurons in \(\mathbb{R}^3\) came out 100% wrong).
+
+    The unit rows \(\hat w = r w\) are never formed: the cosines are the Gram matrix of \(w\)
+    scaled by \(r_i r_j\), and with \(g = \partial R/\partial\hat W = 2D\hat W\) the chain
+    through the normalisation, \(r_i(g_i - (g_i\cdot\hat w_i)\hat w_i)\), is folded into the
+    coefficients (`_fold_projection`), so that the gradient is one product with \(W\) in
+    backward. A step then holds the float64 rows and the gradient as its only ``[n, d]``
+    tensors (on a busy core the heap's page faults for more of them cost more than their passes,
+    ``docs/performance.md`` item 42).
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, unit: Tensor, half_space: bool, jitter: float) -> Tensor:
-        unit64 = unit.to(torch.float64)
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, eps: float, half_space: bool, jitter: float
+    ) -> Tensor:
+        rows, r, sq_unit, divisor = row_normalization(neurons.to(torch.float64), eps)
+        cos = gram(rows).mul_(r).mul_(r.mT)
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        value, coefficients = _neg_logdet_and_coefficients(gram(unit64), half_space, jitter, with_grad)
-        if coefficients is not None:
-            ctx.save_for_backward(unit64, coefficients)
-        return value.to(unit.dtype)
+        value, slope = _neg_logdet_and_coefficients(cos, half_space, jitter, with_grad)
+        if slope is not None:
+            torch.diagonal(cos, dim1=-2, dim2=-1).zero_()  # _fold_projection takes the diagonal from sq_unit
+            coefficients = _fold_projection(slope.mul_(2.0), cos, 0, sq_unit, r)  # rows of the gradient by Ŵ
+            coefficients.mul_(r.mT)  # ... by W: Ŵ = diag(r) W
+            if divisor is not None:
+                coefficients.div_(divisor)
+            ctx.save_for_backward(coefficients, rows)
+        return value.to(neurons.dtype)
 
     @staticmethod
     @once_differentiable
     @serial_passes
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_value: Tensor
+    ) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            return None, None, None
-        unit64, coefficients = ctx.saved_tensors  # type: ignore[attr-defined]
-        scale = 2.0 * grad_value.to(torch.float64).reshape(-1, 1, 1)  # C = W Wᵀ with D symmetric
-        grad = batched_matmul(coefficients, unit64).mul_(scale)
-        return grad.to(grad_value.dtype), None, None
+            return None, None, None, None
+        coefficients, rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad_value.to(torch.float64).reshape(-1, 1, 1)
+        grad = batched_matmul(coefficients * scale, rows)
+        return grad.to(grad_value.dtype), None, None, None
 
 
 @full_precision
@@ -129,9 +149,8 @@ def gram_determinant_penalty(
     few thousand neurons. Returns 0 for fewer than two neurons.
     """
     x = check_neurons(neurons)
-    unit = normalize_neurons(x, eps)
-    if unit.shape[-2] < 2:
-        return unit.sum((-2, -1)) * 0.0
-    batched, added = as_batched(unit)
-    value = _NegLogDetGaussianKernel.apply(batched, half_space, jitter)
+    if x.shape[-2] < 2:
+        return x.sum((-2, -1)) * 0.0
+    batched, added = as_batched(x)
+    value = _NegLogDetGaussianKernel.apply(batched, float(eps), half_space, jitter)
     return value[0] if added else value

@@ -284,7 +284,7 @@ def test_normaliser_is_continuous_across_its_overflow_guard() -> None:
 
 
 @pytest.mark.parametrize("half_space", [False, True])
-@pytest.mark.parametrize("penalty", ["mhe", "hard mhs"])
+@pytest.mark.parametrize("penalty", ["mhe", "hard mhs", "mgd"])
 def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(penalty: str, half_space: bool) -> None:
     # The penalty depends on directions only, so for w_i = s_i u_i (unit u_i) its gradient is
     # the unit rows' tangential gradient divided by s_i (norms >= 50: eps = 1e-4 is negligible).
@@ -294,6 +294,7 @@ def test_gradient_of_rows_rescaled_against_overflow_is_divided_by_their_scale(pe
     fn = {
         "mhe": lambda x, **kw: F.hyperspherical_energy(x, half_space=half_space, **kw),
         "hard mhs": lambda x, **kw: F.hyperspherical_separation(x, half_space=half_space, **kw),
+        "mgd": lambda x, **kw: F.gram_determinant_penalty(x, half_space=half_space, **kw),
     }[penalty]
     g = torch.Generator().manual_seed(21)
     raw = torch.randn(6, 10, generator=g, dtype=torch.float64)
