@@ -25,7 +25,9 @@ Methods, per case:
 
 Each timed call of ours follows ``--settle`` untimed ones in its condition (a load that lasts;
 16 calls of MHE at 512 x 4608 take about 0.4-0.7 s, longer than the choice takes to follow);
-``--transitions N`` times N calls one by one after the competing process starts and after it
+``--calls-per-sample N`` times N calls together instead of one (their mean), so that costs that
+come every few calls, the products' all-thread probes or glibc's heap giving memory back, are
+counted rather than left out by the median of single calls; ``--transitions N`` times N calls one by one after the competing process starts and after it
 stops, to show how many calls the products' thread choice takes to follow.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
@@ -35,7 +37,8 @@ step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (
 other regularisers at 512 x 4608 in half space (``--others mhs,uniformity,mgd,mhp,comhe``).
 
 Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--settle 16] [--kernels half,full,large]
-[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16] [--steady-heap]``.
+[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16] [--steady-heap]
+[--calls-per-sample 8]``.
 
 ``--steady-heap`` keeps glibc's heap from returning its free top to the kernel between calls
 (`_common.steady_heap`): the page faults of regrowing it depend on the order of the allocations,
@@ -109,9 +112,11 @@ def _products(w: torch.Tensor) -> Callable[[], object]:
 
 
 def measure(
-    methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int = 0
+    methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int = 0, calls: int = 1
 ) -> dict[tuple[str, int, str], list[float]]:
-    """Seconds per call, keyed by (``idle``/``busy``, threads, method), one call each per round.
+    """Seconds per call, keyed by (``idle``/``busy``, threads, method), one sample each per round:
+    the mean over ``calls`` consecutive calls (more than one: costs that come every few calls, such
+    as the products' all-thread probes or glibc's heap giving memory back, are counted).
 
     Each timed call of the library ("ours...") follows ``settle`` untimed calls of it in the same
     condition, so that the products' thread choice (`_product_threads`) has measured the
@@ -138,8 +143,9 @@ def measure(
                     for _ in range(settle if name.startswith("ours") else 0):
                         call()
                     t0 = time.perf_counter()
-                    call()
-                    times.setdefault((state, count, name), []).append(time.perf_counter() - t0)
+                    for _ in range(calls):
+                        call()
+                    times.setdefault((state, count, name), []).append((time.perf_counter() - t0) / calls)
     busy.off()
     _set_mode("shipped")
     torch.set_num_threads(threads)
@@ -234,10 +240,10 @@ ARMS = (
 
 
 def _measure_and_report(
-    title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int
+    title: str, methods: dict[str, Method], busy: BusyCore, rounds: int, threads: int, settle: int, calls: int = 1
 ) -> None:
     load = _load()
-    times = measure(methods, busy, rounds, threads, settle)
+    times = measure(methods, busy, rounds, threads, settle, calls)
     report(f"{title}, forward + backward", times, threads, f"{load} before, {_load()} after")
 
 
@@ -287,6 +293,12 @@ def main() -> None:
         "--settle", type=int, default=16, help="untimed calls before each timed one of ours (kernels, --others)"
     )
     parser.add_argument(
+        "--calls-per-sample",
+        type=int,
+        default=1,
+        help="calls timed together per sample of the kernels and --others (their mean; 1: one call)",
+    )
+    parser.add_argument(
         "--transitions", type=int, default=0, help="calls timed one by one after the load starts and stops (0: skip)"
     )
     parser.add_argument(
@@ -308,13 +320,15 @@ def main() -> None:
             if official:
                 methods["official"] = (_official(w, half), "shipped")
             methods["products"] = (_products(w), "all-thread products")
-            _measure_and_report(f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads, args.settle)
+            _measure_and_report(
+                f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads, args.settle, args.calls_per_sample
+            )
         for name in (o.strip() for o in args.others.split(",") if o.strip()):
             torch.manual_seed(0)
             w = torch.randn(512, 4608, requires_grad=True)
             methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in ARMS}
             title = f"{name}, half space, 512 x 4608"
-            _measure_and_report(title, methods, busy, args.rounds, args.threads, args.settle)
+            _measure_and_report(title, methods, busy, args.rounds, args.threads, args.settle, args.calls_per_sample)
         if args.huge_n:
             from bench_huge import _weight
 
