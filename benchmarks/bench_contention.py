@@ -27,8 +27,9 @@ Each timed call of ours follows ``--settle`` untimed ones in its condition (a lo
 16 calls of MHE at 512 x 4608 take about 0.4-0.7 s, longer than the choice takes to follow);
 ``--calls-per-sample N`` times N calls together instead of one (their mean), so that costs that
 come every few calls, the products' all-thread probes or glibc's heap giving memory back, are
-counted rather than left out by the median of single calls; ``--transitions N`` times N calls one by one after the competing process starts and after it
-stops, to show how many calls the products' thread choice takes to follow.
+counted rather than left out by the median of single calls; ``--transitions N`` times N calls
+one by one after the competing process starts and after it stops, to show how many calls the
+products' thread choice takes to follow.
 
 Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), optionally at
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
