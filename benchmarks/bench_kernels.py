@@ -6,10 +6,13 @@ matrix-multiply lower bound.
   2020): half-space by concatenating ``[W; -W]``, the full ``2n x 2n`` matrix, autograd.
 - **lower bound**: the matrix products the package itself must do. MHE: the upper half of the
   Gram matrix (its strips of 128 rows, n²d/2 multiply-adds plus a strip's) and the gradient
-  product ``G W``; before 2026-12 the full ``W Wᵀ`` was used, which the package never computes
-  (MHS: the Gram only, its gradient is sparse; MGD: plus its Cholesky
-  factorisations and their inverses, which any exact gradient of a log-determinant needs; CoMHE:
-  the projections forward and backward plus ``K`` Gram and gradient products).
+  product ``G W``; before 2026-12 the full ``W Wᵀ`` was used, which the package never computes.
+  MHS: the Gram product as the package computes it (its strips where ``_matmul.gram`` uses them),
+  its gradient being sparse; MGD: the same and the gradient product in float64, as the package
+  computes them, plus its Cholesky factorisations and their inverses, which any exact gradient
+  of a log-determinant needs (before item 42 of ``docs/performance.md``: the full float32 Gram and
+  gradient products); CoMHE: the projections forward and backward plus ``K`` Gram and gradient
+  products.
   On the CPU each product is timed both with ``torch.mm`` (MKL) and with oneDNN's float32 product
   (what the library uses there, ``lightning_hsu.functional._matmul``), and the faster is the bound.
 - on CUDA, for MHE and CoMHE, also **ours without the host sync** (``check_finite=False``, what
@@ -53,7 +56,12 @@ from lightning_hsu.functional import (
     hyperspherical_energy,
     hyperspherical_separation,
 )
-from lightning_hsu.functional._matmul import batched_matmul, onednn_matmul_enabled
+from lightning_hsu.functional._matmul import (
+    GRAM_STRIP_MIN_COLUMNS,
+    GRAM_STRIP_ROWS,
+    batched_matmul,
+    onednn_matmul_enabled,
+)
 
 EPS = 1e-4
 
@@ -124,18 +132,29 @@ def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return batched_matmul(a.unsqueeze(0), b.unsqueeze(0))[0]
 
 
+def _package_gram(x: torch.Tensor, mm) -> None:
+    """The Gram product of ``[n, d]`` rows as `lightning_hsu.functional._matmul.gram` computes it: its
+    upper strips of 128 rows where it uses them (the CPU, n >= 256, d >= 2048), else one product."""
+    n, d = x.shape
+    if x.device.type == "cpu" and n >= 2 * GRAM_STRIP_ROWS and d >= GRAM_STRIP_MIN_COLUMNS:
+        half_gram_products(x.unsqueeze(0), None if mm is onednn_mm else mm)
+    else:
+        mm(x, x.T)
+
+
 def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch.Tensor | None, mm=torch.mm):
     n, _ = w.shape
     x = w.detach()
     g = torch.randn(n, n, device=w.device, dtype=w.dtype)
     if kind == "mhs":
-        return lambda: mm(x, x.T)
-    if kind == "mgd":
+        return lambda: _package_gram(x, mm)
+    if kind == "mgd":  # float64 throughout, whose products the library leaves to torch.bmm (MKL)
         spd = (g @ g.T / n + torch.eye(n, device=w.device, dtype=w.dtype)).double()
+        x64, g64 = x.double(), g.double()
 
         def run() -> None:
-            mm(x, x.T)
-            mm(g, x)
+            _package_gram(x64, torch.mm)
+            torch.mm(g64, x64)
             for _ in range(2 if half_space else 1):
                 torch.cholesky_inverse(torch.linalg.cholesky(spd))
 
