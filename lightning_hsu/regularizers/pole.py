@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, normalize_neurons, row_normalization
+from lightning_hsu.functional._common import DEFAULT_EPS, check_neurons, row_normalization
 from lightning_hsu.functional._matmul import serial_passes
 from lightning_hsu.regularizers.base import Regularizer
 from lightning_hsu.validation import flag, integer, positive_float, positive_int
@@ -108,30 +108,33 @@ class PoleRegularizer(Regularizer):
         pole = self._ensure_pole(neurons.shape[-1], neurons.device)
         assert self._optimizer is not None
         # the neurons stay fixed during the pole's steps: normalised and checked once, so the
-        # steps make no host sync (on a GPU each stalled the queue: 4 per step)
-        target = normalize_neurons(check_neurons(neurons.detach()), self.eps)
+        # steps make no host sync (on a GPU each stalled the queue: 4 per step); the unit rows
+        # r w are not formed: r goes into the n cosines and slopes instead of n x d entries
+        rows, r, _, _ = row_normalization(check_neurons(neurons.detach()), self.eps)
         for _ in range(self.inner_steps):
-            pole.grad = self._pole_gradient(target, pole)
+            pole.grad = self._pole_gradient(rows, r[:, 0], pole)
             self._optimizer.step()
 
     @torch.no_grad()
-    def _pole_gradient(self, target: Tensor, pole: Tensor) -> Tensor:
-        """The gradient of `pole_objective` with respect to the raw pole, against the unit ``target``."""
-        v = pole.detach().to(target.dtype).unsqueeze(0)
-        rows, r, _, divisor = row_normalization(v, self.eps, check_finite=False)
-        unit = (rows * r)[0]
-        cos = target @ unit
+    def _pole_gradient(self, rows: Tensor, r: Tensor, pole: Tensor) -> Tensor:
+        """The gradient of `pole_objective` with respect to the raw pole, against the unit neurons
+        ``rows * r[:, None]`` (`row_normalization`'s factors, ``r`` of shape ``[n]``)."""
+        v = pole.detach().to(rows.dtype).unsqueeze(0)
+        v_rows, v_r, _, divisor = row_normalization(v, self.eps, check_finite=False)
+        unit = (v_rows * v_r)[0]
+        cos = (rows @ unit).mul_(r)
         slope = self.pole_slope(torch.cat([cos, -cos]) if self.half_space else cos)
         if slope is None:  # a game without a closed form: autograd of its objective
+            target = rows * r.unsqueeze(-1)
             with torch.enable_grad():
                 leaf = pole.detach().requires_grad_(True)
                 (grad,) = torch.autograd.grad(self.pole_objective(target, leaf, normalized=True), leaf)
             return grad
         if self.half_space:
-            n = target.shape[0]
+            n = rows.shape[0]
             slope = slope[:n] - slope[n:]
-        grad = target.T @ slope
-        grad = (grad - grad.dot(unit) * unit) * r[0]
+        grad = rows.T @ (slope * r)
+        grad = (grad - grad.dot(unit) * unit) * v_r[0]
         assert divisor is not None  # always given with check_finite=False
         return (grad / divisor[0]).to(pole.dtype)
 

@@ -40,3 +40,18 @@ def test_mgd_step_allocates_only_the_float64_rows_their_product_and_the_gradient
     sizes = _neurons_sized_allocations(lambda x: F.gram_determinant_penalty(x, half_space=half_space), w)
     assert sizes == [1, 2, 2]
     assert w.grad is not None and bool(torch.isfinite(w.grad).all())
+
+
+@pytest.mark.parametrize("name", ["mhp", "mhc"])
+def test_pole_step_allocates_only_the_penalty_gradient_and_its_scaled_copy(name: str) -> None:
+    # before: the pole's steps normalised the neurons first (their absolute values, squares and
+    # unit rows: three more); the cosines and slopes now carry the normalisation's factors
+    from lightning_hsu.regularizers.registry import make_regularizer
+
+    regularizer = make_regularizer(name, half_space=True)
+    w = torch.randn(64, 300, requires_grad=True)
+    regularizer(w, step=0).backward()  # the pole is created here
+    w.grad = None
+    sizes = _neurons_sized_allocations(lambda x: regularizer(x, step=1), w)
+    assert sizes == [1, 1]
+    assert w.grad is not None and bool(torch.isfinite(w.grad).all())
