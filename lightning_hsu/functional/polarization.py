@@ -117,7 +117,12 @@ def fixed_pole_penalty(
 
 
 class _FixedPolePenalty(torch.autograd.Function):
-    """`fixed_pole_penalty`: value and saved gradient in the forward, the gradient scaled in the backward."""
+    r"""`fixed_pole_penalty`: the value in the forward, the gradient in the backward from the rows
+    and ``[n]`` factors. With the unit rows \(\hat w_i = r_i x_i\) of the rows \(x_i = w_i/t_i\)
+    (\(t_i\) the divisor of `row_normalization`, 1 for all but huge rows) and
+    \(g_i = \partial f/\partial c_i\), \(\partial f/\partial w_i = (r_i g_i\,\hat v -
+    r_i^2 g_i c_i\, x_i) / t_i\): no tensor of the layer's size is formed but the gradient
+    itself (``docs/performance.md``, item 42)."""
 
     @staticmethod
     def forward(
@@ -129,25 +134,29 @@ class _FixedPolePenalty(torch.autograd.Function):
         value_and_slope: Callable[[Tensor], tuple[Tensor, Tensor]],
     ) -> Tensor:
         rows, r, _, divisor = row_normalization(neurons, eps)  # raises for NaN/inf neurons
-        unit = rows * r
+        r = r[:, 0]
         v = normalize_neurons(pole.unsqueeze(0), eps, host_sync=False)[0]
-        cos = unit @ v
+        cos = (rows @ v).mul_(r)
         value, slope = value_and_slope(torch.cat([cos, -cos]) if half_space else cos)
         if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
             n = cos.shape[0]
             if half_space:
                 slope = slope[:n] - slope[n:]
-            coefficient = (slope.unsqueeze(-1) * r).to(unit.dtype)  # [n, 1]
-            # in place on the unit rows (not needed after): each new [n, d] tensor costs a pass
-            grad = unit.mul_(-cos.unsqueeze(-1)).add_(v).mul_(coefficient)
-            ctx.save_for_backward(grad if divisor is None else grad.div_(divisor))
+            along_pole = (slope * r).to(rows.dtype)  # [n]: the coefficient of v_hat
+            along_rows = along_pole * cos * r  # [n]: that of the rows
+            if divisor is not None:  # rows = w / s for rescaled rows: a further 1 / s
+                along_pole = along_pole / divisor[:, 0]
+                along_rows = along_rows / divisor[:, 0]
+            ctx.save_for_backward(rows, v, along_pole, along_rows)
         return value
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor, None, None, None, None]:
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_total, None, None, None, None
+        rows, v, along_pole, along_rows = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = rows * (along_rows * -grad_total).unsqueeze(-1)
+        grad.addcmul_((along_pole * grad_total).unsqueeze(-1), v.unsqueeze(0))
+        return grad, None, None, None, None
 
 
 def pole_energy_slope(cos: Tensor) -> Tensor:
