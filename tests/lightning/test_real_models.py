@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from functional import official  # the official formulas, as the parity tests state them
 from models import assert_same_weights
 from real_models import linear_neurons_by_forward, mhe_penalty, quiet_transformers, train_both
 from torch import nn
@@ -100,39 +101,17 @@ def test_gpt2_trains_like_the_preset_written_by_hand(tmp_path):
     assert_same_weights(got, expected, atol=1e-5)
 
 
-def _half_space_mhs_float64(w: torch.Tensor) -> torch.Tensor:
-    """Hard MHS by the official concatenation, in float64: minus the sum of the closest pairs'
-    d^2 = 2 - 2 c over the upper triangle of [W; -W] (ties within a relative 1e-5)."""
-    x = w.double()
-    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-4)
-    both = torch.cat([unit, -unit])
-    i, j = torch.triu_indices(len(both), len(both), offset=1)
-    sq = 2.0 - 2.0 * (both[i] * both[j]).sum(-1)
-    closest = sq <= sq.detach().min() * (1 + 1e-5)
-    return -sq[closest].sum()
-
-
-def _half_space_mgd_float64(w: torch.Tensor) -> torch.Tensor:
-    """-log det of the Gaussian kernel exp(-(2 - 2 c)) of [W; -W] plus 1e-6 I, in float64 (the
-    official form)."""
-    x = w.double()
-    unit = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-4)
-    both = torch.cat([unit, -unit])
-    kernel = torch.exp(2.0 * both @ both.T - 2.0)
-    return -torch.logdet(kernel + 1e-6 * torch.eye(len(both), dtype=both.dtype))
-
-
-@pytest.mark.parametrize(("name", "reference"), [("mhs", _half_space_mhs_float64), ("mgd", _half_space_mgd_float64)])
+@pytest.mark.parametrize(("name", "reference"), [("mhs", official.hard_mhs), ("mgd", official.mgd)])
 def test_gpt2_trains_with_mhs_and_mgd_like_their_official_formulas_in_float64(tmp_path, name, reference):
     # the separation and the Gram determinant have their own code outside the pair sums: checked
     # here on GPT-2's hidden layers against autograd through the concatenated float64 formulas
-    rule = Rule(name, 0.5, options={"half_space": True, "eps": 1e-4}, target="hidden")
+    rule = Rule(name, 0.5, options={"half_space": True, "eps": official.OFFICIAL_EPS}, target="hidden")
     engine = PenaltyEngine([rule])
     engine.bind(gpt2())
     assert len(engine.bindings) == len(gpt2_hidden(gpt2())) == 12
 
     def by_hand(net: nn.Module) -> torch.Tensor:
-        return 0.5 * sum(reference(w) for w in gpt2_hidden(net)).float()
+        return 0.5 * sum(reference(w.double(), half_space=True) for w in gpt2_hidden(net)).float()
 
     got, expected = train_both(gpt2, lm_loss, lm_data(50257), by_hand, HypersphericalUniformity(rules=[rule]), tmp_path)
     assert_same_weights(got, expected, atol=1e-5)
