@@ -30,6 +30,7 @@ from lightning_hsu.functional._common import (
     normalize_neurons,
     row_normalization,
 )
+from lightning_hsu.functional._matmul import passes_on_one_thread
 from lightning_hsu.functional.kernels import RieszKernel
 
 #: The pole energy's kernel: \((\max(2-2c, 10^{-6}))^{-1}\) (Riesz s = 2, as MHE's).
@@ -154,8 +155,11 @@ class _FixedPolePenalty(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor, None, None, None, None]:
         rows, v, along_pole, along_rows = ctx.saved_tensors  # type: ignore[attr-defined]
-        grad = rows * (along_rows * -grad_total).unsqueeze(-1)
-        grad.addcmul_((along_pole * grad_total).unsqueeze(-1), v.unsqueeze(0))
+        # as the pair sums' backward: called directly, not through a regularizer's one_thread_graph,
+        # the two [n, d] passes would otherwise split over the pool
+        with passes_on_one_thread(rows.device):
+            grad = rows * (along_rows * -grad_total).unsqueeze(-1)
+            grad.addcmul_((along_pole * grad_total).unsqueeze(-1), v.unsqueeze(0))
         return grad, None, None, None, None
 
 
