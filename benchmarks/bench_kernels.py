@@ -56,12 +56,7 @@ from lightning_hsu.functional import (
     hyperspherical_energy,
     hyperspherical_separation,
 )
-from lightning_hsu.functional._matmul import (
-    GRAM_STRIP_MIN_COLUMNS,
-    GRAM_STRIP_ROWS,
-    batched_matmul,
-    onednn_matmul_enabled,
-)
+from lightning_hsu.functional._matmul import batched_matmul, gram_in_strips, onednn_matmul_enabled
 
 EPS = 1e-4
 
@@ -134,9 +129,8 @@ def onednn_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _package_gram(x: torch.Tensor, mm) -> None:
     """The Gram product of ``[n, d]`` rows as `lightning_hsu.functional._matmul.gram` computes it: its
-    upper strips of 128 rows where it uses them (the CPU, n >= 256, d >= 2048), else one product."""
-    n, d = x.shape
-    if x.device.type == "cpu" and n >= 2 * GRAM_STRIP_ROWS and d >= GRAM_STRIP_MIN_COLUMNS:
+    upper strips of 128 rows where it uses them (`gram_in_strips`), else one product."""
+    if gram_in_strips(x.unsqueeze(0)):
         half_gram_products(x.unsqueeze(0), None if mm is onednn_mm else mm)
     else:
         mm(x, x.T)

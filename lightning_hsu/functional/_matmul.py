@@ -392,16 +392,23 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     return out
 
 
+def gram_in_strips(rows: Tensor) -> bool:
+    """Whether `gram` computes the Gram matrix of ``[batch, n, d]`` rows in upper strips: on the
+    CPU, for at least two strips of rows long enough to be bound by the product."""
+    _, n, d = rows.shape
+    return rows.device.type == "cpu" and n >= 2 * GRAM_STRIP_ROWS and d >= GRAM_STRIP_MIN_COLUMNS
+
+
 def gram(rows: Tensor) -> Tensor:
     r"""The Gram matrix \(X X^\top\) of ``[batch, n, d]`` rows, exactly symmetric.
 
-    On the CPU, for rows long enough to be bound by the product, the upper strips
-    \(X_I X_{J \ge I}^\top\) are computed and mirrored: \(n^2 d/2\) multiply-adds plus a
-    strip's worth instead of \(n^2 d\). Elsewhere (GPU: fewer, larger launches pay more) one
+    On the CPU, for rows long enough to be bound by the product (`gram_in_strips`), the upper
+    strips \(X_I X_{J \ge I}^\top\) are computed and mirrored: \(n^2 d/2\) multiply-adds plus
+    a strip's worth instead of \(n^2 d\). Elsewhere (GPU: fewer, larger launches pay more) one
     product.
     """
-    batch, n, d = rows.shape
-    if rows.device.type != "cpu" or n < 2 * GRAM_STRIP_ROWS or d < GRAM_STRIP_MIN_COLUMNS:
+    batch, n, _ = rows.shape
+    if not gram_in_strips(rows):
         return batched_matmul(rows, rows.transpose(1, 2))
     out = rows.new_empty(batch, n, n)
     for start in range(0, n, GRAM_STRIP_ROWS):
