@@ -306,6 +306,8 @@ def main() -> None:
         "--steady-heap", action="store_true", help="keep glibc's heap from shrinking between calls (mallopt)"
     )
     args = parser.parse_args()
+    if args.calls_per_sample < 1:
+        parser.error(f"--calls-per-sample must be at least 1, got {args.calls_per_sample}")
     start = time.perf_counter()
     heap = steady_heap() if args.steady_heap else "glibc heap as configured (default: it shrinks and regrows)"
     print(f"Machine: {machine()}; competing process pinned to core {args.core}; {heap}\n")
