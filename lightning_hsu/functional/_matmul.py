@@ -39,8 +39,12 @@ ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
 #: (``benchmarks/bench_kernels.py``, 2 threads): 512 x 4608 in strips of 128 rows takes 0.70 of the
 #: full product, 256 x 2304 0.87, 256 x 1152 and 128 x 1152 gain nothing.
 GRAM_STRIP_ROWS = 128
-#: Smallest row length for which `gram` works in strips (below it the product is too small).
-GRAM_STRIP_MIN_COLUMNS = 2048
+#: Smallest row length for which `gram` works in strips (below it the product is too small), and
+#: smallest size of the rows, in entries. Measured on CPU B (AMD Zen 4), strips and mirror over the
+#: full product, at one and two threads: 0.69-0.91 for 512 to 4096 rows of 512 entries,
+#: 0.87-0.98 for 256 x 1024, 0.80-1.14 for rows of 256 entries, 1.2-2.6 for rows of 64.
+GRAM_STRIP_MIN_COLUMNS = 512
+GRAM_STRIP_MIN_ELEMENTS = 2**18
 #: Entries of the output per oneDNN product in `matmul_into` (bounds its temporary to
 #: 16 MiB of float32; fewer, larger products than a fixed 1024 rows, each a barrier of the pool).
 MATMUL_INTO_ELEMENTS = 2**22
@@ -396,7 +400,8 @@ def gram_in_strips(rows: Tensor) -> bool:
     """Whether `gram` computes the Gram matrix of ``[batch, n, d]`` rows in upper strips: on the
     CPU, for at least two strips of rows long enough to be bound by the product."""
     _, n, d = rows.shape
-    return rows.device.type == "cpu" and n >= 2 * GRAM_STRIP_ROWS and d >= GRAM_STRIP_MIN_COLUMNS
+    large = n >= 2 * GRAM_STRIP_ROWS and d >= GRAM_STRIP_MIN_COLUMNS and n * d >= GRAM_STRIP_MIN_ELEMENTS
+    return rows.device.type == "cpu" and large
 
 
 def gram(rows: Tensor) -> Tensor:
