@@ -33,7 +33,7 @@ recomputed.
 `kernels.ClosestPairsKernel` are restated below, because a Triton kernel can only call Triton
 functions; the same clamps (`kernels.MIN_SQUARED_DISTANCE`), the same order of operations
 where it matters (the scaled cosine \((g_{ij} r_i) r_j\), the clamp that keeps a NaN), and
-the parity tests (`tests/functional/triton_interpreted.py`, run by `test_triton_pairs.py`: value
+the parity tests (`tests/functional/fused_cases.py`, run by `test_triton_pairs.py`: value
 and gradient against the eager path and a float64 statement of the formula) are the guarantee
 that they agree. Only float32 is
 fused; the sums differ from the eager path's in their order, i.e. in float32 rounding. A Riesz
@@ -59,19 +59,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_hsu.functional.kernels import (
-    MIN_SQUARED_DISTANCE,
-    ClosestPairsKernel,
-    GaussianKernel,
-    PairKernel,
-    RieszKernel,
-)
+from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
+from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
-#: Kernel families, the ``KIND`` of a launch (a ``tl.constexpr``: each compiles its own kernel; the
-#: Triton functions compare with the literals, as they cannot read module-level Python ints).
-RIESZ, GAUSSIAN, CLOSEST_PAIRS = 0, 1, 2
-#: Riesz powers with their own formula, the ``POWER_CASE`` of a launch: s = 0 (log), s = 2, s = 1, else.
-LOG_POWER, INVERSE_SQUARE, INVERSE, OTHER_POWER = 0, 1, 2, 3
+__all__ = ["pair_block_sums", "ready", "supports"]
+
 #: Columns per tile of a program's walk along its rows.
 BLOCK_N = 128
 #: Programs per streaming multiprocessor aimed at when choosing the rows per program.
@@ -82,7 +74,10 @@ _MIN_SQ: tl.constexpr = tl.constexpr(MIN_SQUARED_DISTANCE)
 
 @triton.jit
 def _kernel_terms(c, param, power, two_t, KIND: tl.constexpr, POWER_CASE: tl.constexpr):
-    """f(c) and f'(c): `RieszKernel`, `GaussianKernel` or `ClosestPairsKernel`, restated for Triton."""
+    """f(c) and f'(c): `RieszKernel`, `GaussianKernel` or `ClosestPairsKernel`, restated for Triton.
+
+    ``KIND`` and ``POWER_CASE`` are `_fused_family`'s integers, compared here as literals (a Triton
+    function cannot read a module's Python ints); each value compiles its own kernel."""
     if KIND == 0:  # RIESZ: d^2 = max(2 - 2c, 1e-6); the comparison keeps a NaN, as clamp_min does
         raw = 2.0 - 2.0 * c
         sq = tl.where(raw < _MIN_SQ, _MIN_SQ, raw)
@@ -218,31 +213,6 @@ def _pair_block_kernel(
             tl.store(gram_rows + offs_n[None, :] * stride_gc, coeff, mask=inside)
 
 
-def supports(kernel: PairKernel) -> bool:
-    """Whether ``kernel`` has a fused form (exactly these classes: a subclass may change the formula)."""
-    return type(kernel) in (RieszKernel, GaussianKernel, ClosestPairsKernel)
-
-
-def _family(kernel: PairKernel) -> tuple[int, int, float, float, float | Tensor]:
-    """``(KIND, POWER_CASE, power, 2t, per-batch parameter)`` of a supported kernel."""
-    if isinstance(kernel, RieszKernel):
-        case = {0.0: LOG_POWER, 2.0: INVERSE_SQUARE, 1.0: INVERSE}.get(kernel.power, OTHER_POWER)
-        return RIESZ, case, float(kernel.power), 0.0, 0.0
-    if isinstance(kernel, GaussianKernel):
-        return GAUSSIAN, OTHER_POWER, 0.0, 2.0 * kernel.t, kernel.shift
-    assert isinstance(kernel, ClosestPairsKernel)
-    return CLOSEST_PAIRS, OTHER_POWER, 0.0, 0.0, kernel.threshold
-
-
-def _per_batch_parameter(parameter: float | Tensor, like: Tensor) -> tuple[Tensor, int]:
-    """A shift or threshold as a float32 tensor on ``like``'s device and its batch stride (0: shared)."""
-    if isinstance(parameter, Tensor):
-        flat = parameter.detach().to(device=like.device, dtype=torch.float32).reshape(-1).contiguous()
-    else:
-        flat = like.new_full((1,), float(parameter))
-    return flat, (0 if flat.numel() == 1 else 1)
-
-
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
@@ -324,8 +294,8 @@ def pair_block_sums(
     batch, rows, m = block.shape
     if col_scale is not None and row_scale is None:
         raise ValueError("col_scale needs row_scale (raw products fold the projection)")
-    kind, power_case, power, two_t, parameter = _family(kernel)
-    param, stride_p = _per_batch_parameter(parameter, block)
+    kind, power_case, power, two_t, parameter = family(kernel)
+    param, stride_p = per_batch_parameter(parameter, block)
     out = block.new_empty(3, batch, rows)
     rows_scale = row_scale if row_scale is not None else sq  # unread without FOLD
     cols_scale = col_scale if col_scale is not None else sq  # unread without RAW_GRAM

@@ -23,7 +23,7 @@ a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never 
 above the dense threshold:
 
 - **One block** (a layer whose Gram matrix fits one strip: by default up to 512 neurons on the
-  CPU, 4096 on a GPU). The whole Gram matrix, from the raw rows with the normalisation factors applied to it; the
+  CPU with the eager passes, 4096 with the compiled kernel and on a GPU). The whole Gram matrix, from the raw rows with the normalisation factors applied to it; the
   normalisation's chain rule is folded into the coefficients (`_fold_projection`), so the
   gradient with respect to the raw weights is one product and nothing but the two products
   touches ``[n, d]``.
@@ -44,8 +44,12 @@ above the dense threshold:
 **On a GPU with Triton** every block's elementwise passes (kernel values and slopes, clamps,
 half-space pairing, self pairs, the folded projection) are one fused launch
 (`_triton_pairs.pair_block_sums`, switched by the environment variable `TRITON_ENV`) instead of
-about 65 small ones; float64, the angular kernel and ``torch.compile`` tracing keep the eager
-passes, which are also the fallback without Triton.
+about 65 small ones. **On the CPU** the same is one call of a C function (`_cpu_pairs`, built
+with the machine's C compiler at first use, switched by `CPU_KERNEL_ENV`), which walks each row
+from cache: a layer of up to 4096 neurons is then one block, its Gram matrix in `_matmul.gram`'s
+mirrored strips and its gradient one product. Float64, the angular kernel, tensor subclasses and
+``torch.compile`` tracing keep the eager passes, which are also the fallback without Triton or a
+compiler.
 
 **Sharding across ranks.** With ``shard=(rank, world_size)`` a rank handles the rows
 `shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
@@ -69,6 +73,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_hsu.functional import _fused_family
 from lightning_hsu.functional._common import row_normalization
 from lightning_hsu.functional._matmul import (
     PRODUCT_PRECISIONS,
@@ -112,6 +117,10 @@ MIN_KERNEL_BLOCK_ROWS = 32
 #: tensors when Triton is importable; ``always`` for CPU tensors too, which Triton runs only in its
 #: interpreter (``TRITON_INTERPRET=1``, set before Triton is imported: the parity tests).
 TRITON_ENV = "LIGHTNING_HSU_TRITON"
+#: Environment variable choosing the compiled C kernel for a block's pair terms on the CPU
+#: (`lightning_hsu.functional._cpu_pairs`): ``0`` never; unset or ``auto`` for float32 CPU tensors
+#: when it builds (with the machine's C compiler, once per machine) and passes its probe.
+CPU_KERNEL_ENV = "LIGHTNING_HSU_CPU_KERNEL"
 
 
 def block_rows_for(n: int, chunk_size: int | None) -> int:
@@ -121,20 +130,22 @@ def block_rows_for(n: int, chunk_size: int | None) -> int:
     return max(1, min(n, DENSE_BLOCK_ELEMENTS // max(n, 1)))
 
 
-def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu") -> int:
+def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu", fused: bool = False) -> int:
     """Rows per strip of the upper-strip schedule.
 
     ``chunk_size`` if given; otherwise, on the CPU, one block while the Gram matrix has at most
-    `STRIP_ELEMENTS` entries, else `STRIPS_PER_LAYER` strips, at least
-    `MIN_STRIP_ROWS` and at most `MAX_STRIP_ELEMENTS` ``/ n`` rows, and never more than
-    `block_rows_for` allows (the kernel's passes over a strip run in cache-sized blocks,
-    `_strip_passes`). Elsewhere (a GPU) as many rows as `block_rows_for` allows: on a
-    GPU each strip's dozen launches cost more than its passes (measured on an H200: 2048 x 512 in
-    16 strips took 5.9x the matrix-multiply bound even replayed from a CUDA graph, 512 x 4608 in
-    one block 2.8x).
+    `STRIP_ELEMENTS` entries (`DENSE_BLOCK_ELEMENTS` with the compiled kernel, ``fused``: its
+    one call per block walks the whole matrix from cache, and the gradient is one product), else
+    `STRIPS_PER_LAYER` strips, at least `MIN_STRIP_ROWS` and at most `MAX_STRIP_ELEMENTS` ``/ n``
+    rows, and never more than `block_rows_for` allows (the kernel's passes over a strip run in
+    cache-sized blocks, `_strip_passes`). Elsewhere (a GPU) as many rows as `block_rows_for`
+    allows: on a GPU each strip's dozen launches cost more than its passes (measured on an H200:
+    2048 x 512 in 16 strips took 5.9x the matrix-multiply bound even replayed from a CUDA graph,
+    512 x 4608 in one block 2.8x).
     """
     rows = block_rows_for(n, chunk_size)
-    if chunk_size is not None or device_type != "cpu" or n * n <= STRIP_ELEMENTS:
+    one_block = DENSE_BLOCK_ELEMENTS if fused else STRIP_ELEMENTS
+    if chunk_size is not None or device_type != "cpu" or n * n <= one_block:
         return rows
     strip = max(MIN_STRIP_ROWS, min(-(-n // STRIPS_PER_LAYER), MAX_STRIP_ELEMENTS // n))
     return max(1, min(rows, strip))
@@ -186,26 +197,47 @@ def _triton_pairs_module() -> ModuleType | None:
 
 
 def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
-    """The fused kernel's module if it takes this block (`TRITON_ENV`), else ``None``: the eager passes.
+    """The fused kernel's module if it takes this block, else ``None``: the eager passes.
 
-    Not under ``torch.compile`` tracing (inductor fuses the eager passes itself), not for float64,
-    not for kernels without a fused form (the angular one, subclasses). The first use on a device
+    CUDA tensors take the Triton kernel (`TRITON_ENV`), CPU tensors the compiled C kernel
+    (`CPU_KERNEL_ENV`, `_cpu_pairs`), or Triton's interpreter when asked (the parity tests). Not
+    under ``torch.compile`` tracing (inductor fuses the eager passes itself), not for float64, not
+    for kernels without a fused form (the angular one, subclasses). The first use on a CUDA device
     launches a probe (`_triton_pairs.ready`); during a CUDA graph capture an untried device keeps
-    the eager path (a capture is preceded by warm-up calls, which try it).
+    the eager path (a capture is preceded by warm-up calls, which try it). The C kernel is built
+    and probed at its first use in a process (`_cpu_pairs.ready`).
     """
-    mode = os.environ.get(TRITON_ENV, "auto").strip().lower()
-    if mode == "0" or block.dtype != torch.float32 or torch.compiler.is_compiling():
+    if block.dtype != torch.float32 or torch.compiler.is_compiling() or not _fused_family.supports(kernel):
         return None
+    triton_mode = os.environ.get(TRITON_ENV, "auto").strip().lower()
     device = block.device
-    if device.type != "cuda":
-        interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
-        if mode != "always" or not interpreted:
-            return None
+    if device.type == "cpu":
+        interpreted = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
+        if not (triton_mode == "always" and interpreted):
+            return _cpu_kernel(block)
+    elif device.type != "cuda":
+        return None
+    if triton_mode == "0":
+        return None
     module = _triton_pairs_module()
-    if module is None or not module.supports(kernel):
+    if module is None:
         return None
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     return module if module.ready(device, may_probe=not capturing) else None
+
+
+def _cpu_kernel(block: Tensor) -> ModuleType | None:
+    """`_cpu_pairs` unless `CPU_KERNEL_ENV` is ``0``, ``block`` has no storage to hand over
+    (functorch's wrappers, fake tensors), or the kernel did not build (imported on first use)."""
+    if os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() == "0":
+        return None
+    try:
+        block.data_ptr()
+    except RuntimeError:
+        return None
+    from lightning_hsu.functional import _cpu_pairs
+
+    return _cpu_pairs if _cpu_pairs.ready() else None
 
 
 def _self_pairs(block: Tensor, start: int) -> Tensor:
@@ -670,16 +702,17 @@ class _NormalizedPairwiseKernelSum(torch.autograd.Function):
 
 
 def _schedule(
-    n: int, chunk_size: int | None, shard: tuple[int, int] | None, device_type: str
+    rows: Tensor, kernel: PairKernel, chunk_size: int | None, shard: tuple[int, int] | None
 ) -> tuple[int, tuple[int, int] | None]:
-    """Rows per block and the row range (``None``: upper strips over all rows)."""
+    """Rows per block and the row range (``None``: upper strips over all rows) for ``[batch, n, d]`` ``rows``."""
     checked = check_shard(shard)
     # with shard: the same blocks, of full rows
-    rows = symmetric_block_rows(n, chunk_size, device_type)
+    fused = rows.device.type == "cpu" and _fused_pairs(rows, kernel) is not None
+    block_rows = symmetric_block_rows(rows.shape[1], chunk_size, rows.device.type, fused)
     if checked is None:
-        return rows, None
+        return block_rows, None
     rank, world_size = checked
-    return rows, shard_rows(n, rank, world_size)
+    return block_rows, shard_rows(rows.shape[1], rank, world_size)
 
 
 def normalized_pairwise_kernel_sum(
@@ -704,7 +737,7 @@ def normalized_pairwise_kernel_sum(
     ``what`` names the rows in that error.
     """
     choice("normalized_pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
-    block_rows, row_range = _schedule(neurons.shape[1], chunk_size, shard, neurons.device.type)
+    block_rows, row_range = _schedule(neurons, kernel, chunk_size, shard)
     return _NormalizedPairwiseKernelSum.apply(
         neurons, float(eps), kernel, half_space, block_rows, row_range, bool(check_finite), precision, what
     )
@@ -738,7 +771,7 @@ def pairwise_kernel_sum(
             (`_matmul.product_precision`; errors and when they are safe in `docs/performance.md`).
     """
     choice("pairwise_kernel_sum", "precision", precision, PRODUCT_PRECISIONS)
-    block_rows, row_range = _schedule(unit.shape[1], chunk_size, shard, unit.device.type)
+    block_rows, row_range = _schedule(unit, kernel, chunk_size, shard)
     return _PairwiseKernelSum.apply(unit, kernel, half_space, block_rows, row_range, precision)
 
 

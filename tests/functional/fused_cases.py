@@ -1,16 +1,19 @@
-"""Parity cases of the fused Triton kernel (``functional/_triton_pairs.py``), run in Triton's interpreter.
+"""Parity cases of the fused pair-sum kernels: the C kernel on the CPU (``functional/_cpu_pairs.py``) and
+the Triton kernel in Triton's interpreter (``functional/_triton_pairs.py``).
 
-Not collected by pytest on its own (no ``test_`` prefix): ``test_triton_pairs.py`` runs this file
-in a fresh process with ``TRITON_INTERPRET=1``, which Triton reads when it is imported and when a
-kernel is decorated (this suite's other tests import Triton through ``torch._dynamo`` first), and
-``LIGHTNING_HSU_TRITON=always``, which lets CPU tensors take the fused path. Every case is compared
-with the eager path (the same float32 cosines, so a few ulps apart) and with the float64 statement
-of the formula in ``reference.py``: the sum over the unordered pairs of the vectors (``[W; -W]``
-in half space) of the clamped kernel, differentiated by autograd.
+Not collected by pytest on its own (no ``test_`` prefix): ``test_cpu_pairs.py`` and
+``test_triton_pairs.py`` run this file in a fresh process with ``LIGHTNING_HSU_FUSED_CASES`` naming
+the kernel. For Triton also with ``TRITON_INTERPRET=1``, which Triton reads when it is imported and
+when a kernel is decorated (this suite's other tests import Triton through ``torch._dynamo`` first),
+and ``LIGHTNING_HSU_TRITON=always``, which lets CPU tensors take it. Every case is compared with the
+eager path (the same float32 cosines, so a few ulps apart) and with the float64 statement of the
+formula in ``reference.py``: the sum over the unordered pairs of the vectors (``[W; -W]`` in half
+space) of the clamped kernel, differentiated by autograd.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from lightning_hsu.functional import (
     soft_hyperspherical_separation,
     uniformity,
 )
+from lightning_hsu.functional._fused_family import supports
 from lightning_hsu.functional.kernels import AngularKernel, GaussianKernel, RieszKernel
 
 from .reference import (
@@ -37,36 +41,49 @@ from .reference import (
 )
 from .test_unchecked import HostSyncCounter
 
-if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get(pairwise.TRITON_ENV) != "always":
-    pytest.skip(
-        "run by test_triton_pairs.py, with TRITON_INTERPRET=1 and LIGHTNING_HSU_TRITON=always", allow_module_level=True
-    )
-triton = pytest.importorskip("triton")
+#: Environment variable naming the kernel under test: ``cpu`` or ``triton``.
+CASES_ENV = "LIGHTNING_HSU_FUSED_CASES"
+#: Per kernel: its module, the switch's variable, and the switch's values for fused and eager.
+BACKENDS = {
+    "cpu": ("lightning_hsu.functional._cpu_pairs", pairwise.CPU_KERNEL_ENV, "auto", "0"),
+    "triton": ("lightning_hsu.functional._triton_pairs", pairwise.TRITON_ENV, "always", "0"),
+}
+BACKEND = os.environ.get(CASES_ENV, "")
+if BACKEND not in BACKENDS:
+    pytest.skip(f"run by test_cpu_pairs.py and test_triton_pairs.py, with {CASES_ENV} set", allow_module_level=True)
+if BACKEND == "triton":
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get(pairwise.TRITON_ENV) != "always":
+        pytest.skip("the Triton cases need TRITON_INTERPRET=1 and LIGHTNING_HSU_TRITON=always", allow_module_level=True)
+    pytest.importorskip("triton")
+MODULE, SWITCH, FUSED, EAGER = BACKENDS[BACKEND]
 
 
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the fused launches (one entry per call of ``pair_block_sums``)."""
-    from lightning_hsu.functional import _triton_pairs
-
+    module = importlib.import_module(MODULE)
     calls: list[int] = []
-    original = _triton_pairs.pair_block_sums
+    original = module.pair_block_sums
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_triton_pairs, "pair_block_sums", counted)
+    monkeypatch.setattr(module, "pair_block_sums", counted)
     return calls
 
 
-def _with_mode(mode: str, fn: Callable[[], object]) -> object:
-    previous = os.environ[pairwise.TRITON_ENV]
-    os.environ[pairwise.TRITON_ENV] = mode
+def _with_mode(fused: bool, fn: Callable[[], object]) -> object:
+    """``fn()`` with the kernel under test switched on or off."""
+    previous = os.environ.get(SWITCH)
+    os.environ[SWITCH] = FUSED if fused else EAGER
     try:
         return fn()
     finally:
-        os.environ[pairwise.TRITON_ENV] = previous
+        if previous is None:
+            del os.environ[SWITCH]
+        else:
+            os.environ[SWITCH] = previous
 
 
 def _value_and_grad(fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +121,8 @@ def assert_matches(
     entry): where the gradient vanishes but its terms do not, float32 leaves their rounding.
     """
     w = w64.float()
-    value, grad = _with_mode("always", lambda: _value_and_grad(fused_fn, w))  # type: ignore[misc]
-    eager_value, eager_grad = _with_mode("0", lambda: _value_and_grad(fused_fn, w))  # type: ignore[misc]
+    value, grad = _with_mode(True, lambda: _value_and_grad(fused_fn, w))  # type: ignore[misc]
+    eager_value, eager_grad = _with_mode(False, lambda: _value_and_grad(fused_fn, w))  # type: ignore[misc]
     ref_value, ref_grad = _value_and_grad(reference_fn, w64)
     scale = float(ref_grad.abs().max()) if grad_scale is None else grad_scale
     # eager and fused see the same float32 cosines: apart by the order of their float32 sums
@@ -248,6 +265,18 @@ def test_strip_and_full_row_schedules_match_eager_and_float64(
 
 
 @pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+def test_a_layer_past_the_eager_strips_is_one_fused_block(half_space: bool, launches: list[int]) -> None:
+    """600 neurons of 512 inputs: past the eager path's one-block limit (512), one fused block on the
+    CPU (its Gram matrix in strips mirrored, the projection folded), as on a GPU."""
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        return hyperspherical_energy(x, half_space=half_space, check_finite=False)
+
+    assert_matches(energy, lambda x: pairwise_energy(x, 2.0, half_space), neurons("antipodal", 600, d=512))
+    assert len(launches) == 1
+
+
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
 @pytest.mark.parametrize("kernel", [RieszKernel(0.0), RieszKernel(2.0), GaussianKernel(2.0, 0.5)], ids=repr)
 def test_batched_strips_and_rows_match_eager(kernel, half_space: bool, launches: list[int]) -> None:
     """A batch of 3 through the strip and full-row schedules themselves (on the CPU the public
@@ -256,12 +285,12 @@ def test_batched_strips_and_rows_match_eager(kernel, half_space: bool, launches:
     sq = torch.linalg.vector_norm(unit, dim=-1).square()
     r = torch.ones(3, 70, 1)
 
-    def both(mode: str) -> list[torch.Tensor]:
-        strips = _with_mode(mode, lambda: pairwise._upper_strip_sum(unit, kernel, half_space, 32, True, sq, None))
-        rows = _with_mode(mode, lambda: pairwise._row_block_sum(unit, kernel, half_space, 32, True, (10, 60), sq, r))
+    def both(fused: bool) -> list[torch.Tensor]:
+        strips = _with_mode(fused, lambda: pairwise._upper_strip_sum(unit, kernel, half_space, 32, True, sq, None))
+        rows = _with_mode(fused, lambda: pairwise._row_block_sum(unit, kernel, half_space, 32, True, (10, 60), sq, r))
         return [*strips, *rows]  # type: ignore[list-item]
 
-    fused_results, eager_results = both("always"), both("0")
+    fused_results, eager_results = both(True), both(False)
     for ours, eager in zip(fused_results, eager_results, strict=True):
         torch.testing.assert_close(ours, eager, rtol=2e-5, atol=1e-5 * float(eager.abs().max()))
     assert len(launches) == 3 + 2  # three strips, two row blocks of the range
@@ -275,7 +304,7 @@ def test_nan_neurons_give_nan_on_both_paths(launches: list[int]) -> None:
         fused_value = _with_mode(
             "always", lambda h=half_space: hyperspherical_energy(w, half_space=h, check_finite=False)
         )
-        eager_value = _with_mode("0", lambda h=half_space: hyperspherical_energy(w, half_space=h, check_finite=False))
+        eager_value = _with_mode(False, lambda h=half_space: hyperspherical_energy(w, half_space=h, check_finite=False))
         assert torch.isnan(fused_value) and torch.isnan(eager_value)
     assert launches
 
@@ -288,7 +317,8 @@ def test_the_fused_path_makes_no_host_sync(launches: list[int]) -> None:
 
 
 def test_what_stays_eager(launches: list[int]) -> None:
-    """The angular kernel (no ``acos`` in Triton's interpreter), float64, a kernel subclass, the switch off."""
+    """The angular kernel (no ``acos`` in Triton's interpreter; the C kernel follows the Triton one), float64, a
+    kernel subclass, the switch off."""
     w = neurons("random", 37)
 
     class Scaled(RieszKernel):
@@ -297,8 +327,6 @@ def test_what_stays_eager(launches: list[int]) -> None:
     hyperspherical_energy(w.float(), distance="angular", check_finite=False)
     hyperspherical_energy(w, check_finite=False)  # float64
     pairwise.pairwise_kernel_sum(unit_rows(w).float().unsqueeze(0), Scaled(2.0))
-    _with_mode("0", lambda: hyperspherical_energy(w.float(), check_finite=False))
+    _with_mode(False, lambda: hyperspherical_energy(w.float(), check_finite=False))
     assert not launches
-    from lightning_hsu.functional import _triton_pairs
-
-    assert not _triton_pairs.supports(AngularKernel(1.0)) and _triton_pairs.supports(RieszKernel(1.0))
+    assert not supports(AngularKernel(1.0)) and supports(RieszKernel(1.0))

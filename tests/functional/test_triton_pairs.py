@@ -2,19 +2,16 @@
 
 Without a GPU the kernel runs in Triton's interpreter, which must be switched on before Triton is
 imported; this suite imports Triton early (``torch._dynamo`` does), so the parity cases
-(``triton_interpreted.py``) run in a fresh process. On a GPU (``-m gpu``) the compiled kernel is
+(``fused_cases.py``, shared with the C kernel) run in a fresh process. On a GPU (``-m gpu``) the compiled kernel is
 compared with the eager path and the float64 formula, and replayed from a CUDA graph. Skipped
 without Triton.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +20,8 @@ from lightning_hsu.functional import hyperspherical_energy, pairwise
 from lightning_hsu.functional.kernels import RieszKernel
 
 from .reference import pairwise_energy
+from .test_cpu_pairs import run_fused_cases
 
-CASES_FILE = Path(__file__).with_name("triton_interpreted.py")
 MODULE = "lightning_hsu.functional._triton_pairs"
 
 
@@ -34,10 +31,12 @@ def test_importing_the_package_does_not_import_the_kernel_module() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_cpu_tensors_stay_eager_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``auto`` (the default) fuses on CUDA only; ``always`` on the CPU needs Triton's interpreter."""
+def test_cpu_tensors_take_triton_only_in_its_interpreter_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` (the default) takes Triton on CUDA only; ``always`` on the CPU needs Triton's interpreter.
+    Otherwise a CPU tensor takes the C kernel, or with its switch off the eager passes."""
     w = torch.randn(1, 8, 3)
     kernel = RieszKernel(2.0)
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
     monkeypatch.delenv(pairwise.TRITON_ENV, raising=False)
     assert pairwise._fused_pairs(w, kernel) is None
     monkeypatch.setenv(pairwise.TRITON_ENV, "always")
@@ -48,19 +47,7 @@ def test_cpu_tensors_stay_eager_unless_asked(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.slow
 def test_interpreted_parity_cases_pass_in_a_fresh_process() -> None:
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{pairwise.TRITON_ENV: "always"})
-    root = Path(__file__).resolve().parents[2]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES_FILE)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=env,
-        timeout=540,
-    )
-    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
+    run_fused_cases("triton", TRITON_INTERPRET="1", **{pairwise.TRITON_ENV: "always"})
 
 
 # ---- on a GPU: the compiled kernel ----------------------------------------------------------------

@@ -1,0 +1,259 @@
+r"""The pair-sum kernel's elementwise passes fused into one C loop per block (CPU, float32).
+
+The eager pair sum (`lightning_hsu.functional.pairwise`) evaluates a block of Gram entries in a dozen
+or more ATen passes (the kernel at \(c\) and \(-c\), the clamps, the half-space pairing, the self
+pairs, the folded projection, sums and copies), each a Python call and a trip through memory. On a
+layer with few inputs (\(d = 512\)) those passes cost as much as a third of the products' time at
+one thread, and do not halve when the products take two threads (`docs/performance.md`, item 43).
+This module computes the same thing as the fused Triton kernel (`_triton_pairs`, whose docstring
+states the mathematics) in one C function per block: each row is walked twice from the first-level
+cache, once for the sums of the pair terms and \(\rho_i = \sum_j C_{ij} c_{ij}\), once to write the
+coefficients \(C''\) over the Gram entries.
+
+**Build.** ``_cpu_pairs.c`` ships with the package and is compiled at its first use in a process
+with the machine's C compiler (``$CC``, else ``cc``; about a second, for this CPU:
+``-march=native``), into a cache directory (``$LIGHTNING_HSU_CACHE_DIR``, else
+``$XDG_CACHE_HOME/lightning_hsu`` or ``~/.cache/lightning_hsu``), keyed by the source, the
+compiler, its flags and the CPU's feature flags; later processes load the cached library. It needs
+no Python or Torch header, and is called through `ctypes` (which releases the GIL). Where no
+compiler is found, the build fails, or the library computes a probe block wrongly (`ready`), the
+pair sums keep the eager passes, with one warning. ``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them
+without trying.
+
+**Numerics.** The formulas and clamps are those of `kernels` in float32, with the same order of
+operations where it matters (the scaled cosine \((g_{ij} r_i) r_j\), the clamp that keeps a NaN);
+the sums are in another order (per row, then in float64), i.e. they differ from the eager path's in
+float32 rounding. The parity tests (``tests/functional/test_cpu_pairs.py``) compare value and
+gradient with the eager path and a float64 statement of each formula.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
+from lightning_hsu.functional.kernels import PairKernel, RieszKernel
+
+__all__ = ["pair_block_sums", "ready", "supports"]
+
+#: The C source, shipped beside this module.
+SOURCE = Path(__file__).with_name("_cpu_pairs.c")
+#: Environment variable naming the directory of the compiled library.
+CACHE_ENV = "LIGHTNING_HSU_CACHE_DIR"
+#: Compiler flags: vectorised for this CPU, ``-fopenmp-simd`` for the loops' reductions (no OpenMP
+#: runtime is linked), no ``errno`` so that the math functions vectorise; no fast-math, and no
+#: contraction into fused multiply-adds, which rounds otherwise than the eager passes (a shifted
+#: Gaussian's exponent: 4x the eager gradient's error where duplicate neurons cancel).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+#: Seconds a compilation may take before the eager passes are kept.
+COMPILE_TIMEOUT = 120.0
+
+
+def _compiler() -> list[str] | None:
+    """The C compiler command: ``$CC``, else Python's build compiler, else ``cc``; ``None`` if absent."""
+    for candidate in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
+        if not candidate:
+            continue
+        command = candidate.split()
+        if shutil.which(command[0]):
+            return command
+    return None
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the machine and its CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lightning_hsu"
+
+
+def _build(compiler: list[str]) -> Path:
+    """The compiled library's path, compiling it if the cache has none for this source, compiler and CPU."""
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), " ".join(compiler), version, " ".join(FLAGS), _cpu_signature()]).encode()
+    ).hexdigest()[:20]
+    directory = _cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: a per-user directory under the temporary one
+        directory = Path(tempfile.gettempdir()) / f"lightning_hsu-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"cpu_pairs-{key}.so"
+    if library.exists():
+        return library
+    # compiled under a unique name and renamed: ranks of one job may build at the same time
+    fd, partial = tempfile.mkstemp(suffix=".so", prefix="cpu_pairs-", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [*compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT,
+        )
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+_POINTER = ctypes.c_void_p
+_INT = ctypes.c_int64
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    """The loaded library (built on first use); raises what the build or the loader raised."""
+    compiler = _compiler()
+    if compiler is None:
+        raise FileNotFoundError("no C compiler found ($CC, Python's CC, cc)")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    fn = lib.pair_block_sums_f32
+    fn.restype = ctypes.c_int
+    # gram, batch, rows, m, stride_gb, stride_gr, sq, row_scale, col_scale, param, param_stride,
+    # diag, width, kind, power_case, power, two_t, half, with_grad, out
+    fn.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT]
+    fn.argtypes += [_INT, _INT, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+    fn.argtypes += [ctypes.c_int, _POINTER]
+    return lib
+
+
+#: Whether the library built, loaded and passed the probe (`ready`); ``None`` before the first try.
+_READY: list[bool] = []
+
+
+def _probe() -> None:
+    """One 2 x 2 block of half-space MHE (s = 2) against its closed form, value and coefficients."""
+    c = 0.25
+    block = torch.tensor([[[1.0, c], [c, 1.0]]])
+    pair, tile, anti = pair_block_sums(
+        block, 0, RieszKernel(2.0), half_space=True, sq=torch.ones(1, 2), with_grad=True, width=1
+    )
+    # each row: f(c) + f(-c) = 1/(2 - 2c) + 1/(2 + 2c); the antipodal pair f(-1) = 1/4
+    expected_pair = 2.0 * (1.0 / (2 - 2 * c) + 1.0 / (2 + 2 * c))
+    # C_01 = 2 (f'(c) - f'(-c)) with f'(c) = 2 / (2 - 2c)^2; C_00 = -2 f'(-1) = -2 * 2/16
+    coeff = 2.0 * (2.0 / (2 - 2 * c) ** 2 - 2.0 / (2 + 2 * c) ** 2)
+    expected = torch.tensor([[[-0.25, coeff], [coeff, -0.25]]])
+    ok = abs(float(pair) - expected_pair) < 1e-5 and abs(float(anti) - 0.5) < 1e-6
+    ok = ok and abs(float(tile) - expected_pair / 2) < 1e-5 and torch.allclose(block, expected, atol=1e-6)
+    if not ok:
+        raise RuntimeError(f"the compiled kernel computed a probe block wrongly ({float(pair)}, {block.tolist()})")
+
+
+def ready() -> bool:
+    """Whether the C kernel is built, loaded and computes a probe block right: tried once per process.
+
+    Where it is not, the pair sums keep the eager passes and one warning says why.
+    """
+    if not _READY:
+        try:
+            _library()
+            _READY.append(True)
+            _probe()
+        except Exception as err:  # no compiler, a failed build or load, a wrong probe: the eager path stays correct
+            _READY[:] = [False]
+            detail = getattr(err, "stderr", None) or ""
+            warnings.warn(
+                f"the compiled CPU pair-sum kernel is unavailable ({type(err).__name__}: {err}"
+                f"{'; ' + detail.strip()[-500:] if detail else ''}); the pair sums use the eager passes",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _READY[0]
+
+
+def _dense(x: Tensor) -> Tensor:
+    return x.detach().to(torch.float32).contiguous()
+
+
+def pair_block_sums(
+    block: Tensor,
+    diag: int,
+    kernel: PairKernel,
+    *,
+    half_space: bool,
+    sq: Tensor,
+    with_grad: bool,
+    row_scale: Tensor | None = None,
+    col_scale: Tensor | None = None,
+    width: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Sums of a block's pair terms, and its gradient coefficients written over it, in one C call.
+
+    The arguments and results of `_triton_pairs.pair_block_sums`: ``block`` is a ``[batch, rows, m]``
+    float32 CPU tensor of Gram entries (the self pair of row ``k`` at column ``k + diag``),
+    overwritten with the coefficients when ``with_grad``; ``sq`` the ``[batch, rows]`` squared
+    norms \(\lVert\hat w_i\rVert^2\); ``row_scale`` (``[batch, rows]``) folds the projection onto
+    the sphere into the coefficients; ``col_scale`` (``[batch, m]``, with ``row_scale``) marks
+    raw products; ``width`` the leading columns summed apart. Returns the ``[batch]`` sums of the
+    pair terms, of those in the leading ``width`` columns, and of the antipodal terms.
+    """
+    batch, rows, m = block.shape
+    if col_scale is not None and row_scale is None:
+        raise ValueError("col_scale needs row_scale (raw products fold the projection)")
+    if block.dtype != torch.float32 or block.device.type != "cpu":
+        raise ValueError(f"the CPU kernel takes float32 CPU blocks, got {block.dtype} on {block.device}")
+    target = block
+    if rows and m and block.stride(2) != 1:
+        target = block.contiguous()  # the C loops walk contiguous rows
+    kind, power_case, power, two_t, parameter = family(kernel)
+    param, stride_p = per_batch_parameter(parameter, block)
+    sq = _dense(sq)
+    rows_scale = None if row_scale is None else _dense(row_scale)
+    cols_scale = None if col_scale is None else _dense(col_scale)
+    out = torch.zeros(3, batch, rows, dtype=torch.float64)
+    if rows and m:
+        _library().pair_block_sums_f32(
+            target.data_ptr(),
+            batch,
+            rows,
+            m,
+            target.stride(0),
+            target.stride(1),
+            sq.data_ptr(),
+            None if rows_scale is None else rows_scale.data_ptr(),
+            None if cols_scale is None else cols_scale.data_ptr(),
+            param.data_ptr(),
+            stride_p,
+            diag,
+            m if width is None else width,
+            kind,
+            power_case,
+            power,
+            two_t,
+            int(bool(half_space)),
+            int(bool(with_grad)),
+            out.data_ptr(),
+        )
+    if with_grad and target is not block:
+        block.copy_(target)
+    pair, tile, anti = out.sum(2).to(block.dtype)
+    return pair, tile, anti

@@ -1,0 +1,204 @@
+"""The compiled C kernel of the pair sums on the CPU (``functional/_cpu_pairs.py``).
+
+Its parity with the eager passes and with the float64 formulas is ``fused_cases.py`` (the cases it
+shares with the Triton kernel), run in a fresh process; here are its build, its cache, what a
+user without a compiler gets, and the layouts it is handed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_hsu.functional import _cpu_pairs, hyperspherical_energy, pairwise
+from lightning_hsu.functional.kernels import RieszKernel
+
+CASES_FILE = Path(__file__).with_name("fused_cases.py")
+ROOT = Path(__file__).resolve().parents[2]
+needs_compiler = pytest.mark.skipif(_cpu_pairs._compiler() is None, reason="no C compiler on this machine")
+
+
+def run_fused_cases(backend: str, **env: str) -> None:
+    """Run ``fused_cases.py`` for ``backend`` in a fresh process; every case must pass, none skip."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES_FILE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, LIGHTNING_HSU_FUSED_CASES=backend, **env),
+        timeout=540,
+    )
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, summary
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, **env),
+        timeout=300,
+    )
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_parity_cases_pass_in_a_fresh_process(tmp_path: Path) -> None:
+    """Value and gradient of every fused regulariser against the eager passes and float64, built afresh."""
+    run_fused_cases("cpu", **{_cpu_pairs.CACHE_ENV: str(tmp_path)})
+    assert len(list(tmp_path.glob("cpu_pairs-*.so"))) == 1
+
+
+def test_importing_the_package_neither_imports_nor_builds_the_kernel(tmp_path: Path) -> None:
+    out = _python(
+        """
+        import sys, lightning_hsu, lightning_hsu.functional
+        print("lightning_hsu.functional._cpu_pairs" in sys.modules)
+        """,
+        **{_cpu_pairs.CACHE_ENV: str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False" and not list(tmp_path.iterdir())
+
+
+@needs_compiler
+def test_the_library_is_built_once_and_loaded_from_the_cache_after(tmp_path: Path) -> None:
+    code = """
+        import time
+        from lightning_hsu.functional import _cpu_pairs
+        start = time.perf_counter()
+        assert _cpu_pairs.ready()
+        print(time.perf_counter() - start)
+        """
+    first = _python(code, **{_cpu_pairs.CACHE_ENV: str(tmp_path)})
+    assert first.returncode == 0, first.stderr
+    (library,) = tmp_path.iterdir()  # no partial build left beside it
+    built = library.stat().st_mtime_ns
+    second = _python(code, **{_cpu_pairs.CACHE_ENV: str(tmp_path)})
+    assert second.returncode == 0, second.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [library.name] and library.stat().st_mtime_ns == built
+    assert "RuntimeWarning" not in first.stderr + second.stderr
+
+
+FALLBACK = """
+    import json, os, warnings
+    import torch
+    from lightning_hsu.functional import hyperspherical_energy, pairwise
+    w = torch.randn(700, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = []
+        for _ in range(2):
+            value = hyperspherical_energy(w, half_space=True)
+            value.backward()
+            values.append([float(value.detach()), w.grad.clone()])
+            w.grad = None
+    os.environ[pairwise.CPU_KERNEL_ENV] = "0"
+    eager = hyperspherical_energy(w, half_space=True)
+    eager.backward()
+    same = all(v == float(eager.detach()) and torch.equal(g, w.grad) for v, g in values)
+    ours = [str(c.message) for c in caught if "pair-sum kernel" in str(c.message)]
+    print(json.dumps({"warnings": ours, "same_as_eager": same}))
+    """
+
+
+def test_without_a_compiler_the_eager_passes_run_after_one_warning(tmp_path: Path) -> None:
+    """No ``$CC`` and nothing on ``PATH``: the same numbers as the eager passes, and one warning that says so."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = _python(FALLBACK, CC="", PATH=str(empty), **{_cpu_pairs.CACHE_ENV: str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["same_as_eager"]
+    (message,) = result["warnings"]
+    assert "no C compiler found" in message and "eager passes" in message
+
+
+def test_a_failed_build_shows_the_compiler_output(tmp_path: Path) -> None:
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text(
+        '#!/bin/sh\nif [ "$1" = "--version" ]; then echo "broken-cc 1.0"; exit 0; fi\n'
+        'echo "broken-cc: error: unrecognized option" >&2\nexit 1\n'
+    )
+    compiler.chmod(0o755)
+    out = _python(FALLBACK, CC=str(compiler), **{_cpu_pairs.CACHE_ENV: str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    (message,) = result["warnings"]
+    assert "CalledProcessError" in message and "unrecognized option" in message and result["same_as_eager"]
+    assert not list((tmp_path / "cache").glob("*.so")), "a failed build left a library behind"
+
+
+def test_a_library_that_computes_wrongly_is_refused_by_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Silent:  # writes nothing: every sum reads 0
+        @staticmethod
+        def pair_block_sums_f32(*args: object) -> int:
+            return 0
+
+    monkeypatch.setattr(_cpu_pairs, "_READY", [])
+    monkeypatch.setattr(_cpu_pairs, "_library", lambda: Silent())
+    with pytest.warns(RuntimeWarning, match="computed a probe block wrongly"):
+        assert not _cpu_pairs.ready()
+    assert pairwise._fused_pairs(torch.zeros(1, 4, 4), RieszKernel(2.0)) is None
+
+
+@needs_compiler
+def test_a_block_with_strided_columns_is_walked_through_a_copy() -> None:
+    """The C loops need contiguous rows: a transposed block gives the same sums and gets its coefficients back."""
+    assert _cpu_pairs.ready()
+    w = torch.nn.functional.normalize(torch.randn(1, 40, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    gram = w @ w.transpose(1, 2)
+    sq = torch.ones(1, 40)
+    dense = gram.clone()
+    strided = gram.clone().transpose(1, 2)  # the same symmetric values, column stride 40
+    kernel = RieszKernel(2.0)
+    expected = _cpu_pairs.pair_block_sums(dense, 0, kernel, half_space=True, sq=sq, with_grad=True, width=7)
+    got = _cpu_pairs.pair_block_sums(strided, 0, kernel, half_space=True, sq=sq, with_grad=True, width=7)
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(strided, dense)
+
+
+@needs_compiler
+def test_a_layer_of_up_to_4096_neurons_is_one_block_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernel a CPU layer is one block up to 4096 neurons (the eager passes: 512); float64
+    and a switched-off kernel keep the strips."""
+    kernel = RieszKernel(2.0)
+    monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
+    assert pairwise._schedule(torch.zeros(1, 2048, 3), kernel, None, None) == (2048, None)
+    assert pairwise._schedule(torch.zeros(1, 5000, 3), kernel, None, None)[0] < 5000
+    assert pairwise._schedule(torch.zeros(1, 2048, 3, dtype=torch.float64), kernel, None, None)[0] == 256
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
+    assert pairwise._schedule(torch.zeros(1, 2048, 3), kernel, None, None)[0] == 256
+
+
+@needs_compiler
+def test_a_training_step_with_the_kernel_equals_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer of 1024 x 512 through the public function: the kernel's one block against the eager
+    strips, value and gradient, with the machine's threads."""
+    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(2))
+
+    def value_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = w.clone().requires_grad_()
+        value = hyperspherical_energy(leaf, half_space=True)
+        value.backward()
+        assert leaf.grad is not None
+        return value.detach(), leaf.grad
+
+    monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
+    fused = value_and_grad()
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
+    eager = value_and_grad()
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-4, atol=1e-5 * float(eager[1].abs().max()))
