@@ -23,7 +23,8 @@ a scaling) and hold at most ``block_rows`` × ``n`` Gram entries at once, never 
 above the dense threshold:
 
 - **One block** (a layer whose Gram matrix fits one strip: by default up to 512 neurons on the
-  CPU with the eager passes, 4096 with the compiled kernel and on a GPU). The whole Gram matrix, from the raw rows with the normalisation factors applied to it; the
+  CPU with the eager passes, 2048 with the compiled kernel, 4096 on a GPU). The whole Gram
+  matrix, from the raw rows with the normalisation factors applied to it; the
   normalisation's chain rule is folded into the coefficients (`_fold_projection`), so the
   gradient with respect to the raw weights is one product and nothing but the two products
   touches ``[n, d]``.
@@ -46,7 +47,7 @@ half-space pairing, self pairs, the folded projection) are one fused launch
 (`_triton_pairs.pair_block_sums`, switched by the environment variable `TRITON_ENV`) instead of
 about 65 small ones. **On the CPU** the same is one call of a C function (`_cpu_pairs`, built
 with the machine's C compiler at first use, switched by `CPU_KERNEL_ENV`), which walks each row
-from cache: a layer of up to 4096 neurons is then one block, its Gram matrix in `_matmul.gram`'s
+from cache: a layer of up to 2048 neurons is then one block, its Gram matrix in `_matmul.gram`'s
 mirrored strips and its gradient one product. Float64, the angular kernel, tensor subclasses and
 ``torch.compile`` tracing keep the eager passes, which are also the fallback without Triton or a
 compiler.
@@ -94,6 +95,11 @@ DENSE_BLOCK_ELEMENTS = 4096 * 4096
 #: a larger one is cut into strips (`symmetric_block_rows`), its kernel passes run in blocks of
 #: `KERNEL_BLOCK_ELEMENTS` (see docs/performance.md, items 4, 8 and 27).
 STRIP_ELEMENTS = 2**18
+#: With the compiled kernel (`_cpu_pairs`) a CPU layer whose Gram matrix has at most this many
+#: entries (n <= 2048) is one block. One block against the kernel's strips, half-space MHE with
+#: d = 512 on CPU B, one and two threads: 0.86 and 0.74 at n = 1024, 0.95 and 0.93 at 2048, 1.08
+#: and 1.20 at 3072, 1.11 and 1.23 at 4096 (mirroring and faulting in a 36-64 MiB matrix).
+FUSED_BLOCK_ELEMENTS = 2**22
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
 #: A layer past one block is cut into about this many strips on the CPU: each strip is a few
@@ -134,7 +140,7 @@ def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu
     """Rows per strip of the upper-strip schedule.
 
     ``chunk_size`` if given; otherwise, on the CPU, one block while the Gram matrix has at most
-    `STRIP_ELEMENTS` entries (`DENSE_BLOCK_ELEMENTS` with the compiled kernel, ``fused``: its
+    `STRIP_ELEMENTS` entries (`FUSED_BLOCK_ELEMENTS` with the compiled kernel, ``fused``: its
     one call per block walks the whole matrix from cache, and the gradient is one product), else
     `STRIPS_PER_LAYER` strips, at least `MIN_STRIP_ROWS` and at most `MAX_STRIP_ELEMENTS` ``/ n``
     rows, and never more than `block_rows_for` allows (the kernel's passes over a strip run in
@@ -144,7 +150,7 @@ def symmetric_block_rows(n: int, chunk_size: int | None, device_type: str = "cpu
     512 x 4608 in one block 2.8x).
     """
     rows = block_rows_for(n, chunk_size)
-    one_block = DENSE_BLOCK_ELEMENTS if fused else STRIP_ELEMENTS
+    one_block = FUSED_BLOCK_ELEMENTS if fused else STRIP_ELEMENTS
     if chunk_size is not None or device_type != "cpu" or n * n <= one_block:
         return rows
     strip = max(MIN_STRIP_ROWS, min(-(-n // STRIPS_PER_LAYER), MAX_STRIP_ELEMENTS // n))

@@ -171,13 +171,13 @@ def test_a_block_with_strided_columns_is_walked_through_a_copy() -> None:
 
 
 @needs_compiler
-def test_a_layer_of_up_to_4096_neurons_is_one_block_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the kernel a CPU layer is one block up to 4096 neurons (the eager passes: 512); float64
+def test_a_layer_of_up_to_2048_neurons_is_one_block_with_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernel a CPU layer is one block up to 2048 neurons (the eager passes: 512); float64
     and a switched-off kernel keep the strips."""
     kernel = RieszKernel(2.0)
     monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
     assert pairwise._schedule(torch.zeros(1, 2048, 3), kernel, None, None) == (2048, None)
-    assert pairwise._schedule(torch.zeros(1, 5000, 3), kernel, None, None)[0] < 5000
+    assert pairwise._schedule(torch.zeros(1, 2049, 3), kernel, None, None)[0] < 2049
     assert pairwise._schedule(torch.zeros(1, 2048, 3, dtype=torch.float64), kernel, None, None)[0] == 256
     monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
     assert pairwise._schedule(torch.zeros(1, 2048, 3), kernel, None, None)[0] == 256
