@@ -200,3 +200,65 @@ int pair_block_sums_f32(float *gram, int64_t batch, int64_t rows, int64_t m, int
     }
     return 0;
 }
+
+/* Hard MHS's search for the closest pairs (`separation._closest_pairs_sum`), over one n x n Gram matrix of raw rows
+ * (row stride `ld`, column stride 1). */
+
+/* Scales the Gram matrix to cosines in place, (g_ij r_i) r_j, and returns the largest pair cosine: over i != j of
+ * c_ij, and in half space of -c_ij and of the antipodal pairs' -c_ii. NaN if any entry is NaN. */
+float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, int half) {
+    float best = -INFINITY;
+    int nan_seen = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        float *g = gram + i * ld;
+        float r_i = r[i];
+        float high = -INFINITY, low = INFINITY;
+        int nans = 0;
+#pragma omp simd reduction(max : high) reduction(min : low) reduction(+ : nans)
+        for (int64_t j = 0; j < n; ++j) {
+            float c = g[j] * r_i * r[j];
+            g[j] = c;
+            nans += c != c;
+            /* the self pair is not a candidate (its -c_ii is, below): left out of both extremes */
+            float candidate_high = j == i ? -INFINITY : c;
+            float candidate_low = j == i ? INFINITY : c;
+            high = candidate_high > high ? candidate_high : high;
+            low = candidate_low < low ? candidate_low : low;
+        }
+        nan_seen |= nans != 0;
+        if (high > best) best = high;
+        if (half) {
+            if (-low > best) best = -low;
+            if (-g[i] > best) best = -g[i];
+        }
+    }
+    return nan_seen ? NAN : best;
+}
+
+/* The pairs whose cosine reaches `threshold` over the upper triangle of a cosine matrix: (i, j, +1) for c_ij, and in
+ * half space (i, j, -1) for -c_ij and (i, i, -1) for the antipodal pair's -c_ii. Writes at most `capacity` of them
+ * and returns how many there are. */
+int64_t tied_pairs_f32(const float *cos, int64_t n, int64_t ld, float threshold, int half, int64_t *rows,
+                       int64_t *cols, float *signs, int64_t capacity) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float *c = cos + i * ld;
+        for (int64_t j = i + 1; j < n; ++j) {
+            int plus = c[j] >= threshold, minus = half && -c[j] >= threshold;
+            if (!(plus | minus)) continue;
+            if (plus) {
+                if (count < capacity) rows[count] = i, cols[count] = j, signs[count] = 1.0f;
+                ++count;
+            }
+            if (minus) {
+                if (count < capacity) rows[count] = i, cols[count] = j, signs[count] = -1.0f;
+                ++count;
+            }
+        }
+        if (half && -c[i] >= threshold) {
+            if (count < capacity) rows[count] = i, cols[count] = i, signs[count] = -1.0f;
+            ++count;
+        }
+    }
+    return count;
+}

@@ -8,7 +8,10 @@ one thread, and do not halve when the products take two threads (`docs/performan
 This module computes the same thing as the fused Triton kernel (`_triton_pairs`, whose docstring
 states the mathematics) in one C function per block: each row is walked twice from the first-level
 cache, once for the sums of the pair terms and \(\rho_i = \sum_j C_{ij} c_{ij}\), once to write the
-coefficients \(C''\) over the Gram entries.
+coefficients \(C''\) over the Gram entries. Hard MHS's search for its closest pairs
+(`separation._closest_pairs_sum`) is two more functions of the same library: one pass that scales
+the Gram matrix to cosines and finds the largest (`scale_and_largest_cosine`), one over its upper
+triangle that lists the pairs tied with it (`tied_pairs`), where the eager search made about ten.
 
 **Build.** ``_cpu_pairs.c`` ships with the package and is compiled at its first use in a process
 with the machine's C compiler (``$CC``, else ``cc``; about a second, for this CPU:
@@ -47,7 +50,7 @@ from torch import Tensor
 from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
 from lightning_hsu.functional.kernels import PairKernel, RieszKernel
 
-__all__ = ["pair_block_sums", "ready", "supports"]
+__all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
 
 #: The C source, shipped beside this module.
 SOURCE = Path(__file__).with_name("_cpu_pairs.c")
@@ -143,6 +146,11 @@ def _library() -> ctypes.CDLL:
     fn.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT]
     fn.argtypes += [_INT, _INT, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
     fn.argtypes += [ctypes.c_int, _POINTER]
+    lib.scale_and_largest_f32.restype = ctypes.c_float
+    lib.scale_and_largest_f32.argtypes = [_POINTER, _INT, _INT, _POINTER, ctypes.c_int]
+    lib.tied_pairs_f32.restype = _INT
+    lib.tied_pairs_f32.argtypes = [_POINTER, _INT, _INT, ctypes.c_float, ctypes.c_int, _POINTER, _POINTER, _POINTER]
+    lib.tied_pairs_f32.argtypes += [_INT]
     return lib
 
 
@@ -257,3 +265,52 @@ def pair_block_sums(
         block.copy_(target)
     pair, tile, anti = out.sum(2).to(block.dtype)
     return pair, tile, anti
+
+
+def _square_cosines(gram: Tensor) -> None:
+    n = gram.shape[0]
+    if gram.dtype != torch.float32 or gram.device.type != "cpu" or gram.shape != (n, n) or gram.stride(1) != 1:
+        raise ValueError(f"the CPU search takes an n x n float32 CPU matrix with contiguous rows, got {gram.shape}")
+
+
+def scale_and_largest_cosine(gram: Tensor, r: Tensor, *, half_space: bool) -> float:
+    r"""Scale the Gram matrix of raw rows to cosines in place, \((g_{ij} r_i) r_j\), and return the
+    largest pair cosine: `pairwise.largest_pair_cosine` of the scaled matrix, in the same pass (NaN if
+    any entry is NaN). ``gram``: ``[n, n]`` float32, rows contiguous; ``r``: the ``n`` factors."""
+    _square_cosines(gram)
+    factors = _dense(r).reshape(-1)
+    return float(
+        _library().scale_and_largest_f32(gram.data_ptr(), gram.shape[0], gram.stride(0), factors.data_ptr(), half_space)
+    )
+
+
+def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""`separation._tied_pairs` of one ``[n, n]`` float32 cosine matrix in one pass over its upper
+    triangle: the rows, columns, signs and multiplicities of the pairs whose cosine reaches
+    ``threshold`` (half space: \(\pm c_{ij}\) twice each, the antipodal \(-c_{ii}\) once)."""
+    _square_cosines(cos)
+    n = cos.shape[0]
+    capacity = 4 * n
+    while True:
+        rows = torch.empty(capacity, dtype=torch.int64)
+        cols = torch.empty(capacity, dtype=torch.int64)
+        signs = torch.empty(capacity, dtype=torch.float32)
+        count = int(
+            _library().tied_pairs_f32(
+                cos.data_ptr(),
+                n,
+                cos.stride(0),
+                threshold,
+                half_space,
+                rows.data_ptr(),
+                cols.data_ptr(),
+                signs.data_ptr(),
+                capacity,
+            )
+        )
+        if count <= capacity:
+            break
+        capacity = count  # many ties (duplicate neurons): once more with room for all
+    rows, cols, signs = rows[:count], cols[:count], signs[:count]
+    mult = torch.where(rows == cols, 1.0, 2.0) if half_space else torch.ones(count)
+    return rows, cols, signs, mult

@@ -27,6 +27,7 @@ from lightning_hsu.functional._common import (
 from lightning_hsu.functional._matmul import gram, passes_on_one_thread, serial_passes
 from lightning_hsu.functional.kernels import ClosestPairsKernel
 from lightning_hsu.functional.pairwise import (
+    _cpu_kernel,
     block_rows_for,
     cosine_blocks,
     largest_pair_cosine,
@@ -81,23 +82,36 @@ def _closest_pairs_sum(
     is linear in \(g\), so it is applied to each pair's contribution, with
     \(\hat w_j\cdot\hat w_i\) already at hand. In one block the unit rows are never formed:
     the Gram matrix of \(w\) scaled by \(r_i r_j\) (a pass over \(n^2\) entries instead of
-    \(n d\)) serves both the search for the maximum and for the ties.
+    \(n d\)) serves both the search for the maximum and for the ties; on the CPU with the
+    compiled kernel (`_cpu_pairs`) each of the two searches is one pass.
     """
     n = rows.shape[0]
     unit: Tensor | None = None
     gram_blocks: list[tuple[int, Tensor]] | None = None
+    search = None
     if block_rows_for(n, chunk_size) >= n:
-        gram_blocks = [(0, gram(rows.unsqueeze(0)).mul_(r).mul_(r.mT))]
+        products = gram(rows.unsqueeze(0))
+        search = _cpu_kernel(products) if products.dtype == torch.float32 and n >= 2 else None
+        if search is None:
+            products.mul_(r).mul_(r.mT)
+        gram_blocks = [(0, products)]
     else:
         unit = (rows * r).unsqueeze(0)
 
     def blocks() -> Iterable[tuple[int, Tensor]]:
         return gram_blocks if gram_blocks is not None else cosine_blocks(unit, chunk_size)  # type: ignore[arg-type]
 
-    c_max = float(largest_pair_cosine(blocks(), half_space=half_space)[0])
+    if search is not None:  # the compiled kernel: one pass to scale and search, one for the ties
+        cosines = products[0]
+        c_max = search.scale_and_largest_cosine(cosines, r, half_space=half_space)
+    else:
+        c_max = float(largest_pair_cosine(blocks(), half_space=half_space)[0])
     min_sq = 2.0 - 2.0 * c_max
     threshold = c_max - 0.5 * (tie_rtol * abs(min_sq) + 1e-12)
-    i, j, signs, mult = _tied_pairs(blocks(), threshold, half_space=half_space)
+    if search is not None:
+        i, j, signs, mult = search.tied_pairs(cosines, threshold, half_space=half_space)
+    else:
+        i, j, signs, mult = _tied_pairs(blocks(), threshold, half_space=half_space)
     first, second = rows[i] * r[i], rows[j] * r[j]
     dot = (first * second).sum(-1)
     value = -(mult * (2.0 - 2.0 * signs * dot)).sum()

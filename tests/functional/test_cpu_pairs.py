@@ -202,3 +202,72 @@ def test_a_training_step_with_the_kernel_equals_the_eager_step(monkeypatch: pyte
     eager = value_and_grad()
     torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=0.0)
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-4, atol=1e-5 * float(eager[1].abs().max()))
+
+
+# ---- hard MHS's search for the closest pairs ---------------------------------------------------------
+def _pair_set(rows: torch.Tensor, cols: torch.Tensor, signs: torch.Tensor, mult: torch.Tensor) -> list[tuple]:
+    return sorted(zip(rows.tolist(), cols.tolist(), signs.tolist(), mult.tolist(), strict=True))
+
+
+@needs_compiler
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+@pytest.mark.parametrize("case", ["random", "duplicate", "antipodal", "orthonormal"])
+def test_the_closest_pair_search_finds_what_the_eager_search_finds(case: str, half_space: bool) -> None:
+    """The largest cosine and the tied pairs of one Gram matrix, C against the eager blocks; the
+    orthonormal frame ties every pair (more than the first buffer of 4n holds)."""
+    from lightning_hsu.functional.pairwise import largest_pair_cosine
+    from lightning_hsu.functional.separation import _tied_pairs
+
+    n = 64
+    w = torch.randn(n, 64, generator=torch.Generator().manual_seed(4))
+    if case == "orthonormal":
+        w = torch.linalg.qr(w)[0] * 3.0
+    elif case == "duplicate":
+        w[9] = w[4]
+    elif case == "antipodal":
+        w[9] = -w[4]
+    r = torch.linalg.vector_norm(w, dim=1, keepdim=True).reciprocal()
+    eager = (w @ w.T).mul_(r).mul_(r.T)
+    ours = w @ w.T
+    c_max = _cpu_pairs.scale_and_largest_cosine(ours, r, half_space=half_space)
+    torch.testing.assert_close(ours, eager, rtol=0.0, atol=0.0)  # the same products, in the same order
+    assert c_max == float(largest_pair_cosine([(0, eager.unsqueeze(0))], half_space=half_space)[0])
+    threshold = c_max - 1e-6
+    found = _cpu_pairs.tied_pairs(ours, threshold, half_space=half_space)
+    expected = _tied_pairs([(0, eager.unsqueeze(0))], threshold, half_space=half_space)
+    assert _pair_set(*found) == _pair_set(*expected)
+    if case == "orthonormal":
+        assert len(found[0]) == (n * (n - 1) if half_space else n * (n - 1) // 2)
+
+
+@needs_compiler
+def test_a_nan_makes_the_largest_cosine_nan() -> None:
+    gram = torch.eye(5)
+    gram[3, 1] = float("nan")
+    assert torch.isnan(torch.tensor(_cpu_pairs.scale_and_largest_cosine(gram, torch.ones(5), half_space=False)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+def test_hard_separation_with_the_kernel_equals_the_eager_search(
+    half_space: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the public function, a 600 x 64 layer with a duplicate pair: value and gradient."""
+    from lightning_hsu.functional import hyperspherical_separation
+
+    w = torch.randn(600, 64, generator=torch.Generator().manual_seed(5))
+    w[17] = w[3]
+
+    def value_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        leaf = w.clone().requires_grad_()
+        value = hyperspherical_separation(leaf, half_space=half_space)
+        value.backward()
+        assert leaf.grad is not None
+        return value.detach(), leaf.grad
+
+    monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
+    fused = value_and_grad()
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
+    eager = value_and_grad()
+    torch.testing.assert_close(fused[0], eager[0], rtol=0.0, atol=0.0)
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=0.0)
