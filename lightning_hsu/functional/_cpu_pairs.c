@@ -243,7 +243,14 @@ int64_t tied_pairs_f32(const float *cos, int64_t n, int64_t ld, float threshold,
     int64_t count = 0;
     for (int64_t i = 0; i < n; ++i) {
         const float *c = cos + i * ld;
-        for (int64_t j = i + 1; j < n; ++j) {
+        float high = -INFINITY, low = INFINITY;
+#pragma omp simd reduction(max : high) reduction(min : low)
+        for (int64_t j = i + 1; j < n; ++j) { /* a vectorised look first: most rows hold no tie */
+            high = c[j] > high ? c[j] : high;
+            low = c[j] < low ? c[j] : low;
+        }
+        int64_t first = high >= threshold || (half && -low >= threshold) ? i + 1 : n;
+        for (int64_t j = first; j < n; ++j) {
             int plus = c[j] >= threshold, minus = half && -c[j] >= threshold;
             if (!(plus | minus)) continue;
             if (plus) {
