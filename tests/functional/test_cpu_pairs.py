@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -183,15 +184,17 @@ def test_a_layer_of_up_to_2048_neurons_is_one_block_with_the_kernel(monkeypatch:
     assert pairwise._schedule(torch.zeros(1, 2048, 3), kernel, None, None)[0] == 256
 
 
-@needs_compiler
-def test_a_training_step_with_the_kernel_equals_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A layer of 1024 x 512 through the public function: the kernel's one block against the eager
-    strips, value and gradient, with the machine's threads."""
-    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(2))
+Pair = tuple[torch.Tensor, torch.Tensor]
 
-    def value_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+
+def _with_and_without_the_kernel(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Pair, Pair]:
+    """``fn``'s value and gradient at ``w``, with the compiled kernel and with the eager passes."""
+
+    def value_and_grad() -> Pair:
         leaf = w.clone().requires_grad_()
-        value = hyperspherical_energy(leaf, half_space=True)
+        value = fn(leaf)
         value.backward()
         assert leaf.grad is not None
         return value.detach(), leaf.grad
@@ -199,7 +202,15 @@ def test_a_training_step_with_the_kernel_equals_the_eager_step(monkeypatch: pyte
     monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
     fused = value_and_grad()
     monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
-    eager = value_and_grad()
+    return fused, value_and_grad()
+
+
+@needs_compiler
+def test_a_training_step_with_the_kernel_equals_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer of 1024 x 512 through the public function: the kernel's one block against the eager
+    strips, value and gradient, with the machine's threads."""
+    w = torch.randn(1024, 512, generator=torch.Generator().manual_seed(2))
+    fused, eager = _with_and_without_the_kernel(lambda x: hyperspherical_energy(x, half_space=True), w, monkeypatch)
     torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=0.0)
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-4, atol=1e-5 * float(eager[1].abs().max()))
 
@@ -257,17 +268,8 @@ def test_hard_separation_with_the_kernel_equals_the_eager_search(
 
     w = torch.randn(600, 64, generator=torch.Generator().manual_seed(5))
     w[17] = w[3]
-
-    def value_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
-        leaf = w.clone().requires_grad_()
-        value = hyperspherical_separation(leaf, half_space=half_space)
-        value.backward()
-        assert leaf.grad is not None
-        return value.detach(), leaf.grad
-
-    monkeypatch.delenv(pairwise.CPU_KERNEL_ENV, raising=False)
-    fused = value_and_grad()
-    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
-    eager = value_and_grad()
+    fused, eager = _with_and_without_the_kernel(
+        lambda x: hyperspherical_separation(x, half_space=half_space), w, monkeypatch
+    )
     torch.testing.assert_close(fused[0], eager[0], rtol=0.0, atol=0.0)
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=0.0)
