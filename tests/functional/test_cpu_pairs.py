@@ -154,6 +154,12 @@ def test_a_library_that_computes_wrongly_is_refused_by_the_probe(monkeypatch: py
     assert pairwise._fused_pairs(torch.zeros(1, 4, 4), RieszKernel(2.0)) is None
 
 
+def test_an_unknown_switch_value_is_an_error_that_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "yes")
+    with pytest.raises(ValueError, match="LIGHTNING_HSU_CPU_KERNEL='yes'"):
+        hyperspherical_energy(torch.randn(8, 3))
+
+
 @needs_compiler
 def test_a_block_with_strided_columns_is_walked_through_a_copy() -> None:
     """The C loops need contiguous rows: a transposed block gives the same sums and gets its coefficients back."""
