@@ -10,15 +10,16 @@
 #include <math.h>
 #include <stdint.h>
 
-#define MIN_SQ 1e-6f
+/* kernels.MIN_SQUARED_DISTANCE, defined by `_cpu_pairs.py` on the compiler's command line */
+#ifndef MIN_SQ
+#error "MIN_SQ (the smallest squared distance) must be defined: build with _cpu_pairs.py"
+#endif
 
 enum { RIESZ = 0, GAUSSIAN = 1, CLOSEST_PAIRS = 2 };
 enum { LOG_POWER = 0, INVERSE_SQUARE = 1, INVERSE = 2, OTHER_POWER = 3 };
 
+/* A kernel's numbers for one batch element; its family, power case and half space are literals of each walk. */
 typedef struct {
-    int kind;
-    int power_case;
-    int half;
     float power;
     float two_t;
     float param; /* the Gaussian's shift or the closest pairs' threshold of this batch element */
@@ -26,8 +27,8 @@ typedef struct {
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* f(c) and f'(c): `RieszKernel`, `GaussianKernel`, `ClosestPairsKernel`. `kind` and `power_case` are literals at
- * every call (see DISPATCH), so each family compiles to its own vectorised loop. */
+/* f(c) and f'(c): `RieszKernel`, `GaussianKernel`, `ClosestPairsKernel`. Inside the walks `kind` and `power_case`
+ * are literals (see WALKS), so each family compiles to its own vectorised loop. */
 INLINE void kernel_terms(int kind, int power_case, float power, float two_t, float param, float c, float *value,
                          float *slope) {
     if (kind == RIESZ) {
@@ -154,7 +155,7 @@ int pair_block_sums_f32(float *gram, int64_t batch, int64_t rows, int64_t m, int
     slopes_fn walk_slopes;
     pick_walks(kind, power_case, half, col_scale != 0, &walk_values, &walk_slopes);
     for (int64_t b = 0; b < batch; ++b) {
-        kernel_t k = {kind, power_case, half, power, two_t, param[b * param_stride]};
+        kernel_t k = {power, two_t, param[b * param_stride]};
         const float *cols = col_scale ? col_scale + b * m : 0;
         for (int64_t i = 0; i < rows; ++i) {
             float *g = gram + b * stride_gb + i * stride_gr;

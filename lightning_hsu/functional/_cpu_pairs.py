@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
-from lightning_hsu.functional.kernels import PairKernel, RieszKernel
+from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
 
@@ -60,7 +60,16 @@ CACHE_ENV = "LIGHTNING_HSU_CACHE_DIR"
 #: runtime is linked), no ``errno`` so that the math functions vectorise; no fast-math, and no
 #: contraction into fused multiply-adds, which rounds otherwise than the eager passes (a shifted
 #: Gaussian's exponent: 4x the eager gradient's error where duplicate neurons cancel).
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp-simd", "-fPIC", "-shared")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fno-math-errno",
+    "-fopenmp-simd",
+    "-fPIC",
+    "-shared",
+    f"-DMIN_SQ={MIN_SQUARED_DISTANCE!r}f",  # the clamp of `kernels`, one value for both paths
+)
 #: Seconds a compilation may take before the eager passes are kept.
 COMPILE_TIMEOUT = 120.0
 
@@ -154,7 +163,7 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-#: Whether the library built, loaded and passed the probe (`ready`); ``None`` before the first try.
+#: Whether the library built, loaded and passed the probe (`ready`): empty before the first try.
 _READY: list[bool] = []
 
 
@@ -198,7 +207,7 @@ def ready() -> bool:
     return _READY[0]
 
 
-def _dense(x: Tensor) -> Tensor:
+def _float32_contiguous(x: Tensor) -> Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
@@ -234,9 +243,9 @@ def pair_block_sums(
         target = block.contiguous()  # the C loops walk contiguous rows
     kind, power_case, power, two_t, parameter = family(kernel)
     param, stride_p = per_batch_parameter(parameter, block)
-    sq = _dense(sq)
-    rows_scale = None if row_scale is None else _dense(row_scale)
-    cols_scale = None if col_scale is None else _dense(col_scale)
+    sq = _float32_contiguous(sq)
+    rows_scale = None if row_scale is None else _float32_contiguous(row_scale)
+    cols_scale = None if col_scale is None else _float32_contiguous(col_scale)
     out = torch.zeros(3, batch, rows, dtype=torch.float64)
     if rows and m:
         _library().pair_block_sums_f32(
@@ -278,7 +287,7 @@ def scale_and_largest_cosine(gram: Tensor, r: Tensor, *, half_space: bool) -> fl
     largest pair cosine: `pairwise.largest_pair_cosine` of the scaled matrix, in the same pass (NaN if
     any entry is NaN). ``gram``: ``[n, n]`` float32, rows contiguous; ``r``: the ``n`` factors."""
     _square_cosines(gram)
-    factors = _dense(r).reshape(-1)
+    factors = _float32_contiguous(r).reshape(-1)
     return float(
         _library().scale_and_largest_f32(gram.data_ptr(), gram.shape[0], gram.stride(0), factors.data_ptr(), half_space)
     )

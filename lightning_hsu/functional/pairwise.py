@@ -48,9 +48,9 @@ half-space pairing, self pairs, the folded projection) are one fused launch
 about 65 small ones. **On the CPU** the same is one call of a C function (`_cpu_pairs`, built
 with the machine's C compiler at first use, switched by `CPU_KERNEL_ENV`), which walks each row
 from cache: a layer of up to 2048 neurons is then one block, its Gram matrix in `_matmul.gram`'s
-mirrored strips and its gradient one product. Float64, the angular kernel, tensor subclasses and
-``torch.compile`` tracing keep the eager passes, which are also the fallback without Triton or a
-compiler.
+mirrored strips and its gradient one product. Float64, the angular kernel, tensors without
+storage (functorch's wrappers, fake tensors) and ``torch.compile`` tracing keep the eager passes,
+which are also the fallback without Triton or a compiler.
 
 **Sharding across ranks.** With ``shard=(rank, world_size)`` a rank handles the rows
 `shard_rows` gives it (equal row counts, hence equal pair work in the full-row schedule) and
