@@ -144,74 +144,262 @@ static void pick_walks(int kind, int power_case, int half, int raw, values_fn *v
     else PICK(power);
 }
 
+/* A pool of helper threads that share a call's rows with the calling thread (`parallel_rows`).
+ *
+ * The rows are claimed a grain at a time from one atomic counter, so a helper that is descheduled (another process on
+ * its core) or not yet awake leaves its rows to the others: the caller waits only for grains already claimed, never
+ * for a helper to start. Helpers spin briefly after a call, then sleep on a condition variable. One call at a time:
+ * a concurrent caller walks its rows alone. After fork() the child starts with no helpers. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+typedef void (*rows_fn)(void *context, int64_t lo, int64_t hi);
+
+#define MAX_HELPERS 63
+#define INDEX_BITS 40 /* the ticket: the call's generation above, its next row below */
+#define INDEX_MASK ((((int64_t)1) << INDEX_BITS) - 1)
+#define GENERATION_MASK ((((int64_t)1) << 23) - 1)
+#define GRAIN_ENTRIES 16384 /* entries per claim: tens of microseconds, the longest wait for a descheduled helper's */
+#define SPINS 4096          /* a helper's polls for the next call before it sleeps */
+
+static struct {
+    pthread_mutex_t busy; /* held by the call in progress */
+    pthread_mutex_t lock; /* with `wake`: helpers sleep between calls */
+    pthread_cond_t wake;
+    int helpers;
+    _Atomic int64_t ticket;
+    _Atomic(rows_fn) fn;
+    _Atomic(void *) context;
+    _Atomic int64_t total, grain;
+    _Atomic int wanted;   /* helpers that take part in the current call */
+    _Atomic int active;   /* helpers inside `walk_claims` */
+    _Atomic int sleepers; /* helpers waiting on `wake` */
+    _Atomic int64_t helped; /* rows the helpers have walked, for the tests */
+} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .ticket = INDEX_MASK};
+
+INLINE void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Claims grains of the call `generation` and walks them until none is left or another call has begun; returns how
+ * many rows it walked. */
+static int64_t walk_claims(int64_t generation) {
+    int64_t walked = 0;
+    for (;;) {
+        int64_t ticket = atomic_load(&pool.ticket);
+        if ((ticket >> INDEX_BITS) != generation) return walked;
+        int64_t lo = ticket & INDEX_MASK, total = atomic_load_explicit(&pool.total, memory_order_relaxed);
+        int64_t grain = atomic_load_explicit(&pool.grain, memory_order_relaxed);
+        if (lo >= total) return walked;
+        rows_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        void *context = atomic_load_explicit(&pool.context, memory_order_relaxed);
+        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + grain)) continue;
+        int64_t hi = lo + grain < total ? lo + grain : total;
+        fn(context, lo, hi); /* the fields were this call's: the successful claim shows it still open */
+        walked += hi - lo;
+    }
+}
+
+static int64_t next_generation(int64_t seen) {
+    for (int spin = 0; spin < SPINS; ++spin) {
+        int64_t generation = atomic_load(&pool.ticket) >> INDEX_BITS;
+        if (generation != seen) return generation;
+        relax();
+    }
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add(&pool.sleepers, 1);
+    int64_t generation;
+    while ((generation = atomic_load(&pool.ticket) >> INDEX_BITS) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+    atomic_fetch_sub(&pool.sleepers, 1);
+    pthread_mutex_unlock(&pool.lock);
+    return generation;
+}
+
+static void *helper_main(void *argument) {
+    int index = (int)(intptr_t)argument;
+    int64_t seen = -1;
+    for (;;) {
+        seen = next_generation(seen);
+        if (index >= atomic_load(&pool.wanted)) continue;
+        atomic_fetch_add(&pool.active, 1); /* before the ticket is read: the caller waits for what this claims */
+        int64_t walked = walk_claims(seen);
+        atomic_fetch_add_explicit(&pool.helped, walked, memory_order_relaxed);
+        atomic_fetch_sub(&pool.active, 1);
+    }
+    return 0;
+}
+
+static void forget_helpers(void) { /* in a fork()ed child, which has only the forking thread */
+    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
+    pool.busy = unlocked;
+    pool.lock = unlocked;
+    pool.wake = fresh;
+    pool.helpers = 0;
+    atomic_store(&pool.ticket, INDEX_MASK);
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.helped, 0);
+}
+
+static pthread_once_t fork_handler = PTHREAD_ONCE_INIT;
+static void register_fork_handler(void) { pthread_atfork(0, 0, forget_helpers); }
+
+static int start_helper(int index) {
+    pthread_once(&fork_handler, register_fork_handler);
+    pthread_attr_t attributes;
+    pthread_t thread;
+    if (pthread_attr_init(&attributes) != 0) return -1;
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attributes, 1 << 20);
+    int failed = pthread_create(&thread, &attributes, helper_main, (void *)(intptr_t)index);
+    pthread_attr_destroy(&attributes);
+    return failed;
+}
+
+/* How many rows the helpers have walked since the process started (or forked). */
+int64_t rows_walked_by_helpers(void) { return atomic_load(&pool.helped); }
+
+/* Starts the helpers that calls on `threads` threads use (they sleep until then); returns how many there are. */
+int start_helpers(int threads) {
+    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
+    pthread_mutex_lock(&pool.busy);
+    while (pool.helpers < threads - 1 && start_helper(pool.helpers) == 0) ++pool.helpers;
+    int helpers = pool.helpers;
+    pthread_mutex_unlock(&pool.busy);
+    return helpers;
+}
+
+/* fn(context, lo, hi) over rows [0, total) of `row_length` entries each, on up to `threads` threads (the caller's
+ * and helpers). Rows are independent: which thread walks a row changes nothing in its results. */
+static void parallel_rows(rows_fn fn, void *context, int64_t total, int64_t row_length, int threads) {
+    int64_t grain = GRAIN_ENTRIES / (row_length > 0 ? row_length : 1);
+    if (grain < 1) grain = 1;
+    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
+    if (threads < 2 || total <= grain || pthread_mutex_trylock(&pool.busy) != 0) {
+        fn(context, 0, total);
+        return;
+    }
+    while (pool.helpers < threads - 1 && start_helper(pool.helpers) == 0) ++pool.helpers;
+    int64_t generation = ((atomic_load(&pool.ticket) >> INDEX_BITS) + 1) & GENERATION_MASK;
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.context, context, memory_order_relaxed);
+    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
+    atomic_store_explicit(&pool.grain, grain, memory_order_relaxed);
+    atomic_store(&pool.wanted, threads - 1);
+    atomic_store(&pool.ticket, generation << INDEX_BITS); /* opens the call */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    walk_claims(generation);
+    atomic_store(&pool.ticket, (generation << INDEX_BITS) | INDEX_MASK); /* closed: no claim succeeds after this */
+    while (atomic_load(&pool.active) != 0) relax(); /* grains claimed before the close */
+    pthread_mutex_unlock(&pool.busy);
+}
+
+/* The arguments of one `pair_block_sums_f32` call, shared by the threads that walk its rows. */
+typedef struct {
+    float *gram;
+    int64_t batch, rows, m, stride_gb, stride_gr;
+    const float *sq, *row_scale, *col_scale, *param;
+    int64_t param_stride, diag, width;
+    int kind, power_case, half, with_grad;
+    float power, two_t;
+    values_fn walk_values;
+    slopes_fn walk_slopes;
+    double *out;
+} block_t;
+
+/* Rows [lo, hi) of the block, counted over the batch (row q is row q % rows of element q / rows). */
+static void block_rows(void *context, int64_t lo, int64_t hi) {
+    const block_t *a = (const block_t *)context;
+    int kind = a->kind, power_case = a->power_case, half = a->half;
+    float power = a->power, two_t = a->two_t;
+    int64_t rows = a->rows, m = a->m, batch = a->batch, diag = a->diag, width = a->width;
+    for (int64_t q = lo; q < hi; ++q) {
+        int64_t b = q / rows, i = q % rows;
+        kernel_t k = {power, two_t, a->param[b * a->param_stride]};
+        const float *cols = a->col_scale ? a->col_scale + b * m : 0;
+        float *g = a->gram + b * a->stride_gb + i * a->stride_gr;
+        float sq_i = a->sq[q];
+        float r_i = a->row_scale ? a->row_scale[q] : 1.0f;
+        float anti = 0.0f, self_coeff = 0.0f;
+        if (half) { /* the pair (i, -i): cosine -|w_i|^2 */
+            float anti_slope;
+            kernel_terms(kind, power_case, power, two_t, k.param, -sq_i, &anti, &anti_slope);
+            self_coeff = anti_slope * -2.0f;
+        }
+        double rho = (double)self_coeff * sq_i; /* the self pair's share of rho_i = sum_j C_ij c_ij */
+        double pair = 0.0, tile = 0.0;
+        int64_t self = i + diag;
+        /* [0, self) and (self, m), each cut at `width` for the tile's sum */
+        int64_t cuts[4][2] = {{0, self < width ? self : width},
+                              {self + 1 < width ? self + 1 : width, width},
+                              {width, self < m ? self : m},
+                              {self + 1 > width ? self + 1 : width, m}};
+        for (int part = 0; part < 4; ++part) {
+            int64_t from = cuts[part][0] < 0 ? 0 : cuts[part][0];
+            int64_t to = cuts[part][1] > m ? m : cuts[part][1];
+            if (from >= to) continue;
+            float values, part_rho;
+            a->walk_values(&k, g, cols, r_i, from, to, &values, &part_rho);
+            pair += values;
+            rho += part_rho;
+            if (part < 2) tile += values;
+        }
+        a->out[q] = pair;
+        a->out[batch * rows + q] = tile;
+        a->out[2 * batch * rows + q] = anti;
+        if (!a->with_grad) continue;
+        float row_factor = a->row_scale ? r_i : 1.0f;
+        int64_t before = self < 0 ? 0 : (self < m ? self : m);
+        a->walk_slopes(&k, g, cols, r_i, row_factor, 0, before);
+        a->walk_slopes(&k, g, cols, r_i, row_factor, self + 1 < 0 ? 0 : self + 1, m);
+        if (self >= 0 && self < m) { /* C_ii: the antipodal pair's, minus rho_i where the projection is folded */
+            float diagonal = a->row_scale ? (float)((double)self_coeff - rho) * r_i : self_coeff;
+            g[self] = cols ? diagonal * cols[self] : diagonal;
+        }
+    }
+}
+
 /* Row sums of pair terms (all columns but the self pair, and the leading `width` columns apart) and of the antipodal
  * terms, into out[0..3][b * rows + i]; with `with_grad`, the coefficients over the Gram entries (`_cpu_pairs.py`).
- * `gram` rows are contiguous (column stride 1); `sq`, `row_scale` are [batch, rows] and `col_scale` [batch, m], dense. */
+ * `gram` rows are contiguous (column stride 1); `sq`, `row_scale` are [batch, rows] and `col_scale` [batch, m], dense.
+ * The rows are shared among up to `threads` threads (`parallel_rows`); each row's results do not depend on it. */
 int pair_block_sums_f32(float *gram, int64_t batch, int64_t rows, int64_t m, int64_t stride_gb, int64_t stride_gr,
                         const float *sq, const float *row_scale, const float *col_scale, const float *param,
                         int64_t param_stride, int64_t diag, int64_t width, int kind, int power_case, float power,
-                        float two_t, int half, int with_grad, double *out) {
-    values_fn walk_values;
-    slopes_fn walk_slopes;
-    pick_walks(kind, power_case, half, col_scale != 0, &walk_values, &walk_slopes);
-    for (int64_t b = 0; b < batch; ++b) {
-        kernel_t k = {power, two_t, param[b * param_stride]};
-        const float *cols = col_scale ? col_scale + b * m : 0;
-        for (int64_t i = 0; i < rows; ++i) {
-            float *g = gram + b * stride_gb + i * stride_gr;
-            float sq_i = sq[b * rows + i];
-            float r_i = row_scale ? row_scale[b * rows + i] : 1.0f;
-            float anti = 0.0f, self_coeff = 0.0f;
-            if (half) { /* the pair (i, -i): cosine -|w_i|^2 */
-                float anti_slope;
-                kernel_terms(kind, power_case, power, two_t, k.param, -sq_i, &anti, &anti_slope);
-                self_coeff = anti_slope * -2.0f;
-            }
-            double rho = (double)self_coeff * sq_i; /* the self pair's share of rho_i = sum_j C_ij c_ij */
-            double pair = 0.0, tile = 0.0;
-            int64_t self = i + diag;
-            /* [0, self) and (self, m), each cut at `width` for the tile's sum */
-            int64_t cuts[4][2] = {{0, self < width ? self : width},
-                                  {self + 1 < width ? self + 1 : width, width},
-                                  {width, self < m ? self : m},
-                                  {self + 1 > width ? self + 1 : width, m}};
-            for (int part = 0; part < 4; ++part) {
-                int64_t lo = cuts[part][0] < 0 ? 0 : cuts[part][0];
-                int64_t hi = cuts[part][1] > m ? m : cuts[part][1];
-                if (lo >= hi) continue;
-                float values, part_rho;
-                walk_values(&k, g, cols, r_i, lo, hi, &values, &part_rho);
-                pair += values;
-                rho += part_rho;
-                if (part < 2) tile += values;
-            }
-            out[b * rows + i] = pair;
-            out[batch * rows + b * rows + i] = tile;
-            out[2 * batch * rows + b * rows + i] = anti;
-            if (!with_grad) continue;
-            float row_factor = row_scale ? r_i : 1.0f;
-            int64_t before = self < 0 ? 0 : (self < m ? self : m);
-            walk_slopes(&k, g, cols, r_i, row_factor, 0, before);
-            walk_slopes(&k, g, cols, r_i, row_factor, self + 1 < 0 ? 0 : self + 1, m);
-            if (self >= 0 && self < m) { /* C_ii: the antipodal pair's, minus rho_i where the projection is folded */
-                float diagonal = row_scale ? (float)((double)self_coeff - rho) * r_i : self_coeff;
-                g[self] = cols ? diagonal * cols[self] : diagonal;
-            }
-        }
-    }
+                        float two_t, int half, int with_grad, double *out, int threads) {
+    block_t a = {gram, batch, rows, m, stride_gb, stride_gr, sq, row_scale, col_scale, param, param_stride, diag,
+                 width, kind, power_case, half, with_grad, power, two_t, 0, 0, out};
+    pick_walks(kind, power_case, half, col_scale != 0, &a.walk_values, &a.walk_slopes);
+    parallel_rows(block_rows, &a, batch * rows, m, threads);
     return 0;
 }
 
 /* Hard MHS's search for the closest pairs (`separation._closest_pairs_sum`), over one n x n Gram matrix of raw rows
  * (row stride `ld`, column stride 1). */
 
-/* Scales the Gram matrix to cosines in place, (g_ij r_i) r_j, and returns the largest pair cosine: over i != j of
- * c_ij, and in half space of -c_ij and of the antipodal pairs' -c_ii. NaN if any entry is NaN. */
-float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, int half) {
-    float best = -INFINITY;
-    int nan_seen = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        float *g = gram + i * ld;
+/* Rows of `scale_and_largest_f32`: each row scaled in place, its largest and smallest pair cosine and its NaNs. */
+typedef struct {
+    float *gram;
+    int64_t n, ld;
+    const float *r;
+    float *high, *low;
+    int *nans;
+} scale_t;
+
+static void scale_rows(void *context, int64_t lo, int64_t hi) {
+    const scale_t *a = (const scale_t *)context;
+    int64_t n = a->n;
+    const float *r = a->r;
+    for (int64_t i = lo; i < hi; ++i) {
+        float *g = a->gram + i * a->ld;
         float r_i = r[i];
         float high = -INFINITY, low = INFINITY;
         int nans = 0;
@@ -226,32 +414,74 @@ float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, 
             high = candidate_high > high ? candidate_high : high;
             low = candidate_low < low ? candidate_low : low;
         }
-        nan_seen |= nans != 0;
-        if (high > best) best = high;
-        if (half) {
-            if (-low > best) best = -low;
-            if (-g[i] > best) best = -g[i];
+        a->high[i] = high;
+        a->low[i] = low;
+        a->nans[i] = nans;
+    }
+}
+
+/* Scales the Gram matrix to cosines in place, (g_ij r_i) r_j, and returns the largest pair cosine: over i != j of
+ * c_ij, and in half space of -c_ij and of the antipodal pairs' -c_ii. NaN if any entry is NaN (or out of memory). */
+float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, int half, int threads) {
+    float *extremes = (float *)malloc(2 * n * sizeof(float));
+    int *nans = (int *)malloc(n * sizeof(int));
+    float best = -INFINITY;
+    int nan_seen = extremes == 0 || nans == 0;
+    if (!nan_seen) {
+        scale_t a = {gram, n, ld, r, extremes, extremes + n, nans};
+        parallel_rows(scale_rows, &a, n, n, threads);
+        for (int64_t i = 0; i < n; ++i) {
+            nan_seen |= nans[i] != 0;
+            if (a.high[i] > best) best = a.high[i];
+            if (half) {
+                if (-a.low[i] > best) best = -a.low[i];
+                if (-gram[i * ld + i] > best) best = -gram[i * ld + i];
+            }
         }
     }
+    free(extremes);
+    free(nans);
     return nan_seen ? NAN : best;
+}
+
+/* Rows of `tied_pairs_f32`'s first look: whether row i's upper triangle holds a pair that reaches the threshold. */
+typedef struct {
+    const float *cos;
+    int64_t n, ld;
+    float threshold;
+    int half;
+    unsigned char *candidate;
+} tie_rows_t;
+
+static void find_tied_rows(void *context, int64_t lo, int64_t hi) {
+    const tie_rows_t *a = (const tie_rows_t *)context;
+    for (int64_t i = lo; i < hi; ++i) {
+        const float *c = a->cos + i * a->ld;
+        float high = -INFINITY, low = INFINITY;
+#pragma omp simd reduction(max : high) reduction(min : low)
+        for (int64_t j = i + 1; j < a->n; ++j) {
+            high = c[j] > high ? c[j] : high;
+            low = c[j] < low ? c[j] : low;
+        }
+        a->candidate[i] = high >= a->threshold || (a->half && -low >= a->threshold);
+    }
 }
 
 /* The pairs whose cosine reaches `threshold` over the upper triangle of a cosine matrix: (i, j, +1) for c_ij, and in
  * half space (i, j, -1) for -c_ij and (i, i, -1) for the antipodal pair's -c_ii. Writes at most `capacity` of them
- * and returns how many there are. */
+ * and returns how many there are (-1 out of memory). A vectorised look first, on `threads` threads: most rows hold no
+ * tie; the rows that do are listed in order. */
 int64_t tied_pairs_f32(const float *cos, int64_t n, int64_t ld, float threshold, int half, int64_t *rows,
-                       int64_t *cols, float *signs, int64_t capacity) {
+                       int64_t *cols, float *signs, int64_t capacity, int threads) {
+    unsigned char *candidate = (unsigned char *)malloc(n > 0 ? n : 1);
+    if (candidate == 0) return -1;
+    tie_rows_t a = {cos, n, ld, threshold, half, candidate};
+    /* row i has n - i - 1 entries: the grain is set by the average row */
+    parallel_rows(find_tied_rows, &a, n, n / 2, threads);
     int64_t count = 0;
     for (int64_t i = 0; i < n; ++i) {
         const float *c = cos + i * ld;
-        float high = -INFINITY, low = INFINITY;
-#pragma omp simd reduction(max : high) reduction(min : low)
-        for (int64_t j = i + 1; j < n; ++j) { /* a vectorised look first: most rows hold no tie */
-            high = c[j] > high ? c[j] : high;
-            low = c[j] < low ? c[j] : low;
-        }
-        int64_t first = high >= threshold || (half && -low >= threshold) ? i + 1 : n;
-        for (int64_t j = first; j < n; ++j) {
+        for (int64_t j = candidate[i] ? i + 1 : n; j < n; ++j) {
             int plus = c[j] >= threshold, minus = half && -c[j] >= threshold;
             if (!(plus | minus)) continue;
             if (plus) {
@@ -268,5 +498,6 @@ int64_t tied_pairs_f32(const float *cos, int64_t n, int64_t ld, float threshold,
             ++count;
         }
     }
+    free(candidate);
     return count;
 }

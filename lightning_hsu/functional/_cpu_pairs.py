@@ -32,6 +32,7 @@ gradient with the eager path and a float64 statement of each formula.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -42,12 +43,14 @@ import subprocess
 import sysconfig
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
+from lightning_hsu.functional._matmul import caller_threads, chosen_threads
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
@@ -68,8 +71,14 @@ FLAGS = (
     "-fopenmp-simd",
     "-fPIC",
     "-shared",
+    "-pthread",
     f"-DMIN_SQ={MIN_SQUARED_DISTANCE!r}f",  # the clamp of `kernels`, one value for both paths
 )
+#: The kind (`_product_threads`) under which the kernel's calls measure all threads against one.
+THREADS_KIND = "float32 cpu pairs"
+#: Fewest Gram entries of a call shared between threads: below, one thread (a helper's wake-up
+#: takes tens of microseconds).
+PARALLEL_MIN_ENTRIES = 2**16
 #: Seconds a compilation may take before the eager passes are kept.
 COMPILE_TIMEOUT = 120.0
 
@@ -154,12 +163,16 @@ def _library() -> ctypes.CDLL:
     # diag, width, kind, power_case, power, two_t, half, with_grad, out
     fn.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _POINTER, _POINTER, _POINTER, _POINTER, _INT]
     fn.argtypes += [_INT, _INT, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_int]
-    fn.argtypes += [ctypes.c_int, _POINTER]
+    fn.argtypes += [ctypes.c_int, _POINTER, ctypes.c_int]
     lib.scale_and_largest_f32.restype = ctypes.c_float
-    lib.scale_and_largest_f32.argtypes = [_POINTER, _INT, _INT, _POINTER, ctypes.c_int]
+    lib.scale_and_largest_f32.argtypes = [_POINTER, _INT, _INT, _POINTER, ctypes.c_int, ctypes.c_int]
     lib.tied_pairs_f32.restype = _INT
     lib.tied_pairs_f32.argtypes = [_POINTER, _INT, _INT, ctypes.c_float, ctypes.c_int, _POINTER, _POINTER, _POINTER]
-    lib.tied_pairs_f32.argtypes += [_INT]
+    lib.tied_pairs_f32.argtypes += [_INT, ctypes.c_int]
+    lib.rows_walked_by_helpers.restype = _INT
+    lib.rows_walked_by_helpers.argtypes = []
+    lib.start_helpers.restype = ctypes.c_int
+    lib.start_helpers.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -195,6 +208,8 @@ def ready() -> bool:
             _library()
             _READY.append(True)
             _probe()
+            # the helper threads now, so that the first measurement of all threads is not a thread's start
+            _library().start_helpers(caller_threads())
         except Exception as err:  # no compiler, a failed build or load, a wrong probe: the eager path stays correct
             _READY[:] = [False]
             detail = getattr(err, "stderr", None) or ""
@@ -205,6 +220,18 @@ def ready() -> bool:
                 stacklevel=2,
             )
     return _READY[0]
+
+
+@contextlib.contextmanager
+def _threads(entries: int) -> Iterator[int]:
+    """How many threads a call over ``entries`` Gram entries takes: one for a small call, else those that
+    `_matmul.chosen_threads` gives a product there (all on an idle machine, one on a busy core: the
+    chooser measures both under `THREADS_KIND`, as it does the products)."""
+    if entries < PARALLEL_MIN_ENTRIES:
+        yield 1
+        return
+    with chosen_threads(entries, THREADS_KIND):
+        yield torch.get_num_threads()
 
 
 def _float32_contiguous(x: Tensor) -> Tensor:
@@ -248,32 +275,39 @@ def pair_block_sums(
     cols_scale = None if col_scale is None else _float32_contiguous(col_scale)
     out = torch.zeros(3, batch, rows, dtype=torch.float64)
     if rows and m:
-        _library().pair_block_sums_f32(
-            target.data_ptr(),
-            batch,
-            rows,
-            m,
-            target.stride(0),
-            target.stride(1),
-            sq.data_ptr(),
-            None if rows_scale is None else rows_scale.data_ptr(),
-            None if cols_scale is None else cols_scale.data_ptr(),
-            param.data_ptr(),
-            stride_p,
-            diag,
-            m if width is None else width,
-            kind,
-            power_case,
-            power,
-            two_t,
-            int(bool(half_space)),
-            int(bool(with_grad)),
-            out.data_ptr(),
-        )
+        with _threads(batch * rows * m) as threads:
+            _library().pair_block_sums_f32(
+                target.data_ptr(),
+                batch,
+                rows,
+                m,
+                target.stride(0),
+                target.stride(1),
+                sq.data_ptr(),
+                None if rows_scale is None else rows_scale.data_ptr(),
+                None if cols_scale is None else cols_scale.data_ptr(),
+                param.data_ptr(),
+                stride_p,
+                diag,
+                m if width is None else width,
+                kind,
+                power_case,
+                power,
+                two_t,
+                int(bool(half_space)),
+                int(bool(with_grad)),
+                out.data_ptr(),
+                threads,
+            )
     if with_grad and target is not block:
         block.copy_(target)
     pair, tile, anti = out.sum(2).to(block.dtype)
     return pair, tile, anti
+
+
+def rows_walked_by_helpers() -> int:
+    """How many rows the library's helper threads have walked in this process (for the tests)."""
+    return int(_library().rows_walked_by_helpers())
 
 
 def _square_cosines(gram: Tensor) -> None:
@@ -288,9 +322,13 @@ def scale_and_largest_cosine(gram: Tensor, r: Tensor, *, half_space: bool) -> fl
     any entry is NaN). ``gram``: ``[n, n]`` float32, rows contiguous; ``r``: the ``n`` factors."""
     _square_cosines(gram)
     factors = _float32_contiguous(r).reshape(-1)
-    return float(
-        _library().scale_and_largest_f32(gram.data_ptr(), gram.shape[0], gram.stride(0), factors.data_ptr(), half_space)
-    )
+    n = gram.shape[0]
+    with _threads(n * n) as threads:
+        return float(
+            _library().scale_and_largest_f32(
+                gram.data_ptr(), n, gram.stride(0), factors.data_ptr(), half_space, threads
+            )
+        )
 
 
 def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -304,19 +342,23 @@ def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tens
         rows = torch.empty(capacity, dtype=torch.int64)
         cols = torch.empty(capacity, dtype=torch.int64)
         signs = torch.empty(capacity, dtype=torch.float32)
-        count = int(
-            _library().tied_pairs_f32(
-                cos.data_ptr(),
-                n,
-                cos.stride(0),
-                threshold,
-                half_space,
-                rows.data_ptr(),
-                cols.data_ptr(),
-                signs.data_ptr(),
-                capacity,
+        with _threads(n * n // 2) as threads:
+            count = int(
+                _library().tied_pairs_f32(
+                    cos.data_ptr(),
+                    n,
+                    cos.stride(0),
+                    threshold,
+                    half_space,
+                    rows.data_ptr(),
+                    cols.data_ptr(),
+                    signs.data_ptr(),
+                    capacity,
+                    threads,
+                )
             )
-        )
+        if count < 0:
+            raise MemoryError(f"the closest-pair search could not allocate {n} bytes")
         if count <= capacity:
             break
         capacity = count  # many ties (duplicate neurons): once more with room for all

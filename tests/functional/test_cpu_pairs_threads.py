@@ -1,0 +1,232 @@
+"""The compiled C kernel's rows shared between threads (``functional/_cpu_pairs.c``, ``parallel_rows``).
+
+A call's rows are claimed a grain at a time by the calling thread and the library's helper threads.
+Each row's results are computed the same way whichever thread walks it, so every result here must
+equal the one-thread call's bit for bit; the helpers' row count shows that they took part.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import torch
+
+from lightning_hsu.functional import _cpu_pairs, _matmul, _product_threads, hyperspherical_energy
+from lightning_hsu.functional.kernels import ClosestPairsKernel, GaussianKernel, PairKernel, RieszKernel
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(_cpu_pairs._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    assert _cpu_pairs.ready()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _block_case(batch: int, n: int, d: int, raw: bool, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    w = torch.randn(batch, n, d, generator=generator)
+    w[:, 7] = w[:, 3]  # a duplicate pair: the clamp
+    r = torch.linalg.vector_norm(w, dim=-1).reciprocal()
+    if raw:  # raw products, the projection folded into the coefficients
+        return {"gram": w @ w.mT, "sq": torch.ones(batch, n), "row_scale": r, "col_scale": r}
+    unit = w * r.unsqueeze(-1)
+    return {"gram": unit @ unit.mT, "sq": (unit * unit).sum(-1), "row_scale": r}
+
+
+def _sums(case: dict, kernel: PairKernel, half_space: bool, threads: int, **extra: object) -> list[torch.Tensor]:
+    torch.set_num_threads(threads)
+    block = case["gram"].clone()
+    sums = _cpu_pairs.pair_block_sums(
+        block,
+        0,
+        kernel,
+        half_space=half_space,
+        sq=case["sq"],
+        with_grad=True,
+        row_scale=case["row_scale"],
+        col_scale=case.get("col_scale"),
+        **extra,
+    )
+    return [*sums, block]
+
+
+def _until_helped(call: Callable[[], T], tries: int = 400) -> T:
+    """``call()`` until the helper threads walked some of its rows; its last result."""
+    before = _cpu_pairs.rows_walked_by_helpers()
+    for _ in range(tries):
+        result = call()
+        if _cpu_pairs.rows_walked_by_helpers() > before:
+            return result
+    pytest.fail(f"the helper threads walked no row in {tries} calls")
+
+
+KERNELS = {
+    "log": RieszKernel(0.0),
+    "s=1": RieszKernel(1.0),
+    "s=1.5": RieszKernel(1.5),
+    "s=2": RieszKernel(2.0),
+    "gaussian": GaussianKernel(1.0, shift=0.5),
+    "closest": ClosestPairsKernel(torch.tensor(0.2)),
+}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS.values()), ids=list(KERNELS))
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+@pytest.mark.parametrize("raw", [False, True], ids=["unit", "raw"])
+def test_a_block_shared_between_threads_equals_the_one_thread_block(
+    kernel: PairKernel, half_space: bool, raw: bool
+) -> None:
+    """Sums, tile sums, antipodal sums and coefficients of a batch of 3 blocks of 300 rows, two threads and three
+    (more than this machine's cores), against one thread: bit for bit."""
+    case = _block_case(3, 300, 16, raw)
+    expected = _sums(case, kernel, half_space, 1, width=41)
+    for threads in (2, 3):
+        got = _until_helped(lambda t=threads: _sums(case, kernel, half_space, t, width=41))
+        for ours, theirs in zip(got, expected, strict=True):
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
+@pytest.mark.parametrize("case", ["random", "duplicate", "orthonormal", "nan"])
+def test_the_closest_pair_search_shared_between_threads_equals_one_thread(case: str, half_space: bool) -> None:
+    """Hard MHS's two passes over a 600 x 600 Gram matrix: the scaled cosines, the largest cosine and the tied pairs
+    (the orthonormal frame ties every pair; a NaN in a row a helper may walk makes the result NaN)."""
+    n = 600
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(3))
+    if case == "orthonormal":
+        w = torch.linalg.qr(w)[0] * 2.0
+    elif case == "duplicate":
+        w[300] = w[17]
+    r = torch.linalg.vector_norm(w, dim=1, keepdim=True).reciprocal()
+    gram = w @ w.T
+    if case == "nan":
+        gram[550, 2] = float("nan")
+
+    def search(threads: int) -> tuple:
+        torch.set_num_threads(threads)
+        cosines = gram.clone()
+        largest = _cpu_pairs.scale_and_largest_cosine(cosines, r, half_space=half_space)
+        if largest != largest:
+            return cosines, largest, None
+        return cosines, largest, _cpu_pairs.tied_pairs(cosines, largest - 1e-6, half_space=half_space)
+
+    cosines, largest, ties = search(1)
+    got_cosines, got_largest, got_ties = _until_helped(lambda: search(2))
+    torch.testing.assert_close(got_cosines, cosines, rtol=0.0, atol=0.0, equal_nan=True)
+    if case == "nan":
+        assert got_largest != got_largest and largest != largest
+        return
+    assert got_largest == largest
+    for ours, theirs in zip(got_ties, ties, strict=True):
+        assert torch.equal(ours, theirs)
+    if case == "orthonormal":
+        assert len(ties[0]) == (n * (n - 1) if half_space else n * (n - 1) // 2)
+
+
+def test_calls_from_two_python_threads_at_once_each_get_their_own_result() -> None:
+    """One call uses the helpers at a time; a concurrent call walks its rows alone, and both stay right."""
+    cases = [_block_case(1, 600, 8, raw=False, seed=seed) for seed in (1, 2)]
+    expected = [_sums(case, RieszKernel(2.0), True, 1) for case in cases]
+    torch.set_num_threads(2)
+    failures: list[str] = []
+
+    def worker(index: int) -> None:
+        for _ in range(15):
+            got = _sums(cases[index], RieszKernel(2.0), True, 2)
+            if not all(torch.equal(a, b) for a, b in zip(got, expected[index], strict=True)):
+                failures.append(f"thread {index}")
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    assert not failures
+
+
+def test_a_forked_child_starts_its_own_helpers() -> None:
+    """After fork() the child has none of the parent's helper threads: its calls start new ones and stay right."""
+    code = """
+        import os, torch
+        from lightning_hsu.functional import _cpu_pairs
+        from lightning_hsu.functional.kernels import RieszKernel
+        w = torch.nn.functional.normalize(torch.randn(1, 800, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+        gram, sq = w @ w.mT, torch.ones(1, 800)
+        def coefficients(threads):
+            block = gram.clone()  # on one thread: Torch's OpenMP pool hangs in a forked child
+            torch.set_num_threads(threads)
+            _cpu_pairs.pair_block_sums(block, 0, RieszKernel(2.0), half_space=True, sq=sq, with_grad=True)
+            torch.set_num_threads(1)
+            return block
+        expected = coefficients(1)
+        for _ in range(40):  # the parent's helpers are running
+            coefficients(2)
+        assert _cpu_pairs.rows_walked_by_helpers() > 0
+        pid = os.fork()
+        if pid == 0:
+            ok = _cpu_pairs.rows_walked_by_helpers() == 0
+            for _ in range(40):
+                ok = ok and torch.equal(coefficients(2), expected)
+            os._exit(0 if ok and _cpu_pairs.rows_walked_by_helpers() > 0 else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "child 0", out.stdout + out.stderr
+
+
+def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The `threads` argument of each call of the library's block function."""
+    library = _cpu_pairs._library()
+    calls: list[int] = []
+
+    class Spy:
+        def __getattr__(self, name: str) -> object:
+            return getattr(library, name)
+
+        @staticmethod
+        def pair_block_sums_f32(*args: object) -> int:
+            calls.append(int(args[-1]))  # type: ignore[call-overload]
+            return library.pair_block_sums_f32(*args)
+
+    monkeypatch.setattr(_cpu_pairs, "_library", lambda: Spy())
+    return calls
+
+
+def test_the_kernels_threads_are_measured_like_a_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a pair sum on two threads, a large block's call takes the threads that the chooser gives its size
+    class (both first, then one for two measurements, then the faster), under the kernel's own kind."""
+    calls = _spy_threads(monkeypatch)
+    chooser = _product_threads.ProductThreadChooser()
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    monkeypatch.delenv(_product_threads.PRODUCT_THREADS_ENV, raising=False)
+    torch.set_num_threads(2)
+    w = torch.randn(1024, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(4):
+        hyperspherical_energy(w, half_space=True)
+    assert calls[:3] == [2, 1, 1]
+    size = chooser._classes[(_cpu_pairs.THREADS_KIND, (1024 * 1024).bit_length() - 1)]
+    assert len(size.all_threads) + len(size.one_thread) == 4
+
+
+def test_a_small_block_stays_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_threads(monkeypatch)
+    torch.set_num_threads(2)
+    with _matmul.passes_on_one_thread(torch.device("cpu")):
+        hyperspherical_energy(torch.randn(200, 16), half_space=True)  # 200 x 200 entries
+    assert calls == [1]
