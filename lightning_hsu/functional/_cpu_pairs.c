@@ -144,162 +144,66 @@ static void pick_walks(int kind, int power_case, int half, int raw, values_fn *v
     else PICK(power);
 }
 
-/* A pool of helper threads that share a call's rows with the calling thread (`parallel_rows`).
+/* A call's rows shared among the threads of Torch's own OpenMP pool (`parallel_rows`).
  *
- * The rows are claimed a grain at a time from one atomic counter, so a helper that is descheduled (another process on
- * its core) or not yet awake leaves its rows to the others: the caller waits only for grains already claimed, never
- * for a helper to start. Helpers spin briefly after a call, then sleep on a condition variable. One call at a time:
- * a concurrent caller walks its rows alone. After fork() the child starts with no helpers. */
-#include <pthread.h>
+ * The library links no OpenMP runtime: `_cpu_pairs.py` hands it the `GOMP_parallel` entry of the runtime that Torch
+ * loaded, so the team is the one the products run on (whose idle threads are still spinning after a product, and take
+ * the rows at once), not a second pool competing with it for the cores. Rows are claimed a grain at a time from one
+ * atomic counter, so a thread that starts late finds the rows taken by the others. */
 #include <stdatomic.h>
 #include <stdlib.h>
 
 typedef void (*rows_fn)(void *context, int64_t lo, int64_t hi);
+typedef void (*team_fn)(void *data);
+typedef void (*gomp_parallel_fn)(team_fn fn, void *data, unsigned threads, unsigned flags);
+typedef int (*thread_number_fn)(void);
 
-#define MAX_HELPERS 63
-#define INDEX_BITS 40 /* the ticket: the call's generation above, its next row below */
-#define INDEX_MASK ((((int64_t)1) << INDEX_BITS) - 1)
-#define GENERATION_MASK ((((int64_t)1) << 23) - 1)
-#define GRAIN_ENTRIES 16384 /* entries per claim: tens of microseconds, the longest wait for a descheduled helper's */
-#define SPINS 4096          /* a helper's polls for the next call before it sleeps */
+#define GRAIN_ENTRIES 16384 /* entries per claim: tens of microseconds of work */
 
-static struct {
-    pthread_mutex_t busy; /* held by the call in progress */
-    pthread_mutex_t lock; /* with `wake`: helpers sleep between calls */
-    pthread_cond_t wake;
-    int helpers;
-    _Atomic int64_t ticket;
-    _Atomic(rows_fn) fn;
-    _Atomic(void *) context;
-    _Atomic int64_t total, grain;
-    _Atomic int wanted;   /* helpers that take part in the current call */
-    _Atomic int active;   /* helpers inside `walk_claims` */
-    _Atomic int sleepers; /* helpers waiting on `wake` */
-    _Atomic int64_t helped; /* rows the helpers have walked, for the tests */
-} pool = {.busy = PTHREAD_MUTEX_INITIALIZER, .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .ticket = INDEX_MASK};
+static gomp_parallel_fn gomp_parallel;
+static thread_number_fn thread_number;
+static _Atomic int64_t helped; /* rows walked by threads other than the caller, for the tests */
 
-INLINE void relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
+/* Takes the OpenMP runtime's `GOMP_parallel` and `omp_get_thread_num` (both null: every call on the caller's thread). */
+void use_openmp_runtime(void *parallel, void *get_thread_num) {
+    gomp_parallel = (gomp_parallel_fn)parallel;
+    thread_number = (thread_number_fn)get_thread_num;
 }
 
-/* Claims grains of the call `generation` and walks them until none is left or another call has begun; returns how
- * many rows it walked. */
-static int64_t walk_claims(int64_t generation) {
+/* How many rows threads other than the caller have walked in this process. */
+int64_t rows_walked_by_helpers(void) { return atomic_load(&helped); }
+
+typedef struct {
+    rows_fn fn;
+    void *context;
+    int64_t total, grain;
+    _Atomic int64_t next;
+} rows_job_t;
+
+static void claim_rows(void *data) {
+    rows_job_t *job = (rows_job_t *)data;
     int64_t walked = 0;
     for (;;) {
-        int64_t ticket = atomic_load(&pool.ticket);
-        if ((ticket >> INDEX_BITS) != generation) return walked;
-        int64_t lo = ticket & INDEX_MASK, total = atomic_load_explicit(&pool.total, memory_order_relaxed);
-        int64_t grain = atomic_load_explicit(&pool.grain, memory_order_relaxed);
-        if (lo >= total) return walked;
-        rows_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
-        void *context = atomic_load_explicit(&pool.context, memory_order_relaxed);
-        if (!atomic_compare_exchange_weak(&pool.ticket, &ticket, ticket + grain)) continue;
-        int64_t hi = lo + grain < total ? lo + grain : total;
-        fn(context, lo, hi); /* the fields were this call's: the successful claim shows it still open */
+        int64_t lo = atomic_fetch_add(&job->next, job->grain);
+        if (lo >= job->total) break;
+        int64_t hi = lo + job->grain < job->total ? lo + job->grain : job->total;
+        job->fn(job->context, lo, hi);
         walked += hi - lo;
     }
+    if (walked && thread_number() != 0) atomic_fetch_add_explicit(&helped, walked, memory_order_relaxed);
 }
 
-static int64_t next_generation(int64_t seen) {
-    for (int spin = 0; spin < SPINS; ++spin) {
-        int64_t generation = atomic_load(&pool.ticket) >> INDEX_BITS;
-        if (generation != seen) return generation;
-        relax();
-    }
-    pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add(&pool.sleepers, 1);
-    int64_t generation;
-    while ((generation = atomic_load(&pool.ticket) >> INDEX_BITS) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-    atomic_fetch_sub(&pool.sleepers, 1);
-    pthread_mutex_unlock(&pool.lock);
-    return generation;
-}
-
-static void *helper_main(void *argument) {
-    int index = (int)(intptr_t)argument;
-    int64_t seen = -1;
-    for (;;) {
-        seen = next_generation(seen);
-        if (index >= atomic_load(&pool.wanted)) continue;
-        atomic_fetch_add(&pool.active, 1); /* before the ticket is read: the caller waits for what this claims */
-        int64_t walked = walk_claims(seen);
-        atomic_fetch_add_explicit(&pool.helped, walked, memory_order_relaxed);
-        atomic_fetch_sub(&pool.active, 1);
-    }
-    return 0;
-}
-
-static void forget_helpers(void) { /* in a fork()ed child, which has only the forking thread */
-    pthread_mutex_t unlocked = PTHREAD_MUTEX_INITIALIZER;
-    pthread_cond_t fresh = PTHREAD_COND_INITIALIZER;
-    pool.busy = unlocked;
-    pool.lock = unlocked;
-    pool.wake = fresh;
-    pool.helpers = 0;
-    atomic_store(&pool.ticket, INDEX_MASK);
-    atomic_store(&pool.active, 0);
-    atomic_store(&pool.sleepers, 0);
-    atomic_store(&pool.helped, 0);
-}
-
-static pthread_once_t fork_handler = PTHREAD_ONCE_INIT;
-static void register_fork_handler(void) { pthread_atfork(0, 0, forget_helpers); }
-
-static int start_helper(int index) {
-    pthread_once(&fork_handler, register_fork_handler);
-    pthread_attr_t attributes;
-    pthread_t thread;
-    if (pthread_attr_init(&attributes) != 0) return -1;
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attributes, 1 << 20);
-    int failed = pthread_create(&thread, &attributes, helper_main, (void *)(intptr_t)index);
-    pthread_attr_destroy(&attributes);
-    return failed;
-}
-
-/* How many rows the helpers have walked since the process started (or forked). */
-int64_t rows_walked_by_helpers(void) { return atomic_load(&pool.helped); }
-
-/* Starts the helpers that calls on `threads` threads use (they sleep until then); returns how many there are. */
-int start_helpers(int threads) {
-    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
-    pthread_mutex_lock(&pool.busy);
-    while (pool.helpers < threads - 1 && start_helper(pool.helpers) == 0) ++pool.helpers;
-    int helpers = pool.helpers;
-    pthread_mutex_unlock(&pool.busy);
-    return helpers;
-}
-
-/* fn(context, lo, hi) over rows [0, total) of `row_length` entries each, on up to `threads` threads (the caller's
- * and helpers). Rows are independent: which thread walks a row changes nothing in its results. */
+/* fn(context, lo, hi) over rows [0, total) of `row_length` entries each, on up to `threads` threads. Rows are
+ * independent: which thread walks a row changes nothing in its results. */
 static void parallel_rows(rows_fn fn, void *context, int64_t total, int64_t row_length, int threads) {
     int64_t grain = GRAIN_ENTRIES / (row_length > 0 ? row_length : 1);
     if (grain < 1) grain = 1;
-    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
-    if (threads < 2 || total <= grain || pthread_mutex_trylock(&pool.busy) != 0) {
+    if (threads < 2 || total <= grain || gomp_parallel == 0) {
         fn(context, 0, total);
         return;
     }
-    while (pool.helpers < threads - 1 && start_helper(pool.helpers) == 0) ++pool.helpers;
-    int64_t generation = ((atomic_load(&pool.ticket) >> INDEX_BITS) + 1) & GENERATION_MASK;
-    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
-    atomic_store_explicit(&pool.context, context, memory_order_relaxed);
-    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
-    atomic_store_explicit(&pool.grain, grain, memory_order_relaxed);
-    atomic_store(&pool.wanted, threads - 1);
-    atomic_store(&pool.ticket, generation << INDEX_BITS); /* opens the call */
-    if (atomic_load(&pool.sleepers) > 0) {
-        pthread_mutex_lock(&pool.lock);
-        pthread_cond_broadcast(&pool.wake);
-        pthread_mutex_unlock(&pool.lock);
-    }
-    walk_claims(generation);
-    atomic_store(&pool.ticket, (generation << INDEX_BITS) | INDEX_MASK); /* closed: no claim succeeds after this */
-    while (atomic_load(&pool.active) != 0) relax(); /* grains claimed before the close */
-    pthread_mutex_unlock(&pool.busy);
+    rows_job_t job = {fn, context, total, grain, 0};
+    gomp_parallel(claim_rows, &job, (unsigned)threads, 0);
 }
 
 /* The arguments of one `pair_block_sums_f32` call, shared by the threads that walk its rows. */

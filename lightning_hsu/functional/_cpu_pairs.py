@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
-from lightning_hsu.functional._matmul import caller_threads, chosen_threads
+from lightning_hsu.functional._matmul import chosen_threads
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
@@ -71,7 +71,6 @@ FLAGS = (
     "-fopenmp-simd",
     "-fPIC",
     "-shared",
-    "-pthread",
     f"-DMIN_SQ={MIN_SQUARED_DISTANCE!r}f",  # the clamp of `kernels`, one value for both paths
 )
 #: The kind (`_product_threads`) under which the kernel's calls measure all threads against one.
@@ -150,6 +149,37 @@ _POINTER = ctypes.c_void_p
 _INT = ctypes.c_int64
 
 
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """The OpenMP runtime that Torch's intra-op pool runs on (Linux: found among the loaded libraries), or ``None``:
+    the kernel's calls then stay on the calling thread."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(maxsplit=5)[-1].strip() for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        if not os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")):
+            continue
+        try:
+            runtime = ctypes.CDLL(path)  # loaded already: the same library, not a second runtime
+            runtime.GOMP_parallel, runtime.omp_get_thread_num  # noqa: B018 - both entries must be there
+        except (OSError, AttributeError):
+            continue
+        return runtime
+    return None
+
+
+def attach_openmp_runtime(lib: ctypes.CDLL) -> None:
+    """Give the library Torch's OpenMP runtime (`_openmp_runtime`) to share calls' rows with its pool."""
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        lib.use_openmp_runtime(
+            ctypes.cast(runtime.GOMP_parallel, _POINTER), ctypes.cast(runtime.omp_get_thread_num, _POINTER)
+        )
+
+
 @functools.cache
 def _library() -> ctypes.CDLL:
     """The loaded library (built on first use); raises what the build or the loader raised."""
@@ -171,8 +201,9 @@ def _library() -> ctypes.CDLL:
     lib.tied_pairs_f32.argtypes += [_INT, ctypes.c_int]
     lib.rows_walked_by_helpers.restype = _INT
     lib.rows_walked_by_helpers.argtypes = []
-    lib.start_helpers.restype = ctypes.c_int
-    lib.start_helpers.argtypes = [ctypes.c_int]
+    lib.use_openmp_runtime.restype = None
+    lib.use_openmp_runtime.argtypes = [_POINTER, _POINTER]
+    attach_openmp_runtime(lib)
     return lib
 
 
@@ -208,8 +239,6 @@ def ready() -> bool:
             _library()
             _READY.append(True)
             _probe()
-            # the helper threads now, so that the first measurement of all threads is not a thread's start
-            _library().start_helpers(caller_threads())
         except Exception as err:  # no compiler, a failed build or load, a wrong probe: the eager path stays correct
             _READY[:] = [False]
             detail = getattr(err, "stderr", None) or ""

@@ -1,15 +1,12 @@
 """The compiled C kernel's rows shared between threads (``functional/_cpu_pairs.c``, ``parallel_rows``).
 
-A call's rows are claimed a grain at a time by the calling thread and the library's helper threads.
+A call's rows are claimed a grain at a time by the threads of Torch's OpenMP pool.
 Each row's results are computed the same way whichever thread walks it, so every result here must
 equal the one-thread call's bit for bit; the helpers' row count shows that they took part.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +19,6 @@ from lightning_hsu.functional import _cpu_pairs, _matmul, _product_threads, hype
 from lightning_hsu.functional.kernels import ClosestPairsKernel, GaussianKernel, PairKernel, RieszKernel
 
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(_cpu_pairs._compiler() is None, reason="no C compiler on this machine")
 
 
@@ -136,7 +132,7 @@ def test_the_closest_pair_search_shared_between_threads_equals_one_thread(case: 
 
 
 def test_calls_from_two_python_threads_at_once_each_get_their_own_result() -> None:
-    """One call uses the helpers at a time; a concurrent call walks its rows alone, and both stay right."""
+    """Each Python thread's calls share their rows with a team of their own, and both stay right."""
     cases = [_block_case(1, 600, 8, raw=False, seed=seed) for seed in (1, 2)]
     expected = [_sums(case, RieszKernel(2.0), True, 1) for case in cases]
     torch.set_num_threads(2)
@@ -156,38 +152,29 @@ def test_calls_from_two_python_threads_at_once_each_get_their_own_result() -> No
     assert not failures
 
 
-def test_a_forked_child_starts_its_own_helpers() -> None:
-    """After fork() the child has none of the parent's helper threads: its calls start new ones and stay right."""
-    code = """
-        import os, torch
-        from lightning_hsu.functional import _cpu_pairs
-        from lightning_hsu.functional.kernels import RieszKernel
-        w = torch.nn.functional.normalize(torch.randn(1, 800, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
-        gram, sq = w @ w.mT, torch.ones(1, 800)
-        def coefficients(threads):
-            block = gram.clone()  # on one thread: Torch's OpenMP pool hangs in a forked child
-            torch.set_num_threads(threads)
-            _cpu_pairs.pair_block_sums(block, 0, RieszKernel(2.0), half_space=True, sq=sq, with_grad=True)
-            torch.set_num_threads(1)
-            return block
-        expected = coefficients(1)
-        for _ in range(40):  # the parent's helpers are running
-            coefficients(2)
-        assert _cpu_pairs.rows_walked_by_helpers() > 0
-        pid = os.fork()
-        if pid == 0:
-            ok = _cpu_pairs.rows_walked_by_helpers() == 0
-            for _ in range(40):
-                ok = ok and torch.equal(coefficients(2), expected)
-            os._exit(0 if ok and _cpu_pairs.rows_walked_by_helpers() > 0 else 3)
-        _, status = os.waitpid(pid, 0)
-        print("child", os.waitstatus_to_exitcode(status))
-        """
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "child 0", out.stdout + out.stderr
+def test_the_team_is_torchs_own_openmp_pool() -> None:
+    """The rows go to the threads of the OpenMP runtime Torch loaded (no second pool competes for the cores)."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this Torch does not run its intra-op pool on OpenMP")
+    runtime = _cpu_pairs._openmp_runtime()
+    assert runtime is not None
+    loaded = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "/" in line}
+    assert runtime._name in loaded and Path(runtime._name).is_relative_to(Path(torch.__file__).parent.parent)
+
+
+def test_without_an_openmp_runtime_a_call_stays_on_the_calling_thread() -> None:
+    case = _block_case(2, 500, 8, raw=False)
+    expected = _sums(case, RieszKernel(2.0), True, 1)
+    library = _cpu_pairs._library()
+    library.use_openmp_runtime(None, None)
+    try:
+        before = _cpu_pairs.rows_walked_by_helpers()
+        for _ in range(20):
+            got = _sums(case, RieszKernel(2.0), True, 2)
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert _cpu_pairs.rows_walked_by_helpers() == before
+    finally:
+        _cpu_pairs.attach_openmp_runtime(library)
 
 
 def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
