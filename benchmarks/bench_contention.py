@@ -11,6 +11,8 @@ Methods, per case:
 - **ours**: the library call, forward + backward, as shipped (elementwise passes on one thread,
   `lightning_hsu.functional._matmul.passes_on_one_thread`; each product on all threads or one,
   whichever `lightning_hsu.functional._product_threads` measured faster);
+- **ours, kernel on one thread**: the same with every call of the compiled C kernel on the
+  calling thread (``_cpu_pairs.PARALLEL_MIN_ENTRIES`` out of reach, the code before item 45);
 - **ours, per-class choice**: the same with each size class choosing on its own measurements
   (``_product_threads.MACHINE_WIDE = False``, the code before item 41);
 - **ours, all-thread products**: the same with every product on all threads
@@ -35,11 +37,12 @@ Cases: half- and full-space MHE at 512 x 4608 (a 3x3 conv with 512 channels), op
 4096 x 512 (``--kernels half,full,large``); the exact full-space MHE of a large classifier (``--huge-n``, default
 10,000 x 512, scaled down from the 100,000 of ``bench_huge.py`` to fit the time); one training
 step of the CIFAR ResNet-18 of ``bench_training_step.py`` with its MHE penalty (``--step``); the
-other regularisers at 512 x 4608 in half space (``--others mhs,uniformity,mgd,mhp,comhe``).
+other regularisers in half space (``--others mhs,uniformity,mgd,mhp,comhe``), at 512 x 4608 or
+``--others-shape``. ``--arms`` picks the ablation arms of ours (default: all).
 
 Usage: ``python benchmarks/bench_contention.py [--rounds 6] [--settle 16] [--kernels half,full,large]
-[--others mhs,uniformity] [--huge-n 10000] [--step] [--transitions 16] [--steady-heap]
-[--calls-per-sample 8]``.
+[--others mhs,uniformity] [--others-shape 1024,512] [--arms "shipped,kernel on one thread"]
+[--huge-n 10000] [--step] [--transitions 16] [--steady-heap] [--calls-per-sample 8]``.
 
 ``--steady-heap`` keeps glibc's heap from returning its free top to the kernel between calls
 (`_common.steady_heap`): the page faults of regrowing it depend on the order of the allocations,
@@ -58,25 +61,28 @@ import torch
 from _common import half_gram_products, machine, ms, paired_ratio, steady_heap, table
 from _contention import BusyCore
 
-from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
+from lightning_hsu.functional import _cpu_pairs, _matmul, _product_threads, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
 #: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
-#: `_product_threads.MACHINE_WIDE`)
+#: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads)
 MODES = {
-    "shipped": (True, "adaptive", True),
-    "per-class choice": (True, "adaptive", False),
-    "all-thread products": (True, "all", True),
-    "parallel passes": (False, "all", True),
+    "shipped": (True, "adaptive", True, True),
+    "kernel on one thread": (True, "adaptive", True, False),
+    "per-class choice": (True, "adaptive", False, True),
+    "all-thread products": (True, "all", True, True),
+    "parallel passes": (False, "all", True, True),
 }
+_TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 #: each mode's own product chooser, so that one mode's measurements do not steer another's
 _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE = MODES[mode]
+    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team = MODES[mode]
+    _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if team else 2**62
     os.environ[PRODUCT_THREADS_ENV] = threads
     _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
 
@@ -176,6 +182,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
     for other in (
         "official",
         "products",
+        "ours, kernel on one thread",
         "ours, per-class choice",
         "ours, all-thread products",
         "ours, parallel passes",
@@ -234,6 +241,7 @@ def _load() -> str:
 #: (suffix of the method's name, mode): the library as shipped and its ablation
 ARMS = (
     ("", "shipped"),
+    (", kernel on one thread", "kernel on one thread"),
     (", per-class choice", "per-class choice"),
     (", all-thread products", "all-thread products"),
     (", parallel passes", "parallel passes"),
@@ -284,7 +292,13 @@ def main() -> None:
         "--kernels", default="half,full", help="comma-separated subset of half, full, large (4096 x 512); '' for none"
     )
     parser.add_argument(
-        "--others", default="", help=f"comma-separated subset of {','.join(OTHER_REGULARIZERS)} at 512 x 4608"
+        "--others", default="", help=f"comma-separated subset of {','.join(OTHER_REGULARIZERS)} (at --others-shape)"
+    )
+    parser.add_argument("--others-shape", default="512,4608", help="n,d of the --others layer")
+    parser.add_argument(
+        "--arms",
+        default=",".join(mode for _, mode in ARMS),
+        help="comma-separated ablation arms of ours: " + ", ".join(mode for _, mode in ARMS),
     )
     parser.add_argument("--huge-n", type=int, default=0, help="exact full-space MHE of n x 512 (0: skip)")
     parser.add_argument("--huge-rounds", type=int, default=2)
@@ -311,6 +325,11 @@ def main() -> None:
     start = time.perf_counter()
     heap = steady_heap() if args.steady_heap else "glibc heap as configured (default: it shrinks and regrows)"
     print(f"Machine: {machine()}; competing process pinned to core {args.core}; {heap}\n")
+    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if not arms <= set(MODES) or "shipped" not in arms:
+        parser.error(f"--arms: choose from {sorted(MODES)}, including shipped; got {sorted(arms)}")
+    selected = tuple(arm for arm in ARMS if arm[1] in arms)
+    others_n, others_d = (int(v) for v in args.others_shape.split(","))
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = sorted(set(kernels) - set(KERNEL_CASES))
     if unknown:
@@ -319,7 +338,7 @@ def main() -> None:
         for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
             torch.manual_seed(0)
             w = torch.randn(n, d, requires_grad=True)
-            methods: dict[str, Method] = {f"ours{label}": (_mhe(w, half), mode) for label, mode in ARMS}
+            methods: dict[str, Method] = {f"ours{label}": (_mhe(w, half), mode) for label, mode in selected}
             if official:
                 methods["official"] = (_official(w, half), "shipped")
             methods["products"] = (_products(w), "all-thread products")
@@ -328,15 +347,15 @@ def main() -> None:
             )
         for name in (o.strip() for o in args.others.split(",") if o.strip()):
             torch.manual_seed(0)
-            w = torch.randn(512, 4608, requires_grad=True)
-            methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in ARMS}
-            title = f"{name}, half space, 512 x 4608"
+            w = torch.randn(others_n, others_d, requires_grad=True)
+            methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in selected}
+            title = f"{name}, half space, {others_n} x {others_d}"
             _measure_and_report(title, methods, busy, args.rounds, args.threads, args.settle, args.calls_per_sample)
         if args.huge_n:
             from bench_huge import _weight
 
             w = _weight(args.huge_n, 512, "cpu")
-            methods = {f"ours{label}": (_mhe(w, False), mode) for label, mode in ARMS}
+            methods = {f"ours{label}": (_mhe(w, False), mode) for label, mode in selected}
             title = f"exact full-space MHE, {args.huge_n} x 512"
             _measure_and_report(title, methods, busy, args.huge_rounds, args.threads, 1)
         if args.step:
@@ -347,7 +366,7 @@ def main() -> None:
             x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
             methods = {
                 "no penalty": (make_step(model, None, x, y), "shipped"),
-                **{f"ours{label}": (make_step(model, penalty_per_layer, x, y), mode) for label, mode in ARMS},
+                **{f"ours{label}": (make_step(model, penalty_per_layer, x, y), mode) for label, mode in selected},
             }
             load = _load()
             times = measure(methods, busy, args.step_rounds, args.threads, settle=2)
@@ -357,7 +376,7 @@ def main() -> None:
             for s in ("idle", "busy"):
                 for t in sorted({1, args.threads}):
                     base = times[(s, t, "no penalty")]
-                    for name in [f"ours{label}" for label, _ in ARMS]:
+                    for name in [f"ours{label}" for label, _ in selected]:
                         median, low, high = paired_ratio(times[(s, t, name)], base)
                         cell = f"{100 * (median - 1):+.1f}% [{100 * (low - 1):+.1f}, {100 * (high - 1):+.1f}]"
                         growth.append([name, f"{s} {t}t", cell])

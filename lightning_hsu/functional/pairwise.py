@@ -100,6 +100,11 @@ STRIP_ELEMENTS = 2**18
 #: d = 512 on CPU B, one and two threads: 0.86 and 0.74 at n = 1024, 0.95 and 0.93 at 2048, 1.08
 #: and 1.20 at 3072, 1.11 and 1.23 at 4096 (mirroring and faulting in a 36-64 MiB matrix).
 FUSED_BLOCK_ELEMENTS = 2**22
+#: On the CPU a batch of one-block Gram matrices (CoMHE's projections) is done a group at a time,
+#: each group's matrices at most this many entries together (16 MiB of float32: below glibc's
+#: largest mmap threshold, so the heap hands the next group the same pages). All 20 of CoMHE's
+#: 1024 x 1024 matrices at once took 80 MiB mapped afresh per call, whose page faults cost 30% of it.
+DENSE_GROUP_ELEMENTS = 2**22
 #: Strips are never thinner than this: thinner products lose matrix-multiply speed.
 MIN_STRIP_ROWS = 128
 #: A layer past one block is cut into about this many strips on the CPU: each strip is a few
@@ -435,8 +440,26 @@ def _dense_sum(
     needed by that row only), so \(C''\) costs no further ``[n, n]`` buffer. With the fused
     kernel (`_fused_pairs`) those passes are one launch over the whole matrix.
     """
+    batch, n, d = rows.shape
+    group = max(1, DENSE_GROUP_ELEMENTS // (n * n))
+    if rows.device.type == "cpu" and n > d and group < batch:  # gradients formed here, [group, n, d] each
+        parts = [
+            _dense_sum(
+                rows[i : i + group],
+                kernel,
+                half_space,
+                with_grad,
+                sq_norm[i : i + group],
+                None if row_scale is None else row_scale[i : i + group],
+                host_sync,
+            )
+            for i in range(0, batch, group)
+        ]
+        total = torch.cat([part_total for part_total, _ in parts])
+        if not with_grad:
+            return total, None
+        return total, torch.cat([grad for _, grad in parts])  # type: ignore[misc]
     cos = gram(rows)
-    n = cos.shape[1]
     fused = _fused_pairs(cos, kernel)
     if fused is not None:  # the whole matrix in one launch, the factors r_i r_j applied inside
         scale = None if row_scale is None else row_scale[..., 0]

@@ -167,3 +167,35 @@ def test_closed_form_half_space_term_is_as_accurate_in_float32_as_the_two_terms(
     for i, (want, scale) in enumerate([(ref_value, value_scale), (ref_slope, slope_scale)]):
         closed_error, terms_error = worst(closed[i], want, scale), worst(two_terms[i], want, scale)
         assert closed_error <= max(2.0 * terms_error, 1e-6), (i, closed_error, terms_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("half_space", [False, True])
+def test_a_batch_of_one_block_gram_matrices_in_groups_equals_the_whole_batch_and_the_reference(
+    half_space: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CoMHE's 7 projections of 60 neurons, in groups of 3, 3 and 1 Gram matrices (float32: through the compiled
+    kernel where it is built): the same value and gradient as all at once, bit for bit, and as the float64
+    statement of the formula."""
+    from lightning_hsu.functional import compressive_energy, pairwise
+
+    from .reference import pairwise_compressive
+
+    w = _weights(60, 24).to(dtype)
+    projections = torch.randn(7, 8, 24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def ours(x: torch.Tensor) -> torch.Tensor:
+        return compressive_energy(x, projections.to(dtype), half_space=half_space)
+
+    whole = value_and_grad(ours, w)
+    monkeypatch.setattr(pairwise, "DENSE_GROUP_ELEMENTS", 3 * 60 * 60)
+    calls: list[int] = []
+    original = pairwise.gram
+    monkeypatch.setattr(pairwise, "gram", lambda rows: calls.append(rows.shape[0]) or original(rows))
+    grouped = value_and_grad(ours, w)
+    assert calls == [3, 3, 1]
+    assert torch.equal(grouped[0], whole[0]) and torch.equal(grouped[1], whole[1])
+    ref = value_and_grad(lambda x: pairwise_compressive(x, projections, half_space), w.double())
+    tol = {"rtol": 1e-4, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(grouped[0].double(), ref[0], **tol)
+    torch.testing.assert_close(grouped[1].double(), ref[1], **tol)
