@@ -289,7 +289,8 @@ int pair_block_sums_f32(float *gram, int64_t batch, int64_t rows, int64_t m, int
 /* Hard MHS's search for the closest pairs (`separation._closest_pairs_sum`), over one n x n Gram matrix of raw rows
  * (row stride `ld`, column stride 1). */
 
-/* Rows of `scale_and_largest_f32`: each row scaled in place, its largest and smallest pair cosine and its NaNs. */
+/* Rows of `scale_and_largest_f32`: each row's upper triangle scaled in place, its largest and smallest pair cosine
+ * and its NaNs. */
 typedef struct {
     float *gram;
     int64_t n, ld;
@@ -305,18 +306,17 @@ static void scale_rows(void *context, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
         float *g = a->gram + i * a->ld;
         float r_i = r[i];
+        float self = g[i] * r_i * r_i; /* the self pair is no candidate (its -c_ii is, in half space) */
+        g[i] = self;
         float high = -INFINITY, low = INFINITY;
-        int nans = 0;
+        int nans = self != self;
 #pragma omp simd reduction(max : high) reduction(min : low) reduction(+ : nans)
-        for (int64_t j = 0; j < n; ++j) {
+        for (int64_t j = i + 1; j < n; ++j) {
             float c = g[j] * r_i * r[j];
             g[j] = c;
             nans += c != c;
-            /* the self pair is not a candidate (its -c_ii is, below): left out of both extremes */
-            float candidate_high = j == i ? -INFINITY : c;
-            float candidate_low = j == i ? INFINITY : c;
-            high = candidate_high > high ? candidate_high : high;
-            low = candidate_low < low ? candidate_low : low;
+            high = c > high ? c : high;
+            low = c < low ? c : low;
         }
         a->high[i] = high;
         a->low[i] = low;
@@ -324,8 +324,9 @@ static void scale_rows(void *context, int64_t lo, int64_t hi) {
     }
 }
 
-/* Scales the Gram matrix to cosines in place, (g_ij r_i) r_j, and returns the largest pair cosine: over i != j of
- * c_ij, and in half space of -c_ij and of the antipodal pairs' -c_ii. NaN if any entry is NaN (or out of memory). */
+/* Scales the upper triangle (j >= i) of the Gram matrix to cosines in place, (g_ij r_i) r_j, and returns the largest
+ * pair cosine: over i < j of c_ij, and in half space of -c_ij and of the antipodal pairs' -c_ii. NaN if any entry is
+ * NaN (or out of memory). The entries below the diagonal are neither read nor written. */
 float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, int half, int threads) {
     float *extremes = (float *)malloc(2 * n * sizeof(float));
     int *nans = (int *)malloc(n * sizeof(int));
@@ -333,7 +334,8 @@ float scale_and_largest_f32(float *gram, int64_t n, int64_t ld, const float *r, 
     int nan_seen = extremes == 0 || nans == 0;
     if (!nan_seen) {
         scale_t a = {gram, n, ld, r, extremes, extremes + n, nans};
-        parallel_rows(scale_rows, &a, n, n, threads);
+        /* row i has n - i entries: the grain is set by the average row */
+        parallel_rows(scale_rows, &a, n, n / 2, threads);
         for (int64_t i = 0; i < n; ++i) {
             nan_seen |= nans[i] != 0;
             if (a.high[i] > best) best = a.high[i];

@@ -9,9 +9,10 @@ This module computes the same thing as the fused Triton kernel (`_triton_pairs`,
 states the mathematics) in one C function per block: each row is walked twice from the first-level
 cache, once for the sums of the pair terms and \(\rho_i = \sum_j C_{ij} c_{ij}\), once to write the
 coefficients \(C''\) over the Gram entries. Hard MHS's search for its closest pairs
-(`separation._closest_pairs_sum`) is two more functions of the same library: one pass that scales
-the Gram matrix to cosines and finds the largest (`scale_and_largest_cosine`), one over its upper
-triangle that lists the pairs tied with it (`tied_pairs`), where the eager search made about ten.
+(`separation._closest_pairs_sum`) is two more functions of the same library: one pass over the
+Gram matrix's upper triangle that scales it to cosines and finds the largest
+(`scale_and_largest_cosine`), one that lists the pairs tied with it (`tied_pairs`), where the
+eager search made about ten.
 
 **Build.** ``_cpu_pairs.c`` ships with the package and is compiled at its first use in a process
 with the machine's C compiler (``$CC``, else ``cc``; about a second, for this CPU:
@@ -346,9 +347,11 @@ def _square_cosines(gram: Tensor) -> None:
 
 
 def scale_and_largest_cosine(gram: Tensor, r: Tensor, *, half_space: bool) -> float:
-    r"""Scale the Gram matrix of raw rows to cosines in place, \((g_{ij} r_i) r_j\), and return the
-    largest pair cosine: `pairwise.largest_pair_cosine` of the scaled matrix, in the same pass (NaN if
-    any entry is NaN). ``gram``: ``[n, n]`` float32, rows contiguous; ``r``: the ``n`` factors."""
+    r"""Scale the upper triangle \(j \ge i\) of the Gram matrix of raw rows to cosines in place,
+    \((g_{ij} r_i) r_j\), and return the largest pair cosine: `pairwise.largest_pair_cosine` of the
+    scaled (symmetric) matrix, in the same pass (NaN if any entry is NaN). The entries below the
+    diagonal are neither read nor written (`_matmul.gram` with ``mirror=False``). ``gram``:
+    ``[n, n]`` float32, rows contiguous; ``r``: the ``n`` factors."""
     _square_cosines(gram)
     factors = _float32_contiguous(r).reshape(-1)
     n = gram.shape[0]

@@ -409,13 +409,14 @@ def gram_in_strips(rows: Tensor) -> bool:
     return rows.device.type == "cpu" and large
 
 
-def gram(rows: Tensor) -> Tensor:
+def gram(rows: Tensor, *, mirror: bool = True) -> Tensor:
     r"""The Gram matrix \(X X^\top\) of ``[batch, n, d]`` rows, exactly symmetric.
 
     On the CPU, for rows long enough to be bound by the product (`gram_in_strips`), the upper
     strips \(X_I X_{J \ge I}^\top\) are computed and mirrored: \(n^2 d/2\) multiply-adds plus
     a strip's worth instead of \(n^2 d\). Elsewhere (GPU: fewer, larger launches pay more) one
-    product.
+    product. With ``mirror=False``, for a caller that reads the upper triangle \(j \ge i\) only,
+    the strips are not mirrored and the entries below the diagonal are undefined.
     """
     batch, n, _ = rows.shape
     if not gram_in_strips(rows):
@@ -425,5 +426,6 @@ def gram(rows: Tensor) -> Tensor:
         stop = min(start + GRAM_STRIP_ROWS, n)
         strip = batched_matmul(rows[:, start:stop], rows[:, start:].transpose(1, 2))
         out[:, start:stop, start:] = strip
-        out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
+        if mirror:
+            out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
     return out

@@ -238,12 +238,12 @@ def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
 
 
 def _cpu_kernel(block: Tensor) -> ModuleType | None:
-    """`_cpu_pairs` unless `CPU_KERNEL_ENV` is ``0``, ``block`` has no storage to hand over
-    (functorch's wrappers, fake tensors), or the kernel did not build (imported on first use)."""
+    """`_cpu_pairs` unless ``block`` is not a CPU tensor, `CPU_KERNEL_ENV` is ``0``, ``block`` has no storage
+    to hand over (functorch's wrappers, fake tensors), or the kernel did not build (imported on first use)."""
     mode = os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
     if mode not in ("0", "auto"):
         raise ValueError(f"{CPU_KERNEL_ENV}={mode!r}: choose 0 (the eager passes) or auto (the default)")
-    if mode == "0":
+    if mode == "0" or block.device.type != "cpu":
         return None
     try:
         block.data_ptr()

@@ -83,15 +83,16 @@ def _closest_pairs_sum(
     \(\hat w_j\cdot\hat w_i\) already at hand. In one block the unit rows are never formed:
     the Gram matrix of \(w\) scaled by \(r_i r_j\) (a pass over \(n^2\) entries instead of
     \(n d\)) serves both the search for the maximum and for the ties; on the CPU with the
-    compiled kernel (`_cpu_pairs`) each of the two searches is one pass.
+    compiled kernel (`_cpu_pairs`) each of the two searches is one pass over its upper triangle.
     """
     n = rows.shape[0]
     unit: Tensor | None = None
     gram_blocks: list[tuple[int, Tensor]] | None = None
     search = None
     if block_rows_for(n, chunk_size) >= n:
-        products = gram(rows.unsqueeze(0))
-        search = _cpu_kernel(products) if products.dtype == torch.float32 and n >= 2 else None
+        search = _cpu_kernel(rows) if rows.dtype == torch.float32 and n >= 2 else None
+        # the compiled search reads the upper triangle only: the Gram matrix's strips need no mirror
+        products = gram(rows.unsqueeze(0), mirror=search is None)
         if search is None:
             products.mul_(r).mul_(r.mT)
         gram_blocks = [(0, products)]

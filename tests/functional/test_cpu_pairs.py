@@ -246,8 +246,12 @@ def test_the_closest_pair_search_finds_what_the_eager_search_finds(case: str, ha
     r = torch.linalg.vector_norm(w, dim=1, keepdim=True).reciprocal()
     eager = (w @ w.T).mul_(r).mul_(r.T)
     ours = w @ w.T
+    below = torch.tril(torch.ones(n, n, dtype=torch.bool), diagonal=-1)
+    ours[below] = float("nan")  # below the diagonal is neither read nor written
     c_max = _cpu_pairs.scale_and_largest_cosine(ours, r, half_space=half_space)
-    torch.testing.assert_close(ours, eager, rtol=0.0, atol=0.0)  # the same products, in the same order
+    # the same products, in the same order, in the upper triangle
+    torch.testing.assert_close(ours.triu(), eager.triu(), rtol=0.0, atol=0.0)
+    assert ours[below].isnan().all()
     assert c_max == float(largest_pair_cosine([(0, eager.unsqueeze(0))], half_space=half_space)[0])
     threshold = c_max - 1e-6
     found = _cpu_pairs.tied_pairs(ours, threshold, half_space=half_space)
@@ -258,24 +262,55 @@ def test_the_closest_pair_search_finds_what_the_eager_search_finds(case: str, ha
 
 
 @needs_compiler
-def test_a_nan_makes_the_largest_cosine_nan() -> None:
+@pytest.mark.parametrize("where", [(1, 3), (2, 2)], ids=["pair", "self"])
+def test_a_nan_makes_the_largest_cosine_nan(where: tuple[int, int]) -> None:
     gram = torch.eye(5)
-    gram[3, 1] = float("nan")
+    gram[where] = float("nan")  # a NaN neuron's row and column: the upper triangle holds one of each pair
     assert torch.isnan(torch.tensor(_cpu_pairs.scale_and_largest_cosine(gram, torch.ones(5), half_space=False)))
 
 
 @needs_compiler
+@pytest.mark.parametrize("d", [64, 512], ids=["one-product", "strips"])
 @pytest.mark.parametrize("half_space", [False, True], ids=["full", "half"])
 def test_hard_separation_with_the_kernel_equals_the_eager_search(
-    half_space: bool, monkeypatch: pytest.MonkeyPatch
+    half_space: bool, d: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through the public function, a 600 x 64 layer with a duplicate pair: value and gradient."""
+    """Through the public function, a 600 x d layer with a duplicate pair: value and gradient (at d = 512 the Gram
+    matrix comes in strips, unmirrored for the kernel)."""
     from lightning_hsu.functional import hyperspherical_separation
 
-    w = torch.randn(600, 64, generator=torch.Generator().manual_seed(5))
+    w = torch.randn(600, d, generator=torch.Generator().manual_seed(5))
     w[17] = w[3]
     fused, eager = _with_and_without_the_kernel(
         lambda x: hyperspherical_separation(x, half_space=half_space), w, monkeypatch
     )
     torch.testing.assert_close(fused[0], eager[0], rtol=0.0, atol=0.0)
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=0.0)
+
+
+def test_a_tensor_off_the_cpu_never_takes_the_compiled_kernel() -> None:
+    """Hard MHS asks for the CPU search before its Gram matrix exists: a CUDA (here: meta) tensor keeps the eager
+    search instead of reaching the C library with a device pointer."""
+    assert pairwise._cpu_kernel(torch.empty(8, 8, device="meta")) is None
+
+
+@needs_compiler
+def test_the_gram_matrix_for_the_compiled_search_is_not_mirrored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernel the strips' lower triangle is left unwritten (the search reads the upper one); without it, the
+    eager search gets the full symmetric matrix."""
+    from lightning_hsu.functional import _matmul, hyperspherical_separation, separation
+
+    mirrors: list[bool] = []
+    original = _matmul.gram
+    monkeypatch.setattr(
+        separation, "gram", lambda rows, mirror=True: mirrors.append(mirror) or original(rows, mirror=mirror)
+    )
+    w = torch.randn(600, 512, generator=torch.Generator().manual_seed(2))
+    assert _matmul.gram_in_strips(w.unsqueeze(0))
+    hyperspherical_separation(w, half_space=True)
+    monkeypatch.setenv(pairwise.CPU_KERNEL_ENV, "0")
+    hyperspherical_separation(w, half_space=True)
+    assert mirrors == [False, True]
+    upper = original(w.unsqueeze(0), mirror=False)[0]
+    full = original(w.unsqueeze(0))[0]
+    assert torch.equal(upper.triu(), full.triu())
