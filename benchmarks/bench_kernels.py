@@ -12,7 +12,9 @@ matrix-multiply lower bound.
   computes them, plus its Cholesky factorisations and their inverses, which any exact gradient
   of a log-determinant needs (before item 42 of ``docs/performance.md``: the full float32 Gram and
   gradient products); CoMHE: the projections forward and backward plus ``K`` Gram and gradient
-  products.
+  products, on the CPU a group of at most ``pairwise.DENSE_GROUP_ELEMENTS`` Gram entries at a time,
+  as the package computes them (before item 46: all ``K`` at once, whose fresh ``[K, n, n]``
+  output faulted its pages in every call).
   On the CPU each product is timed both with ``torch.mm`` (MKL) and with oneDNN's float32 product
   (what the library uses there, ``lightning_hsu.functional._matmul``), and the faster is the bound.
 - on CUDA, for MHE and CoMHE, also **ours without the host sync** (``check_finite=False``, what
@@ -57,6 +59,7 @@ from lightning_hsu.functional import (
     hyperspherical_separation,
 )
 from lightning_hsu.functional._matmul import batched_matmul, gram_in_strips, onednn_matmul_enabled
+from lightning_hsu.functional.pairwise import DENSE_GROUP_ELEMENTS
 
 EPS = 1e-4
 
@@ -159,11 +162,15 @@ def lower_bound(kind: str, w: torch.Tensor, half_space: bool, projections: torch
         stacked = projections.reshape(count * dim, -1)  # all projections as one [K p, d] matrix
         gp = torch.randn(count, n, n, device=w.device, dtype=w.dtype)
         bmm = torch.bmm if mm is torch.mm else batched_matmul
+        # on the CPU the package takes the projections' Gram matrices a group at a time (item 46)
+        group = max(1, DENSE_GROUP_ELEMENTS // (n * n)) if w.device.type == "cpu" else count
 
         def run() -> None:
             p = mm(x, stacked.T).view(n, count, dim).transpose(0, 1)  # projections forward
-            bmm(p, p.transpose(1, 2))
-            gp_p = bmm(gp, p)
+            gp_p = torch.empty(count, n, dim, device=w.device, dtype=w.dtype)
+            for i in range(0, count, group):
+                bmm(p[i : i + group], p[i : i + group].transpose(1, 2))
+                gp_p[i : i + group] = bmm(gp[i : i + group], p[i : i + group])
             mm(gp_p.transpose(0, 1).reshape(n, count * dim), stacked)  # and backward
 
         return run

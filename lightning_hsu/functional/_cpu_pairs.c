@@ -3,8 +3,9 @@
  * The C statement of `_triton_pairs._pair_block_kernel`: the same inputs, the same formulas, the
  * same outputs (see `_cpu_pairs.py` and `_triton_pairs.py` for the mathematics). Each row of the
  * block is walked twice from the core's first-level cache: the first walk sums the pair terms and
- * rho_i = sum_j C_ij c_ij, the second writes the coefficients over the Gram entries. Single
- * threaded on purpose: the caller runs the pair sums' passes on one thread (`passes_on_one_thread`).
+ * rho_i = sum_j C_ij c_ij, the second writes the coefficients over the Gram entries. The rows are
+ * shared with the threads of Torch's OpenMP team when the caller asks for more than one
+ * (`parallel_rows`); each row's results are the same whichever thread walks it.
  * Built by `_cpu_pairs.py` with the machine's C compiler; no Python or Torch header is needed.
  */
 #include <math.h>

@@ -24,6 +24,17 @@ compiler is found, the build fails, or the library computes a probe block wrongl
 pair sums keep the eager passes, with one warning. ``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them
 without trying.
 
+**Threads.** A call over at least `PARALLEL_MIN_ENTRIES` entries takes the threads of the latest
+product (`_matmul.threads_of_last_product`): all of the caller's where the product chooser put it
+on all (an idle machine), one where on one (a busy core). Its rows are then claimed a grain at a time by the
+threads of the OpenMP team Torch's own operations run on: the library links no OpenMP runtime,
+and is handed the ``GOMP_parallel`` entry of the one Torch loaded (`_openmp_runtime`), so no second
+pool competes for the cores (a pool of its own measured slower than one thread: Torch's idle
+OpenMP thread spins on the other core after each product, ``docs/performance.md`` item 45). Where
+Torch runs on another thread pool or none is found, every call stays on the calling thread. Each
+row's results do not depend on the thread that walks it: the results are bit-identical at any
+thread count.
+
 **Numerics.** The formulas and clamps are those of `kernels` in float32, with the same order of
 operations where it matters (the scaled cosine \((g_{ij} r_i) r_j\), the clamp that keeps a NaN);
 the sums are in another order (per row, then in float64), i.e. they differ from the eager path's in
@@ -33,7 +44,6 @@ gradient with the eager path and a float64 statement of each formula.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -44,14 +54,13 @@ import subprocess
 import sysconfig
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
-from lightning_hsu.functional._matmul import chosen_threads
+from lightning_hsu.functional._matmul import threads_of_last_product
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
@@ -74,8 +83,6 @@ FLAGS = (
     "-shared",
     f"-DMIN_SQ={MIN_SQUARED_DISTANCE!r}f",  # the clamp of `kernels`, one value for both paths
 )
-#: The kind (`_product_threads`) under which the kernel's calls measure all threads against one.
-THREADS_KIND = "float32 cpu pairs"
 #: Fewest Gram entries of a call shared between threads: below, one thread (a helper's wake-up
 #: takes tens of microseconds).
 PARALLEL_MIN_ENTRIES = 2**16
@@ -252,16 +259,10 @@ def ready() -> bool:
     return _READY[0]
 
 
-@contextlib.contextmanager
-def _threads(entries: int) -> Iterator[int]:
-    """How many threads a call over ``entries`` Gram entries takes: one for a small call, else those that
-    `_matmul.chosen_threads` gives a product there (all on an idle machine, one on a busy core: the
-    chooser measures both under `THREADS_KIND`, as it does the products)."""
-    if entries < PARALLEL_MIN_ENTRIES:
-        yield 1
-        return
-    with chosen_threads(entries, THREADS_KIND):
-        yield torch.get_num_threads()
+def _threads(entries: int) -> int:
+    """How many threads a call over ``entries`` Gram entries takes: one for a small call, else those of the
+    latest product (`_matmul.threads_of_last_product`: all on an idle machine, one on a busy core)."""
+    return 1 if entries < PARALLEL_MIN_ENTRIES else threads_of_last_product()
 
 
 def _float32_contiguous(x: Tensor) -> Tensor:
@@ -305,30 +306,30 @@ def pair_block_sums(
     cols_scale = None if col_scale is None else _float32_contiguous(col_scale)
     out = torch.zeros(3, batch, rows, dtype=torch.float64)
     if rows and m:
-        with _threads(batch * rows * m) as threads:
-            _library().pair_block_sums_f32(
-                target.data_ptr(),
-                batch,
-                rows,
-                m,
-                target.stride(0),
-                target.stride(1),
-                sq.data_ptr(),
-                None if rows_scale is None else rows_scale.data_ptr(),
-                None if cols_scale is None else cols_scale.data_ptr(),
-                param.data_ptr(),
-                stride_p,
-                diag,
-                m if width is None else width,
-                kind,
-                power_case,
-                power,
-                two_t,
-                int(bool(half_space)),
-                int(bool(with_grad)),
-                out.data_ptr(),
-                threads,
-            )
+        threads = _threads(batch * rows * m)
+        _library().pair_block_sums_f32(
+            target.data_ptr(),
+            batch,
+            rows,
+            m,
+            target.stride(0),
+            target.stride(1),
+            sq.data_ptr(),
+            None if rows_scale is None else rows_scale.data_ptr(),
+            None if cols_scale is None else cols_scale.data_ptr(),
+            param.data_ptr(),
+            stride_p,
+            diag,
+            m if width is None else width,
+            kind,
+            power_case,
+            power,
+            two_t,
+            int(bool(half_space)),
+            int(bool(with_grad)),
+            out.data_ptr(),
+            threads,
+        )
     if with_grad and target is not block:
         block.copy_(target)
     pair, tile, anti = out.sum(2).to(block.dtype)
@@ -355,12 +356,10 @@ def scale_and_largest_cosine(gram: Tensor, r: Tensor, *, half_space: bool) -> fl
     _square_cosines(gram)
     factors = _float32_contiguous(r).reshape(-1)
     n = gram.shape[0]
-    with _threads(n * n) as threads:
-        return float(
-            _library().scale_and_largest_f32(
-                gram.data_ptr(), n, gram.stride(0), factors.data_ptr(), half_space, threads
-            )
-        )
+    threads = _threads(n * n // 2)
+    return float(
+        _library().scale_and_largest_f32(gram.data_ptr(), n, gram.stride(0), factors.data_ptr(), half_space, threads)
+    )
 
 
 def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -374,21 +373,21 @@ def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tens
         rows = torch.empty(capacity, dtype=torch.int64)
         cols = torch.empty(capacity, dtype=torch.int64)
         signs = torch.empty(capacity, dtype=torch.float32)
-        with _threads(n * n // 2) as threads:
-            count = int(
-                _library().tied_pairs_f32(
-                    cos.data_ptr(),
-                    n,
-                    cos.stride(0),
-                    threshold,
-                    half_space,
-                    rows.data_ptr(),
-                    cols.data_ptr(),
-                    signs.data_ptr(),
-                    capacity,
-                    threads,
-                )
+        threads = _threads(n * n // 2)
+        count = int(
+            _library().tied_pairs_f32(
+                cos.data_ptr(),
+                n,
+                cos.stride(0),
+                threshold,
+                half_space,
+                rows.data_ptr(),
+                cols.data_ptr(),
+                signs.data_ptr(),
+                capacity,
+                threads,
             )
+        )
         if count < 0:
             raise MemoryError(f"the closest-pair search could not allocate {n} bytes")
         if count <= capacity:

@@ -96,6 +96,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     _scope.threads = threads
+    _scope.last_wide = False
     try:
         yield
     finally:
@@ -162,6 +163,20 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     return cast(Tensor, _OneThreadGraph.apply(fn, x))
 
 
+def threads_of_last_product() -> int:
+    """The threads for work that follows a product inside `passes_on_one_thread` and should share its choice:
+    the caller's threads if the latest product in the context ran on them, else one; outside the context,
+    the current thread count.
+
+    The compiled pair-sum kernel's calls take it (`_cpu_pairs`): the products measure the machine's load well
+    (their time runs to the next product, and so includes such a call), where a few short calls of their own
+    would decide on noise."""
+    threads = getattr(_scope, "threads", None)
+    if threads is None:
+        return torch.get_num_threads()
+    return threads if getattr(_scope, "last_wide", False) else 1
+
+
 @contextlib.contextmanager
 def chosen_threads(work: int, kind: str) -> Iterator[None]:
     """Threads for one product of ``work`` multiply-adds inside `passes_on_one_thread`.
@@ -181,6 +196,7 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
     if adaptive:
         _record_pending_product()
     wide = chooser.use_all_threads(work, kind) if adaptive else True
+    _scope.last_wide = wide
     start = chooser.clock()
     if wide:
         torch.set_num_threads(threads)

@@ -195,20 +195,27 @@ def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_the_kernels_threads_are_measured_like_a_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside a pair sum on two threads, a large block's call takes the threads that the chooser gives its size
-    class (both first, then one for two measurements, then the faster), under the kernel's own kind."""
+class _Answer(_product_threads.ProductThreadChooser):
+    """A product chooser that always gives the same answer."""
+
+    def __init__(self, all_threads: bool) -> None:
+        super().__init__()
+        self.answer = all_threads
+
+    def use_all_threads(self, work: int, kind: str = "") -> bool:
+        return self.answer
+
+
+@pytest.mark.parametrize("wide", [True, False], ids=["products-on-all", "products-on-one"])
+def test_a_large_call_takes_the_threads_of_the_latest_product(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside a pair sum on two threads a large block's call follows the product before it: both threads where
+    the chooser put the Gram product on both (an idle machine), one where on one (a busy core)."""
     calls = _spy_threads(monkeypatch)
-    chooser = _product_threads.ProductThreadChooser()
-    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(wide))
     monkeypatch.delenv(_product_threads.PRODUCT_THREADS_ENV, raising=False)
     torch.set_num_threads(2)
-    w = torch.randn(1024, 16, generator=torch.Generator().manual_seed(0))
-    for _ in range(4):
-        hyperspherical_energy(w, half_space=True)
-    assert calls[:3] == [2, 1, 1]
-    size = chooser._classes[(_cpu_pairs.THREADS_KIND, (1024 * 1024).bit_length() - 1)]
-    assert len(size.all_threads) + len(size.one_thread) == 4
+    hyperspherical_energy(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)), half_space=True)
+    assert calls == [2 if wide else 1]
 
 
 def test_a_small_block_stays_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy, pairwise
+from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
 from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
 from lightning_hsu.functional._product_threads import (
     PROBE_ALL_SECONDS,
@@ -370,12 +370,7 @@ def test_library_products_feed_the_process_chooser(monkeypatch) -> None:
     sizes = chooser._classes
     assert sizes and all(s.all_threads and s.one_thread for s in sizes.values())
     kind = _matmul.ONEDNN_KIND if _matmul.onednn_matmul_enabled() else "torch.float32 bmm"
-    kinds = {kind}
-    if pairwise._cpu_kernel(w) is not None:  # the compiled kernel's 256 x 256 call chooses its threads too
-        from lightning_hsu.functional import _cpu_pairs
-
-        kinds.add(_cpu_pairs.THREADS_KIND)
-    assert {of_kind for of_kind, _ in sizes} == kinds
+    assert {of_kind for of_kind, _ in sizes} == {kind}
 
 
 @pytest.mark.usefixtures("two_threads")
