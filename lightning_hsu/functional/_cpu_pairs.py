@@ -24,9 +24,9 @@ compiler is found, the build fails, or the library computes a probe block wrongl
 pair sums keep the eager passes, with one warning. ``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them
 without trying.
 
-**Threads.** A call over at least `PARALLEL_MIN_ENTRIES` entries takes the threads of the latest
-product (`_matmul.threads_of_last_product`): all of the caller's where the product chooser put it
-on all (an idle machine), one where on one (a busy core). Its rows are then claimed a grain at a time by the
+**Threads.** A call over at least `PARALLEL_MIN_ENTRIES` entries takes
+`_matmul.threads_of_last_product`: all of the caller's threads, unless the product chooser has seen
+a load and put the latest product on one (a busy core). Its rows are then claimed a grain at a time by the
 threads of the OpenMP team Torch's own operations run on: the library links no OpenMP runtime,
 and is handed the ``GOMP_parallel`` entry of the one Torch loaded (`_openmp_runtime`), so no second
 pool competes for the cores (a pool of its own measured slower than one thread: Torch's idle
@@ -260,8 +260,8 @@ def ready() -> bool:
 
 
 def _threads(entries: int) -> int:
-    """How many threads a call over ``entries`` Gram entries takes: one for a small call, else those of the
-    latest product (`_matmul.threads_of_last_product`: all on an idle machine, one on a busy core)."""
+    """How many threads a call over ``entries`` Gram entries takes: one for a small call, else
+    `_matmul.threads_of_last_product` (all on an idle machine, one on a busy core)."""
     return 1 if entries < PARALLEL_MIN_ENTRIES else threads_of_last_product()
 
 

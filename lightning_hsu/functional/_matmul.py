@@ -165,8 +165,9 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def threads_of_last_product() -> int:
     """The threads for work that follows a product inside `passes_on_one_thread` and should share its choice:
-    the caller's threads if the latest product in the context ran on them, else one; outside the context,
-    the current thread count.
+    the caller's threads if the latest product in the context ran on them or no load is seen
+    (`_product_threads.ProductThreadChooser.loaded`: a small product may run faster on one thread on an
+    idle machine too), else one; outside the context, the current thread count.
 
     The compiled pair-sum kernel's calls take it (`_cpu_pairs`): the products measure the machine's load well
     (their time runs to the next product, and so includes such a call), where a few short calls of their own
@@ -174,7 +175,8 @@ def threads_of_last_product() -> int:
     threads = getattr(_scope, "threads", None)
     if threads is None:
         return torch.get_num_threads()
-    return threads if getattr(_scope, "last_wide", False) else 1
+    wide = getattr(_scope, "last_wide", False) or not _product_threads_module.CHOOSER.loaded
+    return threads if wide else 1
 
 
 @contextlib.contextmanager

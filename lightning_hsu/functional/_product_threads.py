@@ -172,6 +172,11 @@ class ProductThreadChooser:
             elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
                 size.probe_now = True  # a probe beat all threads: measure it again at once
 
+    @property
+    def loaded(self) -> bool:
+        """Whether a class of products has moved to one thread and none has won all threads back since."""
+        return self._loaded
+
     def one_thread_classes(self, kind: str = "") -> list[int]:
         """The size classes (log2 of multiply-adds) of products of ``kind`` that currently take one thread."""
         with self._lock:

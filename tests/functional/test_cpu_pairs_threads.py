@@ -196,26 +196,34 @@ def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 class _Answer(_product_threads.ProductThreadChooser):
-    """A product chooser that always gives the same answer."""
+    """A product chooser that always gives the same answer, with or without a load seen."""
 
-    def __init__(self, all_threads: bool) -> None:
+    def __init__(self, all_threads: bool, loaded: bool) -> None:
         super().__init__()
         self.answer = all_threads
+        self._loaded = loaded
 
     def use_all_threads(self, work: int, kind: str = "") -> bool:
         return self.answer
 
 
-@pytest.mark.parametrize("wide", [True, False], ids=["products-on-all", "products-on-one"])
-def test_a_large_call_takes_the_threads_of_the_latest_product(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside a pair sum on two threads a large block's call follows the product before it: both threads where
-    the chooser put the Gram product on both (an idle machine), one where on one (a busy core)."""
+@pytest.mark.parametrize(
+    ("wide", "loaded", "threads"),
+    [(True, False, 2), (True, True, 2), (False, False, 2), (False, True, 1)],
+    ids=["products-on-all", "products-on-all-loaded", "small-products-on-one-idle", "products-on-one-loaded"],
+)
+def test_a_large_call_takes_all_threads_unless_a_load_put_the_latest_product_on_one(
+    wide: bool, loaded: bool, threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inside a pair sum on two threads a large block's call takes both threads where the product before it ran
+    on both, or where no load has been seen (a small product may be faster on one thread on an idle machine);
+    one where a load put that product on one (a busy core)."""
     calls = _spy_threads(monkeypatch)
-    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(wide))
+    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(wide, loaded))
     monkeypatch.delenv(_product_threads.PRODUCT_THREADS_ENV, raising=False)
     torch.set_num_threads(2)
     hyperspherical_energy(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)), half_space=True)
-    assert calls == [2 if wide else 1]
+    assert calls == [threads]
 
 
 def test_a_small_block_stays_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
