@@ -337,7 +337,7 @@ def pair_block_sums(
 
 
 def rows_walked_by_helpers() -> int:
-    """How many rows the library's helper threads have walked in this process (for the tests)."""
+    """How many rows threads other than the calling one have walked in this process (for the tests)."""
     return int(_library().rows_walked_by_helpers())
 
 

@@ -72,11 +72,6 @@ def _narrows_pool(device: torch.device) -> bool:
     return torch.get_num_threads() > 1 and getattr(_scope, "threads", None) is None
 
 
-def caller_threads() -> int:
-    """The intra-op threads of the caller: outside `passes_on_one_thread`, or the ones it narrowed from."""
-    return getattr(_scope, "threads", None) or torch.get_num_threads()
-
-
 @contextlib.contextmanager
 def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     """Run the elementwise passes inside on the calling thread; the products here choose their threads.
