@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
+from lightning_hsu.functional._fused_family import launch_parameters, supports
 from lightning_hsu.functional._matmul import threads_of_last_product
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
@@ -83,8 +83,8 @@ FLAGS = (
     "-shared",
     f"-DMIN_SQ={MIN_SQUARED_DISTANCE!r}f",  # the clamp of `kernels`, one value for both paths
 )
-#: Fewest Gram entries of a call shared between threads: below, one thread (a helper's wake-up
-#: takes tens of microseconds).
+#: Fewest Gram entries of a call shared between threads: below, one thread (waking a sleeping
+#: OpenMP thread takes tens of microseconds).
 PARALLEL_MIN_ENTRIES = 2**16
 #: Seconds a compilation may take before the eager passes are kept.
 COMPILE_TIMEOUT = 120.0
@@ -292,15 +292,12 @@ def pair_block_sums(
     pair terms, of those in the leading ``width`` columns, and of the antipodal terms.
     """
     batch, rows, m = block.shape
-    if col_scale is not None and row_scale is None:
-        raise ValueError("col_scale needs row_scale (raw products fold the projection)")
+    kind, power_case, power, two_t, param, stride_p = launch_parameters(block, kernel, row_scale, col_scale)
     if block.dtype != torch.float32 or block.device.type != "cpu":
         raise ValueError(f"the CPU kernel takes float32 CPU blocks, got {block.dtype} on {block.device}")
     target = block
     if rows and m and block.stride(2) != 1:
         target = block.contiguous()  # the C loops walk contiguous rows
-    kind, power_case, power, two_t, parameter = family(kernel)
-    param, stride_p = per_batch_parameter(parameter, block)
     sq = _float32_contiguous(sq)
     rows_scale = None if row_scale is None else _float32_contiguous(row_scale)
     cols_scale = None if col_scale is None else _float32_contiguous(col_scale)
@@ -369,11 +366,11 @@ def tied_pairs(cos: Tensor, threshold: float, *, half_space: bool) -> tuple[Tens
     _square_cosines(cos)
     n = cos.shape[0]
     capacity = 4 * n
+    threads = _threads(n * n // 2)
     while True:
         rows = torch.empty(capacity, dtype=torch.int64)
         cols = torch.empty(capacity, dtype=torch.int64)
         signs = torch.empty(capacity, dtype=torch.float32)
-        threads = _threads(n * n // 2)
         count = int(
             _library().tied_pairs_f32(
                 cos.data_ptr(),

@@ -41,3 +41,15 @@ def per_batch_parameter(parameter: float | Tensor, like: Tensor) -> tuple[Tensor
     else:
         flat = like.new_full((1,), float(parameter))
     return flat, (0 if flat.numel() == 1 else 1)
+
+
+def launch_parameters(
+    block: Tensor, kernel: PairKernel, row_scale: Tensor | None, col_scale: Tensor | None
+) -> tuple[int, int, float, float, Tensor, int]:
+    """``(KIND, POWER_CASE, power, 2t, parameter, its batch stride)`` of one fused call on ``block``, after
+    the check both kernels make of their arguments: raw products (``col_scale``) fold the projection."""
+    if col_scale is not None and row_scale is None:
+        raise ValueError("col_scale needs row_scale (raw products fold the projection)")
+    kind, power_case, power, two_t, parameter = family(kernel)
+    param, stride = per_batch_parameter(parameter, block)
+    return kind, power_case, power, two_t, param, stride

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lightning_hsu.functional._fused_family import family, per_batch_parameter, supports
+from lightning_hsu.functional._fused_family import launch_parameters, supports
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "supports"]
@@ -292,10 +292,7 @@ def pair_block_sums(
         leading ``width`` columns, and of the antipodal terms (zero in full space).
     """
     batch, rows, m = block.shape
-    if col_scale is not None and row_scale is None:
-        raise ValueError("col_scale needs row_scale (raw products fold the projection)")
-    kind, power_case, power, two_t, parameter = family(kernel)
-    param, stride_p = per_batch_parameter(parameter, block)
+    kind, power_case, power, two_t, param, stride_p = launch_parameters(block, kernel, row_scale, col_scale)
     out = block.new_empty(3, batch, rows)
     rows_scale = row_scale if row_scale is not None else sq  # unread without FOLD
     cols_scale = col_scale if col_scale is not None else sq  # unread without RAW_GRAM
