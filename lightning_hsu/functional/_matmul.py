@@ -13,8 +13,16 @@ The products here are used only inside the pair-sum Functions, which form their 
 closed form, so they never need autograd. Anything the oneDNN path does not take — another device,
 float64, a tensor that requires a gradient while grad mode is on, a product traced by
 ``torch.compile``, a PyTorch without the operator, a CPU other than x86-64 (not measured) — goes
-to ``torch.bmm``. The environment variable ``LIGHTNING_HSU_ONEDNN_MATMUL=0`` forces ``torch.bmm``
-everywhere (values then differ in the last float32 bits only).
+to ``torch.bmm``.
+
+On Intel CPUs ``torch.bmm`` is the default instead: MKL is tuned for them, and oneDNN's linear,
+which copies each call's weight operand into its own layout, was no faster on any product of the
+pair sums there and up to 2.3x slower on the thin and the transposed ones (CPU C of
+``docs/performance.md``, an Intel Xeon with AVX-512: half-space MHE at 512 x 4608 took 1.34x,
+CoMHE at 1024 x 512 1.39-1.50x the time with MKL). The environment variable
+``LIGHTNING_HSU_ONEDNN_MATMUL`` chooses: ``1`` oneDNN wherever it is available, ``0``
+``torch.bmm`` everywhere (values then differ in the last float32 bits only), unset or ``auto``
+as above.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional import _product_threads as _product_threads_module
 
-#: Environment variable that turns the oneDNN path off when set to ``0``.
+#: Environment variable choosing the CPU products' library: ``auto`` (the default), ``1`` or ``0``.
 ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
+ONEDNN_CHOICES = ("auto", "1", "0")
 #: Rows per strip of `gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
 #: (``benchmarks/bench_kernels.py``, 2 threads): 512 x 4608 in strips of 128 rows takes 0.70 of the
 #: full product, 256 x 2304 0.87, 256 x 1152 and 128 x 1152 gain nothing.
@@ -296,10 +305,31 @@ def _reduced_product(a: Tensor, b: Tensor, precision: ProductPrecision) -> Tenso
     return torch.bmm(round_operand(a, precision), round_operand(b, precision))
 
 
+def _onednn_choice() -> str:
+    """`ONEDNN_ENV` as one of `ONEDNN_CHOICES`; a clear error for anything else."""
+    value = os.environ.get(ONEDNN_ENV, "auto").strip().lower() or "auto"
+    if value not in ONEDNN_CHOICES:
+        raise ValueError(f"{ONEDNN_ENV}={value!r}: choose one of {', '.join(ONEDNN_CHOICES)}")
+    return value
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it is not known."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+
+
 @functools.cache
-def _onednn_linear() -> object | None:
-    """oneDNN's float32 ``x @ w.T`` if this PyTorch has it and it agrees with ``torch.mm``, else ``None``."""
-    if os.environ.get(ONEDNN_ENV, "1").strip() == "0" or not torch.backends.mkldnn.is_available():
+def onednn_operator() -> object | None:
+    """oneDNN's float32 ``x @ w.T`` if this PyTorch has it and it agrees with ``torch.mm``, else ``None``
+    (whether or not the pair sums use it: `onednn_matmul_enabled`)."""
+    if not torch.backends.mkldnn.is_available():
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None  # measured on x86-64 only; elsewhere oneDNN may wrap another backend
@@ -310,6 +340,15 @@ def _onednn_linear() -> object | None:
     except (AttributeError, RuntimeError):
         return None
     return op if ok else None
+
+
+@functools.cache
+def _onednn_linear() -> object | None:
+    """`onednn_operator` where the pair sums' float32 CPU products use it (`ONEDNN_ENV`), else ``None``."""
+    choice = _onednn_choice()
+    if choice == "0" or (choice == "auto" and cpu_vendor() == "GenuineIntel"):
+        return None
+    return onednn_operator()
 
 
 def onednn_matmul_enabled() -> bool:

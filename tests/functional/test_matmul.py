@@ -1,19 +1,22 @@
-"""The products of the pair sums (oneDNN on the CPU, symmetric Gram strips) equal float64 products.
+"""The products of the pair sums (oneDNN or ``torch.bmm`` on the CPU, symmetric Gram strips) equal float64 products.
 
 The reference is ``torch.float64`` matrix multiplication of the same operands; the float32 paths
-must agree to float32 rounding (relative 1e-5 of the largest entry), whatever the strides.
+must agree to float32 rounding (relative 1e-5 of the largest entry), whatever the strides. The
+numeric tests run on both CPU libraries (fixture ``product_library``), whichever this CPU's default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from lightning_hsu.functional import _matmul, hyperspherical_energy
-from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into, onednn_matmul_enabled
+from lightning_hsu.functional._matmul import batched_matmul, gram, matmul_into
 
 from .reference import concat_energy, value_and_grad
 
@@ -41,6 +44,7 @@ OPERANDS = {
 }
 
 
+@pytest.mark.usefixtures("product_library")
 @pytest.mark.parametrize("layout", list(OPERANDS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_batched_matmul_equals_float64_product_for_any_strides(layout: str, batch: int) -> None:
@@ -48,17 +52,29 @@ def test_batched_matmul_equals_float64_product_for_any_strides(layout: str, batc
     _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(9, 700, 3), (9, 3, 700), (300, 40, 29)])
+@pytest.mark.parametrize(("m", "k", "n", "calls"), [(9, 700, 3, 9), (9, 3, 700, 9), (300, 40, 29, 5)])
 def test_large_weights_go_to_onednn_in_blocks_and_equal_the_float64_product(
-    m: int, k: int, n: int, monkeypatch: pytest.MonkeyPatch
+    m: int, k: int, n: int, calls: int, product_library: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A weight above 256 entries is cut: a long contraction (700) into summed column blocks of
     85, many weight rows (700) into row blocks of 85, 29 x 40 into summed column blocks of 8."""
     monkeypatch.setattr(_matmul, "WEIGHT_BLOCK_ELEMENTS", 256)
+    seen: list[tuple[int, ...]] = []
+    if product_library == "onednn":
+        op = _matmul.onednn_operator()
+
+        def counting(x, w, *rest):
+            seen.append(tuple(w.shape))
+            return op(x, w, *rest)
+
+        monkeypatch.setattr(_matmul, "_onednn_linear", lambda: counting)
     a, b = _randn(1, m, k), _randn(1, k, n, seed=1)
     _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
+    assert len(seen) == (calls if product_library == "onednn" else 0)
+    assert all(rows * inner <= 256 for rows, inner in seen)
 
 
+@pytest.mark.usefixtures("product_library")
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("rows_per_product", [2**16, 4])
 def test_matmul_into_writes_or_accumulates_into_a_row_block(
@@ -75,6 +91,7 @@ def test_matmul_into_writes_or_accumulates_into_a_row_block(
     _assert_float32_close(big, expected)
 
 
+@pytest.mark.usefixtures("product_library")
 @pytest.mark.parametrize(("n", "d"), [(300, 2100), (256, 2048), (64, 4096), (300, 100)])
 def test_gram_is_the_exactly_symmetric_float64_gram(n: int, d: int) -> None:
     """(300, 2100) and (256, 2048) take the strips (three and two of them), the others one product."""
@@ -94,10 +111,11 @@ def test_products_that_need_autograd_or_float64_keep_torch_bmm() -> None:
     assert torch.equal(batched_matmul(a.detach().double(), b.double()), torch.bmm(a.detach().double(), b.double()))
 
 
-@pytest.mark.skipif(not onednn_matmul_enabled(), reason="this PyTorch has no oneDNN float32 matmul")
 def test_float32_cpu_products_take_the_onednn_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    op = _matmul.onednn_operator()
+    if op is None:
+        pytest.skip("this PyTorch has no oneDNN float32 matmul")
     calls: list[tuple[int, ...]] = []
-    op = _matmul._onednn_linear()
 
     def counting(x, w, *args):
         calls.append(tuple(x.shape))
@@ -108,13 +126,71 @@ def test_float32_cpu_products_take_the_onednn_operator(monkeypatch: pytest.Monke
     assert calls == [(4, 3), (4, 3)]
 
 
-def test_environment_variable_turns_the_onednn_path_off() -> None:
+@pytest.fixture
+def fresh_choice(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """The library choice read again after the test changes the environment or the CPU's vendor."""
+    chosen = _matmul._onednn_linear
+    chosen.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    chosen.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("value", "vendor", "enabled"),
+    [
+        (None, "AuthenticAMD", True),  # oneDNN's products ran at twice MKL's speed on AMD Zen 5
+        ("auto", "AuthenticAMD", True),
+        (None, "", True),
+        (None, "GenuineIntel", False),  # MKL is tuned for Intel CPUs: torch.bmm
+        (" AUTO ", "GenuineIntel", False),
+        ("1", "GenuineIntel", True),
+        ("0", "AuthenticAMD", False),
+        ("0", "GenuineIntel", False),
+    ],
+)
+def test_the_cpu_vendor_and_the_environment_variable_choose_the_product_library(
+    value: str | None, vendor: str, enabled: bool, fresh_choice: pytest.MonkeyPatch
+) -> None:
+    if _matmul.onednn_operator() is None:
+        pytest.skip("this PyTorch has no oneDNN float32 matmul")
+    if value is None:
+        fresh_choice.delenv(_matmul.ONEDNN_ENV, raising=False)
+    else:
+        fresh_choice.setenv(_matmul.ONEDNN_ENV, value)
+    fresh_choice.setattr(_matmul, "cpu_vendor", lambda: vendor)
+    assert _matmul.onednn_matmul_enabled() is enabled
+    kinds: list[str] = []
+    fresh_choice.setattr(_matmul, "chosen_threads", lambda work, kind: kinds.append(kind) or contextlib.nullcontext())
+    a, b = _randn(1, 6, 5), _randn(1, 5, 4, seed=1)
+    _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
+    assert kinds == [_matmul.ONEDNN_KIND if enabled else "torch.float32 bmm"]
+
+
+def test_an_unknown_product_library_setting_is_refused_naming_the_variable(
+    fresh_choice: pytest.MonkeyPatch,
+) -> None:
+    fresh_choice.setenv(_matmul.ONEDNN_ENV, "yes")
+    with pytest.raises(ValueError, match=r"LIGHTNING_HSU_ONEDNN_MATMUL='yes': choose one of auto, 1, 0"):
+        _matmul.onednn_matmul_enabled()
+
+
+def test_the_environment_variable_is_read_at_import_in_a_new_process() -> None:
     code = "from lightning_hsu.functional._matmul import onednn_matmul_enabled; print(onednn_matmul_enabled())"
-    env = {"LIGHTNING_HSU_ONEDNN_MATMUL": "0", "PATH": ""}
+    env = {_matmul.ONEDNN_ENV: "0", "PATH": ""}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
+def test_the_cpu_vendor_is_read_from_the_operating_system() -> None:
+    vendor = _matmul.cpu_vendor()
+    if sys.platform.startswith("linux"):
+        with open("/proc/cpuinfo") as info:
+            assert f"vendor_id\t: {vendor}" in info.read() or vendor == ""
+    assert isinstance(vendor, str)
+
+
+@pytest.mark.usefixtures("product_library")
 @pytest.mark.parametrize("half_space", [False, True])
 def test_float32_energy_of_a_conv_sized_layer_matches_the_float64_concatenation(half_space: bool) -> None:
     """256 x 2304 (a ResNet layer-3 conv): the oneDNN products, the Gram strips and the folded
@@ -137,6 +213,7 @@ def test_torch_compile_of_the_energy_traces_torch_bmm_and_equals_eager() -> None
     torch.testing.assert_close(ours_grad, eager_grad, rtol=1e-5, atol=1e-5 * eager_grad.abs().max().item())
 
 
+@pytest.mark.usefixtures("product_library")
 @pytest.mark.parametrize("half_space", [False, True])
 def test_float32_comhe_projections_and_gradient_equal_float64(half_space: bool) -> None:
     from lightning_hsu.functional import compressive_energy
