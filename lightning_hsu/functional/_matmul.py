@@ -212,7 +212,7 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
         if wide:
             torch.set_num_threads(1)
     if adaptive:
-        _scope.pending = (work, wide, start, kind)
+        _scope.pending = (work, wide, start, kind, chooser.clock() - start)
 
 
 def _record_pending_product() -> None:
@@ -226,9 +226,9 @@ def _record_pending_product() -> None:
     if pending is None:
         return
     _scope.pending = None
-    work, wide, start, kind = pending
+    work, wide, start, kind, product_seconds = pending
     chooser = _product_threads_module.CHOOSER
-    chooser.record(work, wide, chooser.clock() - start, kind)
+    chooser.record(work, wide, chooser.clock() - start, kind, product_seconds)
 
 
 @contextlib.contextmanager

@@ -12,14 +12,19 @@ jobs on a shared host), so it is measured, not configured:
   time per multiply-add, MKL's another than oneDNN's) and size class,
   \(\lfloor\log_2(\text{multiply-adds})\rfloor\);
 - per class, each choice keeps its latest `WINDOW` measurements of seconds per multiply-add
-  (the first product takes all threads, the next two one thread);
+  (the first two products take all threads, the next three one thread; the first of each choice is
+  not measured: it pays one-time costs, the pool's threads starting and the library planning the
+  shape, which put small classes on one thread on an idle machine, item 50);
 - a class uses the choice with the lower median (a descheduled time slice makes a single product
   several times slower: one such product must not decide);
-- once a class has moved to one thread, the load is taken as the machine's: until a class wins
-  all threads back, a class keeps all threads only where they take at most `DECISIVE` of one
-  thread's time. The choices are not independent: an all-thread product can leave the calling
-  thread on the busy core, which slows the one-thread work of every other class, so a marginal
-  winner costs more than its own product shows (``docs/performance.md``, item 41);
+- once a class that won clearly on all threads (its products alone, without the passes charged
+  to them, at most `CLEAR_WIN` of one thread's time) has moved to one thread, the load is taken
+  as the machine's: until a class on one thread wins all threads back clearly, a class keeps all
+  threads only where they take at most `DECISIVE` of one thread's time. The choices are not
+  independent: an all-thread product can leave the calling thread on the busy core, which slows
+  the one-thread work of every other class, so a marginal winner costs more than its own product
+  shows (``docs/performance.md``, item 41). A marginal class changing sides (small products near
+  1.0 on an idle machine) is noise, not a load: it neither marks one nor ends one (item 50);
 - while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
   one-thread time barely moves with load), and at once after an all-thread product
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
@@ -29,11 +34,13 @@ jobs on a shared host), so it is measured, not configured:
   (after an all-thread product the pool's idle thread spins for a while on a core the next
   one-thread work needs). A probe that beats the winner (an all-thread probe: by the bar above) is
   repeated at the next product; when
-  two all-thread probes in a row win a class back (one may be a lucky time slice), every class
-  on one thread re-measures at its next product, so the machine freeing up is followed within
-  about `PROBE_ALL_SECONDS`;
+  two all-thread probes in a row win a class back clearly (one may be a lucky time slice), every
+  class on one thread re-measures at its next product, so the machine freeing up is followed
+  within about `PROBE_ALL_SECONDS`;
 - each product's time runs to the start of the next product (or the end of the pair sum), so
-  that the slowdown of the passes after an all-thread product is charged to it.
+  that the slowdown of the passes after an all-thread product is charged to it; the load's
+  evidence (`CLEAR_WIN`) is the products' own time, which those passes would dilute towards 1.0
+  (on CPU C the charged ratios of idle products read 0.76-0.93 where the products alone read 0.7).
 
 What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
 on a busy core, one all-thread product every `PROBE_ALL_SECONDS`.
@@ -69,6 +76,10 @@ PROBE_ALL_SECONDS = 0.5
 #: Under a machine-wide load, a class keeps all threads only if their median time is at most this
 #: fraction of one thread's (an idle two-core machine measures about 0.55).
 DECISIVE = 2 / 3
+#: A clear all-thread win: at most this fraction of one thread's time. A clear winner moving to one
+#: thread marks a machine-wide load; a class on one thread winning clearly again ends it (CoMHE's
+#: thin products measure 0.65-0.7 idle on CPU B, the large ones about 0.55).
+CLEAR_WIN = 0.8
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
@@ -88,12 +99,20 @@ class _SizeClass:
     # products several times slower, so the choices compare medians, not means)
     all_threads: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     one_thread: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    # the products' own rates, without the passes up to the next product: the load's evidence
+    all_products: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    one_products: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    warmed_up: set[bool] = field(default_factory=set)  # the choices whose first product has run
     one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
     probe_now: bool = False  # measure the losing choice at the next product
 
     def all_threads_win(self, bar: float = 1.0) -> bool:
         """Whether all threads' median time is at most ``bar`` times one thread's."""
         return statistics.median(self.all_threads) <= bar * statistics.median(self.one_thread)
+
+    def products_win_clearly(self) -> bool:
+        """Whether the products alone take at most `CLEAR_WIN` of one thread's time on all threads."""
+        return statistics.median(self.all_products) <= CLEAR_WIN * statistics.median(self.one_products)
 
 
 class ProductThreadChooser:
@@ -107,7 +126,7 @@ class ProductThreadChooser:
         self.clock = clock
         self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
-        self._loaded = False  # a class moved to one thread and none has won all threads back since
+        self._loaded = False  # a clear winner moved to one thread and no class won back clearly since
         self._lock = threading.Lock()
 
     def _bar(self) -> float:
@@ -127,7 +146,7 @@ class ProductThreadChooser:
         with self._lock:
             size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
             if not size.all_threads:
-                return True  # first product of the class: the caller's setting
+                return True  # first products of the class (the first one unmeasured): the caller's setting
             now = self.clock()
             if len(size.one_thread) < 2:  # two measurements, so that one slow product does not decide
                 return False
@@ -142,39 +161,52 @@ class ProductThreadChooser:
                 return True
             return False
 
-    def record(self, work: int, all_threads: bool, seconds: float, kind: str = "") -> None:
+    def record(
+        self, work: int, all_threads: bool, seconds: float, kind: str = "", product_seconds: float | None = None
+    ) -> None:
+        """Take a product's measured ``seconds`` (with the passes up to the next product, what the choice
+        costs) and ``product_seconds`` (the product alone, the load's evidence; default ``seconds``)."""
         rate = seconds / max(work, 1)
+        product_rate = (seconds if product_seconds is None else product_seconds) / max(work, 1)
         with self._lock:
             size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
             if not all_threads:
                 size.one_thread_probed = self.clock()
+            if all_threads not in size.warmed_up:  # a first product pays one-time costs (thread start-up,
+                size.warmed_up.add(all_threads)  # the library's plan for the shape): not measured
+                return
             if not size.all_threads or len(size.one_thread) < 2:
                 (size.all_threads if all_threads else size.one_thread).append(rate)
+                (size.all_products if all_threads else size.one_products).append(product_rate)
                 return
             winner_all = self._keeps_all_threads(size)
+            clear_winner = size.products_win_clearly()
             if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
                 size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
             (size.all_threads if all_threads else size.one_thread).append(rate)
+            (size.all_products if all_threads else size.one_products).append(product_rate)
             all_win = self._keeps_all_threads(size)
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
                 self._all_threads_probed = self.clock()
-                self._loaded = True  # the load is the machine's: marginal winners elsewhere yield too
-            elif all_win and not winner_all:
-                # all threads won back (two fast probes in a row): the machine has freed up, so every
-                # class on one thread re-measures; one fast probe alone may be a lucky time slice
+                # a clear winner losing is the machine's load: marginal winners elsewhere yield too
+                self._loaded = self._loaded or clear_winner
+            elif all_threads and not winner_all and size.all_threads_win() and size.products_win_clearly():
+                # all threads won back clearly (two fast probes in a row): the machine has freed up, so
+                # every class on one thread re-measures; one fast probe alone may be a lucky time slice
                 self._loaded = False
                 for other in self._classes.values():
                     ready = bool(other.all_threads) and len(other.one_thread) >= 2
                     other.probe_now = ready and not self._keeps_all_threads(other)
             elif all_threads and not winner_all:
-                if rate < self._bar() * statistics.median(size.one_thread):
-                    size.probe_now = True  # a probe beat one thread by the bar: measure it again at once
+                if rate < max(self._bar(), CLEAR_WIN) * statistics.median(size.one_thread):
+                    size.probe_now = True  # a probe that may win the class back: measure it again at once
             elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
                 size.probe_now = True  # a probe beat all threads: measure it again at once
 
     @property
     def loaded(self) -> bool:
-        """Whether a class of products has moved to one thread and none has won all threads back since."""
+        """Whether a class that won clearly on all threads has moved to one thread, and no class on one
+        thread has won all threads back clearly since."""
         return self._loaded
 
     def one_thread_classes(self, kind: str = "") -> list[int]:

@@ -62,8 +62,8 @@ def _seconds(choices: list[bool], cost: dict[bool, float]) -> float:
 def test_idle_machine_keeps_all_threads_and_measures_one_thread_once_per_period() -> None:
     chooser, clock = _chooser()
     choices = _run(chooser, clock, WORK, IDLE.__getitem__, 4000)
-    assert choices[:3] == [True, False, False]  # all threads measured once, one thread twice
-    steady = choices[3:]
+    assert choices[:5] == [True, True, False, False, False]  # a first product of each, then 1 and 2 measured
+    steady = choices[5:]
     probes = steady.count(False)
     expected = _seconds(steady, IDLE) / PROBE_ONE_SECONDS
     assert 0.95 * expected - 1 <= probes <= expected + 1
@@ -97,6 +97,44 @@ def test_the_load_ending_brings_all_threads_back_within_a_probe_period() -> None
     first = choices.index(True)
     assert _seconds(choices[:first], IDLE) <= PROBE_ALL_SECONDS
     assert all(choices[first : first + 100])  # repeated at once, then kept
+
+
+def test_the_first_product_of_each_choice_is_not_measured() -> None:
+    """A class's first product on all threads and on one pays one-time costs (the pool's threads
+    starting, the library planning the shape): ten times slower, it must not decide the class."""
+    chooser, clock = _chooser()
+    first = {True: iter([10 * IDLE[True]]), False: iter([10 * IDLE[False]])}
+
+    def first_slow(all_threads: bool) -> float:
+        return next(first[all_threads], IDLE[all_threads])
+
+    choices = _run(chooser, clock, WORK, first_slow, 8)
+    assert choices == [True, True, False, False, False, True, True, True]
+    assert chooser.one_thread_classes() == []
+
+
+def test_a_slow_product_alone_is_the_load_not_the_passes_after_it() -> None:
+    """The choice counts a product's time up to the next product; the load's evidence is the product
+    alone. Idle, the products take 0.55x one thread's time on all threads, followed by 20 ms of passes
+    (charged: 0.85x, not a clear win): their loss is a load, and their clear win after it ends it."""
+    chooser, clock = _chooser()
+    passes = 20 * MS
+
+    def run(cost: dict[bool, float], calls: int) -> list[bool]:
+        choices = []
+        for _ in range(calls):
+            wide = chooser.use_all_threads(WORK)
+            clock.now += cost[wide] + passes
+            chooser.record(WORK, wide, cost[wide] + passes, product_seconds=cost[wide])
+            choices.append(wide)
+        return choices
+
+    run(IDLE, 50)
+    assert not chooser.loaded
+    run({True: 40 * MS, False: 10 * MS}, 20)
+    assert chooser.loaded and chooser.one_thread_classes() == [WORK.bit_length() - 1]
+    choices = run(IDLE, 200)
+    assert not chooser.loaded and choices[-50:].count(False) <= 1  # one-thread re-measurements only
 
 
 def test_one_descheduled_product_does_not_switch_the_choice() -> None:
@@ -217,6 +255,46 @@ def test_the_marginal_winner_takes_all_threads_back_when_the_load_ends() -> None
     assert clock() - start <= 2 * PROBE_ALL_SECONDS + 1.0
 
 
+def test_a_marginal_class_changing_sides_marks_no_load() -> None:
+    """A small product near one thread's speed on all threads (0.9 idle, 1.1 a moment later: noise
+    of the pool's start-up, not a load) moves to one thread without holding back a large class
+    whose win is marginal (0.85): only a clear winner's loss is the machine's load."""
+    chooser, clock = _chooser()
+    small, large = 10**7, 10**9
+    large_cost = {True: 85 * MS, False: 100 * MS}.__getitem__
+    for _ in range(20):
+        _run(chooser, clock, small, {True: 0.9 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, large_cost, 1)
+    for _ in range(20):
+        _run(chooser, clock, small, {True: 1.1 * MS, False: 1 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, large_cost, 1)
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+    assert not chooser.loaded
+    assert _run(chooser, clock, large, large_cost, 3) == [True] * 3
+
+
+def test_a_load_ends_by_a_clear_win_of_a_class_under_the_decisive_bar() -> None:
+    """CoMHE's case: a large class (0.55 idle) marks a load and is not called again (the job moved on
+    to other layers); a thin class that wins 0.7 idle, above `DECISIVE`, took one thread under the
+    load and must take all threads back when the load ends, not keep one thread forever."""
+    chooser, clock = _chooser()
+    large, thin = 10**9, 10**7
+    for _ in range(20):
+        _run(chooser, clock, large, IDLE.__getitem__, 1)
+        _run(chooser, clock, thin, {True: 0.7 * MS, False: 1 * MS}.__getitem__, 1)
+    for _ in range(20):
+        _run(chooser, clock, large, BUSY.__getitem__, 1)
+        _run(chooser, clock, thin, {True: 1.3 * MS, False: 1 * MS}.__getitem__, 1)
+    assert chooser.loaded
+    assert chooser.one_thread_classes() == sorted([large.bit_length() - 1, thin.bit_length() - 1])
+    freed_thin = {True: 0.7 * MS, False: 1 * MS}
+    choices = _run(chooser, clock, thin, freed_thin.__getitem__, 2000)
+    first = choices.index(True)
+    assert _seconds(choices[:first], freed_thin) <= PROBE_ALL_SECONDS
+    assert all(choices[first : first + 100])  # confirmed at once, then kept
+    assert not chooser.loaded
+
+
 def test_each_class_on_its_own_measurements_without_the_machine_wide_rule(monkeypatch) -> None:
     """``MACHINE_WIDE = False`` (the benchmark's ablation): the marginal winner keeps all threads."""
     monkeypatch.setattr(_product_threads, "MACHINE_WIDE", False)
@@ -276,14 +354,18 @@ class _Forced(ProductThreadChooser):
         self.answer = all_threads
         self.recorded: list[tuple[int, bool]] = []
         self.seconds: list[float] = []
+        self.product_seconds: list[float | None] = []
         self.kinds: list[str] = []
 
     def use_all_threads(self, work: int, kind: str = "") -> bool:
         return self.answer
 
-    def record(self, work: int, all_threads: bool, seconds: float, kind: str = "") -> None:
+    def record(
+        self, work: int, all_threads: bool, seconds: float, kind: str = "", product_seconds: float | None = None
+    ) -> None:
         self.recorded.append((work, all_threads))
         self.seconds.append(seconds)
+        self.product_seconds.append(product_seconds)
         self.kinds.append(kind)
 
 
@@ -318,7 +400,8 @@ def test_products_run_on_the_chosen_threads_and_report_their_size(all_threads, m
 @pytest.mark.usefixtures("two_threads")
 def test_a_product_is_charged_the_passes_up_to_the_next_product(monkeypatch) -> None:
     """After an all-thread product the pool's idle thread slows the one-thread passes that follow:
-    each product's time runs to the next product, or to the end of the context."""
+    each product's time runs to the next product, or to the end of the context; the product's own
+    time (the load's evidence) is reported beside it."""
     clock = _FakeClock()
     chooser = _Forced(True, clock)
     monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
@@ -330,6 +413,7 @@ def test_a_product_is_charged_the_passes_up_to_the_next_product(monkeypatch) -> 
         assert chooser.seconds == [0.25]
         clock.now += 0.5
     assert chooser.seconds == [0.25, 0.5]
+    assert chooser.product_seconds == [0.0, 0.0]  # the fake clock does not move inside a product
 
 
 @pytest.mark.usefixtures("two_threads")
@@ -359,13 +443,12 @@ def test_energy_and_gradient_are_the_same_on_either_choice(half_space, chunk, mo
 
 
 @pytest.mark.usefixtures("two_threads")
-@pytest.mark.usefixtures("two_threads")
 def test_library_products_feed_the_process_chooser(monkeypatch) -> None:
     """Wired in: a penalty's products are measured by the process's chooser (both choices, at first)."""
     chooser = ProductThreadChooser()
     monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
     w = torch.randn(256, 2304, requires_grad=True)
-    for _ in range(3):
+    for _ in range(6):  # each class: two products on all threads and three on one, the first of each unmeasured
         hyperspherical_energy(w, half_space=True).backward()
     sizes = chooser._classes
     assert sizes and all(s.all_threads and s.one_thread for s in sizes.values())
