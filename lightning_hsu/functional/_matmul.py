@@ -18,8 +18,8 @@ to ``torch.bmm``.
 On Intel CPUs ``torch.bmm`` is the default instead: MKL is tuned for them, and oneDNN's linear,
 which copies each call's weight operand into its own layout, was no faster on any product of the
 pair sums there and up to 2.3x slower on the thin and the transposed ones (CPU C of
-``docs/performance.md``, an Intel Xeon with AVX-512: half-space MHE at 512 x 4608 took 1.34x,
-CoMHE at 1024 x 512 1.39-1.50x the time with MKL). The environment variable
+``docs/performance.md``, an Intel Xeon with AVX-512: with oneDNN, half-space MHE at 512 x 4608
+took 1.34x and CoMHE at 1024 x 512 1.39-1.50x MKL's time). The environment variable
 ``LIGHTNING_HSU_ONEDNN_MATMUL`` chooses: ``1`` oneDNN wherever it is available, ``0``
 ``torch.bmm`` everywhere (values then differ in the last float32 bits only), unset or ``auto``
 as above.

@@ -40,7 +40,7 @@ jobs on a shared host), so it is measured, not configured:
 - each product's time runs to the start of the next product (or the end of the pair sum), so
   that the slowdown of the passes after an all-thread product is charged to it; the load's
   evidence (`CLEAR_WIN`) is the products' own time, which those passes would dilute towards 1.0
-  (on CPU C the charged ratios of idle products read 0.76-0.93 where the products alone read 0.7).
+  (on CPU C idle classes read 0.76-0.93 charged where the products alone read 0.71-0.77).
 
 What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
 on a busy core, one all-thread product every `PROBE_ALL_SECONDS`.
