@@ -476,8 +476,9 @@ def gram(rows: Tensor, *, mirror: bool = True) -> Tensor:
     out = rows.new_empty(batch, n, n)
     for start in range(0, n, GRAM_STRIP_ROWS):
         stop = min(start + GRAM_STRIP_ROWS, n)
-        strip = batched_matmul(rows[:, start:stop], rows[:, start:].transpose(1, 2))
-        out[:, start:stop, start:] = strip
+        # into its place: torch.bmm's path writes there directly (0.82-0.92x the time of a strip
+        # product and its copy at 1024 and 2048 x 512, CPU C), oneDNN's copies as before
+        strip = matmul_into(out[:, start:stop, start:], rows[:, start:stop], rows[:, start:].transpose(1, 2))
         if mirror:
             out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
     return out
