@@ -32,14 +32,23 @@ class _FakeClock:
         return self.now
 
 
-def _run(chooser: ProductThreadChooser, clock: _FakeClock, work: int, seconds: Callable[[bool], float], calls: int):
-    """``calls`` products of ``work`` multiply-adds taking ``seconds(all_threads)``; the choices made."""
+def _run(
+    chooser: ProductThreadChooser,
+    clock: _FakeClock,
+    work: int,
+    seconds: Callable[[bool], float],
+    calls: int,
+    passes: float = 0.0,
+):
+    """``calls`` products of ``work`` multiply-adds taking ``seconds(all_threads)``, each followed by
+    ``passes`` seconds of other work up to the next product (charged to it); the choices made."""
     choices = []
     for _ in range(calls):
         wide = chooser.use_all_threads(work)
         start = clock()
-        clock.now += seconds(wide)
-        chooser.record(work, wide, clock() - start)
+        product = seconds(wide)
+        clock.now += product + passes
+        chooser.record(work, wide, clock() - start, product_seconds=product)
         choices.append(wide)
     return choices
 
@@ -119,21 +128,11 @@ def test_a_slow_product_alone_is_the_load_not_the_passes_after_it() -> None:
     (charged: 0.85x, not a clear win): their loss is a load, and their clear win after it ends it."""
     chooser, clock = _chooser()
     passes = 20 * MS
-
-    def run(cost: dict[bool, float], calls: int) -> list[bool]:
-        choices = []
-        for _ in range(calls):
-            wide = chooser.use_all_threads(WORK)
-            clock.now += cost[wide] + passes
-            chooser.record(WORK, wide, cost[wide] + passes, product_seconds=cost[wide])
-            choices.append(wide)
-        return choices
-
-    run(IDLE, 50)
+    _run(chooser, clock, WORK, IDLE.__getitem__, 50, passes)
     assert not chooser.loaded
-    run({True: 40 * MS, False: 10 * MS}, 20)
+    _run(chooser, clock, WORK, {True: 40 * MS, False: 10 * MS}.__getitem__, 20, passes)
     assert chooser.loaded and chooser.one_thread_classes() == [WORK.bit_length() - 1]
-    choices = run(IDLE, 200)
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 200, passes)
     assert not chooser.loaded and choices[-50:].count(False) <= 1  # one-thread re-measurements only
 
 
