@@ -15,3 +15,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("distributed") is not None:
             item.add_marker(pytest.mark.flaky(reruns=4, only_rerun=["ProcessExitedException"]))
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_algorithms():
+    # `Trainer(deterministic=True)` switches PyTorch's deterministic mode for the process and a fit
+    # that fails in its set-up never switches it back; with it on, the products take all threads
+    # (`_product_threads.adaptive`), which a later test of the chooser must not inherit.
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
