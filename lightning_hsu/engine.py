@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from lightning_hsu.cuda_graphs import GraphedLayer, GraphReplay
 from lightning_hsu.finite import FiniteChecks, NonFinitePenaltyError
 from lightning_hsu.functional._common import NonFiniteInputError
+from lightning_hsu.functional._switches import check_switches
 from lightning_hsu.layers import lazy, parametrization_of
 from lightning_hsu.regularizers import Capturable
 from lightning_hsu.rules import Binding, Rule, Selection, find_classifier, resolve_rules
@@ -193,6 +194,7 @@ class PenaltyEngine:
                 (`defer_finite_check`; ``None`` keeps the current setting).
             shard: ``(rank, world_size)`` to share sum-over-pairs penalties across ranks.
         """
+        check_switches()  # a mistyped LIGHTNING_HSU_* variable stops the run here, not at its first step
         if tie_to_output is not None:
             self.tie_to_output = tie_to_output
         if defer_finite_check is not None:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_hsu.functional._switches import check_switches
 from lightning_hsu.functional.diversity import (
     DEFAULT_MAX_NEURONS,
     DIVERSITY_METRICS,
@@ -381,6 +382,7 @@ class NeuronDiversityMonitor(Callback):
                 "NeuronDiversityMonitor: the Trainer has no logger (`logger=False`); attach one, e.g. CSVLogger"
             )
         self._check_options()
+        check_switches()
         self._draw_figures = self.log_figures and _matplotlib_available()
         if self.log_figures and not self._draw_figures:
             # decided before training, not at the first logging event after the training time is spent

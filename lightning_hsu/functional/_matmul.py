@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import platform
 import threading
 from collections.abc import Callable, Iterator
@@ -40,10 +39,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional import _product_threads as _product_threads_module
+from lightning_hsu.functional import _switches
 
-#: Environment variable choosing the CPU products' library: ``auto`` (the default), ``1`` or ``0``.
-ONEDNN_ENV = "LIGHTNING_HSU_ONEDNN_MATMUL"
-ONEDNN_CHOICES = ("auto", "1", "0")
+#: Environment variable choosing the CPU products' library (`_switches.ONEDNN_MATMUL`).
+ONEDNN_ENV = _switches.ONEDNN_MATMUL.name
 #: Rows per strip of `gram` on the CPU. Thinner strips lose matrix-multiply speed; measured
 #: (``benchmarks/bench_kernels.py``, 2 threads): 512 x 4608 in strips of 128 rows takes 0.70 of the
 #: full product, 256 x 2304 0.87, 256 x 1152 and 128 x 1152 gain nothing.
@@ -305,14 +304,6 @@ def _reduced_product(a: Tensor, b: Tensor, precision: ProductPrecision) -> Tenso
     return torch.bmm(round_operand(a, precision), round_operand(b, precision))
 
 
-def _onednn_choice() -> str:
-    """`ONEDNN_ENV` as one of `ONEDNN_CHOICES`; a clear error for anything else."""
-    value = os.environ.get(ONEDNN_ENV, "auto").strip().lower() or "auto"
-    if value not in ONEDNN_CHOICES:
-        raise ValueError(f"{ONEDNN_ENV}={value!r}: choose one of {', '.join(ONEDNN_CHOICES)}")
-    return value
-
-
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it is not known."""
     try:
@@ -345,7 +336,7 @@ def onednn_operator() -> object | None:
 @functools.cache
 def _onednn_linear() -> object | None:
     """`onednn_operator` where the pair sums' float32 CPU products use it (`ONEDNN_ENV`), else ``None``."""
-    choice = _onednn_choice()
+    choice = _switches.ONEDNN_MATMUL.read()
     if choice == "0" or (choice == "auto" and cpu_vendor() == "GenuineIntel"):
         return None
     return onednn_operator()

@@ -52,7 +52,6 @@ everything when the environment variable ``LIGHTNING_HSU_PRODUCT_THREADS=all`` i
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -62,9 +61,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-#: Environment variable choosing the products' threads: ``adaptive`` (the default) or ``all``.
-PRODUCT_THREADS_ENV = "LIGHTNING_HSU_PRODUCT_THREADS"
-PRODUCT_THREADS_CHOICES = ("adaptive", "all")
+from lightning_hsu.functional import _switches
+
+#: Environment variable choosing the products' threads (`_switches.PRODUCT_THREADS`).
+PRODUCT_THREADS_ENV = _switches.PRODUCT_THREADS.name
 #: Measurements kept per choice and size class; the choices compare their medians.
 WINDOW = 3
 #: An all-thread product this much slower than its class's median re-measures one thread next.
@@ -83,14 +83,6 @@ CLEAR_WIN = 0.8
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
-
-
-def product_threads_mode() -> str:
-    """``"adaptive"`` or ``"all"``, from `PRODUCT_THREADS_ENV`; a clear error for anything else."""
-    value = os.environ.get(PRODUCT_THREADS_ENV, "adaptive").strip().lower()
-    if value not in PRODUCT_THREADS_CHOICES:
-        raise ValueError(f"{PRODUCT_THREADS_ENV}={value!r}: choose one of {', '.join(PRODUCT_THREADS_CHOICES)}")
-    return value
 
 
 @dataclass
@@ -225,4 +217,4 @@ CHOOSER = ProductThreadChooser()
 
 def adaptive() -> bool:
     """Whether products choose their threads here (not with deterministic algorithms, nor ``=all``)."""
-    return not torch.are_deterministic_algorithms_enabled() and product_threads_mode() == "adaptive"
+    return _switches.PRODUCT_THREADS.read() == "adaptive" and not torch.are_deterministic_algorithms_enabled()

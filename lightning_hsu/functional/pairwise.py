@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_hsu.functional import _fused_family
+from lightning_hsu.functional import _fused_family, _switches
 from lightning_hsu.functional._common import row_normalization
 from lightning_hsu.functional._matmul import (
     PRODUCT_PRECISIONS,
@@ -123,15 +123,10 @@ MAX_STRIP_ELEMENTS = 2**22
 KERNEL_BLOCK_ELEMENTS = 2**16
 #: Blocks of the one-block schedule are never thinner than this (per-block fixed costs).
 MIN_KERNEL_BLOCK_ROWS = 32
-#: Environment variable choosing the fused Triton kernel for a block's pair terms
-#: (`lightning_hsu.functional._triton_pairs`): ``0`` never; unset or ``auto`` for float32 CUDA
-#: tensors when Triton is importable; ``always`` for CPU tensors too, which Triton runs only in its
-#: interpreter (``TRITON_INTERPRET=1``, set before Triton is imported: the parity tests).
-TRITON_ENV = "LIGHTNING_HSU_TRITON"
-#: Environment variable choosing the compiled C kernel for a block's pair terms on the CPU
-#: (`lightning_hsu.functional._cpu_pairs`): ``0`` never; unset or ``auto`` for float32 CPU tensors
-#: when it builds (with the machine's C compiler, once per machine) and passes its probe.
-CPU_KERNEL_ENV = "LIGHTNING_HSU_CPU_KERNEL"
+#: Environment variables choosing the fused kernels of a block's pair terms (`_switches.TRITON`:
+#: the Triton kernel on CUDA; `_switches.CPU_KERNEL`: the compiled C kernel on the CPU).
+TRITON_ENV = _switches.TRITON.name
+CPU_KERNEL_ENV = _switches.CPU_KERNEL.name
 
 
 def block_rows_for(n: int, chunk_size: int | None) -> int:
@@ -220,7 +215,7 @@ def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
     """
     if block.dtype != torch.float32 or torch.compiler.is_compiling() or not _fused_family.supports(kernel):
         return None
-    triton_mode = os.environ.get(TRITON_ENV, "auto").strip().lower()
+    triton_mode = _switches.TRITON.read()
     device = block.device
     if device.type == "cpu":
         interpreted = os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
@@ -240,10 +235,7 @@ def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
 def _cpu_kernel(block: Tensor) -> ModuleType | None:
     """`_cpu_pairs` unless ``block`` is not a CPU tensor, `CPU_KERNEL_ENV` is ``0``, ``block`` has no storage
     to hand over (functorch's wrappers, fake tensors), or the kernel did not build (imported on first use)."""
-    mode = os.environ.get(CPU_KERNEL_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("0", "auto"):
-        raise ValueError(f"{CPU_KERNEL_ENV}={mode!r}: choose 0 (the eager passes) or auto (the default)")
-    if mode == "0" or block.device.type != "cpu":
+    if _switches.CPU_KERNEL.read() == "0" or block.device.type != "cpu":
         return None
     try:
         block.data_ptr()

@@ -341,7 +341,7 @@ def test_kinds_of_product_choose_separately() -> None:
 def test_bad_setting_names_the_environment_variable(monkeypatch) -> None:
     monkeypatch.setenv(PRODUCT_THREADS_ENV, "some")
     with pytest.raises(ValueError, match=PRODUCT_THREADS_ENV):
-        _product_threads.product_threads_mode()
+        _product_threads.adaptive()
 
 
 # ---- inside the library ---------------------------------------------------------------------------
