@@ -70,14 +70,17 @@ SOURCE = Path(__file__).with_name("_cpu_pairs.c")
 #: Environment variable naming the directory of the compiled library.
 CACHE_ENV = "LIGHTNING_HSU_CACHE_DIR"
 #: Compiler flags: vectorised for this CPU, ``-fopenmp-simd`` for the loops' reductions (no OpenMP
-#: runtime is linked), no ``errno`` so that the math functions vectorise; no fast-math, and no
-#: contraction into fused multiply-adds, which rounds otherwise than the eager passes (a shifted
-#: Gaussian's exponent: 4x the eager gradient's error where duplicate neurons cancel).
+#: runtime is linked), no ``errno`` so that the math functions vectorise, no trapping math so that
+#: the clamps become selects and the walks vectorise at all (GCC 12 kept them as branches and
+#: divided one entry at a time, 5x slower); no fast-math, and no contraction into fused
+#: multiply-adds, which rounds otherwise than the eager passes (a shifted Gaussian's exponent: 4x
+#: the eager gradient's error where duplicate neurons cancel).
 FLAGS = (
     "-O3",
     "-march=native",
     "-ffp-contract=off",
     "-fno-math-errno",
+    "-fno-trapping-math",
     "-fopenmp-simd",
     "-fPIC",
     "-shared",
