@@ -15,14 +15,16 @@ float64, a tensor that requires a gradient while grad mode is on, a product trac
 ``torch.compile``, a PyTorch without the operator, a CPU other than x86-64 (not measured) — goes
 to ``torch.bmm``.
 
-On Intel CPUs ``torch.bmm`` is the default instead: MKL is tuned for them, and oneDNN's linear,
-which copies each call's weight operand into its own layout, was no faster on any product of the
-pair sums there and up to 2.3x slower on the thin and the transposed ones (CPU C of
-``docs/performance.md``, an Intel Xeon with AVX-512: with oneDNN, half-space MHE at 512 x 4608
-took 1.34x and CoMHE at 1024 x 512 1.39-1.50x MKL's time). The environment variable
+oneDNN's advantage is AVX-512 on CPUs for which MKL does not use it, so ``torch.bmm`` is the
+default everywhere else. On Intel CPUs MKL is tuned for them, and oneDNN's linear, which copies
+each call's weight operand into its own layout, was no faster on any product of the pair sums and
+up to 2.3x slower on the thin and the transposed ones (CPU C of ``docs/performance.md``, an Intel
+Xeon with AVX-512: with oneDNN, half-space MHE at 512 x 4608 took 1.34x and CoMHE at 1024 x 512
+1.39-1.50x MKL's time). On an AMD CPU without AVX-512 (CPU D, Zen 3) both libraries use AVX2 and
+oneDNN took 1.07-1.18x MKL's time per penalty at one thread. The environment variable
 ``LIGHTNING_HSU_ONEDNN_MATMUL`` chooses: ``1`` oneDNN wherever it is available, ``0``
 ``torch.bmm`` everywhere (values then differ in the last float32 bits only), unset or ``auto``
-as above.
+as above: oneDNN on a CPU with AVX-512 that is not Intel's.
 """
 
 from __future__ import annotations
@@ -304,16 +306,29 @@ def _reduced_product(a: Tensor, b: Tensor, precision: ProductPrecision) -> Tenso
     return torch.bmm(round_operand(a, precision), round_operand(b, precision))
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it is not known."""
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in ``/proc/cpuinfo``; ``None`` where the file cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.partition(":")[2].strip()
     except OSError:
-        pass
-    return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+        return None
+    return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it is not known."""
+    vendor = _cpuinfo("vendor_id")
+    if vendor is None:
+        return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+    return vendor
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the CPU has AVX-512 (``avx512f`` among ``/proc/cpuinfo``'s flags)."""
+    return "avx512f" in (_cpuinfo("flags") or "").split()
 
 
 @functools.cache
@@ -337,7 +352,7 @@ def onednn_operator() -> object | None:
 def _onednn_linear() -> object | None:
     """`onednn_operator` where the pair sums' float32 CPU products use it (`ONEDNN_ENV`), else ``None``."""
     choice = _switches.ONEDNN_MATMUL.read()
-    if choice == "0" or (choice == "auto" and cpu_vendor() == "GenuineIntel"):
+    if choice == "0" or (choice == "auto" and (cpu_vendor() == "GenuineIntel" or not cpu_has_avx512())):
         return None
     return onednn_operator()
 

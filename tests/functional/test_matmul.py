@@ -138,20 +138,23 @@ def fresh_choice(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch
 
 
 @pytest.mark.parametrize(
-    ("value", "vendor", "enabled"),
+    ("value", "vendor", "avx512", "enabled"),
     [
-        (None, "AuthenticAMD", True),  # oneDNN's products ran at twice MKL's speed on AMD Zen 5
-        ("auto", "AuthenticAMD", True),
-        (None, "", True),
-        (None, "GenuineIntel", False),  # MKL is tuned for Intel CPUs: torch.bmm
-        (" AUTO ", "GenuineIntel", False),
-        ("1", "GenuineIntel", True),
-        ("0", "AuthenticAMD", False),
-        ("0", "GenuineIntel", False),
+        (None, "AuthenticAMD", True, True),  # oneDNN's products ran at twice MKL's speed on AMD Zen 5
+        ("auto", "AuthenticAMD", True, True),
+        (None, "", True, True),
+        (None, "AuthenticAMD", False, False),  # Zen 3: both libraries on AVX2, MKL 1.07-1.18x faster
+        (None, "", False, False),
+        (None, "GenuineIntel", True, False),  # MKL is tuned for Intel CPUs: torch.bmm
+        (" AUTO ", "GenuineIntel", True, False),
+        ("1", "GenuineIntel", True, True),
+        ("1", "AuthenticAMD", False, True),
+        ("0", "AuthenticAMD", True, False),
+        ("0", "GenuineIntel", False, False),
     ],
 )
-def test_the_cpu_vendor_and_the_environment_variable_choose_the_product_library(
-    value: str | None, vendor: str, enabled: bool, fresh_choice: pytest.MonkeyPatch
+def test_the_cpu_and_the_environment_variable_choose_the_product_library(
+    value: str | None, vendor: str, avx512: bool, enabled: bool, fresh_choice: pytest.MonkeyPatch
 ) -> None:
     if _matmul.onednn_operator() is None:
         pytest.skip("this PyTorch has no oneDNN float32 matmul")
@@ -160,6 +163,7 @@ def test_the_cpu_vendor_and_the_environment_variable_choose_the_product_library(
     else:
         fresh_choice.setenv(_matmul.ONEDNN_ENV, value)
     fresh_choice.setattr(_matmul, "cpu_vendor", lambda: vendor)
+    fresh_choice.setattr(_matmul, "cpu_has_avx512", lambda: avx512)
     assert _matmul.onednn_matmul_enabled() is enabled
     kinds: list[str] = []
     fresh_choice.setattr(_matmul, "chosen_threads", lambda work, kind: kinds.append(kind) or contextlib.nullcontext())
@@ -183,15 +187,18 @@ def test_the_environment_variable_holds_in_a_fresh_process() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_the_cpu_vendor_is_read_from_proc_cpuinfo() -> None:
+def test_the_cpu_vendor_and_avx512_are_read_from_proc_cpuinfo() -> None:
     try:
         with open("/proc/cpuinfo") as info:
-            found = re.search(r"^vendor_id\s*:\s*(\S+)", info.read(), flags=re.MULTILINE)
+            text = info.read()
     except OSError:
-        found = None
-    if found is None:
-        pytest.skip("no vendor_id in /proc/cpuinfo here")
-    assert _matmul.cpu_vendor() == found.group(1)
+        text = ""
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, flags=re.MULTILINE)
+    flags = re.search(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)
+    if vendor is None or flags is None:
+        pytest.skip("no vendor_id or flags in /proc/cpuinfo here")
+    assert _matmul.cpu_vendor() == vendor.group(1)
+    assert _matmul.cpu_has_avx512() == ("avx512f" in flags.group(1).split())
 
 
 @pytest.mark.parametrize(
