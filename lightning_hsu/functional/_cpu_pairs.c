@@ -11,6 +11,17 @@
 #include <math.h>
 #include <stdint.h>
 
+#ifdef WITH_LIBMVEC
+/* glibc's vector forms of the kernels' functions (libmvec, linked by `_cpu_pairs.py` where it exists), which <math.h>
+ * declares only under -ffast-math: with them the walks of the log, power and Gaussian kernels vectorise too. */
+#pragma omp declare simd notinbranch
+extern float expf(float);
+#pragma omp declare simd notinbranch
+extern float logf(float);
+#pragma omp declare simd notinbranch
+extern float powf(float, float);
+#endif
+
 /* kernels.MIN_SQUARED_DISTANCE, defined by `_cpu_pairs.py` on the compiler's command line */
 #ifndef MIN_SQ
 #error "MIN_SQ (the smallest squared distance) must be defined: build with _cpu_pairs.py"

@@ -7,6 +7,7 @@ user without a compiler gets, and the layouts it is handed.
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
 import platform
@@ -166,29 +167,55 @@ def test_an_unknown_switch_value_is_an_error_that_names_the_variable(monkeypatch
 @pytest.mark.skipif(
     platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None, reason="x86-64 with objdump"
 )
-def test_the_riesz_walks_compile_to_packed_divisions() -> None:
-    """MHE's walks (s = 2 and s = 1, half and full space) divide eight or sixteen entries at a time.
+def test_the_walks_compile_to_vector_code() -> None:
+    """MHE's walks (s = 2 and s = 1, half and full space) divide eight or sixteen entries at a time, and
+    with glibc's vector math library the log, power and Gaussian walks call its vector functions.
 
-    Without ``-fno-trapping-math`` GCC kept their clamps as branches and divided one entry at a time
-    (``vdivss`` only): 5x slower on AMD Zen 3 (the values differ only by the vector reductions' order).
+    Without ``-fno-trapping-math`` GCC kept the clamps as branches and divided one entry at a time
+    (``vdivss`` only): 5x slower on AMD Zen 3; without libmvec ``logf``/``powf``/``expf`` ran one entry
+    at a time, 2.4-5x slower (the values differ only by rounding, checked by the parity cases).
     """
     library = _cpu_pairs._build(_cpu_pairs._compiler())  # type: ignore[arg-type]
     listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
-    packed: dict[str, bool] = {}
+    packed: set[str] = set()
+    vector_calls: set[str] = set()
     name = ""
     for line in listing.splitlines():
         header = re.match(r"^[0-9a-f]+ <(\w+)>:$", line)
         if header:
             name = header.group(1)
         elif re.search(r"\sv?divps\s", line):
-            packed[name] = True
-    walks = [
+            packed.add(name)
+        elif re.search(r"<_ZGV\w+_(expf|logf|powf)@plt>", line):
+            vector_calls.add(name)
+    spaces = ("h", "f")
+    divisions = [
         f"{walk}_{case}_{space}_g"
         for walk in ("values", "slopes")
         for case in ("inverse_square", "inverse")
-        for space in ("h", "f")
+        for space in spaces
     ]
-    assert [walk for walk in walks if not packed.get(walk)] == []
+    assert sorted(set(divisions) - packed) == []
+    if ctypes.util.find_library("mvec") is not None:
+        calls = [
+            f"{walk}_{space}_g"
+            for walk in ("values_log", "values_power", "values_gaussian", "slopes_power", "slopes_gaussian")
+            for space in spaces
+        ]
+        assert sorted(set(calls) - vector_calls) == []
+
+
+@needs_compiler
+def test_without_the_vector_math_library_the_kernel_is_built_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another C library (musl, macOS) has no libmvec: the build is repeated with the scalar functions."""
+    monkeypatch.setenv(_cpu_pairs.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(_cpu_pairs, "VECTOR_MATH", ("-DWITH_LIBMVEC", "-lno_such_vector_math"))
+    library = _cpu_pairs._build(_cpu_pairs._compiler())  # type: ignore[arg-type]
+    assert library.parent == tmp_path
+    assert b"_ZGV" not in library.read_bytes()
+    assert ctypes.CDLL(str(library)).pair_block_sums_f32 is not None
 
 
 @needs_compiler
