@@ -1,8 +1,8 @@
 """The pair sums with oneDNN's float32 products against ``torch.bmm`` (MKL), on this CPU.
 
-The package picks the library by the CPU's vendor (``lightning_hsu.functional._matmul``: ``torch.bmm``
-on Intel CPUs, oneDNN elsewhere; item 49 of ``docs/performance.md``). This script checks that choice
-on the machine it runs on: each case (half space, forward + backward) is timed with
+The package picks the library by the CPU (``lightning_hsu.functional._matmul``: oneDNN on a CPU with
+AVX-512 that is not Intel's, ``torch.bmm`` elsewhere; items 49 and 53 of ``docs/performance.md``).
+This script checks that choice on the machine it runs on: each case (half space, forward + backward) is timed with
 ``LIGHTNING_HSU_ONEDNN_MATMUL=1`` and ``=0`` in alternating rounds of one process (the choice is read
 again at each switch), and the per-round ratio oneDNN / MKL is reported with its 95% bootstrap
 interval. Above 1, ``torch.bmm`` is the faster library here.
@@ -98,7 +98,8 @@ def main() -> None:
         raise SystemExit("this PyTorch has no oneDNN float32 matmul: nothing to compare")
     apply_threads(args.threads)
     before = os.environ.get(_matmul.ONEDNN_ENV)
-    print(f"Machine: {machine()}; CPU vendor {_matmul.cpu_vendor() or 'unknown'}")
+    avx512 = "with" if _matmul.cpu_has_avx512() else "without"
+    print(f"Machine: {machine()}; CPU vendor {_matmul.cpu_vendor() or 'unknown'}, {avx512} AVX-512")
     print(f"The package's default here: {'oneDNN' if _matmul.onednn_matmul_enabled() else 'MKL (torch.bmm)'}\n")
     rounds = 4 if args.quick else args.rounds
     rows = []
