@@ -20,10 +20,10 @@ with the machine's C compiler (``$CC``, else ``cc``; about a second, for this CP
 ``$XDG_CACHE_HOME/lightning_hsu`` or ``~/.cache/lightning_hsu``), keyed by the source, the
 compiler, its flags and the CPU's feature flags; later processes load the cached library. On Linux
 it is linked with glibc's vector math library (`VECTOR_MATH`) where there is one, and built
-without it otherwise. It needs no Python or Torch header, and is called through `ctypes` (which releases the GIL). Where no
-compiler is found, the build fails, or the library computes a probe block wrongly (`ready`), the
-pair sums keep the eager passes, with one warning. ``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them
-without trying.
+without it otherwise. It needs no Python or Torch header, and is called through `ctypes` (which
+releases the GIL). Where no compiler is found, the build fails, or the library computes a probe
+block wrongly (`ready`), the pair sums keep the eager passes, with one warning.
+``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them without trying.
 
 **Threads.** A call over at least `PARALLEL_MIN_ENTRIES` entries takes
 `_matmul.threads_of_last_product`: all of the caller's threads, unless the product chooser has seen
