@@ -90,9 +90,10 @@ FLAGS = (
 )
 #: glibc's vector math library (libmvec), tried first on Linux: the log, power and Gaussian walks
 #: call its 8- or 16-wide ``logf``/``powf``/``expf`` (at most 4 ulp, where the scalar ones are at
-#: most 1) instead of one entry at a time; without it (another C library, another CPU) the build
-#: is repeated without them.
-VECTOR_MATH = ("-DWITH_LIBMVEC", "-lmvec")
+#: most 1) instead of one entry at a time; without it (another C library, or a libmvec without one
+#: of the three for this CPU, which ``--no-undefined`` turns into a failed link rather than a
+#: library that fails to load) the build is repeated without them.
+VECTOR_MATH = ("-DWITH_LIBMVEC", "-lmvec", "-Wl,--no-undefined")
 #: Fewest Gram entries of a call shared between threads: below, one thread (waking a sleeping
 #: OpenMP thread takes tens of microseconds).
 PARALLEL_MIN_ENTRIES = 2**16
