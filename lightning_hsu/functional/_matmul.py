@@ -21,7 +21,7 @@ each call's weight operand into its own layout, was no faster on any product of 
 up to 2.3x slower on the thin and the transposed ones (CPU C of ``docs/performance.md``, an Intel
 Xeon with AVX-512: with oneDNN, half-space MHE at 512 x 4608 took 1.34x and CoMHE at 1024 x 512
 1.39-1.50x MKL's time). On an AMD CPU without AVX-512 (CPU D, Zen 3) both libraries use AVX2 and
-oneDNN took 1.07-1.18x MKL's time per penalty at one thread. The environment variable
+oneDNN took 1.01-1.27x MKL's time per penalty at one thread, 1.00-1.34x at two. The variable
 ``LIGHTNING_HSU_ONEDNN_MATMUL`` chooses: ``1`` oneDNN wherever it is available, ``0``
 ``torch.bmm`` everywhere (values then differ in the last float32 bits only), unset or ``auto``
 as above: oneDNN on a CPU with AVX-512 that is not Intel's.
