@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from lightning_hsu.functional._fused_family import launch_parameters, supports
-from lightning_hsu.functional._matmul import threads_of_last_product
+from lightning_hsu.functional._matmul import cpuinfo_field, threads_of_last_product
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
 __all__ = ["pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "tied_pairs"]
@@ -114,12 +114,7 @@ def _compiler() -> list[str] | None:
 
 def _cpu_signature() -> str:
     """What ``-march=native`` depends on: the machine and its CPU's feature flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            flags = next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
+    flags = cpuinfo_field(("flags", "Features")) or ""  # x86's name, ARM's
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 

@@ -306,8 +306,9 @@ def _reduced_product(a: Tensor, b: Tensor, precision: ProductPrecision) -> Tenso
     return torch.bmm(round_operand(a, precision), round_operand(b, precision))
 
 
-def _cpuinfo(field: str) -> str | None:
-    """The first value of ``field`` in ``/proc/cpuinfo``; ``None`` where the file cannot be read."""
+def cpuinfo_field(field: str | tuple[str, ...]) -> str | None:
+    """The value of the first line of ``/proc/cpuinfo`` starting with ``field`` (or one of several);
+    ``""`` where there is none, ``None`` where the file cannot be read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
             for line in info:
@@ -320,7 +321,7 @@ def _cpuinfo(field: str) -> str | None:
 
 def cpu_vendor() -> str:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or ``""`` where it is not known."""
-    vendor = _cpuinfo("vendor_id")
+    vendor = cpuinfo_field("vendor_id")
     if vendor is None:
         return "GenuineIntel" if "intel" in platform.processor().lower() else ""
     return vendor
@@ -328,7 +329,7 @@ def cpu_vendor() -> str:
 
 def cpu_has_avx512() -> bool:
     """Whether the CPU has AVX-512 (``avx512f`` among ``/proc/cpuinfo``'s flags)."""
-    return "avx512f" in (_cpuinfo("flags") or "").split()
+    return "avx512f" in (cpuinfo_field("flags") or "").split()
 
 
 @functools.cache

@@ -41,8 +41,9 @@ TRITON = Switch("LIGHTNING_HSU_TRITON", ("auto", "0", "always"))
 #: The compiled C kernel for a block's pair terms on the CPU (`lightning_hsu.functional._cpu_pairs`):
 #: ``auto`` for float32 CPU tensors when it builds and passes its probe, ``0`` never.
 CPU_KERNEL = Switch("LIGHTNING_HSU_CPU_KERNEL", ("auto", "0"))
-#: The CPU products' library (`lightning_hsu.functional._matmul`): ``auto`` by the CPU's vendor,
-#: ``1`` oneDNN wherever it is available, ``0`` ``torch.bmm`` everywhere.
+#: The CPU products' library (`lightning_hsu.functional._matmul`): ``auto`` oneDNN on a CPU with
+#: AVX-512 that is not Intel's and ``torch.bmm`` elsewhere, ``1`` oneDNN wherever it is available,
+#: ``0`` ``torch.bmm`` everywhere.
 ONEDNN_MATMUL = Switch("LIGHTNING_HSU_ONEDNN_MATMUL", ("auto", "1", "0"))
 #: The products' threads (`lightning_hsu.functional._product_threads`): ``adaptive`` measured
 #: online, ``all`` the caller's threads for every product.
