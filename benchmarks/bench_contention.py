@@ -19,6 +19,8 @@ Methods, per case:
   (``LIGHTNING_HSU_PRODUCT_THREADS=all``, the code before the online choice);
 - **ours, parallel passes**: the same with every pass on all threads too (``SERIAL_PASSES = False``,
   the code before the passes went to one thread);
+- **ours, long passes on one thread**: the same with MGD's long float64 passes on one thread
+  whatever the products chose (``PASSES_FOLLOW_PRODUCTS = False``, the code before item 55);
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -67,13 +69,15 @@ from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
 #: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
-#: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads)
+#: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads,
+#: `_matmul.PASSES_FOLLOW_PRODUCTS`)
 MODES = {
-    "shipped": (True, "adaptive", True, True),
-    "kernel on one thread": (True, "adaptive", True, False),
-    "per-class choice": (True, "adaptive", False, True),
-    "all-thread products": (True, "all", True, True),
-    "parallel passes": (False, "all", True, True),
+    "shipped": (True, "adaptive", True, True, True),
+    "kernel on one thread": (True, "adaptive", True, False, True),
+    "per-class choice": (True, "adaptive", False, True, True),
+    "all-thread products": (True, "all", True, True, True),
+    "parallel passes": (False, "all", True, True, True),
+    "long passes on one thread": (True, "adaptive", True, True, False),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 #: each mode's own product chooser, so that one mode's measurements do not steer another's
@@ -81,7 +85,7 @@ _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team = MODES[mode]
+    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team, _matmul.PASSES_FOLLOW_PRODUCTS = MODES[mode]
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if team else 2**62
     os.environ[PRODUCT_THREADS_ENV] = threads
     _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
@@ -186,6 +190,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         "ours, per-class choice",
         "ours, all-thread products",
         "ours, parallel passes",
+        "ours, long passes on one thread",
     ):
         if other not in names:
             continue
@@ -245,6 +250,7 @@ ARMS = (
     (", per-class choice", "per-class choice"),
     (", all-thread products", "all-thread products"),
     (", parallel passes", "parallel passes"),
+    (", long passes on one thread", "long passes on one thread"),
 )
 
 

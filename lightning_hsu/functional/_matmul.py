@@ -65,6 +65,9 @@ ONEDNN_KIND = "torch.float32 onednn"
 #: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
+#: Whether `passes_on_product_threads` gives its passes the latest product's threads (``False``: they
+#: stay on one thread, as before item 55; kept for the ablation in ``benchmarks/bench_contention.py``).
+PASSES_FOLLOW_PRODUCTS = True
 
 #: Operand precisions of the pair sums' products (`product_precision`).
 ProductPrecision = Literal["float32", "tf32", "bfloat16"]
@@ -205,15 +208,38 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
     wide = chooser.use_all_threads(work, kind) if adaptive else True
     _scope.last_wide = wide
     start = chooser.clock()
-    if wide:
-        torch.set_num_threads(threads)
+    around = torch.get_num_threads()  # one, or all inside `passes_on_product_threads`
+    chosen = threads if wide else 1
+    if chosen != around:
+        torch.set_num_threads(chosen)
     try:
         yield
     finally:
-        if wide:
-            torch.set_num_threads(1)
+        if chosen != around:
+            torch.set_num_threads(around)
     if adaptive:
         _scope.pending = (work, wide, start, kind, chooser.clock() - start)
+
+
+@contextlib.contextmanager
+def passes_on_product_threads() -> Iterator[None]:
+    r"""Inside `passes_on_one_thread`: the passes inside take the threads the latest product took.
+
+    For a few long passes that follow a product (MGD's float64 kernels over the whole
+    \(n\times n\) matrix, 8-32 MiB each): each is one barrier of the pool, not dozens, so on an
+    idle machine both threads halve them, while on a busy core the product went to one thread
+    (`chosen_threads`) and so do they. The products inside still choose their own threads. Outside
+    the context, or after a product on one thread, nothing changes.
+    """
+    threads = getattr(_scope, "threads", None)
+    if threads is None or not (PASSES_FOLLOW_PRODUCTS and getattr(_scope, "last_wide", False)):
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def _record_pending_product() -> None:

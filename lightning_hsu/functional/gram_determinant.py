@@ -26,7 +26,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_hsu.functional._common import DEFAULT_EPS, as_batched, check_neurons, full_precision, row_normalization
-from lightning_hsu.functional._matmul import batched_matmul, chosen_threads, gram, serial_passes
+from lightning_hsu.functional._matmul import (
+    batched_matmul,
+    chosen_threads,
+    gram,
+    passes_on_product_threads,
+    serial_passes,
+)
 from lightning_hsu.functional.pairwise import _fold_projection
 
 
@@ -119,16 +125,19 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, neurons: Tensor, eps: float, half_space: bool, jitter: float
     ) -> Tensor:
         rows, r, sq_unit, divisor = row_normalization(neurons.to(torch.float64), eps)
-        cos = gram(rows).mul_(r).mul_(r.mT)
+        cos = gram(rows)
         with_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        value, slope = _neg_logdet_and_coefficients(cos, half_space, jitter, with_grad)
-        if slope is not None:
-            torch.diagonal(cos, dim1=-2, dim2=-1).zero_()  # _fold_projection takes the diagonal from sq_unit
-            coefficients = _fold_projection(slope.mul_(2.0), cos, 0, sq_unit, r)  # rows of the gradient by Ŵ
-            coefficients.mul_(r.mT)  # ... by W: Ŵ = diag(r) W
-            if divisor is not None:
-                coefficients.div_(divisor)
-            ctx.save_for_backward(coefficients, rows)
+        # the n x n float64 passes are few and long: the Gram product's threads halve them when idle
+        with passes_on_product_threads():
+            cos.mul_(r).mul_(r.mT)
+            value, slope = _neg_logdet_and_coefficients(cos, half_space, jitter, with_grad)
+            if slope is not None:
+                torch.diagonal(cos, dim1=-2, dim2=-1).zero_()  # _fold_projection takes the diagonal from sq_unit
+                coefficients = _fold_projection(slope.mul_(2.0), cos, 0, sq_unit, r)  # rows of the gradient by Ŵ
+                coefficients.mul_(r.mT)  # ... by W: Ŵ = diag(r) W
+                if divisor is not None:
+                    coefficients.div_(divisor)
+                ctx.save_for_backward(coefficients, rows)
         return value.to(neurons.dtype)
 
     @staticmethod
@@ -141,7 +150,7 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
             return None, None, None, None
         coefficients, rows = ctx.saved_tensors  # type: ignore[attr-defined]
         scale = grad_value.to(torch.float64).reshape(-1, 1, 1)
-        grad = batched_matmul(coefficients * scale, rows)
+        grad = batched_matmul(coefficients, rows).mul_(scale)  # scaled as [n, d], not as [n, n]
         return grad.to(grad_value.dtype), None, None, None
 
 

@@ -258,14 +258,16 @@ def test_regularizers_on_one_thread_equal_all_threads(name: str, monkeypatch) ->
 
 @pytest.mark.usefixtures("two_threads")
 def test_regularizers_own_passes_run_on_one_thread(monkeypatch) -> None:
-    """A pass inside each regulariser (MHS's search for tied pairs, MGD's Cholesky, the pole's
+    """A pass inside each regulariser (MHS's search for tied pairs, MGD's normalisation, the pole's
     slope, uniformity's normalisation) sees one thread; the intra-op pool is whole afterwards."""
     from lightning_hsu.functional import gram_determinant, pairwise, separation
     from lightning_hsu.regularizers import MHP
 
-    seen: dict[str, list[int]] = {"tied pairs": [], "cholesky": [], "pole slope": [], "normalise": []}
+    seen: dict[str, list[int]] = {"tied pairs": [], "mgd rows": [], "pole slope": [], "normalise": []}
     monkeypatch.setattr(separation, "_tied_pairs", thread_spy(seen["tied pairs"], separation._tied_pairs))
-    monkeypatch.setattr(gram_determinant, "_cholesky_pd", thread_spy(seen["cholesky"], gram_determinant._cholesky_pd))
+    monkeypatch.setattr(
+        gram_determinant, "row_normalization", thread_spy(seen["mgd rows"], gram_determinant.row_normalization)
+    )
     # uniformity's rows are normalised inside its pair sum
     monkeypatch.setattr(pairwise, "row_normalization", thread_spy(seen["normalise"], pairwise.row_normalization))
     pole = MHP(seed=0)
@@ -304,6 +306,64 @@ def test_mgd_factorisations_take_the_threads_the_chooser_chose(choice, monkeypat
         recorded = {kind: (len(s.all_threads), len(s.one_thread)) for (kind, _), s in chooser._classes.items()}
         assert recorded["torch.float64 cholesky"] == recorded["torch.float64 cholesky_inverse"] == (1, 1)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize(
+    ("choice", "follow", "expected"),
+    [("all threads win", True, 2), ("one thread wins", True, 1), ("all threads win", False, 1)],
+)
+def test_mgd_long_passes_take_the_threads_of_the_gram_product(choice, follow, expected, monkeypatch) -> None:
+    """MGD's float64 passes over the whole kernel matrix run on the threads its Gram product took: both
+    threads where all threads won it (an idle machine), one where one thread did (a busy core) or with
+    ``PASSES_FOLLOW_PRODUCTS`` off. The factorisations inside still take their own choice, and the
+    pool is whole afterwards."""
+    from lightning_hsu.functional import _product_threads, gram_determinant, gram_determinant_penalty
+
+    chooser = _product_threads.ProductThreadChooser()
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    monkeypatch.setattr(_matmul, "PASSES_FOLLOW_PRODUCTS", follow)
+    products_wide = choice == "all threads win"
+    factorisation_wide = not products_wide  # the opposite choice: the passes must not take it over
+    monkeypatch.setattr(
+        chooser, "use_all_threads", lambda work, kind="": factorisation_wide if "cholesky" in kind else products_wide
+    )
+    passes: list[int] = []
+    factorisations: list[int] = []
+    monkeypatch.setattr(
+        gram_determinant,
+        "_neg_logdet_and_coefficients",
+        thread_spy(passes, gram_determinant._neg_logdet_and_coefficients),
+    )
+    monkeypatch.setattr(gram_determinant, "_fold_projection", thread_spy(passes, gram_determinant._fold_projection))
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", thread_spy(factorisations, torch.linalg.cholesky_ex))
+    w = _weights(300, 520, torch.float32).requires_grad_()  # a Gram matrix in strips (`_matmul.gram`)
+    gram_determinant_penalty(w, half_space=True).backward()
+    assert passes == [expected, expected]  # before the factorisations and after them
+    assert factorisations == [2 if factorisation_wide else 1] * 2
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_mgd_with_long_passes_on_both_threads_equals_autograd_of_the_official_kernel(monkeypatch) -> None:
+    """With its float64 passes on both threads (products chosen on all), MGD's value and its gradient
+    against an upstream gradient other than one are those of autograd through the official
+    concatenated 2n x 2n kernel."""
+    from lightning_hsu.functional import _product_threads, gram_determinant_penalty
+
+    from . import official
+
+    chooser = _product_threads.ProductThreadChooser()
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="": True)
+    w = _weights(300, 520, torch.float64, seed=3).requires_grad_()
+    value = gram_determinant_penalty(w, half_space=True)
+    (3.5 * value).backward()
+    expected_w = w.detach().clone().requires_grad_()
+    expected = official.mgd(expected_w, half_space=True)
+    (3.5 * expected).backward()
+    torch.testing.assert_close(value.detach(), expected.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(w.grad, expected_w.grad, rtol=1e-7, atol=1e-9)
 
 
 # ---- the regularisers' backward (`one_thread_graph`) ------------------------------------------------
