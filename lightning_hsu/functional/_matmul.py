@@ -513,5 +513,24 @@ def gram(rows: Tensor, *, mirror: bool = True) -> Tensor:
         # product and its copy at 1024 and 2048 x 512, CPU C), oneDNN's copies as before
         strip = matmul_into(out[:, start:stop, start:], rows[:, start:stop], rows[:, start:].transpose(1, 2))
         if mirror:
-            out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
+            _mirror_strip(out, strip, start, stop)
     return out
+
+
+def _mirror_strip(out: Tensor, strip: Tensor, start: int, stop: int) -> None:
+    """Entries ``[start:, start:stop]`` below the diagonal of the Gram matrices ``out`` from ``strip`` (their rows
+    ``start:stop``, columns ``start`` on): in the compiled library's cache-sized tiles where it is built
+    (`_cpu_pairs.mirror_block`), else by ATen (and under ``torch.compile`` tracing)."""
+    from lightning_hsu.functional import _cpu_pairs  # imports this module
+
+    n = out.shape[1]
+    compiled = not torch.compiler.is_compiling() and out.dtype in (torch.float32, torch.float64)
+    if compiled and _cpu_pairs.takes(out):
+        # the strip's diagonal tile too: a product's tile X_I X_I^T need not be symmetric (MKL's dgemm)
+        _cpu_pairs.mirror_block(out, (start, stop), (start, n))
+        return
+    if stop < n:
+        out[:, stop:, start:stop] = strip[:, :, stop - start :].transpose(1, 2)
+    tile = out[:, start:stop, start:stop]
+    lower = torch.ones(stop - start, stop - start, dtype=torch.bool, device=out.device).tril_(-1)
+    tile.copy_(torch.where(lower, tile.transpose(1, 2), tile))

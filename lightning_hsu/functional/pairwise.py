@@ -235,15 +235,9 @@ def _fused_pairs(block: Tensor, kernel: PairKernel) -> ModuleType | None:
 def _cpu_kernel(block: Tensor) -> ModuleType | None:
     """`_cpu_pairs` unless ``block`` is not a CPU tensor, `CPU_KERNEL_ENV` is ``0``, ``block`` has no storage
     to hand over (functorch's wrappers, fake tensors), or the kernel did not build (imported on first use)."""
-    if _switches.CPU_KERNEL.read() == "0" or block.device.type != "cpu":
-        return None
-    try:
-        block.data_ptr()
-    except RuntimeError:
-        return None
     from lightning_hsu.functional import _cpu_pairs
 
-    return _cpu_pairs if _cpu_pairs.ready() else None
+    return _cpu_pairs if _cpu_pairs.takes(block) else None
 
 
 def _self_pairs(block: Tensor, start: int) -> Tensor:

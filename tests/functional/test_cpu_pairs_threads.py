@@ -232,3 +232,44 @@ def test_a_small_block_stays_on_the_calling_thread(monkeypatch: pytest.MonkeyPat
     with _matmul.passes_on_one_thread(torch.device("cpu")):
         hyperspherical_energy(torch.randn(200, 16), half_space=True)  # 200 x 200 entries
     assert calls == [1]
+
+
+def _mirrored_by_index(matrices: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+    """The statement of `_cpu_pairs.mirror_block`: (j, i) takes (i, j) for i in rows, j in cols, j > i."""
+    expected = matrices.clone()
+    i, j = torch.meshgrid(torch.arange(*rows), torch.arange(*cols), indexing="ij")
+    above = j > i
+    i, j = i[above], j[above]
+    expected[:, j, i] = matrices[:, i, j]
+    return expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("batch", "n", "rows", "cols"),
+    [
+        (1, 70, (0, 70), (0, 70)),  # the whole upper triangle, tiles of 32 with a tail of 6
+        (3, 70, (5, 40), (5, 70)),  # a strip and its diagonal tile
+        (2, 64, (0, 32), (32, 64)),  # an off-diagonal block, a power of two
+        (1, 70, (40, 70), (0, 30)),  # a block below the diagonal: nothing lies above it
+        (3, 300, (0, 300), (0, 300)),  # on two threads: grains of rows across the batch elements
+    ],
+)
+def test_mirror_block_copies_the_upper_entries_below_the_diagonal(dtype, batch, n, rows, cols) -> None:
+    torch.set_num_threads(2)
+    before = _cpu_pairs.rows_walked_by_helpers()
+    matrices = torch.randn(batch, n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
+    expected = _mirrored_by_index(matrices, rows, cols)
+    _cpu_pairs.mirror_block(matrices, rows, cols)
+    assert torch.equal(matrices, expected)
+    if n == 300:  # 270,000 entries: shared with the pool's other thread
+        assert _cpu_pairs.rows_walked_by_helpers() > before
+
+
+def test_mirror_block_refuses_what_it_cannot_walk() -> None:
+    with pytest.raises(ValueError, match="contiguous rows"):
+        _cpu_pairs.mirror_block(torch.zeros(1, 8, 8).mT, (0, 4), (4, 8))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _cpu_pairs.mirror_block(torch.zeros(1, 8, 8, dtype=torch.float16), (0, 4), (4, 8))
+    with pytest.raises(ValueError, match="outside a 8 x 8 matrix"):
+        _cpu_pairs.mirror_block(torch.zeros(1, 8, 8), (0, 4), (4, 9))

@@ -102,6 +102,23 @@ def test_gram_is_the_exactly_symmetric_float64_gram(n: int, d: int) -> None:
     assert torch.equal(ours, ours.transpose(1, 2))
 
 
+@pytest.mark.parametrize("cpu_kernel", ["auto", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_in_strips_is_exactly_symmetric_with_either_mirror(
+    cpu_kernel: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mirrored by the compiled library's tiles or by ATen (``LIGHTNING_HSU_CPU_KERNEL=0``), a Gram matrix in
+    strips equals its transpose, the strips' diagonal tiles included (float64 products of a 128-row tile
+    with itself are not symmetric to the last bit), and the float64 product. 1024 rows: a power of two."""
+    monkeypatch.setenv("LIGHTNING_HSU_CPU_KERNEL", cpu_kernel)
+    x = _randn(2, 1024, 512).to(dtype)
+    assert _matmul.gram_in_strips(x)
+    ours = gram(x)
+    assert torch.equal(ours, ours.transpose(1, 2))
+    expected = x.double() @ x.double().transpose(1, 2)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-3)
+
+
 def test_products_that_need_autograd_or_float64_keep_torch_bmm() -> None:
     a = _randn(1, 8, 5).requires_grad_()
     b = _randn(1, 5, 4, seed=1)
