@@ -21,6 +21,10 @@ Methods, per case:
   the code before the passes went to one thread);
 - **ours, long passes on one thread**: the same with MGD's long float64 passes on one thread
   whatever the products chose (``PASSES_FOLLOW_PRODUCTS = False``, the code before item 55);
+- **ours, chooser before item 57**: the same with a load marked whenever a clear winner's time up to
+  the next product loses, whether or not its latest all-thread product alone still won clearly
+  (``LOAD_FROM_PRODUCTS = False``), and thin products measured with deep ones of their size
+  (``THIN_PRODUCT_DEPTH = 0``): the code before item 57;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -70,22 +74,27 @@ from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
 #: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
 #: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads,
-#: `_matmul.PASSES_FOLLOW_PRODUCTS`)
+#: `_matmul.PASSES_FOLLOW_PRODUCTS`, item 57: `_product_threads.LOAD_FROM_PRODUCTS` and thin products
+#: measured apart (`_matmul.THIN_PRODUCT_DEPTH`))
 MODES = {
-    "shipped": (True, "adaptive", True, True, True),
-    "kernel on one thread": (True, "adaptive", True, False, True),
-    "per-class choice": (True, "adaptive", False, True, True),
-    "all-thread products": (True, "all", True, True, True),
-    "parallel passes": (False, "all", True, True, True),
-    "long passes on one thread": (True, "adaptive", True, True, False),
+    "shipped": (True, "adaptive", True, True, True, True),
+    "kernel on one thread": (True, "adaptive", True, False, True, True),
+    "per-class choice": (True, "adaptive", False, True, True, True),
+    "all-thread products": (True, "all", True, True, True, True),
+    "parallel passes": (False, "all", True, True, True, True),
+    "long passes on one thread": (True, "adaptive", True, True, False, True),
+    "chooser before item 57": (True, "adaptive", True, True, True, False),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
+_THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
 #: each mode's own product chooser, so that one mode's measurements do not steer another's
 _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team, _matmul.PASSES_FOLLOW_PRODUCTS = MODES[mode]
+    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team = MODES[mode][:4]
+    _matmul.PASSES_FOLLOW_PRODUCTS, _product_threads.LOAD_FROM_PRODUCTS = MODES[mode][4:]
+    _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if _product_threads.LOAD_FROM_PRODUCTS else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if team else 2**62
     os.environ[PRODUCT_THREADS_ENV] = threads
     _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
@@ -191,6 +200,7 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         "ours, all-thread products",
         "ours, parallel passes",
         "ours, long passes on one thread",
+        "ours, chooser before item 57",
     ):
         if other not in names:
             continue
@@ -251,6 +261,7 @@ ARMS = (
     (", all-thread products", "all-thread products"),
     (", parallel passes", "parallel passes"),
     (", long passes on one thread", "long passes on one thread"),
+    (", chooser before item 57", "chooser before item 57"),
 )
 
 

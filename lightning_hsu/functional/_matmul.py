@@ -62,6 +62,11 @@ MATMUL_INTO_ELEMENTS = 2**22
 WEIGHT_BLOCK_ELEMENTS = 2**22
 #: The product kind (`_product_threads`) of oneDNN's float32 products.
 ONEDNN_KIND = "torch.float32 onednn"
+#: Products whose inner dimension is below this are a kind of their own (`product_kind`): their output,
+#: not their multiply-adds, sets their time. CoMHE's Gram products of 40-dimensional projections took
+#: 2.4x the time per multiply-add of its gradient products of the same size class, and one class holding
+#: both flipped its choice on which of them its last three measurements were (CPU D, item 57).
+THIN_PRODUCT_DEPTH = 64
 #: Whether `passes_on_one_thread` narrows the intra-op pool (``False``: every pass uses the
 #: caller's threads, as before; kept for the ablation in ``benchmarks/bench_contention.py``).
 SERIAL_PASSES = True
@@ -439,26 +444,34 @@ def _onednn_product(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def product_kind(library: str, depth: int) -> str:
+    """The kind under which `_product_threads` measures a product of ``library`` (dtype and library) with
+    inner dimension ``depth``: a thin one (`THIN_PRODUCT_DEPTH`) is measured apart."""
+    return f"{library}, thin" if depth < THIN_PRODUCT_DEPTH else library
+
+
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
     work = a.shape[1] * a.shape[2] * b.shape[2]  # multiply-adds per matrix
+    depth = a.shape[2]
     precision = _reduced_precision(a, b)
     if precision is not None:
-        with chosen_threads(a.shape[0] * work, f"{precision} bmm"):
+        with chosen_threads(a.shape[0] * work, product_kind(f"{precision} bmm", depth)):
             return _reduced_product(a, b, precision)
     if not _takes_onednn(a, b):
-        with chosen_threads(a.shape[0] * work, f"{a.dtype} bmm"):
+        with chosen_threads(a.shape[0] * work, product_kind(f"{a.dtype} bmm", depth)):
             return torch.bmm(a, b)
     weight = b.transpose(1, 2)  # oneDNN's linear is x @ w.T; a transposed view, no copy
+    kind = product_kind(ONEDNN_KIND, depth)
     if a.shape[0] == 1:
         x, w = a[0], weight[0]  # views taken on one thread, like every pass around the product
-        with chosen_threads(work, ONEDNN_KIND):
+        with chosen_threads(work, kind):
             product = _onednn_product(x, w)
         return product.unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
     for i in range(a.shape[0]):
         x, w = a[i], weight[i]
-        with chosen_threads(work, ONEDNN_KIND):
+        with chosen_threads(work, kind):
             product = _onednn_product(x, w)
         out[i] = product
     return out
@@ -473,7 +486,8 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     column product covers every later row of a 100,000-neuron layer).
     """
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        with chosen_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], f"{a.dtype} bmm"):
+        kind = product_kind(f"{a.dtype} bmm", a.shape[2])
+        with chosen_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], kind):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
     for start in range(0, out.shape[1], step):

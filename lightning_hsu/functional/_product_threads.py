@@ -18,9 +18,12 @@ jobs on a shared host), so it is measured, not configured:
 - a class uses the choice with the lower median (a descheduled time slice makes a single product
   several times slower: one such product must not decide);
 - once a class that won clearly on all threads (its products alone, without the passes charged
-  to them, at most `CLEAR_WIN` of one thread's time) has moved to one thread, the load is taken
-  as the machine's: until a class on one thread wins all threads back clearly, a class keeps all
-  threads only where they take at most `DECISIVE` of one thread's time. The choices are not
+  to them, at most `CLEAR_WIN` of one thread's time) has moved to one thread, and its latest
+  all-thread product alone did not win clearly, the load is taken as the machine's: until a
+  class on one thread wins all threads back clearly, a class keeps all threads only where they
+  take at most `DECISIVE` of one thread's time. (A clear winner that moves while its latest
+  product still won clearly was slowed in the passes after it, a descheduled stretch of
+  one-thread work: on an idle CPU D such moves marked a load about every two seconds, item 57.) The choices are not
   independent: an all-thread product can leave the calling thread on the busy core, which slows
   the one-thread work of every other class, so a marginal winner costs more than its own product
   shows (``docs/performance.md``, item 41). A marginal class changing sides (small products near
@@ -83,6 +86,9 @@ CLEAR_WIN = 0.8
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
+#: Whether a load is marked only when a clear winner moves to one thread after an all-thread product that alone
+#: did not win clearly (``False``: at any such move, before item 57; kept for ``benchmarks/bench_contention.py``).
+LOAD_FROM_PRODUCTS = True
 
 
 @dataclass
@@ -180,8 +186,12 @@ class ProductThreadChooser:
             all_win = self._keeps_all_threads(size)
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
                 self._all_threads_probed = self.clock()
-                # a clear winner losing is the machine's load: marginal winners elsewhere yield too
-                self._loaded = self._loaded or clear_winner
+                # a clear winner losing is the machine's load: marginal winners elsewhere yield too. The
+                # evidence is its latest all-thread product's own time: if it still won clearly, the passes
+                # after it were slow (a descheduled stretch of one-thread work), noise rather than a load
+                latest = size.all_products[-1]
+                lost = not LOAD_FROM_PRODUCTS or latest > CLEAR_WIN * statistics.median(size.one_products)
+                self._loaded = self._loaded or (clear_winner and lost)
             elif all_threads and not winner_all and size.all_threads_win() and size.products_win_clearly():
                 # all threads won back clearly (two fast probes in a row): the machine has freed up, so
                 # every class on one thread re-measures; one fast probe alone may be a lucky time slice

@@ -184,7 +184,7 @@ def test_the_cpu_and_the_environment_variable_choose_the_product_library(
     assert _matmul.onednn_matmul_enabled() is enabled
     kinds: list[str] = []
     fresh_choice.setattr(_matmul, "chosen_threads", lambda work, kind: kinds.append(kind) or contextlib.nullcontext())
-    a, b = _randn(1, 6, 5), _randn(1, 5, 4, seed=1)
+    a, b = _randn(1, 6, 70), _randn(1, 70, 4, seed=1)
     _assert_float32_close(batched_matmul(a, b), a.double() @ b.double())
     assert kinds == [_matmul.ONEDNN_KIND if enabled else "torch.float32 bmm"]
 

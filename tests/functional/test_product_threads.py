@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_energy
-from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_thread
+from lightning_hsu.functional._matmul import batched_matmul, matmul_into, passes_on_one_thread
 from lightning_hsu.functional._product_threads import (
     PROBE_ALL_SECONDS,
     PROBE_ONE_SECONDS,
@@ -134,6 +134,26 @@ def test_a_slow_product_alone_is_the_load_not_the_passes_after_it() -> None:
     assert chooser.loaded and chooser.one_thread_classes() == [WORK.bit_length() - 1]
     choices = _run(chooser, clock, WORK, IDLE.__getitem__, 200, passes)
     assert not chooser.loaded and choices[-50:].count(False) <= 1  # one-thread re-measurements only
+
+
+def test_slow_passes_after_products_that_still_win_clearly_mark_no_load(monkeypatch) -> None:
+    """On an idle machine a stretch of the passes after the all-thread products can run slow (the calling
+    thread descheduled by the host) while the products themselves still take 0.55 of one thread: the
+    class moves to one thread on its charged time, but that is not a load, and it must not hold back the
+    marginal winners elsewhere. With ``LOAD_FROM_PRODUCTS`` off (before item 57) the same marks one."""
+    for from_products in (True, False):
+        monkeypatch.setattr(_product_threads, "LOAD_FROM_PRODUCTS", from_products)
+        chooser, clock = _chooser()
+        _run(chooser, clock, WORK, IDLE.__getitem__, 50, passes=1 * MS)
+        assert not chooser.loaded
+        for _ in range(10):  # the products as idle, the passes after an all-thread product 20 ms slower
+            wide = chooser.use_all_threads(WORK)
+            start = clock()
+            product = IDLE[wide]
+            clock.now += product + (21 * MS if wide else 1 * MS)
+            chooser.record(WORK, wide, clock() - start, product_seconds=product)
+        assert chooser.one_thread_classes() == [WORK.bit_length() - 1]  # the charged time decides the class
+        assert chooser.loaded is not from_products
 
 
 def test_one_descheduled_product_does_not_switch_the_choice() -> None:
@@ -394,6 +414,23 @@ def test_products_run_on_the_chosen_threads_and_report_their_size(all_threads, m
         batched_matmul(a.double(), b.double())  # MKL's float64 product: another kind
     float32 = _matmul.ONEDNN_KIND if _matmul.onednn_matmul_enabled() else "torch.float32 bmm"
     assert chooser.kinds == [float32, "torch.float64 bmm"]
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_thin_products_are_measured_apart_from_deep_ones_of_the_same_size(monkeypatch) -> None:
+    """CoMHE's Gram products of 40-dimensional projections and its gradient products have the same
+    multiply-adds but not the same time per multiply-add: measured in one class, the medians flipped
+    with the mix of the latest three. A product whose inner dimension is below 64 is a kind apart."""
+    chooser = _Forced(True)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    rows, grad = torch.randn(1, 256, 40), torch.randn(1, 256, 256)
+    with passes_on_one_thread(rows.device):
+        batched_matmul(rows, rows.transpose(1, 2))  # 256 x 40 x 256 multiply-adds, depth 40
+        batched_matmul(grad, rows)  # 256 x 256 x 40, the same count, depth 256
+        matmul_into(torch.empty(1, 256, 256), rows, rows.transpose(1, 2))
+    assert [work for work, _ in chooser.recorded] == [256 * 40 * 256] * 3
+    thin, deep, thin_into = chooser.kinds
+    assert thin == thin_into != deep and thin.endswith(", thin") and not deep.endswith(", thin")
 
 
 @pytest.mark.usefixtures("two_threads")
