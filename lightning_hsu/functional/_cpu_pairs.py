@@ -96,6 +96,8 @@ FLAGS = (
 #: of the three for this CPU, which ``--no-undefined`` turns into a failed link rather than a
 #: library that fails to load) the build is repeated without them.
 VECTOR_MATH = ("-DWITH_LIBMVEC", "-lmvec", "-Wl,--no-undefined")
+#: The dtypes `mirror_block` copies (its C loops for 4- and 8-byte floats).
+MIRROR_DTYPES = (torch.float32, torch.float64)
 #: Fewest Gram entries of a call shared between threads: below, one thread (waking a sleeping
 #: OpenMP thread takes tens of microseconds).
 PARALLEL_MIN_ENTRIES = 2**16
@@ -369,7 +371,7 @@ def mirror_block(matrices: Tensor, rows: tuple[int, int], cols: tuple[int, int])
     power-of-two rows); on `_threads` threads. The rows must be contiguous (column stride 1).
     """
     batch, n, m = matrices.shape
-    if matrices.dtype not in (torch.float32, torch.float64) or matrices.stride(2) != 1 or n != m:
+    if matrices.dtype not in MIRROR_DTYPES or matrices.stride(2) != 1 or n != m:
         raise ValueError(
             f"mirror_block takes [batch, n, n] float32 or float64 matrices with contiguous rows, got "
             f"{matrices.dtype} of shape {tuple(matrices.shape)} and strides {matrices.stride()}"

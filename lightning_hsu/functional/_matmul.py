@@ -521,26 +521,35 @@ def gram(rows: Tensor, *, mirror: bool = True) -> Tensor:
     if not gram_in_strips(rows):
         return batched_matmul(rows, rows.transpose(1, 2))
     out = rows.new_empty(batch, n, n)
+    in_tiles = mirror and _mirrors_in_tiles(out)
     for start in range(0, n, GRAM_STRIP_ROWS):
         stop = min(start + GRAM_STRIP_ROWS, n)
         # into its place: torch.bmm's path writes there directly (0.82-0.92x the time of a strip
         # product and its copy at 1024 and 2048 x 512, CPU C), oneDNN's copies as before
         strip = matmul_into(out[:, start:stop, start:], rows[:, start:stop], rows[:, start:].transpose(1, 2))
         if mirror:
-            _mirror_strip(out, strip, start, stop)
+            _mirror_strip(out, strip, start, stop, in_tiles)
     return out
 
 
-def _mirror_strip(out: Tensor, strip: Tensor, start: int, stop: int) -> None:
-    """Entries ``[start:, start:stop]`` below the diagonal of the Gram matrices ``out`` from ``strip`` (their rows
-    ``start:stop``, columns ``start`` on): in the compiled library's cache-sized tiles where it is built
-    (`_cpu_pairs.mirror_block`), else by ATen (and under ``torch.compile`` tracing)."""
+def _mirrors_in_tiles(out: Tensor) -> bool:
+    """Whether `gram` mirrors ``out`` in the compiled library's cache-sized tiles (`_cpu_pairs.mirror_block`):
+    where it is built and takes the dtype, not under ``torch.compile`` tracing. Decided once a matrix."""
     from lightning_hsu.functional import _cpu_pairs  # imports this module
 
+    if torch.compiler.is_compiling() or out.dtype not in _cpu_pairs.MIRROR_DTYPES:
+        return False
+    return _cpu_pairs.takes(out)
+
+
+def _mirror_strip(out: Tensor, strip: Tensor, start: int, stop: int, in_tiles: bool) -> None:
+    r"""Entries ``[start:, start:stop]`` below the diagonal of the Gram matrices ``out`` from ``strip`` (their rows
+    ``start:stop``, columns ``start`` on): in the compiled library's tiles with ``in_tiles``, else by ATen.
+    The strip's diagonal tile too: a product's tile \(X_I X_I^\top\) need not be symmetric (MKL's dgemm)."""
     n = out.shape[1]
-    compiled = not torch.compiler.is_compiling() and out.dtype in (torch.float32, torch.float64)
-    if compiled and _cpu_pairs.takes(out):
-        # the strip's diagonal tile too: a product's tile X_I X_I^T need not be symmetric (MKL's dgemm)
+    if in_tiles:
+        from lightning_hsu.functional import _cpu_pairs  # imports this module
+
         _cpu_pairs.mirror_block(out, (start, stop), (start, n))
         return
     if stop < n:
