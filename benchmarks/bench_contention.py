@@ -25,6 +25,8 @@ Methods, per case:
   the next product loses, whether or not its latest all-thread product alone still won clearly
   (``LOAD_FROM_PRODUCTS = False``), and thin products measured with deep ones of their size
   (``THIN_PRODUCT_DEPTH = 0``): the code before item 57;
+- **ours, probes before item 58**: the same with every class on one thread taking the period's all-thread
+  probe, however long its product (``PROBE_ALL_SHARE = None``): the code before item 58;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -75,15 +77,17 @@ Method = tuple[Callable[[], object], str]  # (call, one of MODES)
 #: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
 #: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads,
 #: `_matmul.PASSES_FOLLOW_PRODUCTS`, item 57: `_product_threads.LOAD_FROM_PRODUCTS` and thin products
-#: measured apart (`_matmul.THIN_PRODUCT_DEPTH`))
+#: measured apart (`_matmul.THIN_PRODUCT_DEPTH`), item 58: `_product_threads.PROBE_ALL_SHARE`)
+_SHARE = _product_threads.PROBE_ALL_SHARE
 MODES = {
-    "shipped": (True, "adaptive", True, True, True, True),
-    "kernel on one thread": (True, "adaptive", True, False, True, True),
-    "per-class choice": (True, "adaptive", False, True, True, True),
-    "all-thread products": (True, "all", True, True, True, True),
-    "parallel passes": (False, "all", True, True, True, True),
-    "long passes on one thread": (True, "adaptive", True, True, False, True),
-    "chooser before item 57": (True, "adaptive", True, True, True, False),
+    "shipped": (True, "adaptive", True, True, True, True, _SHARE),
+    "kernel on one thread": (True, "adaptive", True, False, True, True, _SHARE),
+    "per-class choice": (True, "adaptive", False, True, True, True, _SHARE),
+    "all-thread products": (True, "all", True, True, True, True, _SHARE),
+    "parallel passes": (False, "all", True, True, True, True, _SHARE),
+    "long passes on one thread": (True, "adaptive", True, True, False, True, _SHARE),
+    "chooser before item 57": (True, "adaptive", True, True, True, False, _SHARE),
+    "probes before item 58": (True, "adaptive", True, True, True, True, None),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
@@ -93,7 +97,8 @@ _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 def _set_mode(mode: str) -> None:
     _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team = MODES[mode][:4]
-    _matmul.PASSES_FOLLOW_PRODUCTS, _product_threads.LOAD_FROM_PRODUCTS = MODES[mode][4:]
+    _matmul.PASSES_FOLLOW_PRODUCTS, _product_threads.LOAD_FROM_PRODUCTS = MODES[mode][4:6]
+    _product_threads.PROBE_ALL_SHARE = MODES[mode][6]
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if _product_threads.LOAD_FROM_PRODUCTS else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if team else 2**62
     os.environ[PRODUCT_THREADS_ENV] = threads
@@ -262,6 +267,7 @@ ARMS = (
     (", parallel passes", "parallel passes"),
     (", long passes on one thread", "long passes on one thread"),
     (", chooser before item 57", "chooser before item 57"),
+    (", probes before item 58", "probes before item 58"),
 )
 
 

@@ -35,9 +35,11 @@ jobs on a shared host), so it is measured, not configured:
 - while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such
   classes together: the load is the machine's, and each probe costs more than its own product
   (after an all-thread product the pool's idle thread spins for a while on a core the next
-  one-thread work needs). A probe that beats the winner (an all-thread probe: by the bar above) is
-  repeated at the next product; when
-  two all-thread probes in a row win a class back clearly (one may be a lucky time slice), every
+  one-thread work needs). A class whose all-thread products cost much more than its one-thread
+  ones takes a probe less often, so that its probes cost at most about `PROBE_ALL_SHARE` of the
+  time; the cheap classes' probes see the load end for all (item 58). A probe that beats the
+  winner (an all-thread probe: by the bar above) is repeated at the next product; when two
+  all-thread probes in a row win a class back clearly (one may be a lucky time slice), every
   class on one thread re-measures at its next product, so the machine freeing up is followed
   within about `PROBE_ALL_SECONDS`;
 - each product's time runs to the start of the next product (or the end of the pair sum), so
@@ -46,7 +48,7 @@ jobs on a shared host), so it is measured, not configured:
   (on CPU C idle classes read 0.76-0.93 charged where the products alone read 0.71-0.77).
 
 What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
-on a busy core, one all-thread product every `PROBE_ALL_SECONDS`.
+on a busy core, one all-thread product every `PROBE_ALL_SECONDS`, a costly one less often.
 The result does not depend on the choice where the product library splits rows and columns only
 (oneDNN and MKL on the shapes of ``tests/functional/test_product_threads.py``: bit-identical); with
 ``torch.use_deterministic_algorithms(True)`` every product takes the caller's threads, as does
@@ -76,6 +78,12 @@ SLOWDOWN = 1.5
 PROBE_ONE_SECONDS = 2.0
 #: While one thread wins, one product (of any such class) runs on all threads this often (s).
 PROBE_ALL_SECONDS = 0.5
+#: While one thread wins, a class's own all-thread probes cost at most about this fraction of the time: a probe
+#: costs the class's measured all-thread product time less its one-thread one, and the class takes the period's
+#: probe only that cost / `PROBE_ALL_SHARE` seconds after its previous one (CPU D, busy core: MGD's 47 ms
+#: ``cholesky_inverse`` took 129 ms on all threads, every few periods before; item 58). ``None``: every class
+#: every period, as before.
+PROBE_ALL_SHARE: float | None = 0.02
 #: Under a machine-wide load, a class keeps all threads only if their median time is at most this
 #: fraction of one thread's (an idle two-core machine measures about 0.55).
 DECISIVE = 2 / 3
@@ -102,6 +110,7 @@ class _SizeClass:
     one_products: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
     warmed_up: set[bool] = field(default_factory=set)  # the choices whose first product has run
     one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
+    all_threads_probed: float = float("-inf")  # clock time of the class's latest all-thread probe
     probe_now: bool = False  # measure the losing choice at the next product
 
     def all_threads_win(self, bar: float = 1.0) -> bool:
@@ -153,11 +162,23 @@ class ProductThreadChooser:
             if self._keeps_all_threads(size):
                 one_thread_due = probe or now - size.one_thread_probed >= PROBE_ONE_SECONDS
                 return not one_thread_due
-            # the load is the machine's: one all-thread probe per period for all classes together
-            if probe or now - self._all_threads_probed >= PROBE_ALL_SECONDS:
+            # the load is the machine's: one all-thread probe per period for all classes together, a long
+            # product's class less often (its probe costs more on a busy core); the cheap probes see the load end
+            if probe or (now - self._all_threads_probed >= PROBE_ALL_SECONDS and self._probe_due(size, work, now)):
                 self._all_threads_probed = now  # the other classes wait for the next period
+                size.all_threads_probed = now
                 return True
             return False
+
+    @staticmethod
+    def _probe_due(size: _SizeClass, work: int, now: float) -> bool:
+        """Whether a class on one thread may take the period's all-thread probe (`PROBE_ALL_SHARE`)."""
+        if PROBE_ALL_SHARE is None:
+            return True
+        # the products' own times (a probe's cost is in the product: with the passes up to the next product
+        # the rates of short products are mostly those passes); all threads' median measured under the load
+        extra = (statistics.median(size.all_products) - statistics.median(size.one_products)) * max(work, 1)
+        return now - size.all_threads_probed >= extra / PROBE_ALL_SHARE
 
     def record(
         self, work: int, all_threads: bool, seconds: float, kind: str = "", product_seconds: float | None = None
@@ -185,7 +206,7 @@ class ProductThreadChooser:
             (size.all_products if all_threads else size.one_products).append(product_rate)
             all_win = self._keeps_all_threads(size)
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
-                self._all_threads_probed = self.clock()
+                self._all_threads_probed = size.all_threads_probed = self.clock()
                 # a clear winner losing is the machine's load: marginal winners elsewhere yield too. The
                 # evidence is its latest all-thread product's own time: if it still won clearly, the passes
                 # after it were slow (a descheduled stretch of one-thread work), noise rather than a load

@@ -16,6 +16,7 @@ from lightning_hsu.functional import _matmul, _product_threads, hyperspherical_e
 from lightning_hsu.functional._matmul import batched_matmul, matmul_into, passes_on_one_thread
 from lightning_hsu.functional._product_threads import (
     PROBE_ALL_SECONDS,
+    PROBE_ALL_SHARE,
     PROBE_ONE_SECONDS,
     PRODUCT_THREADS_ENV,
     ProductThreadChooser,
@@ -221,6 +222,57 @@ def test_a_class_that_keeps_all_threads_does_not_hold_back_the_others_probes() -
             break
         _run(chooser, clock, large, large_cost, 1)
     assert clock() - start <= PROBE_ALL_SECONDS + 0.1
+
+
+def _busy_short_and_long_classes(chooser, clock, seconds: float) -> tuple[list[bool], list[bool]]:
+    """A short class (1 ms on one thread, then 200 ms of passes) and a long one (100 ms on one thread, 250 ms on
+    all: MGD's ``cholesky_inverse`` on CPU D) alternating on a busy core for ``seconds`` of simulated time; the
+    choices of each. A period mostly ends in the passes, before a long product."""
+    short, long = 10**7, 10**9
+    short_cost = {True: 1.3 * MS, False: 1 * MS}.__getitem__
+    long_cost = {True: 250 * MS, False: 100 * MS}.__getitem__
+    short_choices: list[bool] = []
+    long_choices: list[bool] = []
+    end = clock() + seconds
+    while clock() < end:
+        short_choices += _run(chooser, clock, short, short_cost, 1, passes=0.2)
+        long_choices += _run(chooser, clock, long, long_cost, 1)
+    return short_choices, long_choices
+
+
+def test_a_long_product_takes_all_thread_probes_in_proportion_to_its_time(monkeypatch) -> None:
+    """On a busy core an all-thread probe costs more than the one-thread product, so a class whose probes cost
+    much (150 ms here) takes one at most every ``cost / PROBE_ALL_SHARE`` seconds (item 58), and the period's
+    probes go to the cheap class; with the share off (``None``) the long class takes most of them."""
+    chooser, clock = _chooser()
+    _busy_short_and_long_classes(chooser, clock, 5.0)  # settled on one thread
+    seconds = 60.0
+    short, long = _busy_short_and_long_classes(chooser, clock, seconds)
+    assert long.count(True) <= seconds * PROBE_ALL_SHARE / (150 * MS) + 1
+    # the period's probes still run: a period ends at the next short product, within a round of both (0.4 s)
+    assert short.count(True) >= 0.8 * seconds / (PROBE_ALL_SECONDS + 0.4)
+    monkeypatch.setattr(_product_threads, "PROBE_ALL_SHARE", None)
+    chooser, clock = _chooser()
+    _busy_short_and_long_classes(chooser, clock, 5.0)
+    _, long = _busy_short_and_long_classes(chooser, clock, seconds)
+    assert long.count(True) >= 0.3 * seconds / PROBE_ALL_SECONDS  # 57 in this run, against at most 9 above
+
+
+def test_a_long_class_alone_sees_the_load_end_within_its_own_probe_period() -> None:
+    """Without short products to probe the machine, the long class's own probes bring all threads back."""
+    chooser, clock = _chooser()
+    long_busy = {True: 250 * MS, False: 100 * MS}.__getitem__
+    long_idle = {True: 55 * MS, False: 100 * MS}.__getitem__
+    _run(chooser, clock, 10**9, long_busy, 200)
+    assert chooser.one_thread_classes() == [(10**9).bit_length() - 1]
+    start = clock()
+    choices = _run(chooser, clock, 10**9, long_idle, 200)
+    period = 150 * MS / PROBE_ALL_SHARE  # a probe's measured extra cost, spread
+    assert clock() - start > period  # the run outlasts it
+    first = choices.index(True)
+    assert _seconds(choices[:first], {True: 55 * MS, False: 100 * MS}) <= period + 0.1
+    assert all(choices[first : first + 30])  # repeated at once, then kept (one thread re-measured every 2 s)
+    assert chooser.one_thread_classes() == []
 
 
 def _loaded_with_a_marginal_large_class(chooser, clock, small: int, large: int, large_cost) -> None:
