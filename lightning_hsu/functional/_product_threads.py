@@ -91,6 +91,12 @@ DECISIVE = 2 / 3
 #: thread marks a machine-wide load; a class on one thread winning clearly again ends it (CoMHE's
 #: thin products measure 0.65-0.7 idle on CPU B, the large ones about 0.55).
 CLEAR_WIN = 0.8
+#: Before any class has won clearly on all threads (a machine busy from the start), a load is marked when a class
+#: whose one-thread products take at least this long (s) measures all threads no faster, its products alone: such
+#: a product wins clearly on an idle machine. (Before item 59 no load was ever marked on a machine busy from the
+#: start, and the compiled kernel's calls kept both threads: MGD at 1024 x 512 took 1.05-1.07x its one-thread time
+#: with every product on one thread, CPU D.)
+LOAD_FROM_THE_START_SECONDS: float | None = 2e-3
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
@@ -134,6 +140,7 @@ class ProductThreadChooser:
         self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
         self._loaded = False  # a clear winner moved to one thread and no class won back clearly since
+        self._seen_clear_win = False  # a class has won clearly on all threads: the machine was seen idle
         self._lock = threading.Lock()
 
     def _bar(self) -> float:
@@ -205,6 +212,10 @@ class ProductThreadChooser:
             (size.all_threads if all_threads else size.one_thread).append(rate)
             (size.all_products if all_threads else size.one_products).append(product_rate)
             all_win = self._keeps_all_threads(size)
+            if all_win and size.products_win_clearly():
+                self._seen_clear_win = True
+            elif not (self._loaded or self._seen_clear_win) and self._loses_from_the_start(size, work):
+                self._loaded = True  # a load there before the first product: no clear winner will move
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
                 self._all_threads_probed = size.all_threads_probed = self.clock()
                 # a clear winner losing is the machine's load: marginal winners elsewhere yield too. The
@@ -226,10 +237,21 @@ class ProductThreadChooser:
             elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
                 size.probe_now = True  # a probe beat all threads: measure it again at once
 
+    @staticmethod
+    def _loses_from_the_start(size: _SizeClass, work: int) -> bool:
+        """Whether a class's long products measure no faster on all threads, alone (`LOAD_FROM_THE_START_SECONDS`;
+        two all-thread measurements, so that one descheduled product does not decide)."""
+        if LOAD_FROM_THE_START_SECONDS is None or len(size.all_products) < 2:
+            return False
+        one_thread = statistics.median(size.one_products)
+        long_enough = one_thread * max(work, 1) >= LOAD_FROM_THE_START_SECONDS
+        return long_enough and statistics.median(size.all_products) >= one_thread
+
     @property
     def loaded(self) -> bool:
-        """Whether a class that won clearly on all threads has moved to one thread, and no class on one
-        thread has won all threads back clearly since."""
+        """Whether a class that won clearly on all threads has moved to one thread (or, before any class has won
+        clearly, a long product measured no faster on all threads), and no class on one thread has won all
+        threads back clearly since."""
         return self._loaded
 
     def one_thread_classes(self, kind: str = "") -> list[int]:

@@ -326,6 +326,45 @@ def test_the_marginal_winner_takes_all_threads_back_when_the_load_ends() -> None
     assert clock() - start <= 2 * PROBE_ALL_SECONDS + 1.0
 
 
+def test_a_machine_busy_from_the_start_is_a_load(monkeypatch) -> None:
+    """No class ever wins clearly on a core busy from the first product, so no clear winner can move: a long
+    product measuring no faster on all threads (twice) marks the load instead (item 59), and the load ends as
+    any other when the machine frees up. With the rule off (before item 59) no load is ever marked."""
+    chooser, clock = _chooser()
+    _run(chooser, clock, WORK, BUSY.__getitem__, 5)  # the first products of each choice
+    assert not chooser.loaded  # one all-thread measurement: not yet
+    _run(chooser, clock, WORK, BUSY.__getitem__, 1 + int(PROBE_ALL_SECONDS / BUSY[False]))
+    assert chooser.loaded and chooser.one_thread_classes() == [WORK.bit_length() - 1]  # at the first probe
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 200)
+    assert not chooser.loaded and all(choices[-50:-10])
+    monkeypatch.setattr(_product_threads, "LOAD_FROM_THE_START_SECONDS", None)
+    chooser, clock = _chooser()
+    _run(chooser, clock, WORK, BUSY.__getitem__, 200)
+    assert not chooser.loaded and chooser.one_thread_classes() == [WORK.bit_length() - 1]
+
+
+def test_short_products_losing_from_the_start_mark_no_load() -> None:
+    """A product too short to gain from two threads on an idle machine (1 ms on one thread) is no evidence."""
+    chooser, clock = _chooser()
+    _run(chooser, clock, 10**7, {True: 1.3 * MS, False: 1 * MS}.__getitem__, 200)
+    assert not chooser.loaded and chooser.one_thread_classes() == [(10**7).bit_length() - 1]
+
+
+def test_after_a_clear_win_only_a_clear_winner_moving_marks_a_load() -> None:
+    """Once a class has won clearly (the machine was seen idle), the rule from the start no longer applies:
+    a marginal class losing is not a load (item 50)."""
+    chooser, clock = _chooser()
+    small, large = 10**8, 10**9
+    for _ in range(20):  # the large class wins clearly, the small one is marginal
+        _run(chooser, clock, small, {True: 9 * MS, False: 10 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, {True: 55 * MS, False: 100 * MS}.__getitem__, 1)
+    for _ in range(20):  # the small one loses on all threads, the large one still wins clearly
+        _run(chooser, clock, small, {True: 11 * MS, False: 10 * MS}.__getitem__, 1)
+        _run(chooser, clock, large, {True: 55 * MS, False: 100 * MS}.__getitem__, 1)
+    assert chooser.one_thread_classes() == [small.bit_length() - 1]
+    assert not chooser.loaded
+
+
 def test_a_marginal_class_changing_sides_marks_no_load() -> None:
     """A small product near one thread's speed on all threads (0.9 idle, 1.1 a moment later: noise
     of the pool's start-up, not a load) moves to one thread without holding back a large class
