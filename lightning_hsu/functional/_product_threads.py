@@ -28,6 +28,9 @@ jobs on a shared host), so it is measured, not configured:
   the one-thread work of every other class, so a marginal winner costs more than its own product
   shows (``docs/performance.md``, item 41). A marginal class changing sides (small products near
   1.0 on an idle machine) is noise, not a load: it neither marks one nor ends one (item 50);
+- on a core busy from the first product no class wins clearly, so none can move: until one has,
+  a class whose one-thread products take at least `LOAD_FROM_THE_START_SECONDS` and whose
+  all-thread products alone are no faster marks the load (item 59);
 - while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
   one-thread time barely moves with load), and at once after an all-thread product
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
