@@ -197,16 +197,8 @@ def report(title: str, times: dict[tuple[str, int, str], list[float]], threads: 
         rows.append(row)
     print(table(header, rows))
     ratios = []
-    for other in (
-        "official",
-        "products",
-        "ours, kernel on one thread",
-        "ours, per-class choice",
-        "ours, all-thread products",
-        "ours, parallel passes",
-        "ours, long passes on one thread",
-        "ours, chooser before item 57",
-    ):
+    # every ablation arm against ours, as ARMS names them
+    for other in ("official", "products", *(f"ours{suffix}" for suffix, mode in ARMS if mode != "shipped")):
         if other not in names:
             continue
         for s in ("idle", "busy"):
