@@ -64,6 +64,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from _common import half_gram_products, machine, ms, paired_ratio, steady_heap, table
@@ -74,20 +75,31 @@ from lightning_hsu.functional._matmul import batched_matmul, passes_on_one_threa
 from lightning_hsu.functional._product_threads import PRODUCT_THREADS_ENV
 
 Method = tuple[Callable[[], object], str]  # (call, one of MODES)
-#: mode → (`_matmul.SERIAL_PASSES`, the products' threads `_product_threads.PRODUCT_THREADS_ENV`,
-#: `_product_threads.MACHINE_WIDE`, the compiled kernel's calls shared with Torch's threads,
-#: `_matmul.PASSES_FOLLOW_PRODUCTS`, item 57: `_product_threads.LOAD_FROM_PRODUCTS` and thin products
-#: measured apart (`_matmul.THIN_PRODUCT_DEPTH`), item 58: `_product_threads.PROBE_ALL_SHARE`)
-_SHARE = _product_threads.PROBE_ALL_SHARE
+
+
+@dataclass(frozen=True)
+class Mode:
+    """The library's switches for one arm; the defaults are the shipped settings."""
+
+    serial_passes: bool = True  # `_matmul.SERIAL_PASSES`
+    product_threads: str = "adaptive"  # `_product_threads.PRODUCT_THREADS_ENV`
+    machine_wide: bool = True  # `_product_threads.MACHINE_WIDE`
+    kernel_shares_threads: bool = True  # the compiled kernel's calls on Torch's threads (`_cpu_pairs`)
+    passes_follow_products: bool = True  # `_matmul.PASSES_FOLLOW_PRODUCTS`
+    # item 57: `_product_threads.LOAD_FROM_PRODUCTS`, and thin products measured apart (`_matmul.THIN_PRODUCT_DEPTH`)
+    load_from_products: bool = True
+    probe_all_share: float | None = _product_threads.PROBE_ALL_SHARE  # item 58
+
+
 MODES = {
-    "shipped": (True, "adaptive", True, True, True, True, _SHARE),
-    "kernel on one thread": (True, "adaptive", True, False, True, True, _SHARE),
-    "per-class choice": (True, "adaptive", False, True, True, True, _SHARE),
-    "all-thread products": (True, "all", True, True, True, True, _SHARE),
-    "parallel passes": (False, "all", True, True, True, True, _SHARE),
-    "long passes on one thread": (True, "adaptive", True, True, False, True, _SHARE),
-    "chooser before item 57": (True, "adaptive", True, True, True, False, _SHARE),
-    "probes before item 58": (True, "adaptive", True, True, True, True, None),
+    "shipped": Mode(),
+    "kernel on one thread": Mode(kernel_shares_threads=False),
+    "per-class choice": Mode(machine_wide=False),
+    "all-thread products": Mode(product_threads="all"),
+    "parallel passes": Mode(serial_passes=False, product_threads="all"),
+    "long passes on one thread": Mode(passes_follow_products=False),
+    "chooser before item 57": Mode(load_from_products=False),
+    "probes before item 58": Mode(probe_all_share=None),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
@@ -96,12 +108,15 @@ _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def _set_mode(mode: str) -> None:
-    _matmul.SERIAL_PASSES, threads, _product_threads.MACHINE_WIDE, team = MODES[mode][:4]
-    _matmul.PASSES_FOLLOW_PRODUCTS, _product_threads.LOAD_FROM_PRODUCTS = MODES[mode][4:6]
-    _product_threads.PROBE_ALL_SHARE = MODES[mode][6]
-    _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if _product_threads.LOAD_FROM_PRODUCTS else 0
-    _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if team else 2**62
-    os.environ[PRODUCT_THREADS_ENV] = threads
+    switches = MODES[mode]
+    _matmul.SERIAL_PASSES = switches.serial_passes
+    _product_threads.MACHINE_WIDE = switches.machine_wide
+    _matmul.PASSES_FOLLOW_PRODUCTS = switches.passes_follow_products
+    _product_threads.LOAD_FROM_PRODUCTS = switches.load_from_products
+    _product_threads.PROBE_ALL_SHARE = switches.probe_all_share
+    _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
+    _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
+    os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
     _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
 
 
