@@ -124,19 +124,28 @@ def paired_ratio(
     return statistics.median(ratios), low, high
 
 
-def machine() -> str:
-    """One line: CPU model and cores (or GPU name), torch version, threads."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name with its family and model numbers (a VM's ``lscpu`` may name only "AMD EPYC",
+    which covers several generations: family 25 model 1 is Zen 3, 25/17 Zen 4, 26 Zen 5)."""
+    fields: dict[str, str] = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         for line in out.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = fields.get("Model name") or platform.processor() or platform.machine()
+    if "CPU family" in fields and "Model" in fields:
+        name += f" (family {fields['CPU family']}, model {fields['Model']})"
+    return name
+
+
+def machine() -> str:
+    """One line: CPU model and cores (or GPU name), torch version, threads."""
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+        f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} intra-op threads{gpu}, Python {platform.python_version()}"
     )
 
