@@ -311,7 +311,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     sel = sorted((r for r in results if r["kind"] == "mhe" and r["space"] == "half"), key=lambda r: r["n"])
     ns = [r["n"] for r in sel]
-    series = [("official", "s--", "official"), ("ours", "o-", "ours"), ("lower bound", "^:", "lower bound")]
+    series = [("official", "s--", "official"), ("ours", "o-", "ours"), ("lower bound", "^:", "bound: its own products")]
     if sel and all("graph_wall" in r for r in sel):  # CUDA: what the callback runs
         series.append(("graph", "d-", "ours, CUDA graph"))
     for key, style, label in series:
