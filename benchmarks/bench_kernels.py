@@ -26,7 +26,7 @@ official port's large temporaries otherwise make the heap shrink and regrow, and
 pays the page faults (``docs/performance.md``, item 38).
 
 Usage: ``python benchmarks/bench_kernels.py [--quick] [--device cuda] [--json out.json] [--plot docs/x.png]
-[--steady-heap]``.
+[--steady-heap] [--warmup 6]`` (``--warmup 6`` at two threads: the table of ``docs/performance.md``).
 """
 
 from __future__ import annotations
