@@ -19,6 +19,7 @@ with \(n\) right-hand sides and an \(n^3\) product).
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -61,22 +62,24 @@ def _logdet_of_factor(factor: Tensor) -> Tensor:
 def _neg_logdet_and_coefficients(
     cos: Tensor, half_space: bool, jitter: float, with_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    r"""\(R = -\log\det K\) of ``[batch, n, n]`` cosines and, with ``with_grad``, \(D = \partial R/\partial C\).
+    r"""\(R = -\log\det K\) of [batch, n, n] cosines and, with ``with_grad``, \(P = -\tfrac12\partial R/\partial C\).
 
     Full space, \(K = E^+ + jI\) with \(E^\pm = e^{\pm 2C - 2}\):
-    \(D = -2\,K^{-1}\circ E^+\). Half space, \(A \pm B = E^+ + jI \pm E^-\):
-    \(D = -(A+B)^{-1}\circ 2(E^+ - E^-) - (A-B)^{-1}\circ 2(E^+ + E^-)\).
+    \(P = K^{-1}\circ E^+\). Half space, \(A \pm B = E^+ + jI \pm E^-\):
+    \(P = (A+B)^{-1}\circ (E^+ - E^-) + (A-B)^{-1}\circ (E^+ + E^-)\).
+    The factor \(-2\) is left to the caller, which scales the rows once (each pass over an
+    \(n\times n\) float64 matrix of a large layer is a pass over 8-128 MiB).
     """
     # in place where a matrix is not needed again: each new n x n float64 matrix of a large layer is
     # a fresh mapping whose pages all fault (2048 neurons: 32 MiB each, about 12 ms of faults)
-    same = torch.mul(cos, 2.0).sub_(2.0).exp_()
+    same = torch.add(cos.new_tensor(-2.0), cos, alpha=2.0).exp_()  # E+ in two passes
     if not half_space:
         kernel = same.clone()
         torch.diagonal(kernel, dim1=-2, dim2=-1).add_(jitter)
-        factors = [(_cholesky_pd(kernel, "full space"), same.mul_(2.0))]
+        factors = [(_cholesky_pd(kernel, "full space"), same)]
         del kernel
     else:
-        opposite = torch.mul(cos, -2.0).sub_(2.0).exp_()
+        opposite = torch.div(cos.new_tensor(math.exp(-4.0)), same)  # E- = e^-4 / E+, one pass instead of three
         plus = same + opposite  # A + B
         torch.diagonal(plus, dim1=-2, dim2=-1).add_(jitter)
         factor_plus = _cholesky_pd(plus, "half space, A + B")
@@ -84,8 +87,8 @@ def _neg_logdet_and_coefficients(
         torch.diagonal(minus, dim1=-2, dim2=-1).add_(jitter)
         factor_minus = _cholesky_pd(minus, "half space, A - B")
         factors = [
-            (factor_plus, torch.sub(same, opposite, out=minus).mul_(2.0)),  # 2 (E+ - E-), over A - B
-            (factor_minus, same.add_(opposite).mul_(2.0)),  # 2 (E+ + E-)
+            (factor_plus, torch.sub(same, opposite, out=minus)),  # E+ - E-, over A - B
+            (factor_minus, same.add_(opposite)),  # E+ + E-
         ]
         del opposite
     value = cast(Tensor, -sum(_logdet_of_factor(factor) for factor, _ in factors))
@@ -97,7 +100,7 @@ def _neg_logdet_and_coefficients(
             inverse = torch.cholesky_inverse(factor)
         term = kernel_slope.mul_(inverse)
         del inverse
-        coefficients = term.neg_() if coefficients is None else coefficients.sub_(term)
+        coefficients = term if coefficients is None else coefficients.add_(term)
     return value, coefficients
 
 
@@ -133,8 +136,9 @@ class _NegLogDetGaussianKernel(torch.autograd.Function):
             value, slope = _neg_logdet_and_coefficients(cos, half_space, jitter, with_grad)
             if slope is not None:
                 torch.diagonal(cos, dim1=-2, dim2=-1).zero_()  # _fold_projection takes the diagonal from sq_unit
-                coefficients = _fold_projection(slope.mul_(2.0), cos, 0, sq_unit, r)  # rows of the gradient by Ŵ
-                coefficients.mul_(r.mT)  # ... by W: Ŵ = diag(r) W
+                # g = 2 D Ŵ = -4 P Ŵ; the fold is linear in its coefficients, so -4 joins the column scale
+                coefficients = _fold_projection(slope, cos, 0, sq_unit, r)  # rows of the gradient by Ŵ
+                coefficients.mul_(r.mT * -4.0)  # ... by W: Ŵ = diag(r) W
                 if divisor is not None:
                     coefficients.div_(divisor)
                 ctx.save_for_backward(coefficients, rows)
