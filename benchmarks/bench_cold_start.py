@@ -4,8 +4,8 @@ While the product chooser holds a load (`lightning_hsu.functional._product_threa
 on one thread and one all-thread probe runs every half second. Such a probe follows hundreds of
 milliseconds in which the second core did nothing for this process. This script times a product on
 all threads right after such a gap (a sleep, a Python loop, one-thread Torch work with the pool
-narrowed as the pair sums narrow it), the product after it, and the same product back to back
-(warm), against one thread. Where the first product after a gap loses to one thread while the warm
+narrowed by `passes_on_one_thread`, as the pair sums narrow it), the product after it, and the same
+product back to back (warm), against one thread. Where the first product after a gap loses to one thread while the warm
 one wins, a single probe cannot see an idle machine: the chooser keeps a load that has ended.
 
 Usage: ``python benchmarks/bench_cold_start.py [--gap-ms 200] [--repeats 9]`` (two threads: the
@@ -20,31 +20,32 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import add_common_args, apply_threads, machine, table
+from _common import add_common_args, apply_threads, machine, ms, table
+
+from lightning_hsu.functional._matmul import passes_on_one_thread
 
 #: products of the sizes of hard MHS's Gram strips at 1024 x 512 (size classes 2^24 to 2^26)
 SHAPES = ((128, 512, 256), (128, 512, 512), (128, 512, 1024))
 
 
-def python_loop(ms: float) -> None:
+def python_loop(milliseconds: float) -> None:
     start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < ms:
+    while ms(time.perf_counter() - start) < milliseconds:
         pass
 
 
-def narrowed_torch_work(ms: float, threads: int, scratch: torch.Tensor) -> None:
-    """One-thread Torch passes, the pool narrowed to one thread and widened again after."""
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < ms:
-        scratch.mul_(1.0000001)
-    torch.set_num_threads(threads)
+def narrowed_torch_work(milliseconds: float, scratch: torch.Tensor) -> None:
+    """One-thread Torch passes inside the pair sums' own narrowing of the pool (`passes_on_one_thread`)."""
+    with passes_on_one_thread(scratch.device):
+        start = time.perf_counter()
+        while ms(time.perf_counter() - start) < milliseconds:
+            scratch.mul_(1.0000001)
 
 
 def timed(product: Callable[[], object]) -> float:
     start = time.perf_counter()
     product()
-    return (time.perf_counter() - start) * 1e3
+    return ms(time.perf_counter() - start)
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
     gaps: dict[str, Callable[[], None]] = {
         "sleep": lambda: time.sleep(args.gap_ms / 1e3),
         "Python loop": lambda: python_loop(args.gap_ms),
-        "one-thread Torch work": lambda: narrowed_torch_work(args.gap_ms, threads, scratch),
+        "one-thread Torch work": lambda: narrowed_torch_work(args.gap_ms, scratch),
     }
     rows = []
     for m, k, n in SHAPES:
