@@ -8,20 +8,42 @@ narrowed by `passes_on_one_thread`, as the pair sums narrow it), the product aft
 product back to back (warm), against one thread. Where the first product after a gap loses to one thread while the warm
 one wins, a single probe cannot see an idle machine: the chooser keeps a load that has ended.
 
-Usage: ``python benchmarks/bench_cold_start.py [--gap-ms 200] [--repeats 9]`` (two threads: the
-caller's, or ``--threads``).
+``--chooser CASES`` then measures the chooser on the idle machine: per case (``kind:n x d``, kinds ``mhe``,
+``mhs``, ``mgd``: half space, forward + backward), blocks of ``--block-seconds`` of back-to-back calls rotate
+between four arms, each with its own product chooser kept from block to block:
+
+- **shipped**;
+- **one-thread probes every 2 s**: each class that keeps all threads re-measures one thread every
+  ``PROBE_ONE_SECONDS``, however much that costs (``PROBE_ONE_SHARE = None``, before item 62);
+- **chooser before item 61** (and 62): under a load each all-thread probe is one product, measured however long
+  the second core was quiet (``PROBE_WARM_UP_SECONDS = None``), and a load is marked on a class's latest
+  all-thread product, not their median (``LOAD_FROM_MEDIAN = False``);
+- **all threads**: every product on all threads (``LIGHTNING_HSU_PRODUCT_THREADS=all``).
+
+It prints the paired ratios of the blocks' ms per call against all threads and the share of calls made while each
+chooser held a load.
+
+Usage: ``python benchmarks/bench_cold_start.py [--gap-ms 200] [--repeats 9] [--chooser
+mhe:512x4608,mhs:1024x512 --blocks 20 --block-seconds 1]`` (two threads: the caller's, or ``--threads``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-from _common import add_common_args, apply_threads, machine, ms, table
+from _common import add_common_args, apply_threads, machine, ms, paired_ratio, table
 
+from lightning_hsu.functional import (
+    _product_threads,
+    gram_determinant_penalty,
+    hyperspherical_energy,
+    hyperspherical_separation,
+)
 from lightning_hsu.functional._matmul import passes_on_one_thread
 
 #: products of the sizes of hard MHS's Gram strips at 1024 x 512 (size classes 2^24 to 2^26)
@@ -48,44 +70,177 @@ def timed(product: Callable[[], object]) -> float:
     return ms(time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--gap-ms", type=float, default=200.0, help="the stretch before each cold product")
-    parser.add_argument("--repeats", type=int, default=9)
-    args = parser.parse_args()
-    apply_threads(args.threads)
-    threads = torch.get_num_threads()
-    print(f"Machine: {machine()}; gap {args.gap_ms:g} ms, {args.repeats} repeats, medians in ms\n")
+PENALTIES = {"mhe": hyperspherical_energy, "mhs": hyperspherical_separation, "mgd": gram_determinant_penalty}
+#: the arms of ``--chooser``: the chooser's switches (`_product_threads`) and ``LIGHTNING_HSU_PRODUCT_THREADS``
+BEFORE_62 = {"PROBE_ONE_SHARE": None}
+BEFORE_61 = {**BEFORE_62, "PROBE_WARM_UP_SECONDS": None, "LOAD_FROM_MEDIAN": False}
+ARMS: dict[str, tuple[dict[str, object], str]] = {
+    "shipped": ({}, "adaptive"),
+    "one-thread probes every 2 s": (BEFORE_62, "adaptive"),
+    "chooser before item 61": (BEFORE_61, "adaptive"),
+    "all threads": ({}, "all"),
+}
+SHIPPED = {name: getattr(_product_threads, name) for name in BEFORE_61}
+
+
+def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[object]]:
+    """The rows of one ``--chooser`` case: each arm against every product on all threads, and its load share."""
+    kind, shape = case.split(":")
+    n, d = (int(v) for v in shape.split("x"))
+    torch.manual_seed(0)
+    w = torch.randn(n, d, requires_grad=True)
+    penalty = PENALTIES[kind]
+    choosers = {arm: _product_threads.ProductThreadChooser() for arm in ARMS}
+    per_call: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    loaded: dict[str, list[bool]] = {arm: [] for arm in ARMS}
+
+    def block(arm: str, seconds: float) -> float:
+        switches, threads = ARMS[arm]
+        for name, value in {**SHIPPED, **switches}.items():
+            setattr(_product_threads, name, value)
+        os.environ[_product_threads.PRODUCT_THREADS_ENV] = threads
+        _product_threads.CHOOSER = choosers[arm]
+        start, calls = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            w.grad = None
+            penalty(w, half_space=True).backward()
+            loaded[arm].append(choosers[arm].loaded)
+            calls += 1
+        return ms(time.perf_counter() - start) / calls
+
+    names = list(ARMS)
+    for arm in names:
+        block(arm, block_seconds)
+    for arm in names:
+        loaded[arm].clear()
+    for rnd in range(blocks):
+        for arm in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            per_call[arm].append(block(arm, block_seconds))
+    rows = []
+    for arm in names[:-1]:
+        median, low, high = paired_ratio(per_call[arm], per_call["all threads"])
+        share = sum(loaded[arm]) / len(loaded[arm])
+        rows.append(
+            [
+                f"{kind} {n} x {d}",
+                arm,
+                statistics.median(per_call[arm]),
+                statistics.median(per_call["all threads"]),
+                f"{median:.3f} [{low:.3f}, {high:.3f}]",
+                f"{100 * share:.0f}%",
+            ]
+        )
+    return rows
+
+
+GAP_HEADER = ["product", "gap", "first after the gap", "second", "warm", "one thread", "first / one", "warm / one"]
+
+
+def _one_and_all(product: Callable[[], object], repeats: int, threads: int) -> tuple[float, float]:
+    """Warm medians (ms) of ``product`` on one thread and on ``threads``."""
+    for _ in range(20):
+        product()
+    warm = statistics.median(timed(product) for _ in range(3 * repeats))
+    torch.set_num_threads(1)
+    one = statistics.median(timed(product) for _ in range(3 * repeats))
+    torch.set_num_threads(threads)
+    return one, warm
+
+
+def gap_rows(gap_ms: float, repeats: int, threads: int) -> list[list[object]]:
+    """The first and second product after each kind of gap, against warm and one thread."""
     scratch = torch.randn(1 << 20)
     gaps: dict[str, Callable[[], None]] = {
-        "sleep": lambda: time.sleep(args.gap_ms / 1e3),
-        "Python loop": lambda: python_loop(args.gap_ms),
-        "one-thread Torch work": lambda: narrowed_torch_work(args.gap_ms, scratch),
+        "sleep": lambda: time.sleep(gap_ms / 1e3),
+        "Python loop": lambda: python_loop(gap_ms),
+        "one-thread Torch work": lambda: narrowed_torch_work(gap_ms, scratch),
     }
-    rows = []
+    rows: list[list[object]] = []
     for m, k, n in SHAPES:
         a, b = torch.randn(m, k), torch.randn(k, n)
 
         def product(a: torch.Tensor = a, b: torch.Tensor = b) -> None:
             torch.mm(a, b)
 
-        for _ in range(20):
-            product()
-        warm = statistics.median(timed(product) for _ in range(3 * args.repeats))
-        torch.set_num_threads(1)
-        one = statistics.median(timed(product) for _ in range(3 * args.repeats))
-        torch.set_num_threads(threads)
+        one, warm = _one_and_all(product, repeats, threads)
         for name, gap in gaps.items():
             first, second = [], []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 gap()
                 first.append(timed(product))
                 second.append(timed(product))
             cold, after = statistics.median(first), statistics.median(second)
             rows.append([f"{m} x {k} x {n}", name, cold, after, warm, one, cold / one, warm / one])
-    header = ["product", "gap", "first after the gap", "second", "warm", "one thread", "first / one", "warm / one"]
-    print(table(header, rows))
+    return rows
+
+
+def _middle_product() -> Callable[[], object]:
+    a, b = torch.randn(128, 512), torch.randn(512, 512)
+    return lambda: torch.mm(a, b)
+
+
+def gap_length_rows(repeats: int, threads: int) -> list[list[object]]:
+    """How long a stretch of one-thread work makes the next all-thread product slow (the chooser's probe burst
+    rests on it)."""
+    product, scratch = _middle_product(), torch.randn(1 << 16)
+    one, warm = _one_and_all(product, repeats, threads)
+    rows: list[list[object]] = [["none (warm)", warm / one]]
+    for gap in (0.3, 1.0, 3.0, 10.0, 30.0, 100.0):
+        firsts = []
+        for _ in range(repeats):
+            for _ in range(10):  # a warm pool: products 0.2 ms apart
+                product()
+                narrowed_torch_work(0.2, scratch)
+            narrowed_torch_work(gap, scratch)
+            firsts.append(timed(product))
+        rows.append([f"{gap:g}", statistics.median(firsts) / one])
+    return rows
+
+
+def warm_up_rows(gap_ms: float, repeats: int, threads: int) -> list[list[object]]:
+    """Products after a quiet stretch, as inside a pair sum (0.2 ms of one-thread passes between): how long
+    the second core takes to come up to speed (what the chooser's probe warm-up rests on)."""
+    product, scratch = _middle_product(), torch.randn(1 << 16)
+    one, _ = _one_and_all(product, repeats, threads)
+    count = 8
+    times: list[list[float]] = [[] for _ in range(count)]
+    starts: list[list[float]] = [[] for _ in range(count)]
+    for _ in range(repeats):
+        narrowed_torch_work(gap_ms, scratch)
+        origin = time.perf_counter()
+        for i in range(count):
+            starts[i].append(ms(time.perf_counter() - origin))
+            times[i].append(timed(product))
+            narrowed_torch_work(0.2, scratch)
+    return [[i + 1, statistics.median(starts[i]), statistics.median(times[i]) / one] for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--gap-ms", type=float, default=200.0, help="the stretch before each cold product")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--chooser", default="", help="comma-separated kind:nxd cases, e.g. mhs:1024x512 ('' skips)")
+    parser.add_argument("--blocks", type=int, default=20, help="blocks of each arm per --chooser case")
+    parser.add_argument("--block-seconds", type=float, default=1.0)
+    parser.add_argument("--skip-products", action="store_true", help="only the --chooser cases")
+    args = parser.parse_args()
+    apply_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"Machine: {machine()}; gap {args.gap_ms:g} ms, {args.repeats} repeats, medians in ms\n")
+    if not args.skip_products:
+        print(table(GAP_HEADER, gap_rows(args.gap_ms, args.repeats, threads)))
+        print("\nAfter one-thread Torch work of each length, 128 x 512 x 512 (10 products 0.2 ms apart before)\n")
+        print(table(["gap (ms)", "first after the gap / one thread"], gap_length_rows(args.repeats, threads)))
+        print(f"\nProducts 0.2 ms of one-thread work apart after a gap of {args.gap_ms:g} ms, 128 x 512 x 512\n")
+        rows = warm_up_rows(args.gap_ms, args.repeats, threads)
+        print(table(["product", "started after (ms)", "time / one thread"], rows))
+    cases = [c.strip() for c in args.chooser.split(",") if c.strip()]
+    if cases:
+        print(f"\nThe chooser, idle: {args.blocks} blocks of {args.block_seconds:g} s per arm, rotating\n")
+        rows = [row for case in cases for row in chooser_idle(case, args.blocks, args.block_seconds)]
+        header = ["case", "arm", "ms per call", "all threads", "arm / all threads [95%]", "calls under a load"]
+        print(table(header, rows))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ Methods, per case:
   (``THIN_PRODUCT_DEPTH = 0``): the code before item 57;
 - **ours, probes before item 58**: the same with every class on one thread taking the period's all-thread
   probe, however long its product (``PROBE_ALL_SHARE = None``): the code before item 58;
+- **ours, one-thread probes every 2 s**: the same with each class that keeps all threads re-measuring one thread
+  every ``PROBE_ONE_SECONDS`` however much that costs (``PROBE_ONE_SHARE = None``): the code before item 62;
+- **ours, chooser before item 61** (and 62): the same with each all-thread probe under a load one product, measured
+  however long the second core was quiet before it (``PROBE_WARM_UP_SECONDS = None``), and a load marked on
+  the latest all-thread product alone of a clear winner moving to one thread, not their median
+  (``LOAD_FROM_MEDIAN = False``): the code before item 61;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -89,6 +95,10 @@ class Mode:
     # item 57: `_product_threads.LOAD_FROM_PRODUCTS`, and thin products measured apart (`_matmul.THIN_PRODUCT_DEPTH`)
     load_from_products: bool = True
     probe_all_share: float | None = _product_threads.PROBE_ALL_SHARE  # item 58
+    # item 61: `_product_threads.PROBE_WARM_UP_SECONDS` and `_product_threads.LOAD_FROM_MEDIAN`
+    probe_warm_up: float | None = _product_threads.PROBE_WARM_UP_SECONDS
+    load_from_median: bool = True
+    probe_one_share: float | None = _product_threads.PROBE_ONE_SHARE  # item 62
 
 
 MODES = {
@@ -100,6 +110,8 @@ MODES = {
     "long passes on one thread": Mode(passes_follow_products=False),
     "chooser before item 57": Mode(load_from_products=False),
     "probes before item 58": Mode(probe_all_share=None),
+    "one-thread probes every 2 s": Mode(probe_one_share=None),
+    "chooser before item 61": Mode(probe_warm_up=None, load_from_median=False, probe_one_share=None),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
@@ -114,6 +126,9 @@ def _set_mode(mode: str) -> None:
     _matmul.PASSES_FOLLOW_PRODUCTS = switches.passes_follow_products
     _product_threads.LOAD_FROM_PRODUCTS = switches.load_from_products
     _product_threads.PROBE_ALL_SHARE = switches.probe_all_share
+    _product_threads.PROBE_WARM_UP_SECONDS = switches.probe_warm_up
+    _product_threads.LOAD_FROM_MEDIAN = switches.load_from_median
+    _product_threads.PROBE_ONE_SHARE = switches.probe_one_share
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -275,6 +290,8 @@ ARMS = (
     (", long passes on one thread", "long passes on one thread"),
     (", chooser before item 57", "chooser before item 57"),
     (", probes before item 58", "probes before item 58"),
+    (", one-thread probes every 2 s", "one-thread probes every 2 s"),
+    (", chooser before item 61", "chooser before item 61"),
 )
 
 

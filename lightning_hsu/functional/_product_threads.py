@@ -19,7 +19,8 @@ jobs on a shared host), so it is measured, not configured:
   several times slower: one such product must not decide);
 - once a class that won clearly on all threads (its products alone, without the passes charged
   to them, at most `CLEAR_WIN` of one thread's time) has moved to one thread, and its latest
-  all-thread product alone did not win clearly, the load is taken as the machine's: until a
+  all-thread products alone no longer win clearly (their median: a single descheduled product does not
+  count, item 61), the load is taken as the machine's: until a
   class on one thread wins all threads back clearly, a class keeps all threads only where they
   take at most `DECISIVE` of one thread's time. (A clear winner that moves while its latest
   product still won clearly was slowed in the passes after it, a descheduled stretch of
@@ -32,19 +33,24 @@ jobs on a shared host), so it is measured, not configured:
   a class whose one-thread products take at least `LOAD_FROM_THE_START_SECONDS` and whose
   all-thread products alone are no faster marks the load (item 59);
 - while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
-  one-thread time barely moves with load), and at once after an all-thread product
+  one-thread time barely moves with load), a costly class less often (`PROBE_ONE_SHARE`, item 62),
+  and at once after an all-thread product
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
   themselves: two slow ones move the class to one thread, if one thread is faster now);
-- while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such
-  classes together: the load is the machine's, and each probe costs more than its own product
-  (after an all-thread product the pool's idle thread spins for a while on a core the next
-  one-thread work needs). A class whose all-thread products cost much more than its one-thread
-  ones takes a probe less often, so that its probes cost at most about `PROBE_ALL_SHARE` of the
-  time; the cheap classes' probes see the load end for all (item 58). A probe that beats the
-  winner (an all-thread probe: by the bar above) is repeated at the next product; when two
-  all-thread probes in a row win a class back clearly (one may be a lucky time slice), every
-  class on one thread re-measures at its next product, so the machine freeing up is followed
-  within about `PROBE_ALL_SECONDS`;
+- while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such classes
+  together: the load is the machine's, and each probe costs more than its own product (after an
+  all-thread product the pool's idle thread spins for a while on a core the next one-thread work
+  needs). Under a load a probe is a burst of `LONG_PROBE_FACTOR` x `PROBE_WARM_UP_SECONDS` in which
+  every short product takes all threads, measured after the warm-up: after a stretch with every
+  product on one thread the second core starts slow, and a single short probe measured that slow
+  start, not the load, so a load once marked held on an idle machine (item 61). (Without a load the
+  other classes' products keep the second core busy, and a probe is one product.) A class whose
+  all-thread products cost much more than its one-thread ones takes a probe less often, so that its
+  probes cost at most about `PROBE_ALL_SHARE` of the time; the cheap classes' probes see the load
+  end for all (item 58). A probe that beats the winner (an all-thread probe: by the bar above) is
+  repeated at the next product; when two all-thread probes in a row win a class back clearly (one
+  may be a lucky time slice), every class on one thread re-measures at its next product, so the
+  machine freeing up is followed within about `PROBE_ALL_SECONDS`;
 - each product's time runs to the start of the next product (or the end of the pair sum), so
   that the slowdown of the passes after an all-thread product is charged to it; the load's
   evidence (`CLEAR_WIN`) is the products' own time, which those passes would dilute towards 1.0
@@ -79,6 +85,14 @@ WINDOW = 3
 SLOWDOWN = 1.5
 #: While all threads win in a size class, one of its products runs on one thread this often (s).
 PROBE_ONE_SECONDS = 2.0
+#: While all threads win, a class's one-thread probes cost at most about this fraction of the time: a probe costs
+#: the class's one-thread time (with the passes up to the next product) less its all-thread time, and comes only
+#: that cost / `PROBE_ONE_SHARE` seconds after the class's previous one, if that is longer than
+#: `PROBE_ONE_SECONDS`. A new load needs no periodic probe: it shows in the all-thread products (`SLOWDOWN`).
+#: (MGD at 1024 x 512 on an idle CPU D took 1.06-1.11x the time of every product on all threads with a probe of each
+#: of its seven classes every 2 s, 1.00-1.02x without probes; item 62.) ``None``: every `PROBE_ONE_SECONDS`, before
+#: item 62.
+PROBE_ONE_SHARE: float | None = 0.005
 #: While one thread wins, one product (of any such class) runs on all threads this often (s).
 PROBE_ALL_SECONDS = 0.5
 #: While one thread wins, a class's own all-thread probes cost at most about this fraction of the time: a probe
@@ -100,12 +114,26 @@ CLEAR_WIN = 0.8
 #: start, and the compiled kernel's calls kept both threads: MGD at 1024 x 512 took 1.05-1.07x its one-thread time
 #: with every product on one thread, CPU D.)
 LOAD_FROM_THE_START_SECONDS: float | None = 2e-3
+#: Under a load, the period's all-thread probe is a burst (s): from the probe's start the classes of short
+#: products on one thread take all threads for `LONG_PROBE_FACTOR` times this (and until one product is measured);
+#: those that start within this warm-up are not measured unless they last `LONG_PROBE_FACTOR` times it. After a
+#: stretch of one-thread work the second core starts slow (CPU D, a 0.76 ms product: 0.6x its one-thread time warm,
+#: 0.7x after 3 ms of one-thread work, 1.1-1.2x after 10 ms, 1.2-1.7x after 30-200 ms; back to 0.6-0.7x after about
+#: 2 ms of all-thread products: ``benchmarks/bench_cold_start.py``, item 61). ``None``: the probe is one product,
+#: measured however cold (the code before item 61).
+PROBE_WARM_UP_SECONDS: float | None = 2e-3
+#: A burst lasts this many warm-ups; a cold product this many warm-ups long is measured (its slow start is a small
+#: part of it), and a class whose products take that long on one thread joins no burst (its probe is measured cold).
+LONG_PROBE_FACTOR = 3
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
 #: Whether a load is marked only when a clear winner moves to one thread after an all-thread product that alone
 #: did not win clearly (``False``: at any such move, before item 57; kept for ``benchmarks/bench_contention.py``).
 LOAD_FROM_PRODUCTS = True
+#: Whether that evidence is the median of the class's latest all-thread products alone (``False``: the latest one,
+#: before item 61; a single descheduled product, 2-10x its time on an idle CPU D, marked loads there).
+LOAD_FROM_MEDIAN = True
 
 
 @dataclass
@@ -144,6 +172,8 @@ class ProductThreadChooser:
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
         self._loaded = False  # a clear winner moved to one thread and no class won back clearly since
         self._seen_clear_win = False  # a class has won clearly on all threads: the machine was seen idle
+        self._burst_start: float | None = None  # clock time the current all-thread probe's burst began
+        self._burst_measured = False  # a product of the current burst has been measured
         self._lock = threading.Lock()
 
     def _bar(self) -> float:
@@ -170,15 +200,57 @@ class ProductThreadChooser:
             probe = size.probe_now
             size.probe_now = False
             if self._keeps_all_threads(size):
-                one_thread_due = probe or now - size.one_thread_probed >= PROBE_ONE_SECONDS
+                one_thread_due = probe or now - size.one_thread_probed >= self._one_thread_period(size, work)
                 return not one_thread_due
             # the load is the machine's: one all-thread probe per period for all classes together, a long
-            # product's class less often (its probe costs more on a busy core); the cheap probes see the load end
+            # product's class less often (its probe costs more on a busy core); the cheap probes see the load end.
+            # A probe is a burst: after a stretch on one thread the first all-thread products are slow, so the
+            # classes due take all threads until one product has been measured warm (`record`)
+            burst = self._burst_start
+            if burst is not None and self._burst_measured and now - burst >= self._burst_seconds():
+                burst = self._burst_start = None  # the burst is over
+            if burst is not None and self._joins_burst(size, work, now, burst):
+                size.all_threads_probed = now
+                return True
             if probe or (now - self._all_threads_probed >= PROBE_ALL_SECONDS and self._probe_due(size, work, now)):
                 self._all_threads_probed = now  # the other classes wait for the next period
                 size.all_threads_probed = now
+                if PROBE_WARM_UP_SECONDS is not None and not probe and self._loaded:  # the pool has been quiet
+                    self._burst_start, self._burst_measured = now, False
                 return True
             return False
+
+    @staticmethod
+    def _burst_seconds() -> float:
+        return LONG_PROBE_FACTOR * (PROBE_WARM_UP_SECONDS or 0.0)
+
+    def _joins_burst(self, size: _SizeClass, work: int, now: float, burst: float) -> bool:
+        """Whether a class on one thread takes all threads in the current burst: one already in it, or a short
+        product's class whose probe is due (a long product is measured cold, at its own period's probe)."""
+        if size.all_threads_probed >= burst:
+            return True
+        short = statistics.median(size.one_products) * max(work, 1) < self._burst_seconds()
+        return short and self._probe_due(size, work, now)
+
+    def _warming_up(self, seconds: float, product_seconds: float) -> bool:
+        """Whether an all-thread product that just ended (the clock is ``seconds`` after its start) is in its
+        probe's warm-up, too short to be measured (`PROBE_WARM_UP_SECONDS`); if not, its burst ends."""
+        burst, warm_up = self._burst_start, PROBE_WARM_UP_SECONDS
+        if burst is None or warm_up is None:
+            return False
+        if self.clock() - seconds - burst < warm_up and product_seconds < LONG_PROBE_FACTOR * warm_up:
+            return True
+        self._burst_measured = True
+        return False
+
+    @staticmethod
+    def _one_thread_period(size: _SizeClass, work: int) -> float:
+        """Seconds between a class's one-thread probes while it keeps all threads (`PROBE_ONE_SHARE`)."""
+        if PROBE_ONE_SHARE is None:
+            return PROBE_ONE_SECONDS
+        # what a probe costs: its time on one thread with the passes up to the next product, less all threads'
+        extra = (statistics.median(size.one_thread) - statistics.median(size.all_threads)) * max(work, 1)
+        return max(PROBE_ONE_SECONDS, extra / PROBE_ONE_SHARE)
 
     @staticmethod
     def _probe_due(size: _SizeClass, work: int, now: float) -> bool:
@@ -201,9 +273,12 @@ class ProductThreadChooser:
             size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
             if not all_threads:
                 size.one_thread_probed = self.clock()
+            warming_up = all_threads and self._warming_up(seconds, product_rate * max(work, 1))
             if all_threads not in size.warmed_up:  # a first product pays one-time costs (thread start-up,
                 size.warmed_up.add(all_threads)  # the library's plan for the shape): not measured
                 return
+            if warming_up:
+                return  # a short product on a second core that was quiet: slow whatever the load
             if not size.all_threads or len(size.one_thread) < 2:
                 (size.all_threads if all_threads else size.one_thread).append(rate)
                 (size.all_products if all_threads else size.one_products).append(product_rate)
@@ -224,8 +299,12 @@ class ProductThreadChooser:
                 # a clear winner losing is the machine's load: marginal winners elsewhere yield too. The
                 # evidence is its latest all-thread product's own time: if it still won clearly, the passes
                 # after it were slow (a descheduled stretch of one-thread work), noise rather than a load
-                latest = size.all_products[-1]
-                lost = not LOAD_FROM_PRODUCTS or latest > CLEAR_WIN * statistics.median(size.one_products)
+                if LOAD_FROM_MEDIAN:
+                    lost = not LOAD_FROM_PRODUCTS or not size.products_win_clearly()
+                else:
+                    lost = not LOAD_FROM_PRODUCTS or size.all_products[-1] > CLEAR_WIN * statistics.median(
+                        size.one_products
+                    )
                 self._loaded = self._loaded or (clear_winner and lost)
             elif all_threads and not winner_all and size.all_threads_win() and size.products_win_clearly():
                 # all threads won back clearly (two fast probes in a row): the machine has freed up, so
