@@ -6,7 +6,9 @@ milliseconds in which the second core did nothing for this process. This script 
 all threads right after such a gap (a sleep, a Python loop, one-thread Torch work with the pool
 narrowed by `passes_on_one_thread`, as the pair sums narrow it), the product after it, and the same
 product back to back (warm), against one thread. Where the first product after a gap loses to one thread while the warm
-one wins, a single probe cannot see an idle machine: the chooser keeps a load that has ended.
+one wins, a single probe cannot see an idle machine: the chooser keeps a load that has ended. Two more tables say
+how long a gap makes a product slow and how long products after one take to come up to speed; since item 61 a
+probe under a load is a burst whose first `_product_threads.PROBE_WARM_UP_SECONDS` are not measured.
 
 ``--chooser CASES`` then measures the chooser on the idle machine: per case (``kind:n x d``, kinds ``mhe``,
 ``mhs``, ``mgd``: half space, forward + backward), blocks of ``--block-seconds`` of back-to-back calls rotate

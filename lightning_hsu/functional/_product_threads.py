@@ -89,9 +89,8 @@ PROBE_ONE_SECONDS = 2.0
 #: the class's one-thread time (with the passes up to the next product) less its all-thread time, and comes only
 #: that cost / `PROBE_ONE_SHARE` seconds after the class's previous one, if that is longer than
 #: `PROBE_ONE_SECONDS`. A new load needs no periodic probe: it shows in the all-thread products (`SLOWDOWN`).
-#: (MGD at 1024 x 512 on an idle CPU D took 1.06-1.11x the time of every product on all threads with a probe of each
-#: of its seven classes every 2 s, 1.00-1.02x without probes; item 62.) ``None``: every `PROBE_ONE_SECONDS`, before
-#: item 62.
+#: (MGD at 1024 x 512, idle CPU D: with a probe of each of its seven classes every 2 s, 1.07x [1.00, 1.12] the time
+#: with the share, paired; item 62.) ``None``: every `PROBE_ONE_SECONDS`, before item 62.
 PROBE_ONE_SHARE: float | None = 0.005
 #: While one thread wins, one product (of any such class) runs on all threads this often (s).
 PROBE_ALL_SECONDS = 0.5
@@ -117,10 +116,10 @@ LOAD_FROM_THE_START_SECONDS: float | None = 2e-3
 #: Under a load, the period's all-thread probe is a burst (s): from the probe's start the classes of short
 #: products on one thread take all threads for `LONG_PROBE_FACTOR` times this (and until one product is measured);
 #: those that start within this warm-up are not measured unless they last `LONG_PROBE_FACTOR` times it. After a
-#: stretch of one-thread work the second core starts slow (CPU D, a 0.76 ms product: 0.6x its one-thread time warm,
-#: 0.7x after 3 ms of one-thread work, 1.1-1.2x after 10 ms, 1.2-1.7x after 30-200 ms; back to 0.6-0.7x after about
-#: 2 ms of all-thread products: ``benchmarks/bench_cold_start.py``, item 61). ``None``: the probe is one product,
-#: measured however cold (the code before item 61).
+#: stretch of one-thread work the second core starts slow (CPU D, a 0.76 ms product: 0.45-0.6x its one-thread time
+#: warm, 0.7-0.8x after 3 ms of one-thread work, 0.7-1.2x after 10 ms, 1.0-1.7x after 30-100 ms; after 200 ms the
+#: first product 1.6-1.75x and the ones from about 2 ms on 0.7x: ``benchmarks/bench_cold_start.py``, item 61).
+#: ``None``: the probe is one product, measured however cold (the code before item 61).
 PROBE_WARM_UP_SECONDS: float | None = 2e-3
 #: A burst lasts this many warm-ups; a cold product this many warm-ups long is measured (its slow start is a small
 #: part of it), and a class whose products take that long on one thread joins no burst (its probe is measured cold).
