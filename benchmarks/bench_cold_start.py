@@ -12,12 +12,14 @@ probe under a load is a burst whose first `_product_threads.PROBE_WARM_UP_SECOND
 
 ``--chooser CASES`` then measures the chooser on the idle machine: per case (``kind:n x d``, kinds ``mhe``,
 ``mhs``, ``mgd``: half space, forward + backward), blocks of ``--block-seconds`` of back-to-back calls rotate
-between four arms, each with its own product chooser kept from block to block:
+between five arms, each with its own product chooser kept from block to block:
 
 - **shipped**;
+- **loads from short products**: a clear winner of any length marks a load when it moves to one thread
+  (``LOAD_EVIDENCE_SECONDS = None``, before item 63);
 - **one-thread probes every 2 s**: each class that keeps all threads re-measures one thread every
   ``PROBE_ONE_SECONDS``, however much that costs (``PROBE_ONE_SHARE = None``, before item 62);
-- **chooser before item 61** (and 62): under a load each all-thread probe is one product, measured however long
+- **chooser before item 61** (and 62, 63): under a load each all-thread probe is one product, measured however long
   the second core was quiet (``PROBE_WARM_UP_SECONDS = None``), and a load is marked on a class's latest
   all-thread product, not their median (``LOAD_FROM_MEDIAN = False``);
 - **all threads**: every product on all threads (``LIGHTNING_HSU_PRODUCT_THREADS=all``).
@@ -74,10 +76,12 @@ def timed(product: Callable[[], object]) -> float:
 
 PENALTIES = {"mhe": hyperspherical_energy, "mhs": hyperspherical_separation, "mgd": gram_determinant_penalty}
 #: the arms of ``--chooser``: the chooser's switches (`_product_threads`) and ``LIGHTNING_HSU_PRODUCT_THREADS``
+BEFORE_63 = {"LOAD_EVIDENCE_SECONDS": None}
 BEFORE_62 = {"PROBE_ONE_SHARE": None}
-BEFORE_61 = {**BEFORE_62, "PROBE_WARM_UP_SECONDS": None, "LOAD_FROM_MEDIAN": False}
+BEFORE_61 = {**BEFORE_62, **BEFORE_63, "PROBE_WARM_UP_SECONDS": None, "LOAD_FROM_MEDIAN": False}
 ARMS: dict[str, tuple[dict[str, object], str]] = {
     "shipped": ({}, "adaptive"),
+    "loads from short products": (BEFORE_63, "adaptive"),
     "one-thread probes every 2 s": (BEFORE_62, "adaptive"),
     "chooser before item 61": (BEFORE_61, "adaptive"),
     "all threads": ({}, "all"),

@@ -27,9 +27,11 @@ Methods, per case:
   (``THIN_PRODUCT_DEPTH = 0``): the code before item 57;
 - **ours, probes before item 58**: the same with every class on one thread taking the period's all-thread
   probe, however long its product (``PROBE_ALL_SHARE = None``): the code before item 58;
+- **ours, loads from short products**: the same with a clear winner of any length marking a load when it moves
+  to one thread (``LOAD_EVIDENCE_SECONDS = None``): the code before item 63;
 - **ours, one-thread probes every 2 s**: the same with each class that keeps all threads re-measuring one thread
   every ``PROBE_ONE_SECONDS`` however much that costs (``PROBE_ONE_SHARE = None``): the code before item 62;
-- **ours, chooser before item 61** (and 62): the same with each all-thread probe under a load one product, measured
+- **ours, chooser before item 61** (and 62, 63): the same with each all-thread probe under a load one product, measured
   however long the second core was quiet before it (``PROBE_WARM_UP_SECONDS = None``), and a load marked on
   the latest all-thread product alone of a clear winner moving to one thread, not their median
   (``LOAD_FROM_MEDIAN = False``): the code before item 61;
@@ -99,6 +101,7 @@ class Mode:
     probe_warm_up: float | None = _product_threads.PROBE_WARM_UP_SECONDS
     load_from_median: bool = True
     probe_one_share: float | None = _product_threads.PROBE_ONE_SHARE  # item 62
+    load_evidence: float | None = _product_threads.LOAD_EVIDENCE_SECONDS  # item 63
 
 
 MODES = {
@@ -110,8 +113,11 @@ MODES = {
     "long passes on one thread": Mode(passes_follow_products=False),
     "chooser before item 57": Mode(load_from_products=False),
     "probes before item 58": Mode(probe_all_share=None),
+    "loads from short products": Mode(load_evidence=None),
     "one-thread probes every 2 s": Mode(probe_one_share=None),
-    "chooser before item 61": Mode(probe_warm_up=None, load_from_median=False, probe_one_share=None),
+    "chooser before item 61": Mode(
+        probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
+    ),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
@@ -129,6 +135,7 @@ def _set_mode(mode: str) -> None:
     _product_threads.PROBE_WARM_UP_SECONDS = switches.probe_warm_up
     _product_threads.LOAD_FROM_MEDIAN = switches.load_from_median
     _product_threads.PROBE_ONE_SHARE = switches.probe_one_share
+    _product_threads.LOAD_EVIDENCE_SECONDS = switches.load_evidence
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -290,6 +297,7 @@ ARMS = (
     (", long passes on one thread", "long passes on one thread"),
     (", chooser before item 57", "chooser before item 57"),
     (", probes before item 58", "probes before item 58"),
+    (", loads from short products", "loads from short products"),
     (", one-thread probes every 2 s", "one-thread probes every 2 s"),
     (", chooser before item 61", "chooser before item 61"),
 )

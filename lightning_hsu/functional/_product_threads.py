@@ -124,6 +124,11 @@ PROBE_WARM_UP_SECONDS: float | None = 2e-3
 #: A burst lasts this many warm-ups; a cold product this many warm-ups long is measured (its slow start is a small
 #: part of it), and a class whose products take that long on one thread joins no burst (its probe is measured cold).
 LONG_PROBE_FACTOR = 3
+#: A clear winner moving to one thread marks a load only if its products take at least this long (s) on one thread:
+#: shorter ones are too noisy inside a penalty (CPU D, hard MHS at 1024 x 512 idle: 7 of 8 loads marked in 15 s came
+#: from products of 0.2-0.6 ms whose all-thread time read 0.6-1.5x one thread's; item 63). They still choose
+#: their own threads. ``None``: any clear winner, before item 63.
+LOAD_EVIDENCE_SECONDS: float | None = 1e-3
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
@@ -283,7 +288,7 @@ class ProductThreadChooser:
                 (size.all_products if all_threads else size.one_products).append(product_rate)
                 return
             winner_all = self._keeps_all_threads(size)
-            clear_winner = size.products_win_clearly()
+            clear_winner = size.products_win_clearly() and self._long_enough_for_evidence(size, work)
             if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
                 size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
             (size.all_threads if all_threads else size.one_thread).append(rate)
@@ -317,6 +322,13 @@ class ProductThreadChooser:
                     size.probe_now = True  # a probe that may win the class back: measure it again at once
             elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
                 size.probe_now = True  # a probe beat all threads: measure it again at once
+
+    @staticmethod
+    def _long_enough_for_evidence(size: _SizeClass, work: int) -> bool:
+        """Whether a class's products take long enough on one thread to mark a load (`LOAD_EVIDENCE_SECONDS`)."""
+        if LOAD_EVIDENCE_SECONDS is None:
+            return True
+        return statistics.median(size.one_products) * max(work, 1) >= LOAD_EVIDENCE_SECONDS
 
     @staticmethod
     def _loses_from_the_start(size: _SizeClass, work: int) -> bool:

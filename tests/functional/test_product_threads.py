@@ -401,11 +401,11 @@ class _QuietSecondCore:
 
 
 def _loaded_then_freed(chooser: ProductThreadChooser, clock: _FakeClock, seconds: float) -> list[bool]:
-    """Short products (0.5 ms on one thread, 0.2 ms of passes after each) on a busy core, then ``seconds`` of
+    """Short products (1.5 ms on one thread, 0.2 ms of passes after each) on a busy core, then ``seconds`` of
     them on the freed machine with its slow-starting second core; the choices on the freed machine."""
-    machine = _QuietSecondCore(clock, 0.5 * MS)
+    machine = _QuietSecondCore(clock, 1.5 * MS)
     machine.busy = True
-    _run(chooser, clock, WORK, lambda wide: {True: 0.275 * MS, False: 0.5 * MS}[wide], 50, passes=0.2 * MS)
+    _run(chooser, clock, WORK, lambda wide: {True: 0.825 * MS, False: 1.5 * MS}[wide], 50, passes=0.2 * MS)
     end = clock() + 2.0
     while clock() < end:
         _run(chooser, clock, WORK, machine, 1, passes=0.2 * MS)
@@ -427,7 +427,7 @@ def test_a_load_ends_although_a_probe_after_a_quiet_second_core_is_slow(monkeypa
     choices = _loaded_then_freed(chooser, clock, 3.0)
     assert not chooser.loaded and chooser.one_thread_classes() == []
     first = choices.index(True)
-    assert _seconds(choices[:first], {True: 0.3 * MS, False: 0.7 * MS}) <= PROBE_ALL_SECONDS
+    assert _seconds(choices[:first], {True: 1.1 * MS, False: 1.7 * MS}) <= PROBE_ALL_SECONDS
     assert choices[-100:].count(False) <= 2  # one-thread re-measurements only
     monkeypatch.setattr(_product_threads, "PROBE_WARM_UP_SECONDS", None)
     chooser, clock = _chooser()
@@ -439,17 +439,30 @@ def test_a_probe_burst_on_a_busy_core_costs_its_warm_up_and_one_product_a_period
     """While the core stays busy a burst runs all threads for its warm-up (`PROBE_WARM_UP_SECONDS`) and one
     measured product, once per `PROBE_ALL_SECONDS`: the load is kept and the bursts' time stays that small."""
     chooser, clock = _chooser()
-    machine = _QuietSecondCore(clock, 0.5 * MS)
+    machine = _QuietSecondCore(clock, 1.5 * MS)
     machine.busy = True
-    _run(chooser, clock, WORK, lambda wide: {True: 0.275 * MS, False: 0.5 * MS}[wide], 50, passes=0.2 * MS)
-    _run(chooser, clock, WORK, machine, 3000, passes=0.2 * MS)  # about 2 s: loaded
+    _run(chooser, clock, WORK, lambda wide: {True: 0.825 * MS, False: 1.5 * MS}[wide], 50, passes=0.2 * MS)
+    _run(chooser, clock, WORK, machine, 1200, passes=0.2 * MS)  # about 2 s: loaded
     assert chooser.loaded
-    start, choices = clock(), _run(chooser, clock, WORK, machine, 30_000, passes=0.2 * MS)
+    start, choices = clock(), _run(chooser, clock, WORK, machine, 12_000, passes=0.2 * MS)
     periods = (clock() - start) / PROBE_ALL_SECONDS
     burst = _product_threads.LONG_PROBE_FACTOR * _product_threads.PROBE_WARM_UP_SECONDS
-    per_burst = (burst + 2 * 0.85 * MS) / (0.65 * MS + 0.2 * MS)  # its products, and one started at its end
+    per_burst = (burst + 2 * 2.15 * MS) / (1.95 * MS + 0.2 * MS)  # its products, and one started at its end
     assert chooser.loaded and choices.count(True) <= (periods + 1) * per_burst
     assert choices.count(True) >= periods * 2  # each period's burst ran: warm-up and a measured product
+
+
+def test_a_short_clear_winner_moving_marks_no_load(monkeypatch) -> None:
+    """Products under `LOAD_EVIDENCE_SECONDS` on one thread (0.5 ms here) read too noisily inside a penalty to be the
+    machine's evidence (item 63): such a clear winner moving to one thread moves alone. A longer one (2 ms) marks
+    the load; with the rule off (before item 63) the short one does too."""
+    for one_thread, rule, marks in ((0.5 * MS, 1e-3, False), (2 * MS, 1e-3, True), (0.5 * MS, None, True)):
+        monkeypatch.setattr(_product_threads, "LOAD_EVIDENCE_SECONDS", rule)
+        chooser, clock = _chooser()
+        _run(chooser, clock, WORK, {True: 0.55 * one_thread, False: one_thread}.__getitem__, 50, passes=0.2 * MS)
+        _run(chooser, clock, WORK, {True: 1.3 * one_thread, False: one_thread}.__getitem__, 20, passes=0.2 * MS)
+        assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
+        assert chooser.loaded is marks
 
 
 def test_short_products_losing_from_the_start_mark_no_load() -> None:
