@@ -221,6 +221,23 @@ def warm_up_rows(gap_ms: float, repeats: int, threads: int) -> list[list[object]
     return [[i + 1, statistics.median(starts[i]), statistics.median(times[i]) / one] for i in range(count)]
 
 
+def chooser_microseconds(products: int = 20_000) -> float:
+    """The chooser's own time per product (`use_all_threads` and `record`, four size classes), in us."""
+    chooser = _product_threads.ProductThreadChooser()
+    works = [2**23 + 5, 2**24 + 5, 2**25 + 5, 2**26 + 5]
+
+    def one(i: int) -> None:
+        work = works[i % len(works)]
+        chooser.record(work, chooser.use_all_threads(work, "k"), 1e-3, "k", 0.8e-3)
+
+    for i in range(1000):
+        one(i)
+    start = time.perf_counter()
+    for i in range(products):
+        one(i)
+    return (time.perf_counter() - start) / products * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
@@ -243,6 +260,7 @@ def main() -> None:
         print(table(["product", "started after (ms)", "time / one thread"], rows))
     cases = [c.strip() for c in args.chooser.split(",") if c.strip()]
     if cases:
+        print(f"\nThe chooser's own time: {chooser_microseconds():.1f} us a product")
         print(f"\nThe chooser, idle: {args.blocks} blocks of {args.block_seconds:g} s per arm, rotating\n")
         rows = [row for case in cases for row in chooser_idle(case, args.blocks, args.block_seconds)]
         header = ["case", "arm", "ms per call", "all threads", "arm / all threads [95%]", "calls under a load"]

@@ -66,7 +66,7 @@ everything when the environment variable ``LIGHTNING_HSU_PRODUCT_THREADS=all`` i
 
 from __future__ import annotations
 
-import statistics
+import math
 import threading
 import time
 from collections import deque
@@ -140,15 +140,39 @@ LOAD_FROM_PRODUCTS = True
 LOAD_FROM_MEDIAN = True
 
 
+class _Window:
+    """The latest `WINDOW` measurements of one choice and their median, kept as they come: the chooser reads a
+    dozen medians a product (with ``statistics.median`` each time, and a size class built at every call, its own
+    time was 14-25 us a product on CPU D, now about 5: ``benchmarks/bench_cold_start.py``, item 64)."""
+
+    __slots__ = ("median", "values")
+
+    def __init__(self) -> None:
+        self.values: deque[float] = deque(maxlen=WINDOW)
+        self.median = math.nan
+
+    def append(self, value: float) -> None:
+        self.values.append(value)
+        ordered = sorted(self.values)
+        middle = len(ordered) // 2
+        self.median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, index: int) -> float:
+        return self.values[index]
+
+
 @dataclass
 class _SizeClass:
     # the latest seconds per multiply-add of each choice (a descheduled time slice makes single
     # products several times slower, so the choices compare medians, not means)
-    all_threads: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    one_thread: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    all_threads: _Window = field(default_factory=_Window)
+    one_thread: _Window = field(default_factory=_Window)
     # the products' own rates, without the passes up to the next product: the load's evidence
-    all_products: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    one_products: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    all_products: _Window = field(default_factory=_Window)
+    one_products: _Window = field(default_factory=_Window)
     warmed_up: set[bool] = field(default_factory=set)  # the choices whose first product has run
     one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
     all_threads_probed: float = float("-inf")  # clock time of the class's latest all-thread probe
@@ -156,11 +180,11 @@ class _SizeClass:
 
     def all_threads_win(self, bar: float = 1.0) -> bool:
         """Whether all threads' median time is at most ``bar`` times one thread's."""
-        return statistics.median(self.all_threads) <= bar * statistics.median(self.one_thread)
+        return self.all_threads.median <= bar * self.one_thread.median
 
     def products_win_clearly(self) -> bool:
         """Whether the products alone take at most `CLEAR_WIN` of one thread's time on all threads."""
-        return statistics.median(self.all_products) <= CLEAR_WIN * statistics.median(self.one_products)
+        return self.all_products.median <= CLEAR_WIN * self.one_products.median
 
 
 class ProductThreadChooser:
@@ -191,11 +215,19 @@ class ProductThreadChooser:
     def _class_of(work: int, kind: str) -> tuple[str, int]:
         return kind, max(work, 1).bit_length() - 1
 
+    def _size_class(self, work: int, kind: str) -> _SizeClass:
+        """The measurements of ``work``'s size class (built on first use, not at every call)."""
+        key = self._class_of(work, kind)
+        size = self._classes.get(key)
+        if size is None:
+            size = self._classes[key] = _SizeClass()
+        return size
+
     def use_all_threads(self, work: int, kind: str = "") -> bool:
         """Whether the next product of ``work`` multiply-adds runs on all the caller's threads.
         ``kind`` names what computes it (dtype and library): kinds keep separate measurements."""
         with self._lock:
-            size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
+            size = self._size_class(work, kind)
             if not size.all_threads:
                 return True  # first products of the class (the first one unmeasured): the caller's setting
             now = self.clock()
@@ -233,7 +265,7 @@ class ProductThreadChooser:
         product's class whose probe is due (a long product is measured cold, at its own period's probe)."""
         if size.all_threads_probed >= burst:
             return True
-        short = statistics.median(size.one_products) * max(work, 1) < self._burst_seconds()
+        short = size.one_products.median * max(work, 1) < self._burst_seconds()
         return short and self._probe_due(size, work, now)
 
     def _warming_up(self, seconds: float, product_seconds: float) -> bool:
@@ -253,7 +285,7 @@ class ProductThreadChooser:
         if PROBE_ONE_SHARE is None:
             return PROBE_ONE_SECONDS
         # what a probe costs: its time on one thread with the passes up to the next product, less all threads'
-        extra = (statistics.median(size.one_thread) - statistics.median(size.all_threads)) * max(work, 1)
+        extra = (size.one_thread.median - size.all_threads.median) * max(work, 1)
         return max(PROBE_ONE_SECONDS, extra / PROBE_ONE_SHARE)
 
     @staticmethod
@@ -263,7 +295,7 @@ class ProductThreadChooser:
             return True
         # the products' own times (a probe's cost is in the product: with the passes up to the next product
         # the rates of short products are mostly those passes); all threads' median measured under the load
-        extra = (statistics.median(size.all_products) - statistics.median(size.one_products)) * max(work, 1)
+        extra = (size.all_products.median - size.one_products.median) * max(work, 1)
         return now - size.all_threads_probed >= extra / PROBE_ALL_SHARE
 
     def record(
@@ -274,7 +306,7 @@ class ProductThreadChooser:
         rate = seconds / max(work, 1)
         product_rate = (seconds if product_seconds is None else product_seconds) / max(work, 1)
         with self._lock:
-            size = self._classes.setdefault(self._class_of(work, kind), _SizeClass())
+            size = self._size_class(work, kind)
             if not all_threads:
                 size.one_thread_probed = self.clock()
             warming_up = all_threads and self._warming_up(seconds, product_rate * max(work, 1))
@@ -289,7 +321,7 @@ class ProductThreadChooser:
                 return
             winner_all = self._keeps_all_threads(size)
             clear_winner = size.products_win_clearly() and self._long_enough_for_evidence(size, work)
-            if winner_all and all_threads and rate > SLOWDOWN * statistics.median(size.all_threads):
+            if winner_all and all_threads and rate > SLOWDOWN * size.all_threads.median:
                 size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
             (size.all_threads if all_threads else size.one_thread).append(rate)
             (size.all_products if all_threads else size.one_products).append(product_rate)
@@ -306,9 +338,7 @@ class ProductThreadChooser:
                 if LOAD_FROM_MEDIAN:
                     lost = not LOAD_FROM_PRODUCTS or not size.products_win_clearly()
                 else:
-                    lost = not LOAD_FROM_PRODUCTS or size.all_products[-1] > CLEAR_WIN * statistics.median(
-                        size.one_products
-                    )
+                    lost = not LOAD_FROM_PRODUCTS or size.all_products[-1] > CLEAR_WIN * size.one_products.median
                 self._loaded = self._loaded or (clear_winner and lost)
             elif all_threads and not winner_all and size.all_threads_win() and size.products_win_clearly():
                 # all threads won back clearly (two fast probes in a row): the machine has freed up, so
@@ -318,9 +348,9 @@ class ProductThreadChooser:
                     ready = bool(other.all_threads) and len(other.one_thread) >= 2
                     other.probe_now = ready and not self._keeps_all_threads(other)
             elif all_threads and not winner_all:
-                if rate < max(self._bar(), CLEAR_WIN) * statistics.median(size.one_thread):
+                if rate < max(self._bar(), CLEAR_WIN) * size.one_thread.median:
                     size.probe_now = True  # a probe that may win the class back: measure it again at once
-            elif not all_threads and winner_all and rate < statistics.median(size.all_threads):
+            elif not all_threads and winner_all and rate < size.all_threads.median:
                 size.probe_now = True  # a probe beat all threads: measure it again at once
 
     @staticmethod
@@ -328,7 +358,7 @@ class ProductThreadChooser:
         """Whether a class's products take long enough on one thread to mark a load (`LOAD_EVIDENCE_SECONDS`)."""
         if LOAD_EVIDENCE_SECONDS is None:
             return True
-        return statistics.median(size.one_products) * max(work, 1) >= LOAD_EVIDENCE_SECONDS
+        return size.one_products.median * max(work, 1) >= LOAD_EVIDENCE_SECONDS
 
     @staticmethod
     def _loses_from_the_start(size: _SizeClass, work: int) -> bool:
@@ -336,9 +366,9 @@ class ProductThreadChooser:
         two all-thread measurements, so that one descheduled product does not decide)."""
         if LOAD_FROM_THE_START_SECONDS is None or len(size.all_products) < 2:
             return False
-        one_thread = statistics.median(size.one_products)
+        one_thread = size.one_products.median
         long_enough = one_thread * max(work, 1) >= LOAD_FROM_THE_START_SECONDS
-        return long_enough and statistics.median(size.all_products) >= one_thread
+        return long_enough and size.all_products.median >= one_thread
 
     @property
     def loaded(self) -> bool:

@@ -7,6 +7,7 @@ change of load. Inside the library the choice must only change thread counts, ne
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import pytest
@@ -67,6 +68,16 @@ WORK = 10**8
 
 def _seconds(choices: list[bool], cost: dict[bool, float]) -> float:
     return sum(cost[c] for c in choices)
+
+
+def test_a_window_keeps_the_median_of_its_latest_measurements() -> None:
+    """The median kept as measurements come is ``statistics.median`` of the latest `WINDOW` of them."""
+    window = _product_threads._Window()
+    values = [3.0, 1.0, 2.0, 8.0, 0.5, 0.5, 9.0]
+    for count, value in enumerate(values, 1):
+        window.append(value)
+        assert window.median == statistics.median(values[max(0, count - _product_threads.WINDOW) : count])
+    assert window[-1] == 9.0 and len(window) == _product_threads.WINDOW
 
 
 def test_idle_machine_keeps_all_threads_and_measures_one_thread_once_per_period() -> None:
