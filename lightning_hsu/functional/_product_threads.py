@@ -186,6 +186,10 @@ class _SizeClass:
         """Whether the products alone take at most `CLEAR_WIN` of one thread's time on all threads."""
         return self.all_products.median <= CLEAR_WIN * self.one_products.median
 
+    def one_thread_seconds(self, work: int) -> float:
+        """The median time of a product of ``work`` multiply-adds alone on one thread."""
+        return self.one_products.median * max(work, 1)
+
 
 class ProductThreadChooser:
     """Per size class of product, the faster of all the caller's threads and one thread.
@@ -265,7 +269,7 @@ class ProductThreadChooser:
         product's class whose probe is due (a long product is measured cold, at its own period's probe)."""
         if size.all_threads_probed >= burst:
             return True
-        short = size.one_products.median * max(work, 1) < self._burst_seconds()
+        short = size.one_thread_seconds(work) < self._burst_seconds()
         return short and self._probe_due(size, work, now)
 
     def _warming_up(self, seconds: float, product_seconds: float) -> bool:
@@ -274,7 +278,7 @@ class ProductThreadChooser:
         burst, warm_up = self._burst_start, PROBE_WARM_UP_SECONDS
         if burst is None or warm_up is None:
             return False
-        if self.clock() - seconds - burst < warm_up and product_seconds < LONG_PROBE_FACTOR * warm_up:
+        if self.clock() - seconds - burst < warm_up and product_seconds < self._burst_seconds():
             return True
         self._burst_measured = True
         return False
@@ -358,7 +362,7 @@ class ProductThreadChooser:
         """Whether a class's products take long enough on one thread to mark a load (`LOAD_EVIDENCE_SECONDS`)."""
         if LOAD_EVIDENCE_SECONDS is None:
             return True
-        return size.one_products.median * max(work, 1) >= LOAD_EVIDENCE_SECONDS
+        return size.one_thread_seconds(work) >= LOAD_EVIDENCE_SECONDS
 
     @staticmethod
     def _loses_from_the_start(size: _SizeClass, work: int) -> bool:
@@ -366,9 +370,8 @@ class ProductThreadChooser:
         two all-thread measurements, so that one descheduled product does not decide)."""
         if LOAD_FROM_THE_START_SECONDS is None or len(size.all_products) < 2:
             return False
-        one_thread = size.one_products.median
-        long_enough = one_thread * max(work, 1) >= LOAD_FROM_THE_START_SECONDS
-        return long_enough and size.all_products.median >= one_thread
+        long_enough = size.one_thread_seconds(work) >= LOAD_FROM_THE_START_SECONDS
+        return long_enough and size.all_products.median >= size.one_products.median
 
     @property
     def loaded(self) -> bool:
