@@ -22,7 +22,9 @@ between five arms, each with its own product chooser kept from block to block:
 - **chooser before item 61** (and 62, 63): under a load each all-thread probe is one product, measured however long
   the second core was quiet (``PROBE_WARM_UP_SECONDS = None``), and a load is marked on a class's latest
   all-thread product, not their median (``LOAD_FROM_MEDIAN = False``);
-- **all threads**: every product on all threads (``LIGHTNING_HSU_PRODUCT_THREADS=all``).
+- **all-thread products**: every product on all threads (``LIGHTNING_HSU_PRODUCT_THREADS=all``).
+
+The arms are `bench_contention.py`'s modes of the same names.
 
 It prints the paired ratios of the blocks' ms per call against all threads and the share of calls made while each
 chooser held a load.
@@ -34,13 +36,13 @@ mhe:512x4608,mhs:1024x512 --blocks 20 --block-seconds 1]`` (two threads: the cal
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from _common import add_common_args, apply_threads, machine, ms, paired_ratio, table
+from bench_contention import set_mode
 
 from lightning_hsu.functional import (
     _product_threads,
@@ -75,18 +77,14 @@ def timed(product: Callable[[], object]) -> float:
 
 
 PENALTIES = {"mhe": hyperspherical_energy, "mhs": hyperspherical_separation, "mgd": gram_determinant_penalty}
-#: the arms of ``--chooser``: the chooser's switches (`_product_threads`) and ``LIGHTNING_HSU_PRODUCT_THREADS``
-BEFORE_63 = {"LOAD_EVIDENCE_SECONDS": None}
-BEFORE_62 = {"PROBE_ONE_SHARE": None}
-BEFORE_61 = {**BEFORE_62, **BEFORE_63, "PROBE_WARM_UP_SECONDS": None, "LOAD_FROM_MEDIAN": False}
-ARMS: dict[str, tuple[dict[str, object], str]] = {
-    "shipped": ({}, "adaptive"),
-    "loads from short products": (BEFORE_63, "adaptive"),
-    "one-thread probes every 2 s": (BEFORE_62, "adaptive"),
-    "chooser before item 61": (BEFORE_61, "adaptive"),
-    "all threads": ({}, "all"),
-}
-SHIPPED = {name: getattr(_product_threads, name) for name in BEFORE_61}
+#: the arms of ``--chooser`` (`bench_contention.MODES`); the last is the reference, every product on all threads
+ARMS = (
+    "shipped",
+    "loads from short products",
+    "one-thread probes every 2 s",
+    "chooser before item 61",
+    "all-thread products",
+)
 
 
 def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[object]]:
@@ -101,11 +99,7 @@ def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[obje
     loaded: dict[str, list[bool]] = {arm: [] for arm in ARMS}
 
     def block(arm: str, seconds: float) -> float:
-        switches, threads = ARMS[arm]
-        for name, value in {**SHIPPED, **switches}.items():
-            setattr(_product_threads, name, value)
-        os.environ[_product_threads.PRODUCT_THREADS_ENV] = threads
-        _product_threads.CHOOSER = choosers[arm]
+        set_mode(arm, choosers[arm])
         start, calls = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             w.grad = None
@@ -115,6 +109,7 @@ def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[obje
         return ms(time.perf_counter() - start) / calls
 
     names = list(ARMS)
+    reference = names[-1]
     for arm in names:
         block(arm, block_seconds)
     for arm in names:
@@ -124,14 +119,14 @@ def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[obje
             per_call[arm].append(block(arm, block_seconds))
     rows = []
     for arm in names[:-1]:
-        median, low, high = paired_ratio(per_call[arm], per_call["all threads"])
+        median, low, high = paired_ratio(per_call[arm], per_call[reference])
         share = sum(loaded[arm]) / len(loaded[arm])
         rows.append(
             [
                 f"{kind} {n} x {d}",
                 arm,
                 statistics.median(per_call[arm]),
-                statistics.median(per_call["all threads"]),
+                statistics.median(per_call[reference]),
                 f"{median:.3f} [{low:.3f}, {high:.3f}]",
                 f"{100 * share:.0f}%",
             ]

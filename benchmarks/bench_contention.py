@@ -125,7 +125,9 @@ _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
 _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
-def _set_mode(mode: str) -> None:
+def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = None) -> None:
+    """Set the library's switches of ``mode`` (one of `MODES`) and install ``chooser``, by default the mode's own
+    (kept from call to call, so that one mode's measurements do not steer another's)."""
     switches = MODES[mode]
     _matmul.SERIAL_PASSES = switches.serial_passes
     _product_threads.MACHINE_WIDE = switches.machine_wide
@@ -139,7 +141,7 @@ def _set_mode(mode: str) -> None:
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
-    _product_threads.CHOOSER = _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
+    _product_threads.CHOOSER = chooser or _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -190,7 +192,7 @@ def measure(
         torch.set_num_threads(count)
         for name in names:
             call, mode = methods[name]
-            _set_mode(mode)
+            set_mode(mode)
             call()
     for rnd in range(rounds):
         states = ("idle", "busy") if rnd % 2 == 0 else ("busy", "idle")
@@ -201,7 +203,7 @@ def measure(
                 torch.set_num_threads(count)
                 for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
                     call, mode = methods[name]
-                    _set_mode(mode)
+                    set_mode(mode)
                     for _ in range(settle if name.startswith("ours") else 0):
                         call()
                     t0 = time.perf_counter()
@@ -209,7 +211,7 @@ def measure(
                         call()
                     times.setdefault((state, count, name), []).append((time.perf_counter() - t0) / calls)
     busy.off()
-    _set_mode("shipped")
+    set_mode("shipped")
     torch.set_num_threads(threads)
     return times
 
@@ -262,7 +264,7 @@ def transitions(call: Callable[[], object], busy: BusyCore, calls: int, repeats:
             runs: list[list[float]] = []
             for _ in range(repeats):
                 torch.set_num_threads(count)
-                _set_mode(mode)
+                set_mode(mode)
                 busy.off() if busy_after else busy.on()
                 for _ in range(2 * calls):  # settled in the opposite condition
                     call()
@@ -276,7 +278,7 @@ def transitions(call: Callable[[], object], busy: BusyCore, calls: int, repeats:
             medians = [statistics.median(r[i] for r in runs) for i in range(calls)]
             rows.append([title, name, *(f"{1e3 * m:.0f}" for m in medians)])
     busy.off()
-    _set_mode("shipped")
+    set_mode("shipped")
     torch.set_num_threads(threads)
     print(table(["load", "method", *(str(i + 1) for i in range(calls))], rows))
     print()
