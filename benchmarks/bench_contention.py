@@ -35,6 +35,8 @@ Methods, per case:
   however long the second core was quiet before it (``PROBE_WARM_UP_SECONDS = None``), and a load marked on
   the latest all-thread product alone of a clear winner moving to one thread, not their median
   (``LOAD_FROM_MEDIAN = False``): the code before item 61;
+- **ours, probes every 0.5 s under a load**: the same with the all-thread probes under a load every
+  ``PROBE_ALL_SECONDS`` however old the load (``PROBE_ALL_GROWTH_SECONDS = None``): the code before item 65;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -102,6 +104,7 @@ class Mode:
     load_from_median: bool = True
     probe_one_share: float | None = _product_threads.PROBE_ONE_SHARE  # item 62
     load_evidence: float | None = _product_threads.LOAD_EVIDENCE_SECONDS  # item 63
+    probe_all_growth: float | None = _product_threads.PROBE_ALL_GROWTH_SECONDS  # item 65
 
 
 MODES = {
@@ -115,6 +118,7 @@ MODES = {
     "probes before item 58": Mode(probe_all_share=None),
     "loads from short products": Mode(load_evidence=None),
     "one-thread probes every 2 s": Mode(probe_one_share=None),
+    "probes every 0.5 s under a load": Mode(probe_all_growth=None),
     "chooser before item 61": Mode(
         probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
     ),
@@ -138,6 +142,7 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _product_threads.LOAD_FROM_MEDIAN = switches.load_from_median
     _product_threads.PROBE_ONE_SHARE = switches.probe_one_share
     _product_threads.LOAD_EVIDENCE_SECONDS = switches.load_evidence
+    _product_threads.PROBE_ALL_GROWTH_SECONDS = switches.probe_all_growth
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -302,6 +307,7 @@ ARMS = (
     (", loads from short products", "loads from short products"),
     (", one-thread probes every 2 s", "one-thread probes every 2 s"),
     (", chooser before item 61", "chooser before item 61"),
+    (", probes every 0.5 s under a load", "probes every 0.5 s under a load"),
 )
 
 

@@ -37,7 +37,8 @@ jobs on a shared host), so it is measured, not configured:
   and at once after an all-thread product
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
   themselves: two slow ones move the class to one thread, if one thread is faster now);
-- while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS`, for all such classes
+- while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS` (under a load that lasts, less often:
+  `PROBE_ALL_GROWTH_SECONDS`, item 65), for all such classes
   together: the load is the machine's, and each probe costs more than its own product (after an
   all-thread product the pool's idle thread spins for a while on a core the next one-thread work
   needs). Under a load a probe is a burst of `LONG_PROBE_FACTOR` x `PROBE_WARM_UP_SECONDS` in which
@@ -50,14 +51,16 @@ jobs on a shared host), so it is measured, not configured:
   end for all (item 58). A probe that beats the winner (an all-thread probe: by the bar above) is
   repeated at the next product; when two all-thread probes in a row win a class back clearly (one
   may be a lucky time slice), every class on one thread re-measures at its next product, so the
-  machine freeing up is followed within about `PROBE_ALL_SECONDS`;
+  machine freeing up is followed within about one probe period (`PROBE_ALL_SECONDS` to
+  `PROBE_ALL_MAX_SECONDS`, as old as the load is);
 - each product's time runs to the start of the next product (or the end of the pair sum), so
   that the slowdown of the passes after an all-thread product is charged to it; the load's
   evidence (`CLEAR_WIN`) is the products' own time, which those passes would dilute towards 1.0
   (on CPU C idle classes read 0.76-0.93 charged where the products alone read 0.71-0.77).
 
 What it costs on an idle machine: one product per class every `PROBE_ONE_SECONDS` on one thread;
-on a busy core, one all-thread product every `PROBE_ALL_SECONDS`, a costly one less often.
+on a busy core, one all-thread product every `PROBE_ALL_SECONDS`, a costly one less often, and all of them less
+often as the load lasts.
 The result does not depend on the choice where the product library splits rows and columns only
 (oneDNN and MKL on the shapes of ``tests/functional/test_product_threads.py``: bit-identical); with
 ``torch.use_deterministic_algorithms(True)`` every product takes the caller's threads, as does
@@ -92,8 +95,20 @@ PROBE_ONE_SECONDS = 2.0
 #: (MGD at 1024 x 512, idle CPU D: with a probe of each of its seven classes every 2 s, 1.07x [1.00, 1.12] the time
 #: with the share, paired; item 62.) ``None``: every `PROBE_ONE_SECONDS`, before item 62.
 PROBE_ONE_SHARE: float | None = 0.005
-#: While one thread wins, one product (of any such class) runs on all threads this often (s).
+#: While one thread wins, one product (of any such class) runs on all threads this often (s); under a load that
+#: lasts, less often (`PROBE_ALL_GROWTH_SECONDS`).
 PROBE_ALL_SECONDS = 0.5
+#: Under a machine-wide load that has lasted L seconds the all-thread probes come every sqrt(PROBE_ALL_GROWTH_SECONDS
+#: x L) seconds, from `PROBE_ALL_SECONDS` up to `PROBE_ALL_MAX_SECONDS`. A probe under a load costs about c, a load
+#: that has lasted L ends in the next second with a chance of about 1/L, and each second its end goes unseen costs
+#: the idle gain g: the rate c/T + g T/(2L) is least at T = sqrt(2cL/g). On CPU D (``bench_lasting_load.py``,
+#: item 65) c read 11 ms for MHE at 512 x 4608 and 20 ms for MGD at 1024 x 512, g 0.3-0.35: 2c/g = 0.06-0.13 s.
+#: ``None``: every `PROBE_ALL_SECONDS` however old the load, before item 65.
+PROBE_ALL_GROWTH_SECONDS: float | None = 0.1
+#: The longest all-thread probe period under a load (s), reached at a load's age of 40 s. A load's end is seen at
+#: the first probe that wins (a probe after a quiet second core may not, item 61), so a longer period delays it by
+#: more than one period. The probes' cost falls as 1/T: from 0.5 s, a 2 s period saves 6/7 of what 4 s would.
+PROBE_ALL_MAX_SECONDS = 2.0
 #: While one thread wins, a class's own all-thread probes cost at most about this fraction of the time: a probe
 #: costs the class's measured all-thread product time less its one-thread one, and the class takes the period's
 #: probe only that cost / `PROBE_ALL_SHARE` seconds after its previous one (CPU D, busy core: MGD's 47 ms
@@ -203,6 +218,8 @@ class ProductThreadChooser:
         self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
         self._loaded = False  # a clear winner moved to one thread and no class won back clearly since
+        self._load_since = 0.0  # clock time the current load was marked (its age sets the probe period)
+        self._load_ended = float("-inf")  # clock time the latest load was seen to end
         self._seen_clear_win = False  # a class has won clearly on all threads: the machine was seen idle
         self._burst_start: float | None = None  # clock time the current all-thread probe's burst began
         self._burst_measured = False  # a product of the current burst has been measured
@@ -252,13 +269,31 @@ class ProductThreadChooser:
             if burst is not None and self._joins_burst(size, work, now, burst):
                 size.all_threads_probed = now
                 return True
-            if probe or (now - self._all_threads_probed >= PROBE_ALL_SECONDS and self._probe_due(size, work, now)):
+            period_over = now - self._all_threads_probed >= self._probe_all_period(now)
+            if probe or (period_over and self._probe_due(size, work, now)):
                 self._all_threads_probed = now  # the other classes wait for the next period
                 size.all_threads_probed = now
                 if PROBE_WARM_UP_SECONDS is not None and not probe and self._loaded:  # the pool has been quiet
                     self._burst_start, self._burst_measured = now, False
                 return True
             return False
+
+    def _probe_all_period(self, now: float) -> float:
+        """Seconds between the all-thread probes of the classes on one thread (`PROBE_ALL_GROWTH_SECONDS`)."""
+        if not self._loaded or PROBE_ALL_GROWTH_SECONDS is None:
+            return PROBE_ALL_SECONDS
+        grown = math.sqrt(PROBE_ALL_GROWTH_SECONDS * (now - self._load_since))
+        return min(PROBE_ALL_MAX_SECONDS, max(PROBE_ALL_SECONDS, grown))
+
+    def _mark_load(self) -> None:
+        """Take the load as the machine's. One marked again within `PROBE_ALL_MAX_SECONDS` of the latest load's end
+        keeps that load's age: its end was a moment's win (a lucky time slice), not an idle machine."""
+        if self._loaded:
+            return
+        now = self.clock()
+        if now - self._load_ended > PROBE_ALL_MAX_SECONDS:
+            self._load_since = now
+        self._loaded = True
 
     @staticmethod
     def _burst_seconds() -> float:
@@ -333,7 +368,7 @@ class ProductThreadChooser:
             if all_win and size.products_win_clearly():
                 self._seen_clear_win = True
             elif not (self._loaded or self._seen_clear_win) and self._loses_from_the_start(size, work):
-                self._loaded = True  # a load there before the first product: no clear winner will move
+                self._mark_load()  # a load there before the first product: no clear winner will move
             if winner_all and not all_win:  # moved to one thread: the first probe a period on
                 self._all_threads_probed = size.all_threads_probed = self.clock()
                 # a clear winner losing is the machine's load: marginal winners elsewhere yield too. The
@@ -343,11 +378,13 @@ class ProductThreadChooser:
                     lost = not LOAD_FROM_PRODUCTS or not size.products_win_clearly()
                 else:
                     lost = not LOAD_FROM_PRODUCTS or size.all_products[-1] > CLEAR_WIN * size.one_products.median
-                self._loaded = self._loaded or (clear_winner and lost)
+                if clear_winner and lost:
+                    self._mark_load()
             elif all_threads and not winner_all and size.all_threads_win() and size.products_win_clearly():
                 # all threads won back clearly (two fast probes in a row): the machine has freed up, so
                 # every class on one thread re-measures; one fast probe alone may be a lucky time slice
-                self._loaded = False
+                if self._loaded:
+                    self._loaded, self._load_ended = False, self.clock()
                 for other in self._classes.values():
                     ready = bool(other.all_threads) and len(other.one_thread) >= 2
                     other.probe_now = ready and not self._keeps_all_threads(other)
@@ -379,6 +416,10 @@ class ProductThreadChooser:
         clearly, a long product measured no faster on all threads), and no class on one thread has won all
         threads back clearly since."""
         return self._loaded
+
+    def load_age(self) -> float:
+        """Seconds since the current load was marked (a load seen ending for a moment keeps its age); 0 without one."""
+        return self.clock() - self._load_since if self._loaded else 0.0
 
     def one_thread_classes(self, kind: str = "") -> list[int]:
         """The size classes (log2 of multiply-adds) of products of ``kind`` that currently take one thread."""

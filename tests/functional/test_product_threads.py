@@ -7,6 +7,7 @@ change of load. Inside the library the choice must only change thread counts, ne
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 
@@ -107,14 +108,35 @@ def test_a_costly_class_re_measures_one_thread_in_proportion_to_the_cost(monkeyp
     assert choices.count(False) >= 0.9 * _seconds(choices, idle_long) / PROBE_ONE_SECONDS - 1  # (ends at a product)
 
 
-def test_busy_core_moves_products_to_one_thread_and_probes_all_threads_once_per_period() -> None:
+def _probe_all_period(age: float) -> float:
+    """Item 65's all-thread probe period under a load of ``age`` seconds: sqrt(0.1 s x age), 0.5 s to 2 s."""
+    return min(2.0, max(0.5, math.sqrt(0.1 * age)))
+
+
+def _probes_over(seconds: float, step: float = 1e-3) -> float:
+    """How many all-thread probes a load's first ``seconds`` hold at that period: the integral of 1 / period."""
+    return sum(step / _probe_all_period((k + 0.5) * step) for k in range(round(seconds / step)))
+
+
+def test_busy_core_moves_products_to_one_thread_and_probes_all_threads_less_often_as_the_load_lasts(
+    monkeypatch,
+) -> None:
+    """On a busy core every product moves to one thread. The all-thread probes come every 0.5 s at first and less
+    often as the load lasts (item 65: about 35 in 40 s, where every 0.5 s would be 80); with the growth off
+    (``None``), every `PROBE_ALL_SECONDS`."""
     chooser, clock = _chooser()
     choices = _run(chooser, clock, WORK, BUSY.__getitem__, 4000)
     steady = choices[5:]
-    probes = steady.count(True)
-    expected = _seconds(steady, BUSY) / PROBE_ALL_SECONDS
-    assert 0.95 * expected - 1 <= probes <= expected + 1  # a period ends at the next product
+    expected = _probes_over(_seconds(steady, BUSY))
+    assert 0.95 * expected - 1 <= steady.count(True) <= expected + 1  # a period ends at the next product
     assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
+    late = _run(chooser, clock, WORK, BUSY.__getitem__, 12_000)  # 120 s more: a load over 40 s old
+    assert late[-8_000:].count(True) <= 80 / 2.0 + 1  # one probe per 2 s
+    monkeypatch.setattr(_product_threads, "PROBE_ALL_GROWTH_SECONDS", None)
+    chooser, clock = _chooser()
+    steady = _run(chooser, clock, WORK, BUSY.__getitem__, 4000)[5:]
+    expected = _seconds(steady, BUSY) / PROBE_ALL_SECONDS
+    assert 0.95 * expected - 1 <= steady.count(True) <= expected + 1
 
 
 def test_a_new_load_moves_products_to_one_thread_within_a_few_products() -> None:
@@ -127,13 +149,32 @@ def test_a_new_load_moves_products_to_one_thread_within_a_few_products() -> None
     assert chooser.one_thread_classes() == [WORK.bit_length() - 1]
 
 
-def test_the_load_ending_brings_all_threads_back_within_a_probe_period() -> None:
+@pytest.mark.parametrize("busy_products", [500, 20_000])  # a load of 5 s and of 200 s
+def test_the_load_ending_brings_all_threads_back_within_a_probe_period(busy_products: int) -> None:
+    """The end of a load is seen at the next all-thread probe: within the period of a load that old (item 65)."""
     chooser, clock = _chooser()
-    _run(chooser, clock, WORK, BUSY.__getitem__, 500)
-    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 200)
+    _run(chooser, clock, WORK, BUSY.__getitem__, busy_products)
+    age = clock() - 5 * BUSY[False]  # the load is marked after the first five products
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 1000)
     first = choices.index(True)
-    assert _seconds(choices[:first], IDLE) <= PROBE_ALL_SECONDS
+    assert _seconds(choices[:first], IDLE) <= _probe_all_period(age) + BUSY[False]
     assert all(choices[first : first + 100])  # repeated at once, then kept
+    assert not chooser.loaded
+
+
+def test_a_load_seen_ending_for_a_moment_keeps_its_age() -> None:
+    """A load marked again within `PROBE_ALL_MAX_SECONDS` of its end (a lucky probe, a short break) keeps the
+    probe period of its age; one marked later is a new load, probed every `PROBE_ALL_SECONDS` at first."""
+    for idle_seconds, fresh in ((1.0, False), (3.0, True)):
+        chooser, clock = _chooser()
+        _run(chooser, clock, WORK, BUSY.__getitem__, 6000)  # a load 60 s old: probes every 2 s
+        idle = _run(chooser, clock, WORK, IDLE.__getitem__, round(idle_seconds / IDLE[True]))
+        assert not chooser.loaded and idle[-10:] == [True] * 10
+        _run(chooser, clock, WORK, BUSY.__getitem__, 20)
+        assert chooser.loaded
+        assert (chooser.load_age() < 1.0) if fresh else (chooser.load_age() > 60.0)
+        again = _run(chooser, clock, WORK, BUSY.__getitem__, 150)  # 1.5 s
+        assert again.count(True) >= 2 if fresh else again.count(True) == 0  # every 0.5 s, or none within 2 s
 
 
 def test_the_first_product_of_each_choice_is_not_measured() -> None:
@@ -291,7 +332,9 @@ def _busy_short_and_long_classes(chooser, clock, seconds: float) -> tuple[list[b
 def test_a_long_product_takes_all_thread_probes_in_proportion_to_its_time(monkeypatch) -> None:
     """On a busy core an all-thread probe costs more than the one-thread product, so a class whose probes cost
     much (150 ms here) takes one at most every ``cost / PROBE_ALL_SHARE`` seconds (item 58), and the period's
-    probes go to the cheap class; with the share off (``None``) the long class takes most of them."""
+    probes go to the cheap class; with the share off (``None``) the long class takes most of them. (The period
+    kept at `PROBE_ALL_SECONDS`: its growth with the load's age is item 65's test.)"""
+    monkeypatch.setattr(_product_threads, "PROBE_ALL_GROWTH_SECONDS", None)
     chooser, clock = _chooser()
     _busy_short_and_long_classes(chooser, clock, 5.0)  # settled on one thread
     seconds = 60.0
@@ -446,9 +489,11 @@ def test_a_load_ends_although_a_probe_after_a_quiet_second_core_is_slow(monkeypa
     assert chooser.loaded and choices[-100:].count(True) <= 1
 
 
-def test_a_probe_burst_on_a_busy_core_costs_its_warm_up_and_one_product_a_period() -> None:
+def test_a_probe_burst_on_a_busy_core_costs_its_warm_up_and_one_product_a_period(monkeypatch) -> None:
     """While the core stays busy a burst runs all threads for its warm-up (`PROBE_WARM_UP_SECONDS`) and one
-    measured product, once per `PROBE_ALL_SECONDS`: the load is kept and the bursts' time stays that small."""
+    measured product, once per `PROBE_ALL_SECONDS` (kept so: its growth is item 65's test): the load is kept and
+    the bursts' time stays that small."""
+    monkeypatch.setattr(_product_threads, "PROBE_ALL_GROWTH_SECONDS", None)
     chooser, clock = _chooser()
     machine = _QuietSecondCore(clock, 1.5 * MS)
     machine.busy = True
