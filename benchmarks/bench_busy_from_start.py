@@ -52,7 +52,8 @@ ARMS = {
 }
 
 
-def run_case(name: str, rounds: int, seconds: float, threads: int) -> list[list[object]]:
+def case_call(name: str) -> tuple[Callable[[], None], int, int]:
+    """One call of case ``name``'s penalty, forward and backward, on seeded weights; and its n and d."""
     fn, n, d = CASES[name]
     torch.manual_seed(0)
     w = torch.randn(n, d, requires_grad=True)
@@ -61,6 +62,20 @@ def run_case(name: str, rounds: int, seconds: float, threads: int) -> list[list[
         w.grad = None
         fn(w, half_space=True).backward()
 
+    return call, n, d
+
+
+def cases_of(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The case names of a comma-separated ``--cases``, or the parser's error naming the unknown ones."""
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
+    return cases
+
+
+def run_case(name: str, rounds: int, seconds: float, threads: int) -> list[list[object]]:
+    call, n, d = case_call(name)
     walls: dict[str, list[float]] = {arm: [] for arm in ARMS}
     marked = dict.fromkeys(ARMS, 0)
     arms = list(ARMS)
@@ -97,10 +112,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed window per arm and round")
     parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
     args = parser.parse_args()
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
-    if unknown:
-        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
+    cases = cases_of(parser, args.cases)
     threads = torch.get_num_threads()
     print(f"Machine: {machine()}; competing process pinned to core {args.core} for the whole run")
     rows: list[list[object]] = []

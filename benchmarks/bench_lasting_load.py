@@ -33,21 +33,11 @@ from collections.abc import Callable
 import torch
 from _common import machine, ms, paired_ratio, table
 from _contention import BusyCore
+from bench_busy_from_start import CASES, case_call, cases_of
 from bench_contention import set_mode
 
-from lightning_hsu.functional import (
-    _product_threads,
-    gram_determinant_penalty,
-    hyperspherical_energy,
-    hyperspherical_separation,
-)
+from lightning_hsu.functional import _product_threads
 
-#: case → (penalty in half space, n, d)
-CASES: dict[str, tuple[Callable[..., torch.Tensor], int, int]] = {
-    "mhe": (hyperspherical_energy, 512, 4608),
-    "mgd": (gram_determinant_penalty, 1024, 512),
-    "mhs": (hyperspherical_separation, 1024, 512),
-}
 #: arm → (`bench_contention.MODES` mode, one thread)
 ARMS = {
     "1 thread": ("shipped", True),
@@ -132,14 +122,7 @@ def _rows(label: str, walls: _Blocks, under_load: dict[str, list[bool]], base: s
 
 
 def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[object]]:
-    fn, n, d = CASES[name]
-    torch.manual_seed(0)
-    w = torch.randn(n, d, requires_grad=True)
-
-    def call() -> None:
-        w.grad = None
-        fn(w, half_space=True).backward()
-
+    call, n, d = case_call(name)
     arms = {name: _Arm(name) for name in ARMS}
     during = [arms[name] for name in ARMS if name != "all-thread products"]
     under_load: dict[str, list[bool]] = {arm: [] for arm in ARMS}
@@ -175,7 +158,7 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[obj
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="mhe,mgd", help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--cases", default="mhe,mgd,mhs", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--load-seconds", type=float, default=240.0, help="how long the competing process spins")
     parser.add_argument("--skip-seconds", type=float, default=60.0, help="the load's first seconds, not in the table")
     parser.add_argument("--block-seconds", type=float, default=1.0)
@@ -183,10 +166,7 @@ def main() -> None:
     parser.add_argument("--after-block-seconds", type=float, default=0.25)
     parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
     args = parser.parse_args()
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
-    if unknown:
-        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
+    cases = cases_of(parser, args.cases)
     if not 0 <= args.skip_seconds < args.load_seconds:
         parser.error("--skip-seconds must be at least 0 and less than --load-seconds")
     threads = torch.get_num_threads()
