@@ -342,13 +342,13 @@ class ProductThreadChooser:
     ) -> None:
         """Take a product's measured ``seconds`` (with the passes up to the next product, what the choice
         costs) and ``product_seconds`` (the product alone, the load's evidence; default ``seconds``)."""
-        rate = seconds / max(work, 1)
-        product_rate = (seconds if product_seconds is None else product_seconds) / max(work, 1)
+        product = seconds if product_seconds is None else product_seconds
+        rate, product_rate = seconds / max(work, 1), product / max(work, 1)
         with self._lock:
             size = self._size_class(work, kind)
             if not all_threads:
                 size.one_thread_probed = self.clock()
-            warming_up = all_threads and self._warming_up(seconds, product_rate * max(work, 1))
+            warming_up = all_threads and self._warming_up(seconds, product)
             if all_threads not in size.warmed_up:  # a first product pays one-time costs (thread start-up,
                 size.warmed_up.add(all_threads)  # the library's plan for the shape): not measured
                 return
