@@ -12,7 +12,9 @@ probe under a load is a burst whose first `_product_threads.PROBE_WARM_UP_SECOND
 
 ``--chooser CASES`` then measures the chooser on the idle machine: per case (``kind:n x d``, kinds ``mhe``,
 ``mhs``, ``mgd``: half space, forward + backward), blocks of ``--block-seconds`` of back-to-back calls rotate
-between five arms, each with its own product chooser kept from block to block:
+between five arms, each with its own product chooser kept from block to block, on a clock that runs only in the
+arm's own blocks (`_arms.Arm`; before item 65's session the choosers read the wall clock, so their probe periods
+ran during the other arms' blocks too):
 
 - **shipped**;
 - **loads from short products**: a clear winner of any length marks a load when it moves to one thread
@@ -41,6 +43,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from _arms import Arm, rotated
 from _common import add_common_args, apply_threads, machine, ms, paired_ratio, table
 from bench_contention import set_mode
 
@@ -94,31 +97,24 @@ def chooser_idle(case: str, blocks: int, block_seconds: float) -> list[list[obje
     torch.manual_seed(0)
     w = torch.randn(n, d, requires_grad=True)
     penalty = PENALTIES[kind]
-    choosers = {arm: _product_threads.ProductThreadChooser() for arm in ARMS}
+
+    def call() -> None:
+        w.grad = None
+        penalty(w, half_space=True).backward()
+
+    arms = [Arm(name, name) for name in ARMS]
     per_call: dict[str, list[float]] = {arm: [] for arm in ARMS}
     loaded: dict[str, list[bool]] = {arm: [] for arm in ARMS}
-
-    def block(arm: str, seconds: float) -> float:
-        set_mode(arm, choosers[arm])
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds:
-            w.grad = None
-            penalty(w, half_space=True).backward()
-            loaded[arm].append(choosers[arm].loaded)
-            calls += 1
-        return ms(time.perf_counter() - start) / calls
-
-    names = list(ARMS)
-    reference = names[-1]
-    for arm in names:
-        block(arm, block_seconds)
-    for arm in names:
-        loaded[arm].clear()
+    threads = torch.get_num_threads()
+    for arm in arms:
+        arm.block(call, block_seconds, threads, [])
     for rnd in range(blocks):
-        for arm in names[rnd % len(names) :] + names[: rnd % len(names)]:
-            per_call[arm].append(block(arm, block_seconds))
+        for arm in rotated(arms, rnd):
+            per_call[arm.name].append(ms(arm.block(call, block_seconds, threads, loaded[arm.name])))
+    set_mode("shipped")
+    reference = ARMS[-1]
     rows = []
-    for arm in names[:-1]:
+    for arm in ARMS[:-1]:
         median, low, high = paired_ratio(per_call[arm], per_call[reference])
         share = sum(loaded[arm]) / len(loaded[arm])
         rows.append(

@@ -5,8 +5,8 @@
 seconds. A job next to a busy data loader or another job sees one that lasts. Here the competing process
 (`_contention.BusyCore`, pinned to one core) spins for ``--load-seconds``; blocks of ``--block-seconds`` rotate
 between the arms, each with its own chooser kept for the whole run (`bench_contention.set_mode`) on a clock that
-runs only in the arm's own blocks, so that its probe periods and the load's age are in the arm's own time (with
-three arms rotating, a load of 240 s is about 80 s old in each arm's time):
+runs only in the arm's own blocks (`_arms.Arm`), so that its probe periods and the load's age are in the arm's own
+time (with three arms rotating, a load of 240 s is about 80 s old in each arm's time):
 
 - **1 thread**: ``torch.set_num_threads(1)``;
 - **shipped**: the default threads, the chooser as shipped (under a load the all-thread probes come less often
@@ -31,12 +31,11 @@ import time
 from collections.abc import Callable
 
 import torch
+from _arms import Arm, rotated
 from _common import machine, ms, paired_ratio, table
 from _contention import BusyCore
 from bench_busy_from_start import CASES, case_call, cases_of
 from bench_contention import set_mode
-
-from lightning_hsu.functional import _product_threads
 
 #: arm → (`bench_contention.MODES` mode, one thread)
 ARMS = {
@@ -50,34 +49,9 @@ CHOOSING = ("shipped", "probes every 0.5 s under a load")
 _Blocks = dict[str, list[float]]
 
 
-class _OwnClock:
-    """``time.perf_counter`` that stands still while the arm is paused (other arms' blocks)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-        self.paused_at: float | None = time.perf_counter()
-
-    def __call__(self) -> float:
-        return (self.paused_at or time.perf_counter()) - self.offset
-
-    def resume(self) -> None:
-        if self.paused_at is not None:
-            self.offset += time.perf_counter() - self.paused_at
-            self.paused_at = None
-
-    def pause(self) -> None:
-        self.paused_at = time.perf_counter()
-
-
-class _Arm:
-    def __init__(self, name: str) -> None:
-        self.name, self.clock = name, _OwnClock()
-        self.chooser = _product_threads.ProductThreadChooser(self.clock)
-
-
 def _blocks(
     call: Callable[[], None],
-    arms: list[_Arm],
+    arms: list[Arm],
     threads: int,
     seconds: float,
     block: float,
@@ -85,22 +59,13 @@ def _blocks(
     seen_end: dict[str, float] | None = None,
     stopped: dict[str, float] | None = None,
 ) -> _Blocks:
-    """Rounds of one ``block``-second block per arm (rotating the order) for ``seconds``; ms per call per block."""
+    """Rounds of one ``block``-second block per arm (rotating the order) for ``seconds``; seconds per call per
+    block. With ``seen_end``, the arm's own time from ``stopped`` to the end of its first block without a load."""
     walls: _Blocks = {arm.name: [] for arm in arms}
     end, r = time.perf_counter() + seconds, 0
     while time.perf_counter() < end:
-        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
-            mode, one = ARMS[arm.name]
-            set_mode(mode, arm.chooser)
-            torch.set_num_threads(1 if one else threads)
-            arm.clock.resume()
-            start, calls = time.perf_counter(), 0
-            while time.perf_counter() - start < block:
-                call()
-                calls += 1
-                under_load[arm.name].append(arm.chooser.loaded)
-            arm.clock.pause()
-            walls[arm.name].append((time.perf_counter() - start) / calls)
+        for arm in rotated(arms, r):
+            walls[arm.name].append(arm.block(call, block, threads, under_load[arm.name]))
             watching = seen_end is not None and stopped is not None and arm.name in CHOOSING
             if watching and arm.name not in seen_end and not arm.chooser.loaded:
                 seen_end[arm.name] = arm.clock() - stopped[arm.name]
@@ -123,7 +88,7 @@ def _rows(label: str, walls: _Blocks, under_load: dict[str, list[bool]], base: s
 
 def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[object]]:
     call, n, d = case_call(name)
-    arms = {name: _Arm(name) for name in ARMS}
+    arms = {name: Arm(name, *ARMS[name]) for name in ARMS}
     during = [arms[name] for name in ARMS if name != "all-thread products"]
     under_load: dict[str, list[bool]] = {arm: [] for arm in ARMS}
     with BusyCore(args.core) as busy:
