@@ -1,7 +1,7 @@
 """Arms that take turns in blocks of back-to-back calls, each with a product chooser on a clock of its own time.
 
 Rotating arms within one process lets them share the host's minute. Each arm's chooser
-(`lightning_hsu.functional._product_threads.ProductThreadChooser`) reads `OwnClock`, which stands still
+(`lightning_hsu.functional._product_threads.ProductThreadChooser`) reads `_common.OwnClock`, which stands still
 during the other arms' blocks: on the wall clock its probe periods and a load's age would run during
 them too, and with four arms a period of 4 s came to about one probe per block of the arm's own
 (item 65's first run, `results_cpu_d_item65.md`).
@@ -13,28 +13,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from _common import OwnClock
 from bench_contention import set_mode
 
 from lightning_hsu.functional import _product_threads
-
-
-class OwnClock:
-    """``time.perf_counter`` that stands still while the arm is paused (other arms' blocks)."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-        self.paused_at: float | None = time.perf_counter()
-
-    def __call__(self) -> float:
-        return (self.paused_at or time.perf_counter()) - self.offset
-
-    def resume(self) -> None:
-        if self.paused_at is not None:
-            self.offset += time.perf_counter() - self.paused_at
-            self.paused_at = None
-
-    def pause(self) -> None:
-        self.paused_at = time.perf_counter()
 
 
 class Arm:
@@ -48,9 +30,8 @@ class Arm:
     def block(self, call: Callable[[], None], seconds: float, threads: int, loaded: list[bool]) -> float:
         """Back-to-back ``call``s for ``seconds`` in this arm's mode; seconds per call. Appends to ``loaded``
         whether the chooser held a load after each call. The caller restores the mode (`set_mode`)."""
-        set_mode(self.mode, self.chooser)
+        set_mode(self.mode, self.chooser)  # starts the arm's clock
         torch.set_num_threads(1 if self.one_thread else threads)
-        self.clock.resume()
         start, calls = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             call()

@@ -32,6 +32,28 @@ class Timing:
     walls: list[float] | None = None  # every repeat, in round order (for paired ratios)
 
 
+class OwnClock:
+    """``time.perf_counter`` that stands still while paused: a product chooser's clock that runs only in the calls of
+    its own arm or mode, so that its probe periods and a load's age are in that arm's time, not in the time of the
+    other arms rotating with it (`_arms.Arm`, `bench_contention.set_mode`). It starts paused."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self.paused_at: float | None = time.perf_counter()
+
+    def __call__(self) -> float:
+        return (self.paused_at or time.perf_counter()) - self.offset
+
+    def resume(self) -> None:
+        if self.paused_at is not None:
+            self.offset += time.perf_counter() - self.paused_at
+            self.paused_at = None
+
+    def pause(self) -> None:
+        if self.paused_at is None:  # pausing twice must not count the time between
+            self.paused_at = time.perf_counter()
+
+
 def half_gram_products(x: torch.Tensor, mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
     """The upper strips ``X_I X_{J >= I}^T`` (128 rows) of the Gram matrix of ``[batch, n, d]`` rows:
     the Gram products the pair sums compute (``gram`` and the strip schedule), without mirroring.

@@ -43,6 +43,11 @@ Methods, per case:
   it, without the mirroring) and the gradient product ``C W``, with the library's products on
   all threads.
 
+Each mode has its own product chooser, kept for the whole run, on a clock that runs only during that mode's calls
+(`_common.OwnClock`), so that its probe periods and a load's age are in its own time. (The runs recorded up to
+``results_cpu_d_item65.md`` read the wall clock: a mode's periods ran during the other methods' calls, and each of
+its samples began with the probes that had fallen due meanwhile.)
+
 Each timed call of ours follows ``--settle`` untimed ones in its condition (a load that lasts;
 16 calls of MHE at 512 x 4608 take about 0.4-0.7 s, longer than the choice takes to follow);
 ``--calls-per-sample N`` times N calls together instead of one (their mean), so that costs that
@@ -77,7 +82,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import half_gram_products, machine, ms, paired_ratio, steady_heap, table
+from _common import OwnClock, half_gram_products, machine, ms, paired_ratio, steady_heap, table
 from _contention import BusyCore
 
 from lightning_hsu.functional import _cpu_pairs, _matmul, _product_threads, hyperspherical_energy
@@ -125,13 +130,16 @@ MODES = {
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
-#: each mode's own product chooser, so that one mode's measurements do not steer another's
+#: each mode's own product chooser, so that one mode's measurements do not steer another's, on a clock of the mode's
+#: own time: on the wall clock, the probe periods of a mode ran during the other methods' calls, and with a dozen
+#: methods rotating each sample began with the probes due meanwhile (before item 65's sessions)
 _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 
 def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = None) -> None:
     """Set the library's switches of ``mode`` (one of `MODES`) and install ``chooser``, by default the mode's own
-    (kept from call to call, so that one mode's measurements do not steer another's)."""
+    (kept from call to call, so that one mode's measurements do not steer another's). The installed chooser's
+    `OwnClock` runs from here; the one it replaces stops."""
     switches = MODES[mode]
     _matmul.SERIAL_PASSES = switches.serial_passes
     _product_threads.MACHINE_WIDE = switches.machine_wide
@@ -146,7 +154,15 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
-    _product_threads.CHOOSER = chooser or _CHOOSERS.setdefault(mode, _product_threads.ProductThreadChooser())
+    chooser = chooser or _CHOOSERS.get(mode)
+    if chooser is None:
+        chooser = _CHOOSERS[mode] = _product_threads.ProductThreadChooser(OwnClock())
+    previous = _product_threads.CHOOSER
+    if chooser is not previous and isinstance(previous.clock, OwnClock):
+        previous.clock.pause()
+    if isinstance(chooser.clock, OwnClock):
+        chooser.clock.resume()
+    _product_threads.CHOOSER = chooser
 
 
 def _mhe(w: torch.Tensor, half_space: bool) -> Callable[[], object]:
@@ -403,7 +419,7 @@ def main() -> None:
             w = torch.randn(n, d, requires_grad=True)
             methods: dict[str, Method] = {f"ours{label}": (_mhe(w, half), mode) for label, mode in selected}
             if official:
-                methods["official"] = (_official(w, half), "shipped")
+                methods["official"] = (_official(w, half), "all-thread products")  # no chooser runs
             methods["products"] = (_products(w), "all-thread products")
             _measure_and_report(
                 f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads, args.settle, args.calls_per_sample
@@ -428,7 +444,7 @@ def main() -> None:
             model = ResNet18()
             x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
             methods = {
-                "no penalty": (make_step(model, None, x, y), "shipped"),
+                "no penalty": (make_step(model, None, x, y), "all-thread products"),  # no chooser runs
                 **{f"ours{label}": (make_step(model, penalty_per_layer, x, y), mode) for label, mode in selected},
             }
             load = _load()
