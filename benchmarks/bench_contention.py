@@ -37,6 +37,9 @@ Methods, per case:
   (``LOAD_FROM_MEDIAN = False``): the code before item 61;
 - **ours, probes every 0.5 s under a load**: the same with the all-thread probes under a load every
   ``PROBE_ALL_SECONDS`` however old the load (``PROBE_ALL_GROWTH_SECONDS = None``): the code before item 65;
+- **ours, one slow product re-measures**: the same with one all-thread product ``SLOWDOWN`` times slower than its
+  class's median enough to re-measure one thread, not two in a row (``SLOWDOWN_PRODUCTS = 1``): the code before
+  item 66;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -110,6 +113,7 @@ class Mode:
     probe_one_share: float | None = _product_threads.PROBE_ONE_SHARE  # item 62
     load_evidence: float | None = _product_threads.LOAD_EVIDENCE_SECONDS  # item 63
     probe_all_growth: float | None = _product_threads.PROBE_ALL_GROWTH_SECONDS  # item 65
+    slowdown_products: int = _product_threads.SLOWDOWN_PRODUCTS  # item 66
 
 
 MODES = {
@@ -124,6 +128,7 @@ MODES = {
     "loads from short products": Mode(load_evidence=None),
     "one-thread probes every 2 s": Mode(probe_one_share=None),
     "probes every 0.5 s under a load": Mode(probe_all_growth=None),
+    "one slow product re-measures": Mode(slowdown_products=1),
     "chooser before item 61": Mode(
         probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
     ),
@@ -151,6 +156,7 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _product_threads.PROBE_ONE_SHARE = switches.probe_one_share
     _product_threads.LOAD_EVIDENCE_SECONDS = switches.load_evidence
     _product_threads.PROBE_ALL_GROWTH_SECONDS = switches.probe_all_growth
+    _product_threads.SLOWDOWN_PRODUCTS = switches.slowdown_products
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -324,6 +330,7 @@ ARMS = (
     (", one-thread probes every 2 s", "one-thread probes every 2 s"),
     (", chooser before item 61", "chooser before item 61"),
     (", probes every 0.5 s under a load", "probes every 0.5 s under a load"),
+    (", one slow product re-measures", "one slow product re-measures"),
 )
 
 

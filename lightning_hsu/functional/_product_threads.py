@@ -34,9 +34,10 @@ jobs on a shared host), so it is measured, not configured:
   all-thread products alone are no faster marks the load (item 59);
 - while all threads win, each class re-measures one thread every `PROBE_ONE_SECONDS` (the
   one-thread time barely moves with load), a costly class less often (`PROBE_ONE_SHARE`, item 62),
-  and at once after an all-thread product
+  and at once after `SLOWDOWN_PRODUCTS` all-thread products in a row each
   `SLOWDOWN` times slower than the median (a new load shows in the all-thread products
-  themselves: two slow ones move the class to one thread, if one thread is faster now);
+  themselves: two slow ones move the class to one thread, if one thread is faster now; one alone may be
+  a moment's noise, or the cold start after a one-thread probe, item 66);
 - while one thread wins, one all-thread probe runs every `PROBE_ALL_SECONDS` (under a load that lasts, less often:
   `PROBE_ALL_GROWTH_SECONDS`, item 65), for all such classes
   together: the load is the machine's, and each probe costs more than its own product (after an
@@ -84,8 +85,14 @@ from lightning_hsu.functional import _switches
 PRODUCT_THREADS_ENV = _switches.PRODUCT_THREADS.name
 #: Measurements kept per choice and size class; the choices compare their medians.
 WINDOW = 3
-#: An all-thread product this much slower than its class's median re-measures one thread next.
+#: An all-thread product this much slower than its class's median re-measures one thread next (`SLOWDOWN_PRODUCTS`).
 SLOWDOWN = 1.5
+#: How many all-thread products in a row must each be `SLOWDOWN` times slower than the median before one thread is
+#: re-measured. A load slows every product; a host that takes the second vCPU away for a moment slows one, and so
+#: does the product right after a one-thread probe, its second core cold (item 61): with one, each such probe could
+#: set off the next (CPU D, idle: the exact 10,000 x 512 MHE took 1.13-1.19x the time of every product on all threads
+#: with one, 1.02x with two; item 66). ``1``: one slow product, before item 66.
+SLOWDOWN_PRODUCTS = 2
 #: While all threads win in a size class, one of its products runs on one thread this often (s).
 PROBE_ONE_SECONDS = 2.0
 #: While all threads win, a class's one-thread probes cost at most about this fraction of the time: a probe costs
@@ -192,6 +199,7 @@ class _SizeClass:
     one_thread_probed: float = 0.0  # clock time of the latest one-thread product's end
     all_threads_probed: float = float("-inf")  # clock time of the class's latest all-thread probe
     probe_now: bool = False  # measure the losing choice at the next product
+    slow_products: int = 0  # all-thread products in a row `SLOWDOWN` times slower than the median
 
     def all_threads_win(self, bar: float = 1.0) -> bool:
         """Whether all threads' median time is at most ``bar`` times one thread's."""
@@ -360,11 +368,14 @@ class ProductThreadChooser:
                 return
             winner_all = self._keeps_all_threads(size)
             clear_winner = size.products_win_clearly() and self._long_enough_for_evidence(size, work)
-            if winner_all and all_threads and rate > SLOWDOWN * size.all_threads.median:
-                size.probe_now = True  # all threads slowed down (a new load?): re-measure one thread
+            slowed = winner_all and all_threads and rate > SLOWDOWN * size.all_threads.median
+            # in a row: a product on one thread in between resets the count (the next one starts cold)
+            size.slow_products = size.slow_products + 1 if slowed else 0
             (size.all_threads if all_threads else size.one_thread).append(rate)
             (size.all_products if all_threads else size.one_products).append(product_rate)
             all_win = self._keeps_all_threads(size)
+            if all_win and size.slow_products >= SLOWDOWN_PRODUCTS:  # all threads slowed down (a new load?)
+                size.probe_now, size.slow_products = True, 0  # but still win on the median: re-measure one thread
             if all_win and size.products_win_clearly():
                 self._seen_clear_win = True
             elif not (self._loaded or self._seen_clear_win) and self._loses_from_the_start(size, work):
