@@ -135,9 +135,7 @@ MODES = {
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
-#: each mode's own product chooser, so that one mode's measurements do not steer another's, on a clock of the mode's
-#: own time: on the wall clock, the probe periods of a mode ran during the other methods' calls, and with a dozen
-#: methods rotating each sample began with the probes due meanwhile (before item 65's sessions)
+#: each mode's own product chooser, so that one mode's measurements do not steer another's, on a clock of its own time
 _CHOOSERS: dict[str, _product_threads.ProductThreadChooser] = {}
 
 

@@ -274,7 +274,7 @@ def test_the_cold_product_after_a_one_thread_probe_sets_off_no_further_probe(mon
     """Idle, a class re-measures one thread at most once per `PROBE_ONE_SECONDS`, although the all-thread product
     after each such probe is 1.8x the median: one slow product is not a load (item 66). With one enough
     (``SLOWDOWN_PRODUCTS = 1``) each probe set off two more, until the cold products filled the median (CPU D: the
-    exact 10,000 x 512 MHE took 1.14-1.19x the time of every product on all threads)."""
+    exact 10,000 x 512 MHE took 1.13-1.19x the time of every product on all threads)."""
     cost = {True: 0.55 * 30 * MS, False: 30 * MS}
     chooser, clock = _chooser()
     choices = _run(chooser, clock, 10**9, _ColdAfterOneThread(30 * MS), 2000)[5:]
