@@ -129,6 +129,15 @@ def time_methods(
     return {k: Timing(statistics.median(walls[k]), statistics.median(cpus[k]), peaks[k], walls[k]) for k in names}
 
 
+def bootstrap_median(values: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of ``values`` and a 95% bootstrap interval of it (seeded: reproducible for given values)."""
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(values), (resamples, len(values)), generator=generator)
+    medians = torch.tensor(values, dtype=torch.float64)[picks].median(dim=1).values.sort().values
+    low, high = float(medians[int(0.025 * resamples)]), float(medians[int(0.975 * resamples) - 1])
+    return statistics.median(values), low, high
+
+
 def paired_ratio(
     numerators: list[float], denominators: list[float], resamples: int = 2000
 ) -> tuple[float, float, float]:
@@ -138,12 +147,15 @@ def paired_ratio(
     cancels within the pair instead of widening the gap between two medians. Seeded: the interval
     of a given list of timings is reproducible.
     """
-    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
-    generator = torch.Generator().manual_seed(0)
-    picks = torch.randint(0, len(ratios), (resamples, len(ratios)), generator=generator)
-    medians = torch.tensor(ratios, dtype=torch.float64)[picks].median(dim=1).values.sort().values
-    low, high = float(medians[int(0.025 * resamples)]), float(medians[int(0.975 * resamples) - 1])
-    return statistics.median(ratios), low, high
+    return bootstrap_median([a / b for a, b in zip(numerators, denominators, strict=True)], resamples)
+
+
+def paired_difference(
+    minuends: list[float], subtrahends: list[float], resamples: int = 2000
+) -> tuple[float, float, float]:
+    """Median of the per-round differences ``minuends[i] - subtrahends[i]`` and a 95% bootstrap interval
+    (what one setting adds to another timed in the same round, e.g. a penalty's milliseconds in a step)."""
+    return bootstrap_median([a - b for a, b in zip(minuends, subtrahends, strict=True)], resamples)
 
 
 def cpu_model() -> str:
