@@ -281,7 +281,11 @@ def main() -> None:
         parser.error("needs two or more intra-op threads (the settings compare one thread with the default)")
 
     import lightning
-    import transformers
+
+    try:
+        import transformers
+    except ImportError:
+        parser.error("the models are built from `transformers` configs: install it (the test extra has it)")
 
     transformers.logging.set_verbosity_error()
     for name in ("lightning.pytorch", "lightning.fabric"):
