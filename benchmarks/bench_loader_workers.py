@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,7 +52,6 @@ import torch
 import torch.nn.functional as F
 from _common import (
     OwnClock,
-    bootstrap_median,
     machine,
     ms,
     paired_difference,
@@ -147,7 +147,7 @@ def calibrate_warps(target_seconds: float) -> tuple[int, float]:
 
 @dataclass
 class Fit:
-    """Per setting, each round's block time (s), and after how many of its steps its chooser held a load."""
+    """Per setting, each round's block time (s), and whether its chooser held a load after each of its steps."""
 
     settings: dict[str, tuple[str | None, bool]]
     blocks: dict[str, list[float]] = field(default_factory=dict)
@@ -226,7 +226,7 @@ def rows_of(model: str, loader: str, fit: Fit, block: int) -> list[list[object]]
     for setting, (mode, one_thread) in fit.settings.items():
         blocks = fit.blocks[setting]
         base = fit.blocks[f"no penalty, {'1 thread' if one_thread else '2 threads'}"]
-        step = bootstrap_median([b / block for b in blocks])[0]
+        step = statistics.median(blocks) / block
         if mode is None:
             growth = penalty = "–"
         else:
