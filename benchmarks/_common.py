@@ -8,13 +8,14 @@ taken in the same run, never absolute numbers across runs.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -237,6 +238,15 @@ def add_common_args(parser) -> None:
         "one thread and only their products on all (docs/performance.md, a busy CPU); the official "
         "port and other code still end every parallel op at the pool's barrier",
     )
+
+
+def names_of(parser: argparse.ArgumentParser, option: str, text: str, choices: Iterable[str]) -> list[str]:
+    """The names in ``option``'s comma-separated ``text``, or the parser's error naming the ones not in ``choices``."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = list(choices)
+    if unknown := sorted(set(names) - set(known)):
+        parser.error(f"{option}: unknown {unknown}; choose from {known}")
+    return names
 
 
 def apply_threads(threads: int | None) -> None:

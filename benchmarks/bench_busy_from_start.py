@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import machine, ms, paired_ratio, table
+from _common import machine, ms, names_of, paired_ratio, table
 from _contention import BusyCore
 
 from lightning_hsu.functional import (
@@ -67,11 +67,7 @@ def case_call(name: str) -> tuple[Callable[[], None], int, int]:
 
 def cases_of(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """The case names of a comma-separated ``--cases``, or the parser's error naming the unknown ones."""
-    cases = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = sorted(set(cases) - set(CASES))
-    if unknown:
-        parser.error(f"--cases: unknown {unknown}; choose from {sorted(CASES)}")
-    return cases
+    return names_of(parser, "--cases", text, sorted(CASES))
 
 
 def run_case(name: str, rounds: int, seconds: float, threads: int) -> list[list[object]]:

@@ -54,6 +54,7 @@ from _common import (
     OwnClock,
     machine,
     ms,
+    names_of,
     paired_difference,
     paired_ratio,
     quiet_fit,
@@ -80,9 +81,8 @@ def settings_of(modes: list[str]) -> dict[str, tuple[str | None, bool]]:
     return BASE_SETTINGS | {f"{mode}, 2 threads": (mode, False) for mode in modes}
 
 
-#: loader setting → num_workers (``None``: ``--workers``)
-LOADERS = {"worker": None, "main": 0}
-LOADER_NAMES = {"worker": "worker", "main": "in the step's process"}
+#: loader setting → (num_workers, ``None`` for ``--workers``; its name in the table)
+LOADERS: dict[str, tuple[int | None, str]] = {"worker": (None, "worker"), "main": (0, "in the step's process")}
 #: the source images' side before the resize to the model's input
 SOURCE_SIZE = 96
 
@@ -150,8 +150,8 @@ class Fit:
     """Per setting, each round's block time (s), and whether its chooser held a load after each of its steps."""
 
     settings: dict[str, tuple[str | None, bool]]
-    blocks: dict[str, list[float]] = field(default_factory=dict)
-    loaded: dict[str, list[bool]] = field(default_factory=dict)
+    blocks: dict[str, list[float]] = field(init=False)
+    loaded: dict[str, list[bool]] = field(init=False)
     layers: int = 0
 
     def __post_init__(self) -> None:
@@ -267,16 +267,9 @@ def main() -> None:
         help=f"comma-separated `bench_contention.MODES` run at two threads, of {list(MODES)}",
     )
     args = parser.parse_args()
-    models = [k.strip() for k in args.models.split(",") if k.strip()]
-    loaders = [k.strip() for k in args.loaders.split(",") if k.strip()]
-    if unknown := [k for k in models if k not in specs]:
-        parser.error(f"--models: unknown {unknown}; choose from {list(specs)}")
-    if unknown := [k for k in loaders if k not in LOADERS]:
-        parser.error(f"--loaders: unknown {unknown}; choose from {list(LOADERS)}")
-    modes = [k.strip() for k in args.modes.split(",") if k.strip()]
-    if unknown := [k for k in modes if k not in MODES]:
-        parser.error(f"--modes: unknown {unknown}; choose from {list(MODES)}")
-    settings = settings_of(modes)
+    models = names_of(parser, "--models", args.models, specs)
+    loaders = names_of(parser, "--loaders", args.loaders, LOADERS)
+    settings = settings_of(names_of(parser, "--modes", args.modes, MODES))
     if torch.get_num_threads() < 2:
         parser.error("needs two or more intra-op threads (the settings compare one thread with the default)")
 
@@ -301,10 +294,11 @@ def main() -> None:
     rows: list[list[object]] = []
     for model in models:
         for loader in loaders:
-            workers = args.workers if LOADERS[loader] is None else LOADERS[loader]
+            num_workers, loader_name = LOADERS[loader]
+            workers = args.workers if num_workers is None else num_workers
             start = time.perf_counter()
             fit = measure(specs[model], args.preset, settings, args.rounds, args.block, workers, warps)
-            rows += rows_of(f"{specs[model].description} ({fit.layers} layers)", LOADER_NAMES[loader], fit, args.block)
+            rows += rows_of(f"{specs[model].description} ({fit.layers} layers)", loader_name, fit, args.block)
             print(f"  {model}, {loader}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     print(table(HEADER, rows))
     print(

@@ -59,7 +59,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, quiet_fit, sync, table
+from _common import (
+    add_common_args,
+    apply_threads,
+    device_arg,
+    machine,
+    ms,
+    names_of,
+    paired_ratio,
+    quiet_fit,
+    sync,
+    table,
+)
 from torch import nn
 
 #: Vocabulary of the token models (a real one would make the tied output layer dominate).
@@ -346,10 +357,7 @@ def main() -> None:
         parser.error(f"--block {args.block} must be a multiple of --every {args.every}")
     apply_threads(args.threads)
     device = device_arg(args.device)
-    keys = [k.strip() for k in args.models.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in specs]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {list(specs)}")
+    keys = names_of(parser, "--models", args.models, specs)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
 
     try:
