@@ -27,3 +27,13 @@ def _restore_deterministic_algorithms():
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.fixture(autouse=True)
+def _products_by_their_times_alone(monkeypatch):
+    # The product chooser's hint reads the machine's runnable tasks (`_runnable_tasks`): on a shared test machine
+    # other processes' work would move a test's products to the chooser's busy twin at random. The tests of the
+    # hint itself (`tests/functional/test_runnable_tasks.py`) switch it back on.
+    from lightning_hsu.functional import _product_threads
+
+    monkeypatch.setattr(_product_threads, "RUNNABLE_HINT", False)

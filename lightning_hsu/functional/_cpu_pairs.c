@@ -474,3 +474,44 @@ int mirror_block(void *base, int64_t element_size, int64_t batch, int64_t ld, in
     parallel_rows(element_size == 4 ? mirror_rows_f32 : mirror_rows_f64, &a, batch * (c1 - c0), r1 - r0, threads);
     return 0;
 }
+
+/* The operating system's ids of the threads of Torch's OpenMP team of `threads` (`_runnable_tasks`: their states are
+ * told apart from other tasks'). Each thread of one parallel region writes its own at its number; the team's threads
+ * are the pool's, the same for every region of that size from this caller. Returns how many were written: `threads`,
+ * or 0 without the runtime (`use_openmp_runtime`) or off Linux. */
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+typedef struct {
+    int64_t *ids;
+    int64_t threads;
+} team_ids_t;
+
+static void note_thread_id(void *data) {
+    team_ids_t *a = (team_ids_t *)data;
+    int k = thread_number();
+#ifdef __linux__
+    if (k >= 0 && k < a->threads) a->ids[k] = (int64_t)syscall(SYS_gettid);
+#else
+    (void)a;
+    (void)k;
+#endif
+}
+
+int64_t team_thread_ids(int64_t *ids, int64_t threads) {
+#ifdef __linux__
+    if (gomp_parallel == 0 || thread_number == 0 || threads < 1) return 0;
+    for (int64_t k = 0; k < threads; ++k) ids[k] = -1;
+    team_ids_t a = {ids, threads};
+    gomp_parallel(note_thread_id, &a, (unsigned)threads, 0);
+    for (int64_t k = 0; k < threads; ++k)
+        if (ids[k] < 0) return 0; /* a smaller team than asked: no ids */
+    return threads;
+#else
+    (void)ids;
+    (void)threads;
+    return 0;
+#endif
+}

@@ -67,7 +67,16 @@ from lightning_hsu.functional._fused_family import launch_parameters, supports
 from lightning_hsu.functional._matmul import cpuinfo_field, threads_of_last_product
 from lightning_hsu.functional.kernels import MIN_SQUARED_DISTANCE, PairKernel, RieszKernel
 
-__all__ = ["mirror_block", "pair_block_sums", "ready", "scale_and_largest_cosine", "supports", "takes", "tied_pairs"]
+__all__ = [
+    "mirror_block",
+    "pair_block_sums",
+    "ready",
+    "scale_and_largest_cosine",
+    "supports",
+    "takes",
+    "team_thread_ids",
+    "tied_pairs",
+]
 
 #: The C source, shipped beside this module.
 SOURCE = Path(__file__).with_name("_cpu_pairs.c")
@@ -227,6 +236,8 @@ def _library() -> ctypes.CDLL:
     lib.rows_walked_by_helpers.argtypes = []
     lib.mirror_block.restype = ctypes.c_int
     lib.mirror_block.argtypes = [_POINTER, _INT, _INT, _INT, _INT, _INT, _INT, _INT, _INT, ctypes.c_int]
+    lib.team_thread_ids.restype = _INT
+    lib.team_thread_ids.argtypes = [_POINTER, _INT]
     lib.use_openmp_runtime.restype = None
     lib.use_openmp_runtime.argtypes = [_POINTER, _POINTER]
     attach_openmp_runtime(lib)
@@ -391,6 +402,16 @@ def mirror_block(matrices: Tensor, rows: tuple[int, int], cols: tuple[int, int])
         c1,
         _threads(batch * (r1 - r0) * (c1 - c0)),
     )
+
+
+def team_thread_ids(threads: int) -> list[int]:
+    """The operating system's thread ids of Torch's OpenMP team of ``threads``, the caller's first (Linux, where the
+    library shares its rows with that team: `_openmp_runtime`); empty elsewhere (`_runnable_tasks`)."""
+    if threads < 1:
+        return []
+    ids = torch.empty(threads, dtype=torch.int64)
+    written = int(_library().team_thread_ids(ids.data_ptr(), threads))
+    return [int(i) for i in ids[:written]]
 
 
 def rows_walked_by_helpers() -> int:

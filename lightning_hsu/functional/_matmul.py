@@ -210,7 +210,7 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
     adaptive = _product_threads_module.adaptive()
     if adaptive:
         _record_pending_product()
-    wide = chooser.use_all_threads(work, kind) if adaptive else True
+    wide = chooser.use_all_threads(work, kind, threads) if adaptive else True
     _scope.last_wide = wide
     start = chooser.clock()
     around = torch.get_num_threads()  # one, or all inside `passes_on_product_threads`

@@ -54,6 +54,13 @@ jobs on a shared host), so it is measured, not configured:
   may be a lucky time slice), every class on one thread re-measures at its next product, so the
   machine freeing up is followed within about one probe period (`PROBE_ALL_SECONDS` to
   `PROBE_ALL_MAX_SECONDS`, as old as the load is);
+- where the operating system gives its count of runnable tasks (Linux, `_runnable_tasks`), it is read before each
+  product of at least `HINT_MIN_WORK` multiply-adds (at most every 5 ms): while two readings in a row see
+  other tasks wanting a core, a twin chooser of the same rules measures and chooses the products, and this one
+  the others. A load that comes and goes within a training step (a data-loader worker busy early in each step)
+  then meets one thread while it is there and all threads once it has gone, without a probe period in between;
+  neither condition's measurements steer the other's choices (item 67). Contention the count does not show (a
+  host taking a virtual CPU away) is still seen in the products' times, as above;
 - each product's time runs to the start of the next product (or the end of the pair sum), so
   that the slowdown of the passes after an all-thread product is charged to it; the load's
   evidence (`CLEAR_WIN`) is the products' own time, which those passes would dilute towards 1.0
@@ -79,7 +86,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_hsu.functional import _switches
+from lightning_hsu.functional import _runnable_tasks, _switches
 
 #: Environment variable choosing the products' threads (`_switches.PRODUCT_THREADS`).
 PRODUCT_THREADS_ENV = _switches.PRODUCT_THREADS.name
@@ -151,6 +158,17 @@ LONG_PROBE_FACTOR = 3
 #: from products of 0.2-0.6 ms whose all-thread time read 0.6-1.5x one thread's; item 63). They still choose
 #: their own threads. ``None``: any clear winner, before item 63.
 LOAD_EVIDENCE_SECONDS: float | None = 1e-3
+#: Whether the chooser reads the operating system's count of other runnable tasks before each large product
+#: (`_runnable_tasks`, at most every `_runnable_tasks.REUSE_SECONDS`) and keeps the products made while it sees others
+#: wanting a core apart, in a twin chooser (``False``: the products' times alone, as before; kept for the benchmarks).
+RUNNABLE_HINT = True
+#: Whether the busy twin holds a load from its start (its bar `DECISIVE`, its probes a load's, and the compiled
+#: kernel's calls after a one-thread product on one thread: `_matmul.threads_of_last_product`). ``False``: it marks
+#: one by the rules above, as a chooser busy from the start does (item 59).
+TWIN_LOADED = True
+#: Products of at least this many multiply-adds read the count afresh (about 1 ms on one thread of CPU D, against a
+#: reading's 10-30 us); smaller ones follow the latest reading.
+HINT_MIN_WORK = 2**24
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
 MACHINE_WIDE = True
@@ -221,8 +239,13 @@ class ProductThreadChooser:
     `record` takes its measured seconds. ``clock`` is injectable for tests.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, *, hinted: bool = True) -> None:
         self.clock = clock
+        # a twin of the same kind measures the products made while the operating system sees other runnable tasks
+        # (`RUNNABLE_HINT`), so that neither condition's measurements steer the other's choices
+        self._busy_twin: ProductThreadChooser | None = None
+        self._hinted = hinted
+        self._route = threading.local()  # the chooser that made this thread's latest choice: self or the twin
         self._classes: dict[tuple[str, int], _SizeClass] = {}
         self._all_threads_probed = 0.0  # clock time of the latest all-thread probe or move to one thread
         self._loaded = False  # a clear winner moved to one thread and no class won back clearly since
@@ -252,9 +275,21 @@ class ProductThreadChooser:
             size = self._classes[key] = _SizeClass()
         return size
 
-    def use_all_threads(self, work: int, kind: str = "") -> bool:
+    def use_all_threads(self, work: int, kind: str = "", threads: int | None = None) -> bool:
         """Whether the next product of ``work`` multiply-adds runs on all the caller's threads.
-        ``kind`` names what computes it (dtype and library): kinds keep separate measurements."""
+        ``kind`` names what computes it (dtype and library): kinds keep separate measurements. With the caller's
+        ``threads`` the operating system's count of runnable tasks is read (`RUNNABLE_HINT`): while it sees others
+        wanting a core, the busy twin measures and chooses."""
+        route = self
+        if self._others_want_a_core(work, threads):
+            if self._busy_twin is None:
+                self._busy_twin = ProductThreadChooser(self.clock, hinted=False)
+                if TWIN_LOADED:  # its products meet another task by construction: a load from its start
+                    self._busy_twin._mark_load()
+            route = self._busy_twin
+        self._route.chooser = route
+        if route is not self:
+            return route.use_all_threads(work, kind)
         with self._lock:
             size = self._size_class(work, kind)
             if not size.all_threads:
@@ -350,6 +385,10 @@ class ProductThreadChooser:
     ) -> None:
         """Take a product's measured ``seconds`` (with the passes up to the next product, what the choice
         costs) and ``product_seconds`` (the product alone, the load's evidence; default ``seconds``)."""
+        route = self._routed()
+        if route is not self:  # the twin chose this product: its measurement
+            route.record(work, all_threads, seconds, kind, product_seconds)
+            return
         product = seconds if product_seconds is None else product_seconds
         rate, product_rate = seconds / max(work, 1), product / max(work, 1)
         with self._lock:
@@ -421,12 +460,29 @@ class ProductThreadChooser:
         long_enough = size.one_thread_seconds(work) >= LOAD_FROM_THE_START_SECONDS
         return long_enough and size.all_products.median >= size.one_products.median
 
+    def _others_want_a_core(self, work: int, threads: int | None) -> bool:
+        """The operating system's hint (`RUNNABLE_HINT`), read afresh for a product of at least `HINT_MIN_WORK`."""
+        if threads is None or not (self._hinted and RUNNABLE_HINT):
+            return False
+        return bool(_runnable_tasks.READER.busy(threads, read=work >= HINT_MIN_WORK))
+
+    def _routed(self) -> ProductThreadChooser:
+        """The chooser that made this thread's latest choice (`use_all_threads`): this one or its busy twin."""
+        return getattr(self._route, "chooser", self)
+
     @property
     def loaded(self) -> bool:
         """Whether a class that won clearly on all threads has moved to one thread (or, before any class has won
         clearly, a long product measured no faster on all threads), and no class on one thread has won all
-        threads back clearly since."""
-        return self._loaded
+        threads back clearly since: of the chooser that made this thread's latest choice (this one, or its busy
+        twin while the operating system sees other runnable tasks)."""
+        route = self._routed()
+        return route._loaded if route is self else route.loaded
+
+    @property
+    def busy_twin(self) -> ProductThreadChooser | None:
+        """The chooser of the products made while the operating system saw other runnable tasks (none before)."""
+        return self._busy_twin
 
     def load_age(self) -> float:
         """Seconds since the current load was marked (a load seen ending for a moment keeps its age); 0 without one."""

@@ -49,7 +49,11 @@ ONEDNN_MATMUL = Switch("LIGHTNING_HSU_ONEDNN_MATMUL", ("auto", "1", "0"))
 #: online, ``all`` the caller's threads for every product.
 PRODUCT_THREADS = Switch("LIGHTNING_HSU_PRODUCT_THREADS", ("adaptive", "all"))
 
-SWITCHES = (TRITON, CPU_KERNEL, ONEDNN_MATMUL, PRODUCT_THREADS)
+#: The product chooser's hint from the operating system (`lightning_hsu.functional._runnable_tasks`): ``auto``
+#: reads the machine's runnable tasks where Linux gives them, ``0`` never (the products' times alone decide).
+RUNNABLE_TASKS = Switch("LIGHTNING_HSU_RUNNABLE_TASKS", ("auto", "0"))
+
+SWITCHES = (TRITON, CPU_KERNEL, ONEDNN_MATMUL, PRODUCT_THREADS, RUNNABLE_TASKS)
 
 
 def check_switches() -> None:

@@ -291,7 +291,7 @@ def test_mgd_factorisations_take_the_threads_the_chooser_chose(choice, monkeypat
     chooser = _product_threads.ProductThreadChooser()
     monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
     if choice != "measured":  # as on an idle machine / a busy core, every class decided
-        monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="": choice == "all threads win")
+        monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="", threads=None: choice == "all threads win")
     seen: dict[str, list[int]] = {"cholesky": [], "inverse": []}
     monkeypatch.setattr(torch.linalg, "cholesky_ex", thread_spy(seen["cholesky"], torch.linalg.cholesky_ex))
     monkeypatch.setattr(torch, "cholesky_inverse", thread_spy(seen["inverse"], torch.cholesky_inverse))
@@ -326,7 +326,9 @@ def test_mgd_long_passes_take_the_threads_of_the_gram_product(choice, follow, ex
     products_wide = choice == "all threads win"
     factorisation_wide = not products_wide  # the opposite choice: the passes must not take it over
     monkeypatch.setattr(
-        chooser, "use_all_threads", lambda work, kind="": factorisation_wide if "cholesky" in kind else products_wide
+        chooser,
+        "use_all_threads",
+        lambda work, kind="", threads=None: factorisation_wide if "cholesky" in kind else products_wide,
     )
     passes: list[int] = []
     factorisations: list[int] = []
@@ -355,7 +357,7 @@ def test_mgd_with_long_passes_on_both_threads_equals_autograd_of_the_official_ke
 
     chooser = _product_threads.ProductThreadChooser()
     monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
-    monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="": True)
+    monkeypatch.setattr(chooser, "use_all_threads", lambda work, kind="", threads=None: True)
     w = _weights(300, 520, torch.float64, seed=3).requires_grad_()
     value = gram_determinant_penalty(w, half_space=True)
     (3.5 * value).backward()

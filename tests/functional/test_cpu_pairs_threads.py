@@ -203,7 +203,7 @@ class _Answer(_product_threads.ProductThreadChooser):
         self.answer = all_threads
         self._loaded = loaded
 
-    def use_all_threads(self, work: int, kind: str = "") -> bool:
+    def use_all_threads(self, work: int, kind: str = "", threads: int | None = None) -> bool:
         return self.answer
 
 

@@ -677,7 +677,7 @@ class _Forced(ProductThreadChooser):
         self.product_seconds: list[float | None] = []
         self.kinds: list[str] = []
 
-    def use_all_threads(self, work: int, kind: str = "") -> bool:
+    def use_all_threads(self, work: int, kind: str = "", threads: int | None = None) -> bool:
         return self.answer
 
     def record(

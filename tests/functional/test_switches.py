@@ -15,6 +15,7 @@ def test_every_switch_of_the_package_is_checked() -> None:
         "LIGHTNING_HSU_CPU_KERNEL",
         "LIGHTNING_HSU_ONEDNN_MATMUL",
         "LIGHTNING_HSU_PRODUCT_THREADS",
+        "LIGHTNING_HSU_RUNNABLE_TASKS",
         "LIGHTNING_HSU_TRITON",
     ]
 
