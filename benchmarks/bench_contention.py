@@ -40,6 +40,10 @@ Methods, per case:
 - **ours, one slow product re-measures**: the same with one all-thread product ``SLOWDOWN`` times slower than its
   class's median enough to re-measure one thread, not two in a row (``SLOWDOWN_PRODUCTS = 1``): the code before
   item 66;
+- **ours, without the runnable-task hint**: the same with the products' choice made from their times alone, without
+  reading the machine's runnable tasks (``RUNNABLE_HINT = False``): the code before item 67;
+- **ours, busy twin without a load**: the same with the hint's busy twin marking a load by the chooser's rules
+  rather than holding one from its start (``TWIN_LOADED = False``): item 67's first version;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -114,6 +118,8 @@ class Mode:
     load_evidence: float | None = _product_threads.LOAD_EVIDENCE_SECONDS  # item 63
     probe_all_growth: float | None = _product_threads.PROBE_ALL_GROWTH_SECONDS  # item 65
     slowdown_products: int = _product_threads.SLOWDOWN_PRODUCTS  # item 66
+    runnable_hint: bool = True  # item 67: `_product_threads.RUNNABLE_HINT`
+    twin_loaded: bool = True  # item 67: `_product_threads.TWIN_LOADED`
 
 
 MODES = {
@@ -129,6 +135,8 @@ MODES = {
     "one-thread probes every 2 s": Mode(probe_one_share=None),
     "probes every 0.5 s under a load": Mode(probe_all_growth=None),
     "one slow product re-measures": Mode(slowdown_products=1),
+    "without the runnable-task hint": Mode(runnable_hint=False),
+    "busy twin without a load": Mode(twin_loaded=False),
     "chooser before item 61": Mode(
         probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
     ),
@@ -155,6 +163,8 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _product_threads.LOAD_EVIDENCE_SECONDS = switches.load_evidence
     _product_threads.PROBE_ALL_GROWTH_SECONDS = switches.probe_all_growth
     _product_threads.SLOWDOWN_PRODUCTS = switches.slowdown_products
+    _product_threads.RUNNABLE_HINT = switches.runnable_hint
+    _product_threads.TWIN_LOADED = switches.twin_loaded
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -329,6 +339,8 @@ ARMS = (
     (", chooser before item 61", "chooser before item 61"),
     (", probes every 0.5 s under a load", "probes every 0.5 s under a load"),
     (", one slow product re-measures", "one slow product re-measures"),
+    (", without the runnable-task hint", "without the runnable-task hint"),
+    (", busy twin without a load", "busy twin without a load"),
 )
 
 

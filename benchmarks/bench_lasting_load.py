@@ -11,7 +11,9 @@ time (with three arms rotating, a load of 240 s is about 80 s old in each arm's 
 - **1 thread**: ``torch.set_num_threads(1)``;
 - **shipped**: the default threads, the chooser as shipped (under a load the all-thread probes come less often
   as the load lasts, item 65);
-- **probes every 0.5 s under a load**: the same with ``PROBE_ALL_GROWTH_SECONDS = None``, before item 65;
+- **the arm against**, ``--against`` (a `bench_contention.MODES` mode): by default **without the runnable-task
+  hint**, the chooser by its products' times alone (``RUNNABLE_HINT = False``, before item 67); item 65's runs
+  took **probes every 0.5 s under a load** (``PROBE_ALL_GROWTH_SECONDS = None``, before item 65);
 - **all-thread products**: every product on all threads, the reference once the load has ended (not run under it).
 
 The table has the load's blocks from ``--skip-seconds`` on (of wall time) and, after the competing process stops,
@@ -20,7 +22,8 @@ per round of blocks (median and 95% bootstrap interval, `_common.paired_ratio`);
 arm's calls made while its chooser held one, "load seen ending" the arm's own time from the competing process's
 stop to the end of its first block without one, and "age" the load's age in the arm's time when it stopped.
 
-Usage: ``python benchmarks/bench_lasting_load.py [--cases mhe,mgd,mhs] [--load-seconds 240] [--skip-seconds 60]``.
+Usage: ``python benchmarks/bench_lasting_load.py [--cases mhe,mgd,mhs] [--load-seconds 240] [--skip-seconds 60]
+[--against "without the runnable-task hint"]``.
 """
 
 from __future__ import annotations
@@ -35,17 +38,14 @@ from _arms import Arm, rotated
 from _common import machine, ms, paired_ratio, table
 from _contention import BusyCore
 from bench_busy_from_start import CASES, case_call, cases_of
-from bench_contention import set_mode
+from bench_contention import MODES, set_mode
 
-#: arm → (`bench_contention.MODES` mode, one thread)
+#: the arms but the one against (`--against`): arm → (`bench_contention.MODES` mode, one thread)
 ARMS = {
     "1 thread": ("shipped", True),
     "shipped": ("shipped", False),
-    "probes every 0.5 s under a load": ("probes every 0.5 s under a load", False),
     "all-thread products": ("all-thread products", False),
 }
-#: the arms whose chooser decides
-CHOOSING = ("shipped", "probes every 0.5 s under a load")
 _Blocks = dict[str, list[float]]
 
 
@@ -66,7 +66,7 @@ def _blocks(
     while time.perf_counter() < end:
         for arm in rotated(arms, r):
             walls[arm.name].append(arm.block(call, block, threads, under_load[arm.name]))
-            watching = seen_end is not None and stopped is not None and arm.name in CHOOSING
+            watching = seen_end is not None and stopped is not None and arm.choosing
             if watching and arm.name not in seen_end and not arm.chooser.loaded:
                 seen_end[arm.name] = arm.clock() - stopped[arm.name]
         r += 1
@@ -75,30 +75,36 @@ def _blocks(
     return walls
 
 
-def _rows(label: str, walls: _Blocks, under_load: dict[str, list[bool]], base: str, extra: dict[str, str]):
+def _rows(
+    label: str, walls: _Blocks, under_load: dict[str, list[bool]], base: str, extra: dict[str, str], choosing: list[str]
+):
     rows = []
     for arm in walls:
         median, low, high = paired_ratio(walls[arm], walls[base])
         ratio = "–" if arm == base else f"{median:.3f} [{low:.3f}, {high:.3f}]"
         loaded = under_load[arm]
-        share = f"{sum(loaded) / len(loaded):.0%}" if loaded and arm in CHOOSING else "–"
+        share = f"{sum(loaded) / len(loaded):.0%}" if loaded and arm in choosing else "–"
         rows.append([label, arm, ms(statistics.median(walls[arm])), ratio, share, extra.get(arm, "–")])
     return rows
 
 
 def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[object]]:
     call, n, d = case_call(name)
-    arms = {name: Arm(name, *ARMS[name]) for name in ARMS}
-    during = [arms[name] for name in ARMS if name != "all-thread products"]
-    under_load: dict[str, list[bool]] = {arm: [] for arm in ARMS}
+    specs = {**ARMS, args.against: (args.against, False)}
+    arms = {arm: Arm(arm, *spec) for arm, spec in specs.items()}
+    choosing = ["shipped", args.against]
+    for arm in choosing:
+        arms[arm].choosing = True
+    during = [arm for arm in arms.values() if arm.name != "all-thread products"]
+    under_load: dict[str, list[bool]] = {arm: [] for arm in arms}
     with BusyCore(args.core) as busy:
         busy.on()
-        _blocks(call, during, threads, args.skip_seconds, args.block_seconds, {arm: [] for arm in ARMS})
+        _blocks(call, during, threads, args.skip_seconds, args.block_seconds, {arm: [] for arm in arms})
         loaded = _blocks(call, during, threads, args.load_seconds - args.skip_seconds, args.block_seconds, under_load)
         busy.off()
         stopped = {name: arm.clock() for name, arm in arms.items()}
-        ages = {name: arms[name].chooser.load_age() for name in CHOOSING}
-        after_load: dict[str, list[bool]] = {arm: [] for arm in ARMS}
+        ages = {arm: arms[arm].chooser.load_age() for arm in choosing}
+        after_load: dict[str, list[bool]] = {arm: [] for arm in arms}
         seen_end: dict[str, float] = {}
         freed = _blocks(
             call,
@@ -112,12 +118,13 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[obj
         )
     head = f"{name} half {n} × {d}"
     ends = {arm: f"{seconds:.2f} s (age {ages[arm]:.0f} s)" for arm, seconds in seen_end.items()}
-    ends.update({arm: f"not seen (age {ages[arm]:.0f} s)" for arm in CHOOSING if arm not in seen_end})
+    ends.update({arm: f"not seen (age {ages[arm]:.0f} s)" for arm in choosing if arm not in seen_end})
     old = f"{head}, load {args.skip_seconds:.0f}-{args.load_seconds:.0f} s of wall time"
-    rows = _rows(old, loaded, under_load, "1 thread", {})
-    median, low, high = paired_ratio(loaded["shipped"], loaded["probes every 0.5 s under a load"])
-    rows.append([head, "shipped / probes every 0.5 s", "–", f"{median:.3f} [{low:.3f}, {high:.3f}]", "–", "–"])
-    rows += _rows(f"{head}, the {args.after_seconds:.0f} s after", freed, after_load, "all-thread products", ends)
+    rows = _rows(old, loaded, under_load, "1 thread", {}, choosing)
+    median, low, high = paired_ratio(loaded["shipped"], loaded[args.against])
+    rows.append([head, f"shipped / {args.against}", "–", f"{median:.3f} [{low:.3f}, {high:.3f}]", "–", "–"])
+    after = f"{head}, the {args.after_seconds:.0f} s after"
+    rows += _rows(after, freed, after_load, "all-thread products", ends, choosing)
     return rows
 
 
@@ -130,8 +137,15 @@ def main() -> None:
     parser.add_argument("--after-seconds", type=float, default=24.0, help="timed after the competing process stops")
     parser.add_argument("--after-block-seconds", type=float, default=0.25)
     parser.add_argument("--core", type=int, default=0, help="the core the competing process is pinned to")
+    parser.add_argument(
+        "--against",
+        default="without the runnable-task hint",
+        help=f"the chooser arm set against shipped, of {list(MODES)}",
+    )
     args = parser.parse_args()
     cases = cases_of(parser, args.cases)
+    if args.against not in MODES or args.against in ("shipped", "all-thread products"):
+        parser.error(f"--against: choose a chooser mode other than shipped of {list(MODES)}, got {args.against!r}")
     if not 0 <= args.skip_seconds < args.load_seconds:
         parser.error("--skip-seconds must be at least 0 and less than --load-seconds")
     threads = torch.get_num_threads()

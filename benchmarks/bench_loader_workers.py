@@ -11,9 +11,10 @@ clock of its own blocks' time (`_common.OwnClock`):
 
 - **no penalty, 1 thread** / **no penalty, 2 threads**: the callback switched off (``enabled = False``);
 - **shipped, 1 thread**: the callback as shipped, at one thread;
-- and at two threads each of ``--modes`` (`bench_contention.MODES`), by default **shipped**, **all-thread
-  products** (every product on the caller's threads, ``LIGHTNING_HSU_PRODUCT_THREADS=all``) and **parallel
-  passes** (also every elementwise pass split over the threads: the code before issue 20).
+- and at two threads each of ``--modes`` (`bench_contention.MODES`), by default **shipped**, **without the
+  runnable-task hint** (the products' choice from their times alone, before item 67) and **all-thread products**
+  (every product on the caller's threads, ``LIGHTNING_HSU_PRODUCT_THREADS=all``); the runs before item 67 took
+  **parallel passes** (also every elementwise pass split over the threads: the code before issue 20) as the third.
 
 The loader settings (``--loaders``):
 
@@ -31,7 +32,9 @@ times do not count).
 A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``. Reported per setting: the median step;
 the step against the setting without a penalty at the same threads (median of the per-round ratios, 95%
 bootstrap interval); the penalty's milliseconds per step (median of the per-round differences); the step against
-"shipped, 1 thread"; and the share of its steps after which its chooser held a load (`ProductThreadChooser.loaded`).
+"shipped, 1 thread"; and the share of its steps after which its chooser held a load
+(`ProductThreadChooser.loaded`: since item 67 that of the chooser or its busy twin, whichever made the step's latest
+choice).
 
 Usage: ``python benchmarks/bench_loader_workers.py [--models vit,resnet18] [--preset mhe] [--rounds 10]
 [--augment-ms 150] [--loaders worker,main] [--modes shipped,all-thread products]``.
@@ -73,7 +76,7 @@ BASE_SETTINGS: dict[str, tuple[str | None, bool]] = {
     "no penalty, 2 threads": (None, False),
 }
 #: the `bench_contention.MODES` run at two threads by default (``--modes``)
-DEFAULT_MODES = ("shipped", "all-thread products", "parallel passes")
+DEFAULT_MODES = ("shipped", "without the runnable-task hint", "all-thread products")
 
 
 def settings_of(modes: list[str]) -> dict[str, tuple[str | None, bool]]:
