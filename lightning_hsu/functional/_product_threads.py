@@ -282,11 +282,13 @@ class ProductThreadChooser:
         wanting a core, the busy twin measures and chooses."""
         route = self
         if self._others_want_a_core(work, threads):
-            if self._busy_twin is None:
-                self._busy_twin = ProductThreadChooser(self.clock, hinted=False)
-                if TWIN_LOADED:  # its products meet another task by construction: a load from its start
-                    self._busy_twin._mark_load()
-            route = self._busy_twin
+            with self._lock:
+                if self._busy_twin is None:
+                    twin = ProductThreadChooser(self.clock, hinted=False)
+                    if TWIN_LOADED:  # its products meet another task by construction: a load from its start
+                        twin._mark_load()
+                    self._busy_twin = twin
+                route = self._busy_twin
         self._route.chooser = route
         if route is not self:
             return route.use_all_threads(work, kind)
