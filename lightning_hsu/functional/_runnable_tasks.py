@@ -9,8 +9,9 @@ tasks are that count less the caller and its team's running threads (a team thre
 parallel region). A core is wanted by others when they number more than the allowed cores the caller's threads leave
 free: with two cores and two threads, any one.
 
-A reading costs two or three ``pread`` calls on descriptors kept open (about 10 us on CPU D, where a scan of all the
-process's threads took 165), and is reused for `REUSE_SECONDS`. Other tasks' short wake-ups make single readings
+A reading costs two or three ``pread`` calls on descriptors kept open (on CPU D 10 us in a tight loop, 38-64 us right
+after a product, most of it the kernel's writing of the files; a scan of all the process's threads took 165), and
+is reused for `REUSE_SECONDS`. Other tasks' short wake-ups make single readings
 wrong: with nothing else working, 0-18% of readings counted a second runnable task on CPU D. So the machine counts
 as busy only when two readings in a row, at least `REUSE_SECONDS` apart, both saw another task.
 
