@@ -26,7 +26,6 @@ class Arm:
         self.name, self.mode, self.one_thread = name, mode, one_thread
         self.clock = OwnClock()
         self.chooser = _product_threads.ProductThreadChooser(self.clock)
-        self.choosing = False  # whether a benchmark reports this arm's loads
 
     def block(self, call: Callable[[], None], seconds: float, threads: int, loaded: list[bool]) -> float:
         """Back-to-back ``call``s for ``seconds`` in this arm's mode; seconds per call. Appends to ``loaded``

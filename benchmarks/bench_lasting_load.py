@@ -60,13 +60,14 @@ def _blocks(
     stopped: dict[str, float] | None = None,
 ) -> _Blocks:
     """Rounds of one ``block``-second block per arm (rotating the order) for ``seconds``; seconds per call per
-    block. With ``seen_end``, the arm's own time from ``stopped`` to the end of its first block without a load."""
+    block. With ``seen_end``, for each arm in ``stopped`` (the choosing ones), its own time from its ``stopped`` time
+    to the end of its first block without a load."""
     walls: _Blocks = {arm.name: [] for arm in arms}
     end, r = time.perf_counter() + seconds, 0
     while time.perf_counter() < end:
         for arm in rotated(arms, r):
             walls[arm.name].append(arm.block(call, block, threads, under_load[arm.name]))
-            watching = seen_end is not None and stopped is not None and arm.choosing
+            watching = seen_end is not None and stopped is not None and arm.name in stopped
             if watching and arm.name not in seen_end and not arm.chooser.loaded:
                 seen_end[arm.name] = arm.clock() - stopped[arm.name]
         r += 1
@@ -93,8 +94,6 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[obj
     specs = {**ARMS, args.against: (args.against, False)}
     arms = {arm: Arm(arm, *spec) for arm, spec in specs.items()}
     choosing = ["shipped", args.against]
-    for arm in choosing:
-        arms[arm].choosing = True
     during = [arm for arm in arms.values() if arm.name != "all-thread products"]
     under_load: dict[str, list[bool]] = {arm: [] for arm in arms}
     with BusyCore(args.core) as busy:
@@ -102,7 +101,7 @@ def run_case(name: str, args: argparse.Namespace, threads: int) -> list[list[obj
         _blocks(call, during, threads, args.skip_seconds, args.block_seconds, {arm: [] for arm in arms})
         loaded = _blocks(call, during, threads, args.load_seconds - args.skip_seconds, args.block_seconds, under_load)
         busy.off()
-        stopped = {name: arm.clock() for name, arm in arms.items()}
+        stopped = {arm: arms[arm].clock() for arm in choosing}
         ages = {arm: arms[arm].chooser.load_age() for arm in choosing}
         after_load: dict[str, list[bool]] = {arm: [] for arm in arms}
         seen_end: dict[str, float] = {}

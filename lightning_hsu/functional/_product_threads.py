@@ -167,7 +167,7 @@ RUNNABLE_HINT = True
 #: one by the rules above, as a chooser busy from the start does (item 59).
 TWIN_LOADED = True
 #: Products of at least this many multiply-adds read the count afresh (about 1 ms on one thread of CPU D, against a
-#: reading's 10-30 us); smaller ones follow the latest reading.
+#: reading's 38-64 us); smaller ones follow the latest reading.
 HINT_MIN_WORK = 2**24
 #: Whether a class moving to one thread holds back the marginal all-thread winners of the others
 #: (``False``: each class on its own measurements, as before; kept for ``bench_contention.py``).
@@ -478,8 +478,7 @@ class ProductThreadChooser:
         clearly, a long product measured no faster on all threads), and no class on one thread has won all
         threads back clearly since: of the chooser that made this thread's latest choice (this one, or its busy
         twin while the operating system sees other runnable tasks)."""
-        route = self._routed()
-        return route._loaded if route is self else route.loaded
+        return self._routed()._loaded  # the twin routes nothing further (``hinted=False``)
 
     @property
     def busy_twin(self) -> ProductThreadChooser | None:

@@ -11,9 +11,9 @@ free: with two cores and two threads, any one.
 
 A reading costs two or three ``pread`` calls on descriptors kept open (on CPU D 10 us in a tight loop, 38-64 us right
 after a product, most of it the kernel's writing of the files; a scan of all the process's threads took 165), and
-is reused for `REUSE_SECONDS`. Other tasks' short wake-ups make single readings
-wrong: with nothing else working, 0-18% of readings counted a second runnable task on CPU D. So the machine counts
-as busy only when two readings in a row, at least `REUSE_SECONDS` apart, both saw another task.
+is reused for `REUSE_SECONDS`. Other tasks' short wake-ups make single readings wrong: with nothing else working,
+0-18% of readings counted a second runnable task on CPU D. So the machine counts as busy only when two readings in a
+row, at least `REUSE_SECONDS` apart, both saw another task.
 
 Where the count cannot be read (not Linux, no ``/proc``, no compiled library to name the team's threads) `busy`
 answers ``None`` and the chooser goes on by its products alone; so it does with ``LIGHTNING_HSU_RUNNABLE_TASKS=0``.
@@ -30,11 +30,9 @@ from collections.abc import Callable
 
 from lightning_hsu.functional import _switches
 
-#: The kernel's load line: ``1min 5min 15min running/threads last_pid``.
-LOADAVG = "/proc/loadavg"
 #: A reading is reused this long (s), and a busy reading confirms the previous one only if this much later. (1 ms:
 #: hard MHS at 1024 x 512, whose 12 ms call has about ten large products, took 1.025x [1.013, 1.059] the time without
-#: the hint under a lasting load on CPU D, a reading costing 10-30 us; a loader worker's spells last 100 ms or more.)
+#: the hint under a lasting load on CPU D, a reading costing 38-64 us; a loader worker's spells last 100 ms or more.)
 REUSE_SECONDS = 5e-3
 #: Failed readings in a row after which the count is taken as unreadable here for the rest of the process.
 FAILURES = 3
@@ -89,11 +87,13 @@ class RunnableTasks:
             team = self._team.get(threads)
             if team is None:
                 team = self._team[threads] = self._open_team(threads)
+            # the load line: ``1min 5min 15min running/threads last_pid``
             running = int(os.pread(self._loadavg, 128, 0).split()[3].split(b"/")[0])
             own = 1  # the caller, reading this
             for descriptor in team:
                 stat = os.pread(descriptor, 512, 0)
-                own += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+                state = stat.rindex(b")") + 2  # after the command name, which may hold ") "
+                own += stat[state : state + 1] == b"R"
         except (OSError, ValueError, IndexError):
             self._close_team()  # a team thread gone (the team was rebuilt): its ids again at the next reading
             self._failures += 1
