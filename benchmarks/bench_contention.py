@@ -44,6 +44,9 @@ Methods, per case:
   reading the machine's runnable tasks (``RUNNABLE_HINT = False``): the code before item 67;
 - **ours, busy twin without a load**: the same with the hint's busy twin marking a load by the chooser's rules
   rather than holding one from its start (``TWIN_LOADED = False``): item 67's first version;
+- **ours, kernel wide unless loaded**: the same with the compiled kernel's calls after a one-thread product on all
+  threads wherever no load is marked, whether that product was a probe or its class's own choice
+  (``_matmul.KERNEL_FOLLOWS_CLASS = False``): the code before item 68;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -120,6 +123,7 @@ class Mode:
     slowdown_products: int = _product_threads.SLOWDOWN_PRODUCTS  # item 66
     runnable_hint: bool = True  # item 67: `_product_threads.RUNNABLE_HINT`
     twin_loaded: bool = True  # item 67: `_product_threads.TWIN_LOADED`
+    kernel_follows_class: bool = True  # item 68: `_matmul.KERNEL_FOLLOWS_CLASS`
 
 
 MODES = {
@@ -137,6 +141,7 @@ MODES = {
     "one slow product re-measures": Mode(slowdown_products=1),
     "without the runnable-task hint": Mode(runnable_hint=False),
     "busy twin without a load": Mode(twin_loaded=False),
+    "kernel wide unless loaded": Mode(kernel_follows_class=False),
     "chooser before item 61": Mode(
         probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
     ),
@@ -165,6 +170,7 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _product_threads.SLOWDOWN_PRODUCTS = switches.slowdown_products
     _product_threads.RUNNABLE_HINT = switches.runnable_hint
     _product_threads.TWIN_LOADED = switches.twin_loaded
+    _matmul.KERNEL_FOLLOWS_CLASS = switches.kernel_follows_class
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -341,6 +347,7 @@ ARMS = (
     (", one slow product re-measures", "one slow product re-measures"),
     (", without the runnable-task hint", "without the runnable-task hint"),
     (", busy twin without a load", "busy twin without a load"),
+    (", kernel wide unless loaded", "kernel wide unless loaded"),
 )
 
 

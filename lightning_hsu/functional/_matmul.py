@@ -73,6 +73,12 @@ SERIAL_PASSES = True
 #: Whether `passes_on_product_threads` gives its passes the latest product's threads (``False``: they
 #: stay on one thread, as before item 55; kept for the ablation in ``benchmarks/bench_contention.py``).
 PASSES_FOLLOW_PRODUCTS = True
+#: Whether, after a product on one thread, `threads_of_last_product` gives the caller's threads only where that
+#: product's size class keeps all threads (its one-thread run was a probe) and no load is marked. ``False``: wherever
+#: no load is marked, as before item 68: under a load that lasts, a load seen ending for a moment (two lucky probes)
+#: while the classes stayed on one thread sent the compiled kernel's calls to both threads for up to a second, each
+#: hard MHS call at 1024 x 512 then 15.4 ms against 8.7 (CPU B).
+KERNEL_FOLLOWS_CLASS = True
 
 #: Operand precisions of the pair sums' products (`product_precision`).
 ProductPrecision = Literal["float32", "tf32", "bfloat16"]
@@ -110,6 +116,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     torch.set_num_threads(1)
     _scope.threads = threads
     _scope.last_wide = False
+    _scope.last_class_wide = True  # no product yet: the load alone decides
     try:
         yield
     finally:
@@ -178,9 +185,12 @@ def one_thread_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
 
 def threads_of_last_product() -> int:
     """The threads for work that follows a product inside `passes_on_one_thread` and should share its choice:
-    the caller's threads if the latest product in the context ran on them or no load is seen
-    (`_product_threads.ProductThreadChooser.loaded`: a small product may run faster on one thread on an
-    idle machine too), else one; outside the context, the current thread count.
+    the caller's threads if the latest product in the context ran on them, or if it ran on one thread only as a
+    probe of a size class that keeps all threads (`_product_threads.ProductThreadChooser.keeps_all_threads`) and no
+    load is seen (`_product_threads.ProductThreadChooser.loaded`); else one; outside the context, the current
+    thread count. (Where a class's own choice is one thread, so is the work after it: on an idle machine that is a
+    small product's class, where such work is small too; under a load that lasts, classes stay on one thread while
+    a load is seen ending for a moment, item 68.)
 
     The compiled pair-sum kernel's calls take it (`_cpu_pairs`): the products measure the machine's load well
     (their time runs to the next product, and so includes such a call), where a few short calls of their own
@@ -188,8 +198,11 @@ def threads_of_last_product() -> int:
     threads = getattr(_scope, "threads", None)
     if threads is None:
         return torch.get_num_threads()
-    wide = getattr(_scope, "last_wide", False) or not _product_threads_module.CHOOSER.loaded
-    return threads if wide else 1
+    if getattr(_scope, "last_wide", False):
+        return threads
+    # a one-thread product: a probe of a class that keeps all threads, or the class's own choice
+    class_wide = getattr(_scope, "last_class_wide", True) or not KERNEL_FOLLOWS_CLASS
+    return threads if class_wide and not _product_threads_module.CHOOSER.loaded else 1
 
 
 @contextlib.contextmanager
@@ -212,6 +225,7 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
         _record_pending_product()
     wide = chooser.use_all_threads(work, kind, threads) if adaptive else True
     _scope.last_wide = wide
+    _scope.last_class_wide = wide or chooser.keeps_all_threads(work, kind)
     start = chooser.clock()
     around = torch.get_num_threads()  # one, or all inside `passes_on_product_threads`
     chosen = threads if wide else 1

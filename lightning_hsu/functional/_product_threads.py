@@ -323,6 +323,15 @@ class ProductThreadChooser:
                 return True
             return False
 
+    def keeps_all_threads(self, work: int, kind: str = "") -> bool:
+        """Whether ``work``'s size class currently keeps all threads (by the chooser that made this thread's latest
+        choice): a one-thread product of such a class is a probe. Also a class still measuring its first products,
+        or never seen."""
+        route = self._routed()
+        with route._lock:
+            size = route._classes.get(route._class_of(work, kind))
+            return size is None or not size.all_threads or len(size.one_thread) < 2 or route._keeps_all_threads(size)
+
     def _probe_all_period(self, now: float) -> float:
         """Seconds between the all-thread probes of the classes on one thread (`PROBE_ALL_GROWTH_SECONDS`)."""
         if not self._loaded or PROBE_ALL_GROWTH_SECONDS is None:

@@ -196,34 +196,59 @@ def _spy_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 class _Answer(_product_threads.ProductThreadChooser):
-    """A product chooser that always gives the same answer, with or without a load seen."""
+    """A product chooser that always gives the same answer, with or without a load seen, for a size class that
+    keeps all threads (a one-thread answer is a probe) or not (one thread is the class's choice)."""
 
-    def __init__(self, all_threads: bool, loaded: bool) -> None:
+    def __init__(self, all_threads: bool, loaded: bool, class_wide: bool = True) -> None:
         super().__init__()
         self.answer = all_threads
+        self.class_wide = class_wide
         self._loaded = loaded
 
     def use_all_threads(self, work: int, kind: str = "", threads: int | None = None) -> bool:
         return self.answer
 
+    def keeps_all_threads(self, work: int, kind: str = "") -> bool:
+        return self.class_wide
+
 
 @pytest.mark.parametrize(
-    ("wide", "loaded", "threads"),
-    [(True, False, 2), (True, True, 2), (False, False, 2), (False, True, 1)],
-    ids=["products-on-all", "products-on-all-loaded", "small-products-on-one-idle", "products-on-one-loaded"],
+    ("wide", "class_wide", "loaded", "threads"),
+    [
+        (True, True, False, 2),
+        (True, True, True, 2),
+        (False, True, False, 2),
+        (False, False, False, 1),
+        (False, True, True, 1),
+    ],
+    ids=["products-on-all", "products-on-all-loaded", "one-thread-probe-idle", "class-on-one-idle", "loaded"],
 )
-def test_a_large_call_takes_all_threads_unless_a_load_put_the_latest_product_on_one(
-    wide: bool, loaded: bool, threads: int, monkeypatch: pytest.MonkeyPatch
+def test_a_large_call_takes_all_threads_where_the_product_before_it_did_or_was_a_probe(
+    wide: bool, class_wide: bool, loaded: bool, threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inside a pair sum on two threads a large block's call takes both threads where the product before it ran
-    on both, or where no load has been seen (a small product may be faster on one thread on an idle machine);
-    one where a load put that product on one (a busy core)."""
+    on both, or ran on one only as a probe of a class that keeps all threads with no load seen; one where that
+    product's class chose one thread (a load seen ending for a moment left the classes there, item 68), or a
+    load put it on one (a busy core)."""
     calls = _spy_threads(monkeypatch)
-    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(wide, loaded))
+    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(wide, loaded, class_wide))
     monkeypatch.delenv(_product_threads.PRODUCT_THREADS_ENV, raising=False)
     torch.set_num_threads(2)
     hyperspherical_energy(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)), half_space=True)
     assert calls == [threads]
+
+
+def test_before_item_68_a_large_call_took_all_threads_wherever_no_load_was_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The switch `_matmul.KERNEL_FOLLOWS_CLASS` (kept for the benchmarks) brings back the rule before item 68."""
+    calls = _spy_threads(monkeypatch)
+    monkeypatch.setattr(_product_threads, "CHOOSER", _Answer(False, False, class_wide=False))
+    monkeypatch.setattr(_matmul, "KERNEL_FOLLOWS_CLASS", False)
+    monkeypatch.delenv(_product_threads.PRODUCT_THREADS_ENV, raising=False)
+    torch.set_num_threads(2)
+    hyperspherical_energy(torch.randn(1024, 16, generator=torch.Generator().manual_seed(0)), half_space=True)
+    assert calls == [2]
 
 
 def test_a_small_block_stays_on_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:

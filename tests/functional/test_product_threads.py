@@ -810,3 +810,31 @@ def test_all_threads_when_the_user_fixes_them(switch, monkeypatch) -> None:
         torch.use_deterministic_algorithms(previous)
     assert counts == [2]
     assert chooser.recorded == []
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_the_work_after_a_one_thread_product_follows_its_class_not_only_the_load(monkeypatch) -> None:
+    """A one-thread product is a probe where its class keeps all threads (the compiled kernel's call after it keeps
+    both threads on an idle machine), else the class's own choice (the call takes one thread even with no load
+    marked: under a load that lasts, a load seen ending for a moment left the classes on one thread, item 68)."""
+    chooser, clock = _chooser()
+    small = 10**6
+    assert chooser.keeps_all_threads(WORK) and chooser.keeps_all_threads(small)  # nothing measured yet
+    choices = _run(chooser, clock, WORK, IDLE.__getitem__, 500)  # 2.75 s: a one-thread probe every 2 s
+    assert chooser.keeps_all_threads(WORK) and not all(choices[10:])  # its one-thread probes: still a winner
+    # products too short to mark a load that lose on all threads: one thread is the class's own choice
+    _run(chooser, clock, small, {True: 0.3 * MS, False: 0.2 * MS}.__getitem__, 20)
+    assert not chooser.keeps_all_threads(small) and not chooser.loaded
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    monkeypatch.delenv(PRODUCT_THREADS_ENV, raising=False)
+    for follows, after_small in ((True, 1), (False, 2)):
+        monkeypatch.setattr(_matmul, "KERNEL_FOLLOWS_CLASS", follows)
+        with passes_on_one_thread(torch.device("cpu")):
+            assert _matmul.threads_of_last_product() == 2  # no product yet: no load, all threads
+            with _matmul.chosen_threads(small, ""):
+                pass
+            assert _matmul.threads_of_last_product() == after_small
+            with _matmul.chosen_threads(WORK, ""):
+                wide = torch.get_num_threads() == 2
+            assert _matmul.threads_of_last_product() == 2  # all threads, or a probe of the winner
+            assert wide or chooser.keeps_all_threads(WORK)
