@@ -31,8 +31,10 @@ import time
 import warnings
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, sync, table
+from _common import add_common_args, apply_threads, device_arg, machine, names_of, sync, table
 from bench_training_step import fit, graphed_penalty, growth, lightning_steps, penalty_per_layer, resnet_module
+
+from lightning_hsu.rules import PRESETS
 
 
 class Flag:
@@ -145,12 +147,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (rounds) per setting")
     parser.add_argument("--presets", default="mhe", help="comma-separated presets, one rotating fit each")
     args = parser.parse_args()
+    presets = names_of(parser, "--presets", args.presets, PRESETS)
     apply_threads(args.threads)
     device = device_arg(args.device)
     print(f"Machine: {machine()}\n")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
         rows = hand_written_rows(device, args.steps)
         for preset in presets:
             rows += rotation_rows(device, args.steps, preset)

@@ -38,6 +38,7 @@ mhe:512x4608,mhs:1024x512 --blocks 20 --block-seconds 1]`` (two threads: the cal
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -239,6 +240,10 @@ def main() -> None:
     parser.add_argument("--block-seconds", type=float, default=1.0)
     parser.add_argument("--skip-products", action="store_true", help="only the --chooser cases")
     args = parser.parse_args()
+    cases = [c.strip() for c in args.chooser.split(",") if c.strip()]
+    for case in cases:  # checked before the product measurements, which take minutes
+        if not re.fullmatch(rf"({'|'.join(PENALTIES)}):[1-9][0-9]*x[1-9][0-9]*", case):
+            parser.error(f"--chooser: {case!r} is not kind:nxd with kind one of {list(PENALTIES)}, e.g. mhs:1024x512")
     apply_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"Machine: {machine()}; gap {args.gap_ms:g} ms, {args.repeats} repeats, medians in ms\n")
@@ -249,7 +254,6 @@ def main() -> None:
         print(f"\nProducts 0.2 ms of one-thread work apart after a gap of {args.gap_ms:g} ms, 128 x 512 x 512\n")
         rows = warm_up_rows(args.gap_ms, args.repeats, threads)
         print(table(["product", "started after (ms)", "time / one thread"], rows))
-    cases = [c.strip() for c in args.chooser.split(",") if c.strip()]
     if cases:
         print(f"\nThe chooser's own time: {chooser_microseconds():.1f} us a product")
         print(f"\nThe chooser, idle: {args.blocks} blocks of {args.block_seconds:g} s per arm, rotating\n")

@@ -92,7 +92,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from _common import OwnClock, half_gram_products, machine, ms, paired_ratio, steady_heap, table
+from _common import OwnClock, half_gram_products, machine, ms, names_of, paired_ratio, steady_heap, table
 from _contention import BusyCore
 
 from lightning_hsu.functional import _cpu_pairs, _matmul, _product_threads, hyperspherical_energy
@@ -434,6 +434,7 @@ def main() -> None:
     selected = tuple(arm for arm in ARMS if arm[1] in arms)
     others_n, others_d = (int(v) for v in args.others_shape.split(","))
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    others = names_of(parser, "--others", args.others, OTHER_REGULARIZERS)
     unknown = sorted(set(kernels) - set(KERNEL_CASES))
     if unknown:
         parser.error(f"--kernels: unknown {unknown}; choose from {sorted(KERNEL_CASES)}")
@@ -448,7 +449,7 @@ def main() -> None:
             _measure_and_report(
                 f"{title}, {n} x {d}", methods, busy, args.rounds, args.threads, args.settle, args.calls_per_sample
             )
-        for name in (o.strip() for o in args.others.split(",") if o.strip()):
+        for name in others:
             torch.manual_seed(0)
             w = torch.randn(others_n, others_d, requires_grad=True)
             methods = {f"ours{label}": (_regularizer(name, w), mode) for label, mode in selected}

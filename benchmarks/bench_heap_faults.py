@@ -24,9 +24,9 @@ import sys
 import time
 
 import torch
-from _common import machine, steady_heap, table
+from _common import machine, names_of, steady_heap, table
 
-from lightning_hsu.regularizers.registry import make_regularizer
+from lightning_hsu.regularizers.registry import REGULARIZERS, make_regularizer
 
 HEAPS = ("as it comes", "kept")
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--child", choices=HEAPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = names_of(parser, "--cases", args.cases, REGULARIZERS)
     if args.child:
         child(cases, args.calls, args.rounds, args.threads, args.child)
         return

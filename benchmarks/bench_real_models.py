@@ -73,6 +73,8 @@ from _common import (
 )
 from torch import nn
 
+from lightning_hsu.rules import PRESETS
+
 #: Vocabulary of the token models (a real one would make the tied output layer dominate).
 VOCAB = 1024
 SEQ_LEN = 128
@@ -358,7 +360,7 @@ def main() -> None:
     apply_threads(args.threads)
     device = device_arg(args.device)
     keys = names_of(parser, "--models", args.models, specs)
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    presets = names_of(parser, "--presets", args.presets, PRESETS)
 
     try:
         import transformers

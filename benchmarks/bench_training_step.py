@@ -30,13 +30,25 @@ import statistics
 import time
 
 import torch
-from _common import add_common_args, apply_threads, device_arg, machine, ms, paired_ratio, quiet_fit, sync, table
+from _common import (
+    add_common_args,
+    apply_threads,
+    device_arg,
+    machine,
+    ms,
+    names_of,
+    paired_ratio,
+    quiet_fit,
+    sync,
+    table,
+)
 from torch import nn
 
 from lightning_hsu import MHE
 from lightning_hsu.cuda_graphs import GraphedPenalties
 from lightning_hsu.functional import hyperspherical_energy, neurons_of
 from lightning_hsu.functional._matmul import batched_matmul, gram
+from lightning_hsu.rules import PRESETS
 
 
 class BasicBlock(nn.Module):
@@ -259,6 +271,7 @@ def main() -> None:
         "--presets", default="mhe", help="comma-separated presets of the Lightning rows (mhe, comhe, mhs, ...)"
     )
     args = parser.parse_args()
+    presets = names_of(parser, "--presets", args.presets, PRESETS)  # checked before any step runs
     apply_threads(args.threads)
     device = device_arg(args.device)
     print(f"Machine: {machine()}\n")
@@ -302,7 +315,6 @@ def main() -> None:
     base = times["no penalty"]
     rows = [[k, *growth(v, base)] for k, v in times.items()]
     if not args.no_lightning:
-        presets = [p.strip() for p in args.presets.split(",") if p.strip()]
         # on a GPU: with graphs, with graphs and the default per-layer logging, without graphs
         variants = [(True, False), (True, True), (False, False)] if device.type == "cuda" else [(True, False)]
         for preset in presets:
