@@ -27,12 +27,14 @@ block wrongly (`ready`), the pair sums keep the eager passes, with one warning.
 ``LIGHTNING_HSU_CPU_KERNEL=0`` keeps them without trying.
 
 **Threads.** A call over at least `PARALLEL_MIN_ENTRIES` entries takes
-`_matmul.threads_of_last_product`: all of the caller's threads, unless the product chooser has seen
-a load and put the latest product on one (a busy core). Its rows are then claimed a grain at a time by the
-threads of the OpenMP team Torch's own operations run on: the library links no OpenMP runtime,
-and is handed the ``GOMP_parallel`` entry of the one Torch loaded (`_openmp_runtime`), so no second
-pool competes for the cores (a pool of its own measured slower than one thread: Torch's idle
-OpenMP thread spins on the other core after each product, ``docs/performance.md`` item 45). Where
+`_matmul.threads_of_last_product`: all of the caller's threads, unless the latest product ran on one because
+the product chooser has seen a load (a busy core) or because one thread is its size class's own choice (item 68);
+after a one-thread probe of a class that keeps all threads, with no load seen, all. Its rows are then
+claimed a grain at a time by the threads of the OpenMP team Torch's own operations run on: the library
+links no OpenMP runtime, and is handed the ``GOMP_parallel`` entry of the one Torch loaded
+(`_openmp_runtime`), so no second pool competes for the cores (a pool of its own measured slower than one
+thread: Torch's idle OpenMP thread spins on the other core after each product, ``docs/performance.md``
+item 45). Where
 Torch runs on another thread pool or none is found, every call stays on the calling thread. Each
 row's results do not depend on the thread that walks it: the results are bit-identical at any
 thread count.
