@@ -428,16 +428,13 @@ def main() -> None:
     start = time.perf_counter()
     heap = steady_heap() if args.steady_heap else "glibc heap as configured (default: it shrinks and regrows)"
     print(f"Machine: {machine()}; competing process pinned to core {args.core}; {heap}\n")
-    arms = {a.strip() for a in args.arms.split(",") if a.strip()}
-    if not arms <= set(MODES) or "shipped" not in arms:
-        parser.error(f"--arms: choose from {sorted(MODES)}, including shipped; got {sorted(arms)}")
+    arms = set(names_of(parser, "--arms", args.arms, MODES))
+    if "shipped" not in arms:
+        parser.error(f"--arms: include shipped; got {sorted(arms)}")
     selected = tuple(arm for arm in ARMS if arm[1] in arms)
     others_n, others_d = (int(v) for v in args.others_shape.split(","))
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    kernels = names_of(parser, "--kernels", args.kernels, KERNEL_CASES)
     others = names_of(parser, "--others", args.others, OTHER_REGULARIZERS)
-    unknown = sorted(set(kernels) - set(KERNEL_CASES))
-    if unknown:
-        parser.error(f"--kernels: unknown {unknown}; choose from {sorted(KERNEL_CASES)}")
     with BusyCore(args.core) as busy:
         for title, n, d, half, official in (KERNEL_CASES[k] for k in kernels):
             torch.manual_seed(0)
