@@ -47,6 +47,9 @@ Methods, per case:
 - **ours, kernel wide unless loaded**: the same with the compiled kernel's calls after a one-thread product on all
   threads wherever no load is marked, whether that product was a probe or its class's own choice
   (``_matmul.KERNEL_FOLLOWS_CLASS = False``): the code before item 68;
+- **ours, each product chooses**: the same with every product choosing its threads and measured on its own, not once
+  for `_matmul.gram`'s strips or a batch of oneDNN products (``_matmul.PRODUCT_GROUPS = False``): the code before
+  item 69;
 - **official**: the concatenating port of the official code (``bench_kernels.official_mhe``);
 - **products**: the products the package itself must do, half the Gram matrix (its upper strips
   of 128 rows, as `lightning_hsu.functional._matmul.gram` and the strip schedule compute
@@ -124,6 +127,7 @@ class Mode:
     runnable_hint: bool = True  # item 67: `_product_threads.RUNNABLE_HINT`
     twin_loaded: bool = True  # item 67: `_product_threads.TWIN_LOADED`
     kernel_follows_class: bool = True  # item 68: `_matmul.KERNEL_FOLLOWS_CLASS`
+    product_groups: bool = True  # item 69: `_matmul.PRODUCT_GROUPS`
 
 
 MODES = {
@@ -142,6 +146,7 @@ MODES = {
     "without the runnable-task hint": Mode(runnable_hint=False),
     "busy twin without a load": Mode(twin_loaded=False),
     "kernel wide unless loaded": Mode(kernel_follows_class=False),
+    "each product chooses": Mode(product_groups=False),
     "chooser before item 61": Mode(
         probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
     ),
@@ -171,6 +176,7 @@ def set_mode(mode: str, chooser: _product_threads.ProductThreadChooser | None = 
     _product_threads.RUNNABLE_HINT = switches.runnable_hint
     _product_threads.TWIN_LOADED = switches.twin_loaded
     _matmul.KERNEL_FOLLOWS_CLASS = switches.kernel_follows_class
+    _matmul.PRODUCT_GROUPS = switches.product_groups
     _matmul.THIN_PRODUCT_DEPTH = _THIN_DEPTH if switches.load_from_products else 0
     _cpu_pairs.PARALLEL_MIN_ENTRIES = _TEAM_MIN_ENTRIES if switches.kernel_shares_threads else 2**62
     os.environ[PRODUCT_THREADS_ENV] = switches.product_threads
@@ -348,6 +354,7 @@ ARMS = (
     (", without the runnable-task hint", "without the runnable-task hint"),
     (", busy twin without a load", "busy twin without a load"),
     (", kernel wide unless loaded", "kernel wide unless loaded"),
+    (", each product chooses", "each product chooses"),
 )
 
 

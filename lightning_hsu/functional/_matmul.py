@@ -79,6 +79,12 @@ PASSES_FOLLOW_PRODUCTS = True
 #: while the classes stayed on one thread sent the compiled kernel's calls to both threads for up to a second, each
 #: hard MHS call at 1024 x 512 then 15.4 ms against 8.7 (CPU B).
 KERNEL_FOLLOWS_CLASS = True
+#: Whether the products of one operation (`gram`'s strips, a batch of oneDNN products, `matmul_into`'s pieces) choose
+#: their threads once, as a group (`product_group`): one choice and one measurement for the operation, not one per
+#: product. A choice costs the chooser's Python, about 10 us right after a product has evicted the interpreter's caches
+#: (CPU B; hard MHS at 1024 x 512 under a load, eight strips a call: 1.02x its one-thread time grouped, 1.05x not).
+#: ``False``: each product on its own, before item 69; kept for ``benchmarks/bench_contention.py``.
+PRODUCT_GROUPS = True
 
 #: Operand precisions of the pair sums' products (`product_precision`).
 ProductPrecision = Literal["float32", "tf32", "bfloat16"]
@@ -117,6 +123,7 @@ def passes_on_one_thread(device: torch.device) -> Iterator[None]:
     _scope.threads = threads
     _scope.last_wide = False
     _scope.last_class_wide = True  # no product yet: the load alone decides
+    _scope.group = None
     try:
         yield
     finally:
@@ -213,22 +220,17 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
     products of this size and ``kind`` (dtype and library; on a busy core one thread is);
     elsewhere the threads are left as they are. Also for other operations that the library
     splits between threads as it does a product (MGD's Cholesky factorisations, with their
-    floating-point operations as ``work`` and a kind of their own).
+    floating-point operations as ``work`` and a kind of their own). Inside `product_group` a
+    product takes the group's threads and is not measured on its own.
     """
     threads = getattr(_scope, "threads", None)
     if threads is None:
         yield
         return
-    chooser = _product_threads_module.CHOOSER
-    adaptive = _product_threads_module.adaptive()
-    if adaptive:
-        _record_pending_product()
-    wide = chooser.use_all_threads(work, kind, threads) if adaptive else True
-    _scope.last_wide = wide
-    _scope.last_class_wide = wide or chooser.keeps_all_threads(work, kind)
-    start = chooser.clock()
+    group: int | None = getattr(_scope, "group", None)
+    pending = None if group is not None else _choose(work, kind, threads)
+    chosen = pending[0] if pending is not None else cast(int, group)
     around = torch.get_num_threads()  # one, or all inside `passes_on_product_threads`
-    chosen = threads if wide else 1
     if chosen != around:
         torch.set_num_threads(chosen)
     try:
@@ -236,8 +238,48 @@ def chosen_threads(work: int, kind: str) -> Iterator[None]:
     finally:
         if chosen != around:
             torch.set_num_threads(around)
+    if pending is not None:
+        _end_choice(pending)
+
+
+@contextlib.contextmanager
+def product_group(work: int, kind: str) -> Iterator[None]:
+    """One choice of threads (`chosen_threads`) for the products inside, ``work`` multiply-adds of ``kind`` in all:
+    each product inside runs on them, the passes between on the threads around, and the chooser measures the
+    group as one product (`PRODUCT_GROUPS`; nested, the outer group's choice holds)."""
+    threads = getattr(_scope, "threads", None)
+    if threads is None or not PRODUCT_GROUPS or getattr(_scope, "group", None) is not None:
+        yield
+        return
+    pending = _choose(work, kind, threads)
+    _scope.group = pending[0]
+    try:
+        yield
+    finally:
+        _scope.group = None
+    _end_choice(pending)
+
+
+_Choice = tuple[int, int, bool, float, str, bool]  # threads, work, wide, start, kind, measured
+
+
+def _choose(work: int, kind: str, threads: int) -> _Choice:
+    """The threads for a product or group inside `passes_on_one_thread`, with what `_end_choice` needs to measure it."""
+    chooser = _product_threads_module.CHOOSER
+    adaptive = _product_threads_module.adaptive()
     if adaptive:
-        _scope.pending = (work, wide, start, kind, chooser.clock() - start)
+        _record_pending_product()
+    wide = chooser.use_all_threads(work, kind, threads) if adaptive else True
+    _scope.last_wide = wide
+    _scope.last_class_wide = wide or chooser.keeps_all_threads(work, kind)
+    return (threads if wide else 1, work, wide, chooser.clock(), kind, adaptive)
+
+
+def _end_choice(choice: _Choice) -> None:
+    """A product or group has ended: its time runs on to the next one (`_record_pending_product`)."""
+    _, work, wide, start, kind, measured = choice
+    if measured:
+        _scope.pending = (work, wide, start, kind, _product_threads_module.CHOOSER.clock() - start)
 
 
 @contextlib.contextmanager
@@ -464,6 +506,18 @@ def product_kind(library: str, depth: int) -> str:
     return f"{library}, thin" if depth < THIN_PRODUCT_DEPTH else library
 
 
+def _kind_of(a: Tensor, b: Tensor) -> str:
+    """The kind (`product_kind`) of the product ``a @ b`` of ``[batch, m, k]`` and ``[batch, k, n]`` operands."""
+    precision = _reduced_precision(a, b)
+    if precision is not None:
+        library = f"{precision} bmm"
+    elif _takes_onednn(a, b):
+        library = ONEDNN_KIND
+    else:
+        library = f"{a.dtype} bmm"
+    return product_kind(library, a.shape[2])
+
+
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[batch, m, k]`` and ``[batch, k, n]`` (any strides): a new ``[batch, m, n]`` tensor."""
     work = a.shape[1] * a.shape[2] * b.shape[2]  # multiply-adds per matrix
@@ -483,11 +537,12 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
             product = _onednn_product(x, w)
         return product.unsqueeze(0)
     out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
-    for i in range(a.shape[0]):
-        x, w = a[i], weight[i]
-        with chosen_threads(work, kind):
-            product = _onednn_product(x, w)
-        out[i] = product
+    with product_group(a.shape[0] * work, kind):
+        for i in range(a.shape[0]):
+            x, w = a[i], weight[i]
+            with chosen_threads(work, kind):
+                product = _onednn_product(x, w)
+            out[i] = product
     return out
 
 
@@ -499,18 +554,20 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     (whole rows) at a time, so its temporary stays that small whatever ``out``'s size (a strip's
     column product covers every later row of a 100,000-neuron layer).
     """
+    work = a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        kind = product_kind(f"{a.dtype} bmm", a.shape[2])
-        with chosen_threads(a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], kind):
+        with chosen_threads(work, _kind_of(a, b)):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
-    for start in range(0, out.shape[1], step):
-        stop = min(start + step, out.shape[1])
-        product = batched_matmul(a[:, start:stop], b)
-        if accumulate:
-            out[:, start:stop].add_(product)
-        else:
-            out[:, start:stop].copy_(product)
+    pieces = product_group(work, _kind_of(a, b)) if step < out.shape[1] else contextlib.nullcontext()
+    with pieces:
+        for start in range(0, out.shape[1], step):
+            stop = min(start + step, out.shape[1])
+            product = batched_matmul(a[:, start:stop], b)
+            if accumulate:
+                out[:, start:stop].add_(product)
+            else:
+                out[:, start:stop].copy_(product)
     return out
 
 
@@ -529,20 +586,24 @@ def gram(rows: Tensor, *, mirror: bool = True) -> Tensor:
     strips \(X_I X_{J \ge I}^\top\) are computed and mirrored: \(n^2 d/2\) multiply-adds plus
     a strip's worth instead of \(n^2 d\). Elsewhere (GPU: fewer, larger launches pay more) one
     product. With ``mirror=False``, for a caller that reads the upper triangle \(j \ge i\) only,
-    the strips are not mirrored and the entries below the diagonal are undefined.
+    the strips are not mirrored and the entries below the diagonal are undefined. The strips choose
+    their threads once, as one `product_group`.
     """
-    batch, n, _ = rows.shape
+    batch, n, d = rows.shape
     if not gram_in_strips(rows):
         return batched_matmul(rows, rows.transpose(1, 2))
     out = rows.new_empty(batch, n, n)
     in_tiles = mirror and _mirrors_in_tiles(out)
-    for start in range(0, n, GRAM_STRIP_ROWS):
-        stop = min(start + GRAM_STRIP_ROWS, n)
-        # into its place: torch.bmm's path writes there directly (0.82-0.92x the time of a strip
-        # product and its copy at 1024 and 2048 x 512, CPU C), oneDNN's copies as before
-        strip = matmul_into(out[:, start:stop, start:], rows[:, start:stop], rows[:, start:].transpose(1, 2))
-        if mirror:
-            _mirror_strip(out, strip, start, stop, in_tiles)
+    starts = range(0, n, GRAM_STRIP_ROWS)
+    work = batch * d * sum(min(GRAM_STRIP_ROWS, n - start) * (n - start) for start in starts)
+    with product_group(work, _kind_of(rows, rows.transpose(1, 2))):
+        for start in starts:
+            stop = min(start + GRAM_STRIP_ROWS, n)
+            # into its place: torch.bmm's path writes there directly (0.82-0.92x the time of a strip
+            # product and its copy at 1024 and 2048 x 512, CPU C), oneDNN's copies as before
+            strip = matmul_into(out[:, start:stop, start:], rows[:, start:stop], rows[:, start:].transpose(1, 2))
+            if mirror:
+                _mirror_strip(out, strip, start, stop, in_tiles)
     return out
 
 

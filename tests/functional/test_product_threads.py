@@ -734,6 +734,75 @@ def test_thin_products_are_measured_apart_from_deep_ones_of_the_same_size(monkey
     assert thin == thin_into != deep and thin.endswith(", thin") and not deep.endswith(", thin")
 
 
+#: the operators that compute a product (what may run on more than one thread inside `passes_on_one_thread`)
+_PRODUCT_OPERATORS = {"aten.bmm.default", "aten.baddbmm_.default", "mkldnn._linear_pointwise.default"}
+
+
+def _operators_and_threads(fn: Callable[[], object]) -> list[tuple[str, int]]:
+    """Each operator ``fn`` dispatches, with the intra-op thread count it runs on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recording(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[str, int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append((str(func), torch.get_num_threads()))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as recording:
+        fn()
+    return recording.seen
+
+
+@pytest.mark.usefixtures("two_threads", "product_library")
+@pytest.mark.parametrize("all_threads", [True, False])
+def test_a_gram_matrix_in_strips_chooses_once_for_all_its_strips(all_threads, monkeypatch) -> None:
+    """Item 69: `gram`'s strips are one group of products. The chooser is asked and told once, with the strips'
+    multiply-adds in all; every strip's product runs on that choice and the passes between them on one thread.
+    With `PRODUCT_GROUPS` off, each strip is chosen and measured on its own, and the matrix is the same."""
+    chooser = _Forced(all_threads)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    rows = torch.randn(1, 512, 512, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    assert _matmul.gram_in_strips(rows)
+    with passes_on_one_thread(rows.device):
+        seen = _operators_and_threads(lambda: _matmul.gram(rows))
+        grouped = _matmul.gram(rows)
+    strips = [128 * (512 - start) * 512 for start in range(0, 512, 128)]
+    assert chooser.recorded == [(sum(strips), all_threads)] * 2
+    products = [threads for op, threads in seen if op in _PRODUCT_OPERATORS]
+    assert products == [2 if all_threads else 1] * len(strips)
+    assert {threads for op, threads in seen if op not in _PRODUCT_OPERATORS} <= {1}
+    monkeypatch.setattr(_matmul, "PRODUCT_GROUPS", False)
+    chooser.recorded.clear()
+    with passes_on_one_thread(rows.device):
+        each = _matmul.gram(rows)
+    assert chooser.recorded == [(work, all_threads) for work in strips]
+    assert torch.equal(grouped, each)
+    torch.testing.assert_close(grouped[0].double(), rows[0].double() @ rows[0].double().T, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.usefixtures("two_threads", "product_library")
+@pytest.mark.parametrize("all_threads", [True, False])
+def test_a_batch_of_products_is_chosen_and_measured_once(all_threads, monkeypatch) -> None:
+    """Item 69: a batch of products (oneDNN runs one matrix at a time) is one choice of the whole batch's
+    multiply-adds, on either library; a group inside a group (`product_group`) keeps the outer one's choice."""
+    chooser = _Forced(all_threads)
+    monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
+    a, b = torch.randn(3, 64, 300), torch.randn(3, 300, 40)
+    with passes_on_one_thread(a.device):
+        seen = _operators_and_threads(lambda: batched_matmul(a, b))
+        with _matmul.product_group(10**9, "outer"):
+            nested = batched_matmul(a, b)
+    assert chooser.recorded == [(3 * 64 * 300 * 40, all_threads), (10**9, all_threads)]
+    assert chooser.kinds[1] == "outer"
+    products = [threads for op, threads in seen if op in _PRODUCT_OPERATORS]
+    assert products and set(products) == {2 if all_threads else 1}
+    assert {threads for op, threads in seen if op not in _PRODUCT_OPERATORS} <= {1}
+    torch.testing.assert_close(nested.double(), a.double() @ b.double(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.usefixtures("two_threads")
 def test_a_product_is_charged_the_passes_up_to_the_next_product(monkeypatch) -> None:
     """After an all-thread product the pool's idle thread slows the one-thread passes that follow:
