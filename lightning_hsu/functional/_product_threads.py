@@ -10,7 +10,8 @@ jobs on a shared host), so it is measured, not configured:
 
 - products are grouped by kind (dtype and library: a float64 product takes twice a float32 one's
   time per multiply-add, MKL's another than oneDNN's) and size class,
-  \(\lfloor\log_2(\text{multiply-adds})\rfloor\);
+  \(\lfloor\log_2(\text{multiply-adds})\rfloor\); the products of one operation, a Gram matrix's strips say,
+  are chosen and measured as one (`_matmul.product_group`, item 69);
 - per class, each choice keeps its latest `WINDOW` measurements of seconds per multiply-add
   (the first two products take all threads, the next three one thread; the first of each choice is
   not measured: it pays one-time costs, the pool's threads starting and the library planning the
