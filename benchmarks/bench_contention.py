@@ -141,15 +141,15 @@ MODES = {
     "probes before item 58": Mode(probe_all_share=None),
     "loads from short products": Mode(load_evidence=None),
     "one-thread probes every 2 s": Mode(probe_one_share=None),
+    "chooser before item 61": Mode(
+        probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
+    ),
     "probes every 0.5 s under a load": Mode(probe_all_growth=None),
     "one slow product re-measures": Mode(slowdown_products=1),
     "without the runnable-task hint": Mode(runnable_hint=False),
     "busy twin without a load": Mode(twin_loaded=False),
     "kernel wide unless loaded": Mode(kernel_follows_class=False),
     "each product chooses": Mode(product_groups=False),
-    "chooser before item 61": Mode(
-        probe_warm_up=None, load_from_median=False, probe_one_share=None, load_evidence=None
-    ),
 }
 _TEAM_MIN_ENTRIES = _cpu_pairs.PARALLEL_MIN_ENTRIES
 _THIN_DEPTH = _matmul.THIN_PRODUCT_DEPTH
@@ -336,26 +336,8 @@ def _load() -> str:
     return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f}"
 
 
-#: (suffix of the method's name, mode): the library as shipped and its ablation
-ARMS = (
-    ("", "shipped"),
-    (", kernel on one thread", "kernel on one thread"),
-    (", per-class choice", "per-class choice"),
-    (", all-thread products", "all-thread products"),
-    (", parallel passes", "parallel passes"),
-    (", long passes on one thread", "long passes on one thread"),
-    (", chooser before item 57", "chooser before item 57"),
-    (", probes before item 58", "probes before item 58"),
-    (", loads from short products", "loads from short products"),
-    (", one-thread probes every 2 s", "one-thread probes every 2 s"),
-    (", chooser before item 61", "chooser before item 61"),
-    (", probes every 0.5 s under a load", "probes every 0.5 s under a load"),
-    (", one slow product re-measures", "one slow product re-measures"),
-    (", without the runnable-task hint", "without the runnable-task hint"),
-    (", busy twin without a load", "busy twin without a load"),
-    (", kernel wide unless loaded", "kernel wide unless loaded"),
-    (", each product chooses", "each product chooses"),
-)
+#: (suffix of the method's name, mode): the library as shipped and its ablation, one arm a mode
+ARMS = tuple(("" if mode == "shipped" else f", {mode}", mode) for mode in MODES)
 
 
 def _measure_and_report(
