@@ -556,7 +556,7 @@ def matmul_into(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool = False) 
     """
     work = a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
     if not _takes_onednn(a, b) and _reduced_precision(a, b) is None:
-        with chosen_threads(work, _kind_of(a, b)):
+        with chosen_threads(work, product_kind(f"{a.dtype} bmm", a.shape[2])):
             return out.baddbmm_(a, b, beta=1.0 if accumulate else 0.0)
     step = max(1, MATMUL_INTO_ELEMENTS // max(out.shape[2], 1))
     pieces = product_group(work, _kind_of(a, b)) if step < out.shape[1] else contextlib.nullcontext()
