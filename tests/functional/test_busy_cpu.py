@@ -19,7 +19,7 @@ from lightning_hsu.functional.kernels import AngularKernel, GaussianKernel, Pair
 from lightning_hsu.functional.pairwise import sharded_scale
 
 from .reference import concat_energy, value_and_grad
-from .threads import thread_spy
+from .threads import operators_and_threads, thread_spy
 
 KERNELS = [
     RieszKernel(0.0),
@@ -384,21 +384,8 @@ _ENGINE_AND_PRODUCTS = {
 
 
 def _backward_ops_on_all_threads(penalty: torch.Tensor) -> list[str]:
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recording(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.wide: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if torch.get_num_threads() > 1:
-                self.wide.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Recording() as recording:
-        penalty.backward()
-    return [op for op in recording.wide if op not in _ENGINE_AND_PRODUCTS]
+    seen = operators_and_threads(penalty.backward)
+    return [op for op, threads in seen if threads > 1 and op not in _ENGINE_AND_PRODUCTS]
 
 
 BUILT_IN = ["mhe", "mhs", "uniformity", "mgd", "mhp", "mhc", "comhe", "rmhp"]

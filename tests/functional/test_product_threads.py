@@ -24,7 +24,7 @@ from lightning_hsu.functional._product_threads import (
     ProductThreadChooser,
 )
 
-from .threads import thread_spy
+from .threads import operators_and_threads, thread_spy
 
 
 class _FakeClock:
@@ -738,24 +738,6 @@ def test_thin_products_are_measured_apart_from_deep_ones_of_the_same_size(monkey
 _PRODUCT_OPERATORS = {"aten.bmm.default", "aten.baddbmm_.default", "mkldnn._linear_pointwise.default"}
 
 
-def _operators_and_threads(fn: Callable[[], object]) -> list[tuple[str, int]]:
-    """Each operator ``fn`` dispatches, with the intra-op thread count it runs on."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recording(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[tuple[str, int]] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append((str(func), torch.get_num_threads()))
-            return func(*args, **(kwargs or {}))
-
-    with Recording() as recording:
-        fn()
-    return recording.seen
-
-
 @pytest.mark.usefixtures("two_threads", "product_library")
 @pytest.mark.parametrize("all_threads", [True, False])
 def test_a_gram_matrix_in_strips_chooses_once_for_all_its_strips(all_threads, monkeypatch) -> None:
@@ -767,7 +749,7 @@ def test_a_gram_matrix_in_strips_chooses_once_for_all_its_strips(all_threads, mo
     rows = torch.randn(1, 512, 512, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     assert _matmul.gram_in_strips(rows)
     with passes_on_one_thread(rows.device):
-        seen = _operators_and_threads(lambda: _matmul.gram(rows))
+        seen = operators_and_threads(lambda: _matmul.gram(rows))
         grouped = _matmul.gram(rows)
     strips = [128 * (512 - start) * 512 for start in range(0, 512, 128)]
     assert chooser.recorded == [(sum(strips), all_threads)] * 2
@@ -792,7 +774,7 @@ def test_a_batch_of_products_is_chosen_and_measured_once(all_threads, monkeypatc
     monkeypatch.setattr(_product_threads, "CHOOSER", chooser)
     a, b = torch.randn(3, 64, 300), torch.randn(3, 300, 40)
     with passes_on_one_thread(a.device):
-        seen = _operators_and_threads(lambda: batched_matmul(a, b))
+        seen = operators_and_threads(lambda: batched_matmul(a, b))
         with _matmul.product_group(10**9, "outer"):
             nested = batched_matmul(a, b)
     assert chooser.recorded == [(3 * 64 * 300 * 40, all_threads), (10**9, all_threads)]
